@@ -1,0 +1,325 @@
+"""Configuration: strict Pydantic models of every section, presets, ``--set`` overrides, derived values.
+
+The defaults below are the paper's ViT-B pre-training setting (Table 7, DESIGN §4) and live here only.
+A preset (``cfmae_cli/presets/NAME.yaml``) overrides what changes; it may name a ``base`` preset to start
+from. ``--set a.b=c`` overrides one key; the value is read as YAML (``[rgb,semantic]``, ``3e-4``, ``true``).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cfmae_cli.errors import ConfigError
+
+Modality = Literal["rgb", "instance", "semantic"]
+Strategy = Literal["semantic", "instance", "random"]
+MODALITIES: tuple[str, ...] = ("rgb", "instance", "semantic")
+PRESET_DIR = Path(__file__).parent / "presets"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    root: Optional[str] = Field(None, description="dataset folder (DESIGN §5.1); null = the built-in demo data")
+    img_size: int = Field(224, ge=8, description="training resolution (square)")
+    modalities: list[Modality] = Field(["rgb", "instance", "semantic"], min_length=1,
+                                       description="input modalities; ablations use a subset")
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="random-resized-crop area range")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random-resized-crop aspect range")
+    hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    num_workers: int = Field(8, ge=0, description="DataLoader worker processes")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1,
+                                    description="stop when more than this share of the images is unreadable")
+    demo_crops_per_photo: int = Field(48, ge=1, description="built-in demo data: random crops per photograph")
+    demo_size: int = Field(128, ge=16, description="built-in demo data: side of each crop in pixels")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError("data.modalities: each modality at most once")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError("data.crop_scale: need 0 < low <= high <= 1")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError("data.crop_ratio: need 0 < low <= high")
+        return self
+
+
+class DecoderConfig(_Strict):
+    dim: int = Field(256, ge=8, description="decoder width")
+    num_heads: int = Field(8, ge=1)
+    self_blocks: int = Field(2, ge=0, description="self-attention blocks after the cross-attention layer")
+    mlp_ratio: float = Field(4.0, gt=0)
+    cascade: bool = Field(True, description="cascaded (F^{k-1} fed forward) or parallel (MultiMAE-like)")
+    cross_attention: bool = Field(True, description="false = the 'w/o CA' ablation (self-attention on Q+F)")
+    order: list[Modality] = Field(["semantic", "instance", "rgb"], description="task order of the cascade")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DecoderConfig":
+        if self.dim % self.num_heads:
+            raise ValueError(f"model.decoder.dim: {self.dim} is not divisible by num_heads={self.num_heads}")
+        if sorted(self.order) != sorted(MODALITIES):
+            raise ValueError("model.decoder.order: must list rgb, instance and semantic once each")
+        return self
+
+
+class ModelConfig(_Strict):
+    patch_size: int = Field(16, ge=1)
+    map_stride: int = Field(4, ge=1, description="maps are consumed at image_size / map_stride")
+    embed_dim: int = Field(768, ge=8)
+    depth: int = Field(12, ge=1)
+    num_heads: int = Field(12, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    drop_path: float = Field(0.0, ge=0, lt=1)
+    map_embed_dim: int = Field(64, ge=1, description="per-pixel class embedding width of the map adapters")
+    num_instance_ids: int = Field(16, ge=2, le=255, description="K: background + K-1 largest instances")
+    norm_pix_loss: bool = Field(True, description="RGB loss on per-patch normalised pixels (MAE)")
+    loss_weights: dict[Modality, float] = Field({"semantic": 1.0, "instance": 1.0, "rgb": 1.0},
+                                                description="lambda_S, lambda_I, lambda_R")
+    decoder: DecoderConfig = DecoderConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"model.embed_dim: {self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if self.patch_size % self.map_stride:
+            raise ValueError(f"model.patch_size: {self.patch_size} is not divisible by map_stride={self.map_stride}")
+        if any(w < 0 for w in self.loss_weights.values()):
+            raise ValueError("model.loss_weights: weights must be >= 0")
+        return self
+
+
+class MaskingConfig(_Strict):
+    num_visible: int = Field(98, ge=1, description="visible tokens over all modalities (588/6 for ViT-B)")
+    dirichlet_alpha: float = Field(1.0, gt=0, description="concentration of the per-modality budget draw")
+    alpha_obj: float = Field(0.75, ge=0, le=1, description="share of masked patches put on objects (Eq. 8)")
+    min_instance_area: float = Field(0.005, ge=0, le=1, description="instance selected if area share >= this")
+    instance_top_k: Optional[int] = Field(None, ge=1, description="keep only the k largest instances")
+    semantic_class_weights: Optional[list[float]] = Field(
+        None, description="w_c of Eq. 10 per semantic class (+1 for 'unlabelled'); null = all 1")
+    order: list[Strategy] = Field(["semantic", "instance", "random"], min_length=1,
+                                  description="phases of the curriculum; one entry = a constant strategy")
+    breakpoints: list[float] = Field([0.25, 0.40, 0.60, 0.75],
+                                     description="progress points: end of phase 1, start of phase 2, …")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MaskingConfig":
+        if len(set(self.order)) != len(self.order):
+            raise ValueError("masking.order: each strategy at most once")
+        need = 2 * (len(self.order) - 1)
+        if len(self.breakpoints) != need:
+            raise ValueError(f"masking.breakpoints: {len(self.order)} phases need {need} breakpoints "
+                             f"(end of a phase, start of the next), got {len(self.breakpoints)}")
+        if any(b < a for a, b in zip(self.breakpoints, self.breakpoints[1:])) or \
+                any(not 0 <= b <= 1 for b in self.breakpoints):
+            raise ValueError("masking.breakpoints: must be non-decreasing values in [0, 1]")
+        if self.semantic_class_weights is not None and any(w < 0 for w in self.semantic_class_weights):
+            raise ValueError("masking.semantic_class_weights: weights must be >= 0")
+        return self
+
+
+class OptimConfig(_Strict):
+    base_lr: float = Field(1e-4, gt=0, description="lr = base_lr * effective_batch / 256")
+    lr: Optional[float] = Field(None, gt=0, description="absolute lr; overrides the scaling rule")
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = Field(40, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    effective_batch: int = Field(2048, ge=1, description="per-device batch x devices x accumulation steps")
+    clip_grad: Optional[float] = Field(None, gt=0, description="max gradient norm; null = no clipping")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(400, ge=1)
+    batch_size: int = Field(256, ge=1, description="per-device batch")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    save_every: int = Field(20, ge=1, description="keep a checkpoint every N epochs (plus last.pt)")
+    log_every: int = Field(20, ge=1, description="optimizer steps between metrics lines")
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; null = torch's default")
+
+
+class Config(_Strict):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    masking: MaskingConfig = MaskingConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        size, patch = self.data.img_size, self.model.patch_size
+        if size % patch:
+            raise ValueError(f"data.img_size: {size} is not divisible by model.patch_size={patch}")
+        n = (size // patch) ** 2
+        if self.masking.num_visible > n:
+            raise ValueError(f"masking.num_visible: {self.masking.num_visible} exceeds the {n} tokens of one "
+                             f"modality (img_size {size} / patch {patch}); at most {n}")
+        total = n * len(self.data.modalities)
+        if self.masking.num_visible >= total:
+            raise ValueError(f"masking.num_visible: {self.masking.num_visible} leaves nothing masked out of "
+                             f"{total} tokens")
+        return self
+
+    @property
+    def tokens_per_modality(self) -> int:
+        return (self.data.img_size // self.model.patch_size) ** 2
+
+
+def derived(cfg: Config, world_size: int = 1) -> dict[str, Any]:
+    """Numbers that follow from the config: tokens, accumulation steps, actual lr (printed at start)."""
+    per_step = cfg.train.batch_size * world_size
+    if cfg.optim.effective_batch % per_step:
+        raise ConfigError(f"optim.effective_batch: {cfg.optim.effective_batch} is not a multiple of "
+                          f"train.batch_size x devices = {cfg.train.batch_size} x {world_size} = {per_step}; "
+                          f"change one of them")
+    n = cfg.tokens_per_modality
+    total = n * len(cfg.data.modalities)
+    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * cfg.optim.effective_batch / 256
+    return {
+        "tokens_per_modality": n,
+        "tokens_total": total,
+        "num_visible": cfg.masking.num_visible,
+        "num_masked": total - cfg.masking.num_visible,
+        "mask_ratio": (total - cfg.masking.num_visible) / total,
+        "map_size": cfg.data.img_size // cfg.model.map_stride,
+        "devices": world_size,
+        "accumulation_steps": cfg.optim.effective_batch // per_step,
+        "effective_batch": cfg.optim.effective_batch,
+        "lr": lr,
+        "decoder_order": [m for m in cfg.model.decoder.order if m in cfg.data.modalities],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name → its one-line description."""
+    out = {}
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        out[path.stem] = str((yaml.safe_load(path.read_text()) or {}).get("description", ""))
+    return out
+
+
+def _preset_dict(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            names = list(list_presets())
+            close = difflib.get_close_matches(name_or_path, names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown preset '{name_or_path}'.{hint} Presets: {', '.join(names)} "
+                              f"(or a path to a .yaml file).")
+    if not path.is_file():
+        raise ConfigError(f"{path}: preset file not found.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not readable as YAML ({exc}).") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a preset must be a mapping of sections (data, model, masking, optim, train).")
+    raw.pop("description", None)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if base in seen:
+        raise ConfigError(f"{path}: preset 'base' chain loops through '{base}'.")
+    return deep_merge(_preset_dict(str(base), seen + (str(base),)), raw)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``override`` merged in (mappings merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``'optim.lr=3e-4'`` → (['optim', 'lr'], 0.0003). Values are read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set optim.base_lr=1.5e-4")
+    key, _, text = item.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return parts, value
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_all_keys(ann, prefix + name + "."))
+    return keys
+
+
+def _explain(exc: ValidationError, source: str) -> ConfigError:
+    keys = _all_keys(Config)
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc, keys, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"{loc}: unknown key{hint}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(msg if loc == "" or msg.startswith(loc) else f"{loc}: {msg}")
+    return ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines))
+
+
+def load_config(preset: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve a preset (name or YAML path) plus ``key=value`` overrides into a validated :class:`Config`."""
+    raw = _preset_dict(preset)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return config_from_dict(raw, f"preset '{preset}'" + (" with --set overrides" if overrides else ""))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise _explain(exc, source) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (what goes into ``config.yaml`` of a run)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def format_number(x: float) -> str:
+    return f"{x:.4g}" if isinstance(x, float) and not math.isnan(x) else str(x)

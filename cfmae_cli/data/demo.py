@@ -1,0 +1,216 @@
+"""The built-in demo dataset: random crops of scikit-image's bundled photographs, labelled classically.
+
+Needs no download and no learned weights: the photographs ship inside scikit-image and the maps come
+from :class:`cfmae_cli.labeling.classical.ClassicalLabeller`. Each photograph is one class folder::
+
+    ROOT/rgb/<photo>/<photo>_<i:03d>.jpg        (size, size, 3) uint8, JPEG quality 95
+    ROOT/instance/<photo>/<photo>_<i:03d>.png   (size, size) uint8, 0 = background
+    ROOT/semantic/<photo>/<photo>_<i:03d>.png   (size, size) uint8 ids into SEMANTIC_CLASSES
+    ROOT/cfmae-dataset.json
+
+A build goes to a temporary sibling folder that is renamed into place at the end, so an interrupted
+build never leaves a half dataset at ``ROOT``. A second call with the same recipe returns at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cfmae_cli import __version__
+from cfmae_cli.data import layout
+from cfmae_cli.errors import DataError
+from cfmae_cli.labeling.classical import SEMANTIC_CLASSES, ClassicalLabeller
+
+logger = logging.getLogger(__name__)
+
+#: Colour photographs bundled with scikit-image (no download needed); one class folder each.
+DEMO_PHOTOS: tuple[str, ...] = (
+    "astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle",
+    "hubble_deep_field", "immunohistochemistry", "retina",
+)
+#: Version of the recipe; part of the default folder name so that a changed recipe uses a new folder.
+DEMO_VERSION = 1
+_MIN_SCALE, _MAX_SCALE = 0.3, 1.0
+
+
+def default_demo_root() -> Path:
+    """``$CFMAE_CACHE/demo-v1``, else ``$XDG_CACHE_HOME/cfmae/demo-v1``, else ``~/.cache/cfmae/demo-v1``."""
+    if os.environ.get("CFMAE_CACHE"):
+        base = Path(os.environ["CFMAE_CACHE"]).expanduser()
+    elif os.environ.get("XDG_CACHE_HOME"):
+        base = Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "cfmae"
+    else:
+        base = Path.home() / ".cache" / "cfmae"
+    return base / f"demo-v{DEMO_VERSION}"
+
+
+def load_photo(name: str) -> np.ndarray:
+    """One of :data:`DEMO_PHOTOS` as ``(H, W, 3)`` uint8 (the left view for ``stereo_motorcycle``)."""
+    import skimage.data
+
+    if name not in DEMO_PHOTOS:
+        raise DataError(f"unknown demo photo {name!r}; expected one of {', '.join(DEMO_PHOTOS)}.")
+    image = getattr(skimage.data, name)()
+    if isinstance(image, tuple):
+        image = image[0]
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3].astype(np.uint8))
+
+
+def random_crop(photo: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A random square crop of ``photo`` resized to ``(size, size, 3)`` uint8.
+
+    The side is a uniform fraction in [0.3, 1.0] of the photo's shorter side, the position is uniform
+    and the crop is flipped left-right with probability 1/2.
+    """
+    height, width = photo.shape[:2]
+    side = max(1, int(round(rng.uniform(_MIN_SCALE, _MAX_SCALE) * min(height, width))))
+    top = int(rng.integers(0, height - side + 1))
+    left = int(rng.integers(0, width - side + 1))
+    crop = photo[top:top + side, left:left + side]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    image = Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(image)
+
+
+def build_demo_dataset(root: Path | str | None = None, crops_per_photo: int = 48, size: int = 128,
+                       seed: int = 0) -> Path:
+    """Build (or reuse) the demo dataset and return its root folder.
+
+    Args:
+        root: target folder; :func:`default_demo_root` when ``None``.
+        crops_per_photo: random crops taken from each of :data:`DEMO_PHOTOS`.
+        size: side in pixels of every (square) image and map.
+        seed: seed of the crops; the same seed gives the same dataset.
+
+    Returns:
+        ``root``, holding ``len(DEMO_PHOTOS) * crops_per_photo`` images in the dataset layout.
+    """
+    if crops_per_photo < 1:
+        raise DataError(f"crops_per_photo must be at least 1, got {crops_per_photo}.")
+    if size < 16:
+        raise DataError(f"size must be at least 16 pixels, got {size}.")
+    root = Path(root).expanduser() if root is not None else default_demo_root()
+    recipe = {"crops_per_photo": int(crops_per_photo), "size": int(size), "seed": int(seed)}
+    if _is_built(root, recipe):
+        logger.info("demo dataset already at %s", root)
+        return root
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(root)
+    tmp = root.parent / f"{root.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    start = time.perf_counter()
+    try:
+        _write_dataset(tmp, recipe)
+        _move_into_place(tmp, root, recipe)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("demo dataset (%d images of %d px) written to %s in %.1f s",
+                len(DEMO_PHOTOS) * crops_per_photo, size, root, time.perf_counter() - start)
+    return root
+
+
+def _write_dataset(folder: Path, recipe: dict[str, int]) -> None:
+    """Write every image, map and the manifest under ``folder``."""
+    labeller = ClassicalLabeller()
+    n_images = 0
+    for index, name in enumerate(DEMO_PHOTOS):
+        photo = load_photo(name)
+        rng = np.random.default_rng([recipe["seed"], index])
+        for i in range(recipe["crops_per_photo"]):
+            rgb = random_crop(photo, rng, recipe["size"])
+            instance, semantic = labeller.label(rgb)
+            stem = f"{name}_{i:03d}"
+            layout.save_rgb(folder / "rgb" / name / f"{stem}.jpg", rgb, quality=95)
+            layout.save_map(layout.map_path(folder, "instance", name, stem), instance)
+            layout.save_map(layout.map_path(folder, "semantic", name, stem), semantic)
+            n_images += 1
+        logger.debug("demo: %s done (%d crops)", name, recipe["crops_per_photo"])
+    labelling: dict[str, Any] = {
+        "instance": "classical",
+        "semantic": "classical",
+        "source": "scikit-image sample photographs",
+        "photos": list(DEMO_PHOTOS),
+        "recipe": dict(recipe),
+        "labeller": labeller.describe(),
+        "tool": f"cfmae {__version__}",
+    }
+    layout.write_manifest(folder, SEMANTIC_CLASSES, labelling=labelling,
+                          counts={"images": n_images, "classes": len(DEMO_PHOTOS)},
+                          instance_dtype=labeller.instance_dtype)
+
+
+def _is_built(root: Path, recipe: dict[str, int]) -> bool:
+    """Whether ``root`` holds a complete demo dataset made with ``recipe``."""
+    if not (root / layout.MANIFEST_NAME).is_file():
+        return False
+    try:
+        manifest = layout.read_manifest(root)
+    except DataError:
+        return False
+    labelling = manifest.get("labelling")
+    return (isinstance(labelling, dict) and labelling.get("recipe") == recipe
+            and labelling.get("photos") == list(DEMO_PHOTOS))
+
+
+def _move_into_place(tmp: Path, root: Path, recipe: dict[str, int]) -> None:
+    """Rename ``tmp`` to ``root``; an existing ``root`` (other recipe, no manifest) is replaced."""
+    old = root.parent / f"{root.name}.old-{os.getpid()}"
+    if root.exists() or root.is_symlink():
+        if _is_built(root, recipe):  # another process finished the same build meanwhile
+            shutil.rmtree(tmp)
+            return
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(root, old)
+    try:
+        os.replace(tmp, root)
+    except OSError:
+        if _is_built(root, recipe):
+            shutil.rmtree(tmp)
+        else:
+            raise
+    finally:
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Remove ``<root>.tmp-<pid>`` / ``<root>.old-<pid>`` folders left by processes that are gone."""
+    for prefix in (f"{root.name}.tmp-", f"{root.name}.old-"):
+        for path in root.parent.glob(f"{prefix}*"):
+            pid_text = path.name[len(prefix):]
+            if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
+                continue  # another live build; leave it alone
+            logger.info("removing leftover %s", path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (best effort; ``True`` when unsure)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True

@@ -1,0 +1,177 @@
+"""The dataset layout (DESIGN §5.1): reading and writing ``DATA/{rgb,instance,semantic}/<class>/<stem>.*``.
+
+::
+
+    DATA/rgb/<class>/<stem>.<jpg|jpeg|png|bmp|webp|tif|tiff>
+    DATA/instance/<class>/<stem>.png     uint8 or uint16 ids, 0 = background
+    DATA/semantic/<class>/<stem>.png     uint8 class ids, 255 = unlabelled
+    DATA/cfmae-dataset.json              manifest (format version, semantic class names, provenance, counts)
+
+Class folders are optional: ``DATA/rgb/<stem>.jpg`` works too (the class is then ``""``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cfmae_cli.errors import DataError
+
+MANIFEST_NAME = "cfmae-dataset.json"
+FORMAT_VERSION = 1
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+MAP_MODALITIES = ("instance", "semantic")
+UNLABELLED = 255
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its two maps. ``label`` is the index of its class folder (0 when flat)."""
+
+    rgb: Path
+    instance: Path
+    semantic: Path
+    label: int
+
+
+def write_manifest(root: str | Path, semantic_classes: list[str], labelling: dict[str, Any],
+                   counts: dict[str, int], instance_dtype: str = "uint8") -> Path:
+    """Write ``cfmae-dataset.json`` atomically. ``labelling`` says how the maps were made."""
+    root = Path(root)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "semantic_classes": list(semantic_classes),
+        "num_semantic_classes": len(semantic_classes),
+        "instance_dtype": instance_dtype,
+        "labelling": labelling,
+        "counts": counts,
+    }
+    atomic_write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    return root / MANIFEST_NAME
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    """Read and check ``DATA/cfmae-dataset.json``; raise :class:`DataError` naming the file when bad."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(f"{path}: missing dataset manifest. Label the images with `cfmae label SRC --out "
+                        f"{root}` or write the manifest by hand (see docs/dataset-format.md).")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not readable as JSON ({exc}).") from None
+    classes = manifest.get("semantic_classes") if isinstance(manifest, dict) else None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{path}: 'semantic_classes' must be a non-empty list of class names.")
+    if len(classes) >= UNLABELLED:
+        raise DataError(f"{path}: {len(classes)} semantic classes; at most {UNLABELLED - 1} fit in uint8 maps "
+                        f"(id {UNLABELLED} is 'unlabelled').")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION}).")
+    return manifest
+
+
+def map_path(root: Path, modality: str, class_dir: str, stem: str) -> Path:
+    """Path of the instance or semantic map of an image."""
+    return root / modality / class_dir / f"{stem}.png"
+
+
+def list_samples(root: str | Path) -> tuple[list[Sample], list[str]]:
+    """List every image under ``DATA/rgb`` with its maps. Returns (samples, class folder names).
+
+    Raises :class:`DataError` for a missing or empty ``rgb/`` folder and for images without their maps
+    (the message lists the first few and how many there are).
+    """
+    root = Path(root)
+    rgb_root = root / "rgb"
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found.")
+    if not rgb_root.is_dir():
+        raise DataError(f"{rgb_root}: no 'rgb' folder. Expected DATA/rgb, DATA/instance, DATA/semantic "
+                        f"(see docs/dataset-format.md).")
+    entries = sorted(os.scandir(rgb_root), key=lambda e: e.name)
+    class_dirs = [e.name for e in entries if e.is_dir()]
+    groups = [(c, rgb_root / c) for c in class_dirs] if class_dirs else [("", rgb_root)]
+    samples: list[Sample] = []
+    missing: list[str] = []
+    for label, (class_dir, folder) in enumerate(groups):
+        existing = {m: _pngs(root / m / class_dir) for m in MAP_MODALITIES}
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            stem, ext = os.path.splitext(entry.name)
+            if not entry.is_file() or ext.lower() not in IMAGE_EXTENSIONS:
+                continue
+            lacking = [m for m in MAP_MODALITIES if stem not in existing[m]]
+            if lacking:
+                missing.append(f"{Path(entry.path)} (no {' and no '.join(lacking)} map: expected "
+                               f"{map_path(root, lacking[0], class_dir, stem)})")
+                continue
+            samples.append(Sample(Path(entry.path), map_path(root, "instance", class_dir, stem),
+                                  map_path(root, "semantic", class_dir, stem), label))
+    if missing:
+        shown = "\n  ".join(missing[:5])
+        more = f"\n  … and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise DataError(f"{len(missing)} image(s) in {rgb_root} have no maps:\n  {shown}{more}\n"
+                        f"Label them with `cfmae label` or remove them.")
+    if not samples:
+        raise DataError(f"{rgb_root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}).")
+    return samples, class_dirs
+
+
+def _pngs(folder: Path) -> set[str]:
+    if not folder.is_dir():
+        return set()
+    return {e.name[:-4] for e in os.scandir(folder) if e.name.lower().endswith(".png")}
+
+
+def save_map(path: str | Path, ids: np.ndarray) -> None:
+    """Save an id map as PNG (uint8, or uint16 when ids exceed 255), atomically."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"an id map must be 2-D, got shape {ids.shape}")
+    if ids.min(initial=0) < 0 or ids.max(initial=0) > 65535:
+        raise ValueError("map ids must lie in [0, 65535]")
+    arr = ids.astype(np.uint8) if ids.max(initial=0) <= 255 else ids.astype(np.uint16)
+    _atomic_save_image(Image.fromarray(arr), Path(path))
+
+
+def save_rgb(path: str | Path, rgb: np.ndarray | Image.Image, quality: int = 95) -> None:
+    """Save an RGB image (format from the extension), atomically."""
+    image = rgb if isinstance(rgb, Image.Image) else Image.fromarray(np.asarray(rgb, dtype=np.uint8))
+    _atomic_save_image(image.convert("RGB"), Path(path), quality=quality)
+
+
+def _atomic_save_image(image: Image.Image, path: Path, **params: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    if fmt != "JPEG":
+        params.pop("quality", None)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            image.save(fh, format=fmt, **params)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file through a temporary file and a rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,228 @@
+"""Progressive masking (paper §3.3, Appendix C, Eqs. 4, 6–11; DESIGN §4), batched on the batch's device.
+
+Shapes: B samples, M input modalities (in ``data.modalities`` order), N patches per modality.
+A mask is ``(B, M, N)`` bool with True = masked. Every sample masks exactly ``M·N − num_visible`` tokens.
+No Python loop runs over samples or patches: allocation and selection are sorts and scatters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cfmae_cli.config import MaskingConfig
+
+UNLABELLED = 255
+
+
+def largest_remainder(weights: Tensor, total: Tensor) -> Tensor:
+    """Split ``total`` (…,) into integer counts (…, K) proportional to ``weights`` (…, K), Hamilton's method.
+
+    Each count is ⌊total·w_k/Σw⌋; the units still missing go to the largest remainders (ties: lower index
+    first). The counts add up to ``total`` exactly. A row whose weights are all 0 splits evenly from index 0.
+    """
+    w = weights.double()
+    wsum = w.sum(-1, keepdim=True)
+    w = torch.where(wsum > 0, w, torch.ones_like(w))
+    raw = w * total.unsqueeze(-1).double() / w.sum(-1, keepdim=True)
+    base = raw.floor()
+    deficit = total - base.sum(-1).long()
+    order = torch.argsort(base - raw, dim=-1, stable=True)  # largest remainder first
+    return base.long() + (_positions(order) < deficit.unsqueeze(-1)).long()
+
+
+def capped_allocation(weights: Tensor, caps: Tensor, total: Tensor) -> Tensor:
+    """Largest-remainder counts (…, K) with ``count_k <= caps_k``; what a capped entry cannot take goes to the
+    others in proportion to their weights. Requires ``total <= caps.sum(-1)``. With weights proportional to
+    the caps (Eq. 10 with equal class weights) no entry is ever capped and this is one largest-remainder call.
+    """
+    fixed = torch.zeros_like(caps)
+    active = weights.clone()
+    for _ in range(caps.shape[-1]):  # at most K rounds; one round in the usual case
+        alloc = largest_remainder(active, total - fixed.sum(-1))
+        alloc = torch.where(active > 0, alloc, torch.zeros_like(alloc))
+        over = (fixed + alloc > caps) & (active > 0)
+        if not bool(over.any()):
+            return fixed + alloc
+        fixed = torch.where(over, caps, fixed)
+        active = torch.where(over, torch.zeros_like(active), active)
+    return torch.minimum(fixed, caps)
+
+
+def _positions(order: Tensor) -> Tensor:
+    """Inverse permutation along the last dim: where each element landed in a sort."""
+    pos = torch.empty_like(order)
+    ar = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return pos.scatter_(-1, order, ar)
+
+
+def select_in_groups(groups: Tensor, take: Tensor, num_groups: int) -> Tensor:
+    """Pick ``take[b, m, g]`` patches uniformly at random inside each group g, independently per modality.
+
+    groups: (B, N) long group id of every patch; take: (B, M, G) long, ``take <= group size``.
+    Returns (B, M, N) bool. A random key ``group + U[0,1)`` sorts each group's patches into random order;
+    a patch is picked when its rank inside its group is below the group's ``take``.
+    """
+    b, m, _ = take.shape
+    n = groups.shape[1]
+    key = groups.unsqueeze(1).double() + torch.rand(b, m, n, device=groups.device, dtype=torch.float64)
+    pos = _positions(torch.argsort(key, dim=-1))
+    sizes = torch.zeros(b, num_groups, dtype=torch.long, device=groups.device)
+    sizes.scatter_add_(1, groups, torch.ones_like(groups))
+    start = (sizes.cumsum(1) - sizes).gather(1, groups).unsqueeze(1)  # (B, 1, N)
+    quota = take.gather(2, groups.unsqueeze(1).expand(b, m, n))
+    return (pos - start) < quota
+
+
+def top_k_mask(score: Tensor, k: Tensor) -> Tensor:
+    """(B, M, N) score, (B, M) k → bool mask of the k highest scores per row."""
+    pos = _positions(torch.argsort(score, dim=-1, descending=True, stable=True))
+    return pos < k.unsqueeze(-1)
+
+
+def patch_histogram(ids: Tensor, grid: int, num_bins: int) -> Tensor:
+    """Cell counts per patch: ids (B, h, w) long in [0, num_bins) → (B, grid², num_bins) long."""
+    b, h, w = ids.shape
+    ph, pw = h // grid, w // grid
+    cells = ids.reshape(b, grid, ph, grid, pw).permute(0, 1, 3, 2, 4).reshape(b, grid * grid, ph * pw)
+    out = torch.zeros(b, grid * grid, num_bins, dtype=torch.long, device=ids.device)
+    return out.scatter_add_(2, cells, torch.ones_like(cells))
+
+
+def semantic_patch_classes(semantic: Tensor, grid: int, num_classes: int) -> Tensor:
+    """Most frequent class of each patch's cells; id 255 counts as its own class ``num_classes``. → (B, N)."""
+    ids = torch.where(semantic == UNLABELLED, torch.full_like(semantic, num_classes), semantic)
+    return patch_histogram(ids, grid, num_classes + 1).argmax(-1)
+
+
+def object_patches(instance: Tensor, grid: int, num_ids: int, min_area: float, top_k: int | None) -> Tensor:
+    """Object patches (B, N) bool: at least half of the cells belong to a selected instance.
+
+    instance: (B, h, w) canonical ids (0 = background, 1 = largest, …, 255 = unlabelled). Selected: an id
+    in [1, num_ids) whose area share in the crop is ≥ ``min_area`` and, with ``top_k``, id ≤ top_k.
+    """
+    b, h, w = instance.shape
+    ids = torch.where(instance == UNLABELLED, torch.full_like(instance, num_ids), instance)
+    flat = ids.reshape(b, -1)
+    area = torch.zeros(b, num_ids + 1, dtype=torch.long, device=ids.device)
+    area.scatter_add_(1, flat, torch.ones_like(flat))
+    idx = torch.arange(num_ids + 1, device=ids.device)
+    selected = (area >= min_area * h * w) & (idx > 0) & (idx < num_ids)
+    if top_k is not None:
+        selected &= idx <= top_k
+    on_object = selected.gather(1, flat).reshape(b, h, w).long()
+    per_patch = patch_histogram(on_object, grid, 2)[..., 1]
+    cells = (h // grid) * (w // grid)
+    return 2 * per_patch >= cells
+
+
+def schedule(progress: float, order: list[str], breakpoints: list[float]) -> tuple[float, float]:
+    """(α_I, α_S) at training progress p ∈ [0, 1] (paper Fig. 5; DESIGN §4).
+
+    Phase j runs at full weight between breakpoints ``2j−1`` and ``2j`` (0 and 1 at the ends) and hands
+    over linearly to phase j+1 between breakpoints ``2j`` and ``2j+1``. Random is what α_I + α_S leave.
+    """
+    p = min(max(float(progress), 0.0), 1.0)
+    weights = {s: 0.0 for s in ("semantic", "instance", "random")}
+    current = 0
+    for j in range(len(order) - 1):
+        end, start_next = breakpoints[2 * j], breakpoints[2 * j + 1]
+        if p <= end:
+            break
+        if p < start_next:
+            t = (p - end) / (start_next - end)
+            weights[order[j]], weights[order[j + 1]] = 1.0 - t, t
+            return weights["instance"], weights["semantic"]
+        current = j + 1
+    weights[order[current]] = 1.0
+    return weights["instance"], weights["semantic"]
+
+
+@dataclass
+class Masks:
+    """mask: (B, M, N) bool, True = masked; visible: (B, M) long visible tokens per modality."""
+
+    mask: Tensor
+    visible: Tensor
+
+
+class MaskGenerator:
+    """Builds M_R, M_I, M_S per modality and mixes them by Eq. 11.
+
+    ``modalities`` gives the order of the M rows; ``grid`` is the patch grid side (N = grid²).
+    """
+
+    def __init__(self, cfg: MaskingConfig, modalities: list[str], grid: int, num_semantic_classes: int,
+                 num_instance_ids: int):
+        self.cfg = cfg
+        self.modalities = list(modalities)
+        self.grid = grid
+        self.n = grid * grid
+        self.num_semantic_classes = num_semantic_classes
+        self.num_instance_ids = num_instance_ids
+        weights = cfg.semantic_class_weights
+        if weights is not None and len(weights) != num_semantic_classes + 1:
+            raise ValueError(f"masking.semantic_class_weights: need {num_semantic_classes + 1} weights "
+                             f"({num_semantic_classes} classes + 'unlabelled'), got {len(weights)}")
+        self.class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
+
+    def budgets(self, batch: int, device: torch.device) -> Tensor:
+        """Visible tokens per modality (B, M): Dirichlet shares of ``num_visible``, rounded to add up exactly."""
+        m = len(self.modalities)
+        conc = torch.full((m,), float(self.cfg.dirichlet_alpha), device=device)
+        shares = torch.distributions.Dirichlet(conc).sample((batch,))
+        total = torch.full((batch,), self.cfg.num_visible, dtype=torch.long, device=device)
+        # num_visible <= N (checked by the config), so no modality can be given more than its N patches.
+        return largest_remainder(shares, total)
+
+    def random_masks(self, n_masked: Tensor) -> Tensor:
+        """M_R: (B, M) counts → (B, M, N) uniformly random masks with exactly those counts."""
+        b, m = n_masked.shape
+        zeros = torch.zeros(b, self.n, dtype=torch.long, device=n_masked.device)
+        return select_in_groups(zeros, n_masked.unsqueeze(-1), 1)
+
+    def instance_masks(self, instance: Tensor, n_masked: Tensor) -> Tensor:
+        """M_I (Eq. 8): ⌊α_obj·n_m⌋ on object patches, the rest on background; a short side's lack is
+        taken from the other side."""
+        is_obj = object_patches(instance, self.grid, self.num_instance_ids, self.cfg.min_instance_area,
+                                self.cfg.instance_top_k)
+        n_obj = is_obj.sum(1, keepdim=True)  # (B, 1)
+        n_bg = self.n - n_obj
+        want = torch.floor(self.cfg.alpha_obj * n_masked.double()).long()
+        take_obj = torch.maximum(torch.minimum(want, n_obj), n_masked - n_bg)
+        take = torch.stack([take_obj, n_masked - take_obj], dim=-1)  # group 0 = object, 1 = background
+        return select_in_groups((~is_obj).long(), take, 2)
+
+    def semantic_masks(self, semantic: Tensor, n_masked: Tensor) -> Tensor:
+        """M_S (Eq. 10): per class c, n_m·w_c|Ω_c| / Σ_k w_k|Ω_k| patches inside Ω_c (largest remainder)."""
+        k = self.num_semantic_classes + 1
+        cls = semantic_patch_classes(semantic, self.grid, self.num_semantic_classes)
+        sizes = torch.zeros(cls.shape[0], k, dtype=torch.long, device=cls.device)
+        sizes.scatter_add_(1, cls, torch.ones_like(cls))
+        b, m = n_masked.shape
+        weights = sizes.double().unsqueeze(1).expand(b, m, k)
+        if self.class_weights is None:  # w_c = 1: n_m·|Ω_c|/N ≤ |Ω_c|, no class can overflow (no host sync)
+            take = largest_remainder(weights, n_masked)
+        else:
+            weights = weights * self.class_weights.to(cls.device)
+            take = capped_allocation(weights, sizes.unsqueeze(1).expand(b, m, k), n_masked)
+        return select_in_groups(cls, take, k)
+
+    def __call__(self, alpha_i: float, alpha_s: float, batch: int, device: torch.device,
+                 instance: Tensor | None = None, semantic: Tensor | None = None) -> Masks:
+        """Final masks (Eq. 11). ``instance``/``semantic`` are (B, h, w) canonical maps; when a map is
+        absent the strategy that needs it falls back to random masking."""
+        visible = self.budgets(batch, device)
+        n_masked = self.n - visible
+        m_r = self.random_masks(n_masked).double()
+        score = (1.0 - alpha_i - alpha_s) * m_r
+        if alpha_i > 0:
+            m_i = self.instance_masks(instance, n_masked) if instance is not None else m_r
+            score = score + alpha_i * m_i.double()
+        if alpha_s > 0:
+            m_s = self.semantic_masks(semantic, n_masked) if semantic is not None else m_r
+            score = score + alpha_s * m_s.double()
+        score = score + 1e-6 * torch.rand_like(score)  # tie-breaker below any α step that matters
+        return Masks(top_k_mask(score, n_masked), visible)

@@ -1,0 +1,106 @@
+"""The CFMAE model: input adapters → shared encoder on the visible tokens → decoder → per-modality heads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cfmae_cli.config import Config
+from cfmae_cli.model.decoder import CFMAEDecoder
+from cfmae_cli.model.encoder import ViTEncoder
+from cfmae_cli.model.layers import MapAdapter
+from cfmae_cli.model.losses import map_loss, rgb_loss
+
+
+class CFMAE(nn.Module):
+    """Coarse-to-fine MAE over the modalities of ``cfg.data.modalities``.
+
+    Sizes come from the config and from the dataset manifest (``num_semantic_classes`` = C_sem).
+    A batch is a dict with ``rgb`` (B, 3, H, W) float, ``instance`` and ``semantic`` (B, H/s, W/s) long.
+    """
+
+    def __init__(self, cfg: Config, num_semantic_classes: int):
+        super().__init__()
+        m = cfg.model
+        self.cfg = cfg
+        self.modalities = list(cfg.data.modalities)
+        self.patch = m.patch_size
+        self.cells = (m.patch_size // m.map_stride) ** 2
+        self.num_visible = cfg.masking.num_visible
+        self.classes = {"semantic": num_semantic_classes, "instance": m.num_instance_ids}
+        self.encoder = ViTEncoder(cfg.data.img_size, m.patch_size, m.embed_dim, m.depth, m.num_heads,
+                                  m.mlp_ratio, m.drop_path)
+        self.grid = self.encoder.grid
+        self.adapters = nn.ModuleDict({
+            name: MapAdapter(self.classes[name], m.embed_dim, m.map_embed_dim, m.patch_size // m.map_stride)
+            for name in self.modalities if name != "rgb"})
+        self.decoder = CFMAEDecoder(m.decoder, m.embed_dim, self.modalities, self.grid)
+        out_dims = {"rgb": m.patch_size ** 2 * 3, **{k: self.cells * c for k, c in self.classes.items()}}
+        self.heads = nn.ModuleDict({
+            name: nn.Sequential(nn.LayerNorm(m.decoder.dim, eps=1e-6), nn.Linear(m.decoder.dim, out_dims[name]))
+            for name in self.modalities})
+        self._init_weights()
+
+    # -- init (MAE: Xavier-uniform linears, patch projections as linears, tokens N(0, .02)) --------------
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        for param in (self.encoder.cls_token, self.decoder.mask_token, self.decoder.modality_embed):
+            nn.init.normal_(param, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Tokens and embeddings that AdamW must not decay (norms and biases are excluded by shape)."""
+        return {"encoder.cls_token", "encoder.pos_embed", "decoder.mask_token", "decoder.modality_embed"}
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def tokenize(self, batch: dict[str, Tensor]) -> Tensor:
+        """All patch tokens with positions: (B, M·N, D), modalities in ``self.modalities`` order."""
+        pos = self.encoder.patch_pos
+        parts = []
+        for name in self.modalities:
+            tokens = self.encoder.patch_embed(batch[name]) if name == "rgb" else self.adapters[name](batch[name])
+            parts.append(tokens + pos)
+        return torch.cat(parts, dim=1)
+
+    def keep_indices(self, mask: Tensor) -> Tensor:
+        """mask (B, M, N) bool, True = masked → (B, V) positions of the visible tokens, in sequence order."""
+        flat = mask.reshape(mask.shape[0], -1).to(torch.uint8)
+        return torch.argsort(flat, dim=1, stable=True)[:, : self.num_visible]
+
+    def encode(self, batch: dict[str, Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Encode the visible tokens: → (encoded (B, 1+V, D) with the global token first, ids_keep (B, V))."""
+        tokens = self.tokenize(batch)
+        ids_keep = self.keep_indices(mask)
+        visible = tokens.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        return self.encoder(visible), ids_keep
+
+    def forward(self, batch: dict[str, Tensor], mask: Tensor) -> dict[str, Any]:
+        """→ {'loss': λ-weighted total, 'losses': {modality: loss}, 'pred': {modality: (B, N, out)}}."""
+        encoded, ids_keep = self.encode(batch, mask)
+        feats = self.decoder(encoded, ids_keep)
+        pred = {name: self.heads[name](f) for name, f in feats.items()}
+        return self.losses(pred, batch, mask) | {"pred": pred}
+
+    def losses(self, pred: dict[str, Tensor], batch: dict[str, Tensor], mask: Tensor) -> dict[str, Any]:
+        weights = self.cfg.model.loss_weights
+        losses = {}
+        for i, name in enumerate(self.modalities):
+            if name == "rgb":
+                losses[name] = rgb_loss(pred[name], batch[name], mask[:, i], self.patch, self.cfg.model.norm_pix_loss)
+            else:
+                losses[name] = map_loss(pred[name], batch[name], mask[:, i], self.classes[name])
+        total = sum(weights.get(name, 1.0) * value for name, value in losses.items())
+        return {"loss": total, "losses": losses}

@@ -1,0 +1,79 @@
+"""Small building blocks: 2-D sin-cos position embeddings, map input adapters, cross-attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from timm.layers import Mlp
+
+UNLABELLED = 255
+
+
+def sincos_pos_embed(dim: int, grid: int) -> Tensor:
+    """Fixed 2-D sin-cos position embedding (grid², dim): half the channels encode the row, half the column."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode(pos: Tensor) -> Tensor:
+        angles = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+class MapAdapter(nn.Module):
+    """Instance or semantic map → tokens: per-pixel Embedding(classes+1, e) then Conv2d(e, D, k=s=patch).
+
+    Input (B, h, w) long ids in [0, classes) or 255 (unlabelled, mapped to the extra row); output (B, N, D).
+    """
+
+    def __init__(self, num_classes: int, embed_dim: int, pixel_dim: int, patch: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(num_classes + 1, pixel_dim)
+        self.proj = nn.Conv2d(pixel_dim, embed_dim, kernel_size=patch, stride=patch)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        ids = torch.where(ids == UNLABELLED, torch.full_like(ids, self.num_classes), ids)
+        x = self.embed(ids).permute(0, 3, 1, 2)  # (B, e, h, w)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries (B, Nq, d) over a context (B, Nk, d) with SDPA."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, nq, d = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(b, nq, h, d // h).transpose(1, 2)
+        k, v = self.kv(context).reshape(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, nq, d))
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm cross-attention layer with an MLP: x + CA(LN(x), LN(ctx)), then + MLP(LN(·))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_kv = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = CrossAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.attn(self.norm_q(x), self.norm_kv(context))
+        return x + self.mlp(self.norm2(x))

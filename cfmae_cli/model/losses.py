@@ -1,0 +1,68 @@
+"""Targets and losses (Eqs. 3, 5): only masked tokens count; id 255 is ignored; never NaN."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+UNLABELLED = 255
+
+
+def patchify_rgb(images: Tensor, patch: int) -> Tensor:
+    """(B, 3, H, W) → (B, N, patch·patch·3), pixels row-major inside a patch, channels last."""
+    b, c, h, w = images.shape
+    g_h, g_w = h // patch, w // patch
+    x = images.reshape(b, c, g_h, patch, g_w, patch).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, g_h * g_w, patch * patch * c)
+
+
+def unpatchify_rgb(patches: Tensor, patch: int) -> Tensor:
+    """Inverse of :func:`patchify_rgb` for a square grid: (B, N, p·p·3) → (B, 3, H, W)."""
+    b, n, _ = patches.shape
+    g = int(round(n ** 0.5))
+    x = patches.reshape(b, g, g, patch, patch, 3).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, 3, g * patch, g * patch)
+
+
+def patchify_map(ids: Tensor, grid: int) -> Tensor:
+    """(B, h, w) ids → (B, N, cells) with N = grid², cells = (h/grid)·(w/grid), row-major like RGB."""
+    b, h, w = ids.shape
+    ph, pw = h // grid, w // grid
+    return ids.reshape(b, grid, ph, grid, pw).permute(0, 1, 3, 2, 4).reshape(b, grid * grid, ph * pw)
+
+
+def normalise_patches(target: Tensor) -> Tensor:
+    """MAE's norm-pix target: each patch to zero mean and unit variance (B, N, P)."""
+    mean = target.mean(-1, keepdim=True)
+    var = target.var(-1, keepdim=True)
+    return (target - mean) / (var + 1e-6).sqrt()
+
+
+def _masked_mean(values: Tensor, weight: Tensor) -> Tensor:
+    """Σ values·weight / max(Σ weight, 1): 0, not NaN, when nothing is weighted."""
+    return (values * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def rgb_loss(pred: Tensor, images: Tensor, mask: Tensor, patch: int, norm_pix: bool) -> Tensor:
+    """MSE over masked patches. pred (B, N, p·p·3), images (B, 3, H, W), mask (B, N) bool."""
+    target = patchify_rgb(images, patch).float()
+    if norm_pix:
+        target = normalise_patches(target)
+    per_token = (pred.float() - target).pow(2).mean(-1)
+    return _masked_mean(per_token, mask.float())
+
+
+def map_loss(logits: Tensor, ids: Tensor, mask: Tensor, num_classes: int) -> Tensor:
+    """Cross-entropy over the cells of masked patches, id 255 ignored, in fp32.
+
+    logits (B, N, cells·C), ids (B, h, w), mask (B, N) bool.
+    """
+    b, n, _ = logits.shape
+    grid = int(round(n ** 0.5))
+    target = patchify_map(ids, grid)  # (B, N, cells)
+    logits = logits.float().reshape(b, n, target.shape[-1], num_classes)
+    valid = (target != UNLABELLED) & mask.unsqueeze(-1)
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    ce = F.cross_entropy(logits.reshape(-1, num_classes), safe.reshape(-1), reduction="none")
+    return _masked_mean(ce.reshape(valid.shape), valid.float())
