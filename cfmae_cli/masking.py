@@ -21,16 +21,25 @@ def largest_remainder(weights: Tensor, total: Tensor) -> Tensor:
     """Split ``total`` (…,) into integer counts (…, K) proportional to ``weights`` (…, K), Hamilton's method.
 
     Each count is ⌊total·w_k/Σw⌋; the units still missing go to the largest remainders (ties: lower index
-    first). The counts add up to ``total`` exactly. A row whose weights are all 0 splits evenly from index 0.
+    first). The counts add up to ``total`` exactly. Integer weights are split in exact integer arithmetic
+    (so equal remainders tie exactly); float weights in float64. A row of zero weights splits evenly.
     """
-    w = weights.double()
-    wsum = w.sum(-1, keepdim=True)
-    w = torch.where(wsum > 0, w, torch.ones_like(w))
-    raw = w * total.unsqueeze(-1).double() / w.sum(-1, keepdim=True)
-    base = raw.floor()
-    deficit = total - base.sum(-1).long()
-    order = torch.argsort(base - raw, dim=-1, stable=True)  # largest remainder first
-    return base.long() + (_positions(order) < deficit.unsqueeze(-1)).long()
+    if weights.is_floating_point():
+        w = weights.double()
+        w = torch.where(w.sum(-1, keepdim=True) > 0, w, torch.ones_like(w))
+        raw = w * total.unsqueeze(-1).double() / w.sum(-1, keepdim=True)
+        base = raw.floor()
+        remainder = raw - base
+        base = base.long()
+    else:
+        w = weights.long()
+        w = torch.where(w.sum(-1, keepdim=True) > 0, w, torch.ones_like(w))
+        num = w * total.unsqueeze(-1)
+        den = w.sum(-1, keepdim=True)
+        base, remainder = num // den, num % den
+    deficit = total - base.sum(-1)
+    order = torch.argsort(-remainder, dim=-1, stable=True)  # largest remainder first, ties to lower index
+    return base + (_positions(order) < deficit.unsqueeze(-1)).long()
 
 
 def capped_allocation(weights: Tensor, caps: Tensor, total: Tensor) -> Tensor:
@@ -202,11 +211,11 @@ class MaskGenerator:
         sizes = torch.zeros(cls.shape[0], k, dtype=torch.long, device=cls.device)
         sizes.scatter_add_(1, cls, torch.ones_like(cls))
         b, m = n_masked.shape
-        weights = sizes.double().unsqueeze(1).expand(b, m, k)
+        weights = sizes.unsqueeze(1).expand(b, m, k)
         if self.class_weights is None:  # w_c = 1: n_m·|Ω_c|/N ≤ |Ω_c|, no class can overflow (no host sync)
             take = largest_remainder(weights, n_masked)
         else:
-            weights = weights * self.class_weights.to(cls.device)
+            weights = weights.double() * self.class_weights.to(cls.device)
             take = capped_allocation(weights, sizes.unsqueeze(1).expand(b, m, k), n_masked)
         return select_in_groups(cls, take, k)
 

@@ -84,11 +84,13 @@ def map_path(root: Path, modality: str, class_dir: str, stem: str) -> Path:
     return root / modality / class_dir / f"{stem}.png"
 
 
-def list_samples(root: str | Path) -> tuple[list[Sample], list[str]]:
+def list_samples(root: str | Path, maps: tuple[str, ...] | list[str] = MAP_MODALITIES
+                 ) -> tuple[list[Sample], list[str]]:
     """List every image under ``DATA/rgb`` with its maps. Returns (samples, class folder names).
 
-    Raises :class:`DataError` for a missing or empty ``rgb/`` folder and for images without their maps
-    (the message lists the first few and how many there are).
+    ``maps`` names the maps every image must have (an RGB-only run needs none). Raises :class:`DataError`
+    for a missing or empty ``rgb/`` folder and for images without their maps (the message lists the first
+    few and how many there are).
     """
     root = Path(root)
     rgb_root = root / "rgb"
@@ -103,12 +105,12 @@ def list_samples(root: str | Path) -> tuple[list[Sample], list[str]]:
     samples: list[Sample] = []
     missing: list[str] = []
     for label, (class_dir, folder) in enumerate(groups):
-        existing = {m: _pngs(root / m / class_dir) for m in MAP_MODALITIES}
+        existing = {m: _pngs(root / m / class_dir) for m in maps}
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             stem, ext = os.path.splitext(entry.name)
             if not entry.is_file() or ext.lower() not in IMAGE_EXTENSIONS:
                 continue
-            lacking = [m for m in MAP_MODALITIES if stem not in existing[m]]
+            lacking = [m for m in maps if stem not in existing[m]]
             if lacking:
                 missing.append(f"{Path(entry.path)} (no {' and no '.join(lacking)} map: expected "
                                f"{map_path(root, lacking[0], class_dir, stem)})")

@@ -216,11 +216,13 @@ def _as_rgb_uint8(rgb: np.ndarray) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] not in (3, 4) or image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
     image = image[:, :, :3]
-    if image.dtype != np.uint8:
-        if np.issubdtype(image.dtype, np.floating) and image.max(initial=0.0) <= 1.0:
-            image = image * 255.0
-        image = np.clip(np.rint(image), 0, 255).astype(np.uint8) if image.dtype.kind == "f" \
-            else np.clip(image, 0, 255).astype(np.uint8)
+    if image.dtype == np.bool_:
+        image = image.astype(np.uint8) * 255
+    elif image.dtype.kind == "f":  # floats in [0, 1] (skimage convention) or [0, 255]
+        scale = 255.0 if image.max(initial=0.0) <= 1.0 else 1.0
+        image = np.clip(np.rint(image * scale), 0, 255).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        image = np.clip(image, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(image)
 
 

@@ -1,0 +1,3 @@
+from cfmae_cli.cli import main
+
+main()

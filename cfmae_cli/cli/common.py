@@ -1,0 +1,80 @@
+"""What every command shares: logging set-up, error handling (exit 2 for bad input), the console."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from cfmae_cli.errors import CfmaeError
+
+console = Console()
+err_console = Console(stderr=True)
+STATE = {"verbose": False}
+
+
+def setup(verbose: bool) -> None:
+    STATE["verbose"] = verbose
+    logger = logging.getLogger("cfmae_cli")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not any(getattr(h, "_cfmae_console", False) for h in logger.handlers):
+        if sys.stderr.isatty():
+            handler: logging.Handler = RichHandler(console=err_console, show_path=False, show_time=False,
+                                                   markup=False)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+        else:
+            handler = _CurrentStderr()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler._cfmae_console = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is at the time of the record."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn :class:`CfmaeError` into one clear message and exit code 2; other failures into exit 1 with a
+    hint (``--verbose`` shows the traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except CfmaeError as exc:
+            if STATE["verbose"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - the last line of defence of a command-line tool
+            if STATE["verbose"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}\n"
+                              f"(rerun with `cfmae --verbose …` for the traceback)", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def is_terminal() -> bool:
+    return sys.stdout.isatty()

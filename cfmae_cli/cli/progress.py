@@ -1,0 +1,55 @@
+"""Progress display for training: a rich bar on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from cfmae_cli.train.engine import Progress as EngineProgress
+
+
+def _summary(values: dict[str, Any]) -> str:
+    if not values:
+        return ""
+    losses = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in values.items() if k.startswith("loss_"))
+    return (f"loss {values['loss']:.4f} [{losses}] α_I {values['alpha_i']:.2f} α_S {values['alpha_s']:.2f} "
+            f"lr {values['lr']:.2e} {values['img_per_s']:.0f} img/s")
+
+
+class TrainingView:
+    """Use as ``with TrainingView(console) as view: pretrain(cfg, run, view.update)``."""
+
+    def __init__(self, console: Console, interactive: bool):
+        self.console = console
+        self.interactive = interactive
+        self.progress: Progress | None = None
+        self.task = None
+        self._last_step_logged = -1
+
+    def __enter__(self) -> "TrainingView":
+        if self.interactive:
+            self.progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                     TimeRemainingColumn(), console=self.console, transient=False)
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def update(self, state: EngineProgress) -> None:
+        total = state.epochs * state.batches
+        done = (state.epoch - 1) * state.batches + state.batch
+        if self.progress is not None:
+            if self.task is None:
+                self.task = self.progress.add_task("pretrain", total=total, epoch="", info="")
+            self.progress.update(self.task, completed=done, epoch=f"{state.epoch}/{state.epochs}",
+                                 info=_summary(state.values))
+        elif state.values and state.values.get("step") != self._last_step_logged:
+            self._last_step_logged = state.values.get("step")
+            self.console.print(f"epoch {state.epoch}/{state.epochs} step {state.step} "
+                               f"({100 * done / total:.0f}%) {_summary(state.values)}", highlight=False, markup=False,
+                               soft_wrap=True)

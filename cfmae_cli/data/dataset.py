@@ -1,0 +1,96 @@
+"""The pre-training dataset: samples of the layout (``layout.py``) → augmented tensors; bad files skipped.
+
+A sample that cannot be used (unreadable file, map size ≠ image size, semantic id out of range) is not an
+exception: ``__getitem__`` returns it as a *bad* record, the collate drops it from the batch and passes the
+(path, reason) on, and the engine counts, lists and, past ``data.max_bad_fraction``, stops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from cfmae_cli.data.layout import UNLABELLED, Sample
+from cfmae_cli.data.transforms import JointTransform
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+def _read_map(path, expect_size: tuple[int, int]) -> Tensor:
+    with Image.open(path) as im:
+        if im.size != expect_size:
+            raise BadSample(f"{path}: map size {im.size[0]}x{im.size[1]} differs from the image's "
+                            f"{expect_size[0]}x{expect_size[1]}")
+        arr = np.asarray(im)
+    if arr.ndim != 2:
+        raise BadSample(f"{path}: a map must be a single-channel PNG of ids, got shape {arr.shape}")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+class MultiGranularDataset(Dataset):
+    """Items are dicts: ``rgb`` (3, S, S) float, ``instance``/``semantic`` (S/s, S/s) long (when used),
+    ``label`` (class folder index) — or a :class:`Skipped` record."""
+
+    def __init__(self, samples: list[Sample], transform: JointTransform, modalities: list[str],
+                 num_semantic_classes: int):
+        self.samples = samples
+        self.transform = transform
+        self.modalities = list(modalities)
+        self.num_semantic_classes = num_semantic_classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> dict[str, Any]:
+        """Read and check one sample; raises :class:`BadSample` (or OSError) when it cannot be used."""
+        sample = self.samples[index]
+        with Image.open(sample.rgb) as im:
+            size = im.size
+            rgb = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+        inst = _read_map(sample.instance, size) if "instance" in self.modalities else None
+        sem = _read_map(sample.semantic, size) if "semantic" in self.modalities else None
+        if sem is not None:
+            bad = (sem >= self.num_semantic_classes) & (sem != UNLABELLED)
+            if bool(bad.any()):
+                raise BadSample(f"{sample.semantic}: semantic id {int(sem[bad].max())} is not below the "
+                                f"{self.num_semantic_classes} classes of the manifest and is not {UNLABELLED}")
+        rgb, inst, sem = self.transform(rgb, inst, sem)
+        item: dict[str, Any] = {"rgb": rgb, "label": sample.label}
+        if inst is not None:
+            item["instance"] = inst
+        if sem is not None:
+            item["semantic"] = sem
+        return item
+
+    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+        try:
+            return self.load(index)
+        except BadSample as exc:
+            return Skipped(str(self.samples[index].rgb), str(exc))
+        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            return Skipped(str(self.samples[index].rgb), f"unreadable: {type(exc).__name__}: {exc}")
+
+
+def collate(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
+    """Stack the good items; ``skipped`` lists the bad ones. Maps stay long, RGB float32, ``size`` = count."""
+    good = [x for x in items if not isinstance(x, Skipped)]
+    out: dict[str, Any] = {"skipped": [x for x in items if isinstance(x, Skipped)], "size": len(good)}
+    if good:
+        for key in good[0]:
+            out[key] = torch.stack([x[key] for x in good]) if key != "label" else \
+                torch.tensor([x[key] for x in good], dtype=torch.long)
+    return out

@@ -1,0 +1,69 @@
+"""Joint augmentation of RGB + instance + semantic maps, and canonical instance ids (DESIGN §4).
+
+One random-resized-crop and one flip draw apply to all three; the image is resized bilinearly (antialiased)
+to ``img_size``, the maps with nearest-neighbour to ``img_size / map_stride`` (torchvision ``transforms.v2``
+functionals on ``tv_tensors.Image`` / ``tv_tensors.Mask``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import functional as TF
+
+UNLABELLED = 255
+
+
+def canonical_instance_ids(ids: Tensor, num_ids: int) -> Tensor:
+    """Re-number an instance map by area: 0 stays background, the largest instance becomes 1, the next 2, …
+    up to ``num_ids − 1``; smaller instances become 255 (unlabelled). Ties go to the lower original id.
+
+    ids: (h, w) integer tensor → (h, w) long.
+    """
+    ids = ids.long()
+    values, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)  # values sorted
+    counts = torch.where(values == 0, torch.full_like(counts, -1), counts)  # background ranks last
+    order = torch.argsort(-counts, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    new = torch.where(rank + 1 < num_ids, rank + 1, torch.full_like(rank, UNLABELLED))
+    new = torch.where(values == 0, torch.zeros_like(new), new)
+    return new[inverse]
+
+
+class JointTransform:
+    """(rgb uint8 (3, H, W), instance (H, W), semantic (H, W) or None) → augmented, resized tensors.
+
+    Returns rgb float (3, S, S) normalised with ``mean``/``std``, maps long (S/s, S/s); the instance map in
+    canonical ids. ``train=False`` gives a deterministic resize of the whole image (no crop, no flip).
+    """
+
+    def __init__(self, img_size: int, map_stride: int, num_instance_ids: int, scale: tuple[float, float],
+                 ratio: tuple[float, float], hflip: float, mean: tuple[float, ...], std: tuple[float, ...],
+                 train: bool = True):
+        self.img_size = img_size
+        self.map_size = img_size // map_stride
+        self.num_instance_ids = num_instance_ids
+        self.scale, self.ratio, self.hflip, self.train = scale, ratio, hflip, train
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, rgb: Tensor, instance: Tensor | None,
+                 semantic: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        image = tv_tensors.Image(rgb)
+        maps = [None if x is None else tv_tensors.Mask(x.long().unsqueeze(0)) for x in (instance, semantic)]
+        h, w = rgb.shape[-2:]
+        top, left, ch, cw = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio)) \
+            if self.train else (0, 0, h, w)
+        flip = self.train and bool(torch.rand(()) < self.hflip)
+        image = TF.resized_crop(image, top, left, ch, cw, [self.img_size] * 2, antialias=True)
+        maps = [None if x is None else TF.resized_crop(x, top, left, ch, cw, [self.map_size] * 2) for x in maps]
+        if flip:
+            image = TF.horizontal_flip(image)
+            maps = [None if x is None else TF.horizontal_flip(x) for x in maps]
+        image = TF.normalize(TF.to_dtype(image, torch.float32, scale=True), self.mean, self.std)
+        inst, sem = (None if x is None else x.as_subclass(Tensor)[0] for x in maps)
+        if inst is not None:
+            inst = canonical_instance_ids(inst, self.num_instance_ids)
+        return image.as_subclass(Tensor), inst, sem

@@ -1,0 +1,38 @@
+"""Loss curves from ``metrics.jsonl`` (matplotlib, no screen needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
+    """Total and per-modality loss against training progress (epochs), plus α_I, α_S; written atomically."""
+    steps = [r for r in records if r.get("type") == "step"]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    x = [r["epoch_float"] for r in steps]
+    ax.plot(x, [r["loss"] for r in steps], label="total", color="black", lw=2)
+    for key in sorted({k for r in steps for k in r if k.startswith("loss_")}):
+        ax.plot(x, [r.get(key) for r in steps], label=key.removeprefix("loss_"))
+    ax.set_ylabel("loss (masked tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax2.plot(x, [r["alpha_i"] for r in steps], label="α_I (instance)")
+    ax2.plot(x, [r["alpha_s"] for r in steps], label="α_S (semantic)")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylim(-0.05, 1.05)
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
