@@ -92,6 +92,10 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
+        if self.embed_dim % 4:
+            raise ValueError(f"model.embed_dim: {self.embed_dim} must be divisible by 4 (2-D sin-cos positions)")
+        if self.decoder.dim % 4:
+            raise ValueError(f"model.decoder.dim: {self.decoder.dim} must be divisible by 4 (2-D sin-cos positions)")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"model.embed_dim: {self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if self.patch_size % self.map_stride:

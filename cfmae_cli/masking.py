@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from cfmae_cli.config import MaskingConfig
+from cfmae_cli.errors import ConfigError
 
 UNLABELLED = 255
 
@@ -173,7 +174,7 @@ class MaskGenerator:
         self.num_instance_ids = num_instance_ids
         weights = cfg.semantic_class_weights
         if weights is not None and len(weights) != num_semantic_classes + 1:
-            raise ValueError(f"masking.semantic_class_weights: need {num_semantic_classes + 1} weights "
+            raise ConfigError(f"masking.semantic_class_weights: need {num_semantic_classes + 1} weights "
                              f"({num_semantic_classes} classes + 'unlabelled'), got {len(weights)}")
         self.class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
 
@@ -181,7 +182,7 @@ class MaskGenerator:
         """Visible tokens per modality (B, M): Dirichlet shares of ``num_visible``, rounded to add up exactly."""
         m = len(self.modalities)
         conc = torch.full((m,), float(self.cfg.dirichlet_alpha), device=device)
-        shares = torch.distributions.Dirichlet(conc).sample((batch,))
+        shares = torch.distributions.Dirichlet(conc, validate_args=False).sample((batch,))  # no host sync
         total = torch.full((batch,), self.cfg.num_visible, dtype=torch.long, device=device)
         # num_visible <= N (checked by the config), so no modality can be given more than its N patches.
         return largest_remainder(shares, total)

@@ -119,3 +119,23 @@ def test_real_subprocess_exit_code_and_no_traceback(tmp_path: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "cfmae_cli", "--help"], capture_output=True, text=True, env=env,
                         timeout=120)
     assert ok.returncode == 0 and "pretrain" in ok.stdout
+
+
+def test_a_file_that_stays_broken_counts_once(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "d", n_per_class=4)
+    (data / "rgb" / "b" / "b_03.png").write_bytes(b"broken")
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(out), "--epochs", "3"]
+                           + _sets("data.max_bad_fraction=0.15"))  # 1 of 8 allowed, 3 epochs load it 3 times
+    assert result.exit_code == 0, result.output
+    lines = (out / "bad_files.txt").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(str(data / "rgb" / "b" / "b_03.png"))
+
+
+def test_inconsistent_config_is_refused_before_anything_is_written(tiny_data: Path, tmp_path: Path) -> None:
+    out = _bad(["pretrain", "--data", str(tiny_data), "--out", str(tmp_path / "w")]
+               + _sets("masking.semantic_class_weights=[1.0, 2.0]"))
+    assert "masking.semantic_class_weights: need 4 weights" in out
+    assert not (tmp_path / "w").exists()
+    assert "model.decoder.dim: 18 must be divisible by 4" in _bad(["pretrain", "--set", "model.decoder.dim=18",
+                                                                    "--set", "model.decoder.num_heads=2"])

@@ -11,7 +11,8 @@ from cfmae_cli.config import Config, MaskingConfig
 from cfmae_cli.masking import (MaskGenerator, largest_remainder, object_patches, schedule,
                                semantic_patch_classes)
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="no CUDA device"))]
 MODS = ["rgb", "instance", "semantic"]
 
 

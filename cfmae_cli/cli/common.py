@@ -13,8 +13,8 @@ from rich.logging import RichHandler
 
 from cfmae_cli.errors import CfmaeError
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 STATE = {"verbose": False}
 
 

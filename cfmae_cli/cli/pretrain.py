@@ -27,8 +27,9 @@ def pretrain(
 ) -> None:
     """Pre-train a ViT with CFMAE.
 
-    Example: cfmae pretrain                      (the demo: tiny ViT, built-in data, a few CPU minutes)
-             cfmae pretrain --preset vitb-400e --data /data/in1k-cfmae
+    Example, the demo (tiny ViT on built-in data, a few CPU minutes): cfmae pretrain
+
+    Example, the paper's ViT-B on your labelled data: cfmae pretrain --preset vitb-400e --data /data/in1k-cfmae
     """
     overrides = list(set_)
     if data is not None:

@@ -61,8 +61,8 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     """Read and check ``DATA/cfmae-dataset.json``; raise :class:`DataError` naming the file when bad."""
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
-        raise DataError(f"{path}: missing dataset manifest. Label the images with `cfmae label SRC --out "
-                        f"{root}` or write the manifest by hand (see docs/dataset-format.md).")
+        raise DataError(f"{path}: missing dataset manifest. Every dataset folder needs one: write it with "
+                        f"cfmae_cli.data.layout.write_manifest (see docs/dataset-format.md).")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -73,6 +73,9 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     if len(classes) >= UNLABELLED:
         raise DataError(f"{path}: {len(classes)} semantic classes; at most {UNLABELLED - 1} fit in uint8 maps "
                         f"(id {UNLABELLED} is 'unlabelled').")
+    count = manifest.setdefault("num_semantic_classes", len(classes))
+    if count != len(classes):
+        raise DataError(f"{path}: num_semantic_classes is {count} but semantic_classes lists {len(classes)} names.")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise DataError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION}).")
@@ -121,7 +124,7 @@ def list_samples(root: str | Path, maps: tuple[str, ...] | list[str] = MAP_MODAL
         shown = "\n  ".join(missing[:5])
         more = f"\n  … and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise DataError(f"{len(missing)} image(s) in {rgb_root} have no maps:\n  {shown}{more}\n"
-                        f"Label them with `cfmae label` or remove them.")
+                        f"Write their maps (docs/dataset-format.md) or remove them.")
     if not samples:
         raise DataError(f"{rgb_root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}).")
     return samples, class_dirs

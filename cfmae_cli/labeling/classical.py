@@ -1,7 +1,7 @@
 """A classical labeller: instance and semantic maps from colour and texture, with no learned weights.
 
 It makes the maps CFMAE trains on when no segmentation model is at hand (the built-in demo dataset,
-``cfmae label --labeller classical``). The maps are rough but deterministic and consistent across
+and the classical backend of a future labelling command). The maps are rough but deterministic and consistent across
 images: the same colour gets the same semantic class in every photo.
 
 * **Instances** — a coarse graph-based segmentation (Felzenszwalb & Huttenlocher) of the image.

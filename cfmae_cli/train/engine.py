@@ -135,10 +135,11 @@ def _pretrain(cfg: Config, run_dir: Path, on_progress: Callable[[Progress], None
              total_steps, per_epoch, int(warmup))
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     names = list(cfg.data.modalities)
-    skipped: list[Skipped] = []
+    skipped: dict[str, Skipped] = {}  # by path: a file that stays broken counts once, not once per epoch
     bad_limit = cfg.data.max_bad_fraction * len(dataset)
     state = Progress(epochs=epochs, batches=micro_per_epoch)
     step, epoch_losses, summary = 0, [], {}
+    lr, (alpha_i, alpha_s) = 0.0, schedule(0.0, cfg.masking.order, cfg.masking.breakpoints)
     try:
         for epoch in range(epochs):
             model.train()
@@ -149,17 +150,17 @@ def _pretrain(cfg: Config, run_dir: Path, on_progress: Callable[[Progress], None
             for i, batch in enumerate(loader):
                 if i >= micro_per_epoch:
                     break
-                if batch["skipped"]:
-                    skipped.extend(batch["skipped"])
-                    _check_bad(skipped, bad_limit, len(dataset), run_dir)
-                if batch["size"] == 0:
-                    continue
                 progress = (epoch + i / micro_per_epoch) / epochs
                 alpha_i, alpha_s = schedule(progress, cfg.masking.order, cfg.masking.breakpoints)
                 if i % accum == 0:
                     lr = lr_at(step, total_steps, warmup, info["lr"], cfg.optim.min_lr)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
+                if batch["skipped"]:
+                    skipped.update((s.path, s) for s in batch["skipped"])
+                    _check_bad(list(skipped.values()), bad_limit, len(dataset), run_dir)
+                if batch["size"] == 0:
+                    continue
                 inputs = {k: batch[k].to(device, non_blocking=True) for k in names}
                 with torch.no_grad():
                     mask = masks(alpha_i, alpha_s, batch["size"], device, instance=inputs.get("instance"),
@@ -216,7 +217,7 @@ def _pretrain(cfg: Config, run_dir: Path, on_progress: Callable[[Progress], None
             plot_losses(read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots" / "loss.png")
     finally:
         metrics.close()
-        _write_skipped(skipped, run_dir)
+        _write_skipped(list(skipped.values()), run_dir)
     return {"run_dir": str(run_dir), "epochs": epochs, "steps": step, "first_epoch_loss": epoch_losses[0],
             "last_epoch_loss": epoch_losses[-1], "img_per_s": summary.get("img_per_s"),
             "skipped_files": len(skipped), "data": str(root)}
