@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -324,6 +323,3 @@ def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (what goes into ``config.yaml`` of a run)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
-
-def format_number(x: float) -> str:
-    return f"{x:.4g}" if isinstance(x, float) and not math.isnan(x) else str(x)

@@ -13,9 +13,8 @@ import torch
 from torch import Tensor
 
 from cfmae_cli.config import MaskingConfig
+from cfmae_cli.data.layout import UNLABELLED
 from cfmae_cli.errors import ConfigError
-
-UNLABELLED = 255
 
 
 def largest_remainder(weights: Tensor, total: Tensor) -> Tensor:

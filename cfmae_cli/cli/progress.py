@@ -30,9 +30,10 @@ class TrainingView:
 
     def __enter__(self) -> "TrainingView":
         if self.interactive:
-            self.progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), TextColumn("ETA"),
-                                     TimeRemainingColumn(), console=self.console, transient=False)
+            columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), TextColumn("ETA"),
+                       TimeRemainingColumn())
+            self.progress = Progress(*columns, console=self.console, transient=False)
             self.progress.__enter__()
         return self
 

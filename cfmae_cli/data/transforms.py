@@ -13,7 +13,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-UNLABELLED = 255
+from cfmae_cli.data.layout import UNLABELLED
 
 
 def canonical_instance_ids(ids: Tensor, num_ids: int) -> Tensor:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import Mlp
 
-UNLABELLED = 255
+from cfmae_cli.data.layout import UNLABELLED
 
 
 def sincos_pos_embed(dim: int, grid: int) -> Tensor:

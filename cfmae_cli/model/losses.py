@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-UNLABELLED = 255
+from cfmae_cli.data.layout import UNLABELLED
 
 
 def patchify_rgb(images: Tensor, patch: int) -> Tensor:
