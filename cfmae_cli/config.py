@@ -151,6 +151,9 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
     save_every: int = Field(20, ge=1, description="keep a checkpoint every N epochs (plus last.pt)")
+    keep_last: int = Field(5, ge=0, description="periodic checkpoints kept (older ones are deleted); 0 = none")
+    plot_every: int = Field(20, ge=1, description="epochs between reconstruction grids in plots/")
+    plot_samples: int = Field(2, ge=1, le=16, description="images of the fixed batch shown in the grids")
     log_every: int = Field(20, ge=1, description="optimizer steps between metrics lines")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; null = torch's default")
 
@@ -180,6 +183,23 @@ class Config(_Strict):
     @property
     def tokens_per_modality(self) -> int:
         return (self.data.img_size // self.model.patch_size) ** 2
+
+
+# Keys that may differ when a run is resumed: they change how the run is carried out, not what it computes.
+RESUMABLE_CHANGES = frozenset({"data.num_workers", "train.device", "train.log_every", "train.save_every",
+                               "train.keep_last", "train.plot_every", "train.plot_samples", "train.threads"})
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (``model_dump(mode='json')`` form)."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def derived(cfg: Config, world_size: int = 1) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -67,7 +68,8 @@ def _positions(order: Tensor) -> Tensor:
     return pos.scatter_(-1, order, ar)
 
 
-def select_in_groups(groups: Tensor, take: Tensor, num_groups: int) -> Tensor:
+def select_in_groups(groups: Tensor, take: Tensor, num_groups: int,
+                     generator: torch.Generator | None = None) -> Tensor:
     """Pick ``take[b, m, g]`` patches uniformly at random inside each group g, independently per modality.
 
     groups: (B, N) long group id of every patch; take: (B, M, G) long, ``take <= group size``.
@@ -76,7 +78,8 @@ def select_in_groups(groups: Tensor, take: Tensor, num_groups: int) -> Tensor:
     """
     b, m, _ = take.shape
     n = groups.shape[1]
-    key = groups.unsqueeze(1).double() + torch.rand(b, m, n, device=groups.device, dtype=torch.float64)
+    noise = torch.rand(b, m, n, device=groups.device, dtype=torch.float64, generator=generator)
+    key = groups.unsqueeze(1).double() + noise
     pos = _positions(torch.argsort(key, dim=-1))
     sizes = torch.zeros(b, num_groups, dtype=torch.long, device=groups.device)
     sizes.scatter_add_(1, groups, torch.ones_like(groups))
@@ -177,22 +180,29 @@ class MaskGenerator:
                              f"({num_semantic_classes} classes + 'unlabelled'), got {len(weights)}")
         self.class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
 
-    def budgets(self, batch: int, device: torch.device) -> Tensor:
-        """Visible tokens per modality (B, M): Dirichlet shares of ``num_visible``, rounded to add up exactly."""
+    def budgets(self, batch: int, device: torch.device, seed: int | None = None) -> Tensor:
+        """Visible tokens per modality (B, M): Dirichlet shares of ``num_visible``, rounded to add up exactly.
+
+        With ``seed`` the shares come from a NumPy generator of that seed (B·M numbers, copied to the device).
+        """
         m = len(self.modalities)
-        conc = torch.full((m,), float(self.cfg.dirichlet_alpha), device=device)
-        shares = torch.distributions.Dirichlet(conc, validate_args=False).sample((batch,))  # no host sync
+        if seed is None:
+            conc = torch.full((m,), float(self.cfg.dirichlet_alpha), device=device)
+            shares = torch.distributions.Dirichlet(conc, validate_args=False).sample((batch,))  # no host sync
+        else:
+            draw = np.random.default_rng(seed).dirichlet([self.cfg.dirichlet_alpha] * m, size=batch)
+            shares = torch.from_numpy(draw).to(device, non_blocking=True)
         total = torch.full((batch,), self.cfg.num_visible, dtype=torch.long, device=device)
         # num_visible <= N (checked by the config), so no modality can be given more than its N patches.
         return largest_remainder(shares, total)
 
-    def random_masks(self, n_masked: Tensor) -> Tensor:
+    def random_masks(self, n_masked: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """M_R: (B, M) counts → (B, M, N) uniformly random masks with exactly those counts."""
         b, m = n_masked.shape
         zeros = torch.zeros(b, self.n, dtype=torch.long, device=n_masked.device)
-        return select_in_groups(zeros, n_masked.unsqueeze(-1), 1)
+        return select_in_groups(zeros, n_masked.unsqueeze(-1), 1, generator)
 
-    def instance_masks(self, instance: Tensor, n_masked: Tensor) -> Tensor:
+    def instance_masks(self, instance: Tensor, n_masked: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """M_I (Eq. 8): ⌊α_obj·n_m⌋ on object patches, the rest on background; a short side's lack is
         taken from the other side."""
         is_obj = object_patches(instance, self.grid, self.num_instance_ids, self.cfg.min_instance_area,
@@ -202,9 +212,9 @@ class MaskGenerator:
         want = torch.floor(self.cfg.alpha_obj * n_masked.double()).long()
         take_obj = torch.maximum(torch.minimum(want, n_obj), n_masked - n_bg)
         take = torch.stack([take_obj, n_masked - take_obj], dim=-1)  # group 0 = object, 1 = background
-        return select_in_groups((~is_obj).long(), take, 2)
+        return select_in_groups((~is_obj).long(), take, 2, generator)
 
-    def semantic_masks(self, semantic: Tensor, n_masked: Tensor) -> Tensor:
+    def semantic_masks(self, semantic: Tensor, n_masked: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """M_S (Eq. 10): per class c, n_m·w_c|Ω_c| / Σ_k w_k|Ω_k| patches inside Ω_c (largest remainder)."""
         k = self.num_semantic_classes + 1
         cls = semantic_patch_classes(semantic, self.grid, self.num_semantic_classes)
@@ -217,21 +227,27 @@ class MaskGenerator:
         else:
             weights = weights.double() * self.class_weights.to(cls.device)
             take = capped_allocation(weights, sizes.unsqueeze(1).expand(b, m, k), n_masked)
-        return select_in_groups(cls, take, k)
+        return select_in_groups(cls, take, k, generator)
 
     def __call__(self, alpha_i: float, alpha_s: float, batch: int, device: torch.device,
-                 instance: Tensor | None = None, semantic: Tensor | None = None) -> Masks:
+                 instance: Tensor | None = None, semantic: Tensor | None = None, seed: int | None = None) -> Masks:
         """Final masks (Eq. 11). ``instance``/``semantic`` are (B, h, w) canonical maps; when a map is
-        absent the strategy that needs it falls back to random masking."""
-        visible = self.budgets(batch, device)
+        absent the strategy that needs it falls back to random masking. With ``seed`` every draw comes from
+        generators of that seed (the same masks on any device count); without, from the global RNG."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seed)
+        visible = self.budgets(batch, device, seed)
         n_masked = self.n - visible
-        m_r = self.random_masks(n_masked).double()
+        m_r = self.random_masks(n_masked, gen).double()
         score = (1.0 - alpha_i - alpha_s) * m_r
         if alpha_i > 0:
-            m_i = self.instance_masks(instance, n_masked) if instance is not None else m_r
+            m_i = self.instance_masks(instance, n_masked, gen) if instance is not None else m_r
             score = score + alpha_i * m_i.double()
         if alpha_s > 0:
-            m_s = self.semantic_masks(semantic, n_masked) if semantic is not None else m_r
+            m_s = self.semantic_masks(semantic, n_masked, gen) if semantic is not None else m_r
             score = score + alpha_s * m_s.double()
-        score = score + 1e-6 * torch.rand_like(score)  # tie-breaker below any α step that matters
+        tie = torch.rand(score.shape, device=device, dtype=score.dtype, generator=gen)
+        score = score + 1e-6 * tie  # tie-breaker below any α step that matters
         return Masks(top_k_mask(score, n_masked), visible)

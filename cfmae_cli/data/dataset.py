@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from cfmae_cli.data.layout import UNLABELLED, Sample
 from cfmae_cli.data.transforms import JointTransform
+from cfmae_cli.seeding import mix_seed
 
 
 class BadSample(Exception):
@@ -46,7 +47,8 @@ class MultiGranularDataset(Dataset):
     ``label`` (class folder index) — or a :class:`Skipped` record."""
 
     def __init__(self, samples: list[Sample], transform: JointTransform, modalities: list[str],
-                 num_semantic_classes: int):
+                 num_semantic_classes: int, seed: int = 0):
+        self.seed = seed
         self.samples = samples
         self.transform = transform
         self.modalities = list(modalities)
@@ -76,9 +78,17 @@ class MultiGranularDataset(Dataset):
             item["semantic"] = sem
         return item
 
-    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | Skipped:
+        """``key`` is an index, or ``(epoch, index)``: then the augmentation is drawn from a generator seeded by
+        (seed, epoch, index), the same whichever process or worker loads the sample."""
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         try:
-            return self.load(index)
+            if epoch is None:
+                return self.load(index)
+            with torch.random.fork_rng(devices=[]):
+                # the CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding per sample
+                torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
+                return self.load(index)
         except BadSample as exc:
             return Skipped(str(self.samples[index].rgb), str(exc))
         except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:

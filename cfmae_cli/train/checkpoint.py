@@ -49,28 +49,72 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     over ``path``: a crash or a full disk never leaves a broken checkpoint behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise CheckpointWriteError(path, exc) from None
     os.close(fd)
     try:
         torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, CfmaeError):
+            raise CheckpointWriteError(path, exc) from None
         raise
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``); a clear :class:`CfmaeError` when it is not one."""
+class CheckpointWriteError(CfmaeError):
+    """Writing a checkpoint failed (disk full, no permission, …); the previous file is untouched."""
+
+    exit_code = 1
+
+    def __init__(self, path: Path, exc: BaseException):
+        kept = f"the previous {path.name} is intact" if path.exists() else "no earlier file was replaced"
+        super().__init__(f"{path}: could not write the checkpoint ({type(exc).__name__}: {exc}); {kept}. "
+                         f"Free disk space and continue with --resume {path.parent.parent}.")
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """A run folder means its ``checkpoints/last.pt``; a file means itself."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+    return path / "checkpoints" / "last.pt" if path.is_dir() else path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``); a clear :class:`CfmaeError` when it is not one.
+
+    When the file is damaged, the message offers the newest other checkpoint of the same run.
+    """
+    path = checkpoint_path(path)
     if not path.is_file():
         raise CfmaeError(f"{path}: checkpoint not found.")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint of ours"
-        raise CfmaeError(f"{path}: not a readable cfmae checkpoint ({type(exc).__name__}: {exc}).") from None
+        raise CfmaeError(f"{path}: not a readable cfmae checkpoint ({type(exc).__name__}: {exc}).{_offer(path)}"
+                         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION or "model" not in ckpt:
-        raise CfmaeError(f"{path}: not a cfmae checkpoint of format version {FORMAT_VERSION}.")
+        raise CfmaeError(f"{path}: not a cfmae checkpoint of format version {FORMAT_VERSION}.{_offer(path)}")
     return ckpt
+
+
+def periodic_checkpoints(folder: Path) -> list[Path]:
+    """``epoch-NNNN.pt`` files of a checkpoints folder, oldest first."""
+    return sorted(folder.glob("epoch-*.pt"))
+
+
+def _offer(bad: Path) -> str:
+    others = [p for p in periodic_checkpoints(bad.parent) if p != bad]
+    if not others:
+        return ""
+    return f" The newest periodic checkpoint is {others[-1]}: continue from it with --resume {others[-1]}"
+
+
+def prune_checkpoints(folder: Path, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` newest periodic checkpoints; returns what was deleted."""
+    old = periodic_checkpoints(folder)[:-keep_last] if keep_last > 0 else periodic_checkpoints(folder)
+    for path in old:
+        path.unlink(missing_ok=True)
+    return old

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from cfmae_cli.data.layout import atomic_write_text
 from cfmae_cli.errors import CfmaeError
 
 
@@ -33,18 +34,40 @@ def new_run_dir(command: str, name: str, out: str | Path | None = None, base: st
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` and flushes it (readable while training)."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (flushed: readable while training) and, with
+    ``tensorboard=True``, the numeric fields as TensorBoard scalars ``<type>/<field>`` beside it.
 
-    def __init__(self, path: str | Path):
+    ``resume_step``: the run continues after that optimizer step; records written after it by an
+    interrupted process are dropped from the JSONL file and TensorBoard purges them too.
+    """
+
+    def __init__(self, path: str | Path, tensorboard: bool = True, resume_step: int | None = None):
         self.path = Path(path)
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._fh = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(self.path.parent), purge_step=purge)
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
+        if self._tb is not None:
+            kind, step = record.get("type", "step"), record.get("step", 0)
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("type", "step"):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+            self._tb.flush()
 
     def close(self) -> None:
         self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

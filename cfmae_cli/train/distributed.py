@@ -1,0 +1,111 @@
+"""``torch.distributed`` plumbing: process-group set-up from the launcher's environment, local launch
+through ``torch.distributed.run`` (elastic), and the few collectives the engine needs.
+
+Under ``torchrun`` / ``torch.distributed.run`` / SLURM-with-torchrun, ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` are set; without them the run is a single process.
+NCCL on GPUs (one GPU per process, ``cuda:LOCAL_RANK``), gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def under_launcher() -> bool:
+    """Whether this process was started by torchrun / torch.distributed.run (or an equivalent launcher)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device: torch.device) -> DistInfo:
+    """Join the process group described by the environment (no-op for a single process).
+
+    ``device`` is the device type chosen by the config; on CUDA each process takes ``cuda:LOCAL_RANK``.
+    """
+    if not under_launcher() or int(os.environ["WORLD_SIZE"]) == 1:
+        return DistInfo(0, 1, 0, device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) are visible")
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    log.debug("rank %d/%d joined (%s)", rank, world, dist.get_backend())
+    return DistInfo(rank, world, local, device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean over ranks (in place); the identity for one process."""
+    if info.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= info.world
+    return values
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True when ``flag`` is true on any rank (all ranks get the same answer)."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def launch(child_args: list[str], nprocs: int) -> int:
+    """Run ``python -m cfmae_cli <child_args>`` in ``nprocs`` local processes through
+    ``torch.distributed.run`` (elastic launch, standalone rendezvous on this machine, no restarts).
+
+    Returns 0, or the exit code of the first worker that failed (its own message is already printed).
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(nprocs), "--max-restarts", "0",
+                       "-m", "cfmae_cli", *child_args])
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        codes = [f.exitcode for _, f in sorted(exc.failures.items())]
+        return next((c for c in codes if c not in (0, None)), 1)
+    return 0

@@ -1,0 +1,71 @@
+"""What a run is made of before it starts: the device, the data, and the plan (derived sizes and steps)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cfmae_cli.config import Config, derived
+from cfmae_cli.data.dataset import MultiGranularDataset
+from cfmae_cli.data.layout import list_samples, read_manifest
+from cfmae_cli.data.transforms import JointTransform
+from cfmae_cli.errors import CfmaeError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise CfmaeError("train.device: cuda was asked for but no GPU is visible; use --gpus 0 "
+                             "(or --set train.device=cpu)")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def dataset_root(cfg: Config) -> Path:
+    """The configured data folder, or the built-in demo data (built and cached on first use)."""
+    if cfg.data.root is not None:
+        return Path(cfg.data.root)
+    from cfmae_cli.data.demo import build_demo_dataset, default_demo_root
+
+    root = build_demo_dataset(default_demo_root(), crops_per_photo=cfg.data.demo_crops_per_photo,
+                              size=cfg.data.demo_size, seed=0)
+    log.info("built-in demo data: %s", root)
+    return Path(root)
+
+
+def build_dataset(cfg: Config, root: Path, train: bool = True) -> tuple[MultiGranularDataset, dict[str, Any]]:
+    """The dataset of ``root`` for this config, and its manifest (which gives C_sem)."""
+    manifest = read_manifest(root)
+    maps = [m for m in cfg.data.modalities if m != "rgb"]
+    samples, _ = list_samples(root, maps=maps)
+    d = cfg.data
+    transform = JointTransform(d.img_size, cfg.model.map_stride, cfg.model.num_instance_ids, d.crop_scale,
+                               d.crop_ratio, d.hflip, d.mean, d.std, train=train)
+    dataset = MultiGranularDataset(samples, transform, maps, manifest["num_semantic_classes"], cfg.train.seed)
+    return dataset, manifest
+
+
+def make_plan(cfg: Config, images: int, world: int) -> dict[str, Any]:
+    """Derived values plus the step counts for a dataset of ``images`` on ``world`` processes."""
+    plan = derived(cfg, world)
+    per_step = cfg.train.batch_size * world * plan["accumulation_steps"]
+    plan.update(images=images, steps_per_epoch=images // per_step,
+                total_steps=images // per_step * cfg.train.epochs,
+                warmup_steps=int(cfg.optim.warmup_epochs * (images // per_step)))
+    return plan
+
+
+def describe_plan(plan: dict[str, Any], cfg: Config) -> list[str]:
+    return [f"plan: {plan['devices']} process(es) x per-device batch {cfg.train.batch_size} x "
+            f"{plan['accumulation_steps']} accumulation step(s) = effective batch {plan['effective_batch']}",
+            f"plan: lr {plan['lr']:.3g} (base_lr {cfg.optim.base_lr:.3g} x {plan['effective_batch']} / 256"
+            f"{', overridden by optim.lr' if cfg.optim.lr is not None else ''}); {plan['images']} images, "
+            f"{plan['steps_per_epoch']} steps per epoch, {plan['total_steps']} steps in {cfg.train.epochs} epochs, "
+            f"warmup {plan['warmup_steps']} steps",
+            f"plan: {plan['num_visible']} visible of {plan['tokens_total']} tokens; decoder "
+            f"{' → '.join(plan['decoder_order'])}"]

@@ -1,0 +1,127 @@
+"""Reconstruction grids: for each modality, the masked input, the prediction and the reference.
+
+RGB predictions made with the norm-pix loss are mapped back to pixels with each reference patch's own mean
+and variance, and the visible patches are pasted back (as MAE's demo does). Maps are drawn with a fixed
+palette (id 255, unlabelled, in black); masked patches of the input are grey.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from cfmae_cli.data.layout import UNLABELLED
+from cfmae_cli.model.losses import patchify_map, patchify_rgb, unpatchify_rgb
+
+GREY = np.array([128, 128, 128], np.uint8)
+MIN_SIDE = 112  # small demo images are drawn larger (nearest-neighbour)
+
+
+def palette(n: int = 256) -> np.ndarray:
+    """(n, 3) uint8 colours, fixed for every call: id 0 dark grey, 255 black, the rest spread in hue."""
+    rng = np.random.default_rng(1234)
+    colours = rng.integers(40, 256, size=(n, 3)).astype(np.uint8)
+    colours[0] = (60, 60, 60)
+    if n > UNLABELLED:
+        colours[UNLABELLED] = (0, 0, 0)
+    return colours
+
+
+def unmap_patches(cells: Tensor, grid: int) -> Tensor:
+    """Inverse of ``patchify_map``: (B, N, cells) → (B, h, w)."""
+    b, n, c = cells.shape
+    side = int(round(c ** 0.5))
+    return cells.reshape(b, grid, grid, side, side).permute(0, 1, 3, 2, 4).reshape(b, grid * side, grid * side)
+
+
+def rgb_prediction(pred: Tensor, images: Tensor, mask: Tensor, patch: int, norm_pix: bool) -> Tensor:
+    """Predicted image in the input's normalisation: (B, N, p·p·3) → (B, 3, H, W), visible patches pasted."""
+    target = patchify_rgb(images.float(), patch)
+    pred = pred.float()
+    if norm_pix:
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        pred = pred * (var + 1e-6).sqrt() + mean
+    out = torch.where(mask.unsqueeze(-1), pred, target)
+    return unpatchify_rgb(out, patch)
+
+
+def map_prediction(logits: Tensor, ids: Tensor, mask: Tensor, num_classes: int) -> Tensor:
+    """Predicted id map: (B, N, cells·C) logits → (B, h, w) argmax ids, visible patches pasted."""
+    b, n, _ = logits.shape
+    grid = int(round(n ** 0.5))
+    target = patchify_map(ids, grid)
+    pred = logits.float().reshape(b, n, target.shape[-1], num_classes).argmax(-1)
+    return unmap_patches(torch.where(mask.unsqueeze(-1), pred, target), grid)
+
+
+def _rgb_pixels(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    x = images.float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def _grey_out(pixels: np.ndarray, mask: Tensor, grid: int) -> np.ndarray:
+    """Paint masked patches grey: pixels (B, H, W, 3), mask (B, N)."""
+    b, h, w, _ = pixels.shape
+    m = mask.reshape(b, grid, grid).cpu().numpy().repeat(h // grid, 1).repeat(w // grid, 2)
+    out = pixels.copy()
+    out[m] = GREY
+    return out
+
+
+def _upsample(pixels: np.ndarray, size: int) -> np.ndarray:
+    return np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.NEAREST)) for p in pixels])
+
+
+def reconstruction_panels(batch: dict[str, Tensor], mask: Tensor, pred: dict[str, Tensor], modalities: list[str],
+                          classes: dict[str, int], patch: int, norm_pix: bool, mean: tuple[float, ...],
+                          std: tuple[float, ...]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per modality: (masked input, prediction, reference) as uint8 (B, S, S, 3) arrays at image size."""
+    size = batch["rgb"].shape[-1] if "rgb" in batch else None
+    colours = palette()
+    panels = {}
+    for i, name in enumerate(modalities):
+        m = mask[:, i]
+        grid = int(round(m.shape[1] ** 0.5))
+        if name == "rgb":
+            ref = _rgb_pixels(batch["rgb"], mean, std)
+            out = _rgb_pixels(rgb_prediction(pred["rgb"], batch["rgb"], m, patch, norm_pix), mean, std)
+        else:
+            ids = batch[name]
+            ref = colours[ids.clamp(0, 255).cpu().numpy()]
+            out = colours[map_prediction(pred[name], ids, m, classes[name]).clamp(0, 255).cpu().numpy()]
+        side = max(size or ref.shape[1], MIN_SIDE)
+        masked = _grey_out(ref, m, grid)
+        panels[name] = tuple(_upsample(x, side) for x in (masked, out, ref))
+    return panels
+
+
+def save_grid(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: str | Path, title: str = "") -> Path:
+    """Rows = (sample, modality), columns = masked input / prediction / reference; written atomically."""
+    names = list(panels)
+    b, s = panels[names[0]][0].shape[:2]
+    pad, head, label_w = 4, 30, 70
+    width = label_w + 3 * (s + pad) + pad
+    height = head + b * len(names) * (s + pad) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 2), title, fill="black")
+    for j, col in enumerate(("masked input", "prediction", "reference")):
+        draw.text((label_w + j * (s + pad) + pad, 16), col, fill="black")
+    row = 0
+    for k in range(b):
+        for name in names:
+            y = head + row * (s + pad)
+            draw.text((pad, y + s // 2 - 5), f"{k}:{name}", fill="black")
+            for j, image in enumerate(panels[name]):
+                canvas.paste(Image.fromarray(image[k]), (label_w + j * (s + pad) + pad, y))
+            row += 1
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    canvas.save(tmp)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,187 @@
+"""Resume that loses nothing, preemption, damaged checkpoints, full disks, --init, and keep-last-K."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cfmae_cli.cli import app
+from cfmae_cli.train import checkpoint as ckpt_mod
+from cfmae_cli.train.checkpoint import CheckpointWriteError, save_checkpoint
+from tests.conftest import make_dataset
+from tests.test_distributed import ROOT, cli, sets, steps
+
+runner = CliRunner()
+KEYS = ("loss", "loss_rgb", "loss_instance", "loss_semantic", "lr", "alpha_i", "alpha_s")
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "cfmae_cli", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and any(r.get("step", 0) >= step for r in map(json.loads, metrics.read_text().splitlines())
+                                    if r.get("type") == "step"):
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.01)
+    raise AssertionError("the run never reached the step")
+
+
+def assert_same_steps(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]  # every step once, none lost or repeated
+    for x, y in zip(a, b):
+        for key in KEYS:
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x["step"], key)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "data", n_per_class=4)
+
+
+def run_args(data: Path, out: Path, epochs: int) -> list[str]:
+    return ["pretrain", "--data", str(data), "--out", str(out), "--epochs", str(epochs),
+            *sets("train.plot_every=1000", "train.save_every=5")]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_an_unbroken_run(data: Path, tmp_path: Path) -> None:
+    epochs = 30  # 2 steps per epoch
+    cli(*run_args(data, tmp_path / "unbroken", epochs), cwd=tmp_path)
+    proc = start(run_args(data, tmp_path / "killed", epochs), tmp_path)
+    wait_for_step(tmp_path / "killed", random.Random(7).randint(12, 40), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(r["step"] for r in steps(tmp_path / "killed"))
+    assert killed_at < 2 * epochs  # it really died before the end
+    cli("pretrain", "--resume", str(tmp_path / "killed"), cwd=tmp_path)
+    assert_same_steps(steps(tmp_path / "killed"), steps(tmp_path / "unbroken"))
+    a = torch.load(tmp_path / "killed/checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "unbroken/checkpoints/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_mid_epoch_and_the_resumed_run_is_exact(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "big", n_per_class=12)  # 24 images: 6 steps per epoch
+    epochs = 20
+    cli(*run_args(data, tmp_path / "unbroken", epochs), cwd=tmp_path)
+    proc = start(run_args(data, tmp_path / "term", epochs), tmp_path)
+    wait_for_step(tmp_path / "term", 9, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by SIGTERM after step" in output and "cfmae pretrain --resume" in output
+    state = torch.load(tmp_path / "term/checkpoints/last.pt", weights_only=True)
+    assert state["step"] < 6 * epochs
+    cli("pretrain", "--resume", str(tmp_path / "term"), cwd=tmp_path)
+    assert_same_steps(steps(tmp_path / "term"), steps(tmp_path / "unbroken"))
+
+
+def test_truncated_checkpoint_names_the_file_and_offers_the_periodic_one(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(out), "--epochs", "3",
+                                 *sets("train.save_every=2")])
+    assert result.exit_code == 0, result.output
+    last = out / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    result = runner.invoke(app, ["pretrain", "--resume", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{last}: not a readable cfmae checkpoint" in result.output
+    assert f"continue from it with --resume {out / 'checkpoints' / 'epoch-0002.pt'}" in result.output
+    result = runner.invoke(app, ["pretrain", "--resume", str(out / "checkpoints" / "epoch-0002.pt")])
+    assert result.exit_code == 0, result.output
+    assert torch.load(last, weights_only=True)["epoch"] == 3
+
+
+def test_resume_refuses_a_changed_config_and_lists_the_keys(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(out), "--epochs", "1",
+                               *sets()]).exit_code == 0
+    result = runner.invoke(app, ["pretrain", "--resume", str(out), "--set", "optim.base_lr=0.5",
+                                 "--set", "masking.alpha_obj=0.9", "--set", "data.num_workers=0"])
+    assert result.exit_code == 2
+    assert "change the run's config (masking.alpha_obj, optim.base_lr)" in result.output
+    grown = runner.invoke(app, ["pretrain", "--resume", str(out), "--set", "data.num_workers=0"])
+    assert grown.exit_code == 0, grown.output  # operational keys may change; the finished run stays finished
+    assert "--resume continues a run in its own folder" in runner.invoke(
+        app, ["pretrain", "--resume", str(out), "--init", str(out)]).output
+
+
+def test_init_takes_weights_only(data: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    assert runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(src), "--epochs", "2",
+                               *sets()]).exit_code == 0
+    new = tmp_path / "new"
+    result = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(new), "--epochs", "1",
+                                 "--init", str(src), *sets("optim.base_lr=1e-12", "optim.warmup_epochs=0")])
+    assert result.exit_code == 0, result.output
+    first = steps(new)[0]
+    assert first["step"] == 1 and first["epoch"] == 1  # a new run: counters start again
+    a = torch.load(src / "checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(new / "checkpoints/last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # lr ~0: the weights are the source's
+    assert "initialised from" in (new / "log.txt").read_text()
+
+
+def test_disk_full_while_saving_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "step": 1})
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full)
+    with pytest.raises(CheckpointWriteError, match="No space left on device.*the previous last.pt is intact"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "step": 2})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temporary file left
+
+
+def test_keep_last_k_and_observability_files(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(out), "--epochs", "4",
+                                 *sets("train.save_every=1", "train.keep_last=2", "train.plot_every=2")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0003.pt", "epoch-0004.pt", "last.pt"]
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["loss.png", "recon-epoch-0002.png",
+                                                                 "recon-epoch-0004.png"]
+    assert list(out.glob("events.out.tfevents.*"))
+    epoch = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "epoch"][0]
+    assert epoch["img_per_s"] > 0 and epoch["img_per_s_per_device"] > 0
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data: Path, tmp_path: Path, monkeypatch) -> None:
+    import cfmae_cli.model.cfmae as model_mod
+
+    calls = {"n": 0}
+    real = model_mod.rgb_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 2 else loss  # epoch 1 = 2 micro-batches are fine
+
+    monkeypatch.setattr(model_mod, "rgb_loss", poisoned)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(out), "--epochs", "3", *sets()])
+    assert result.exit_code == 1
+    assert "non-finite loss at step 3" in result.output and "rgb nan" in result.output
+    assert torch.load(out / "checkpoints/last.pt", weights_only=True)["epoch"] == 1
