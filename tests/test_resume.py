@@ -185,3 +185,31 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data: Path, tm
     assert result.exit_code == 1
     assert "non-finite loss at step 3" in result.output and "rgb nan" in result.output
     assert torch.load(out / "checkpoints/last.pt", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_then_resume_on_one_process_is_exact(tmp_path: Path) -> None:
+    """2 CPU processes are preempted mid-epoch; the run goes on in 1 process with 2 accumulation steps."""
+    data = make_dataset(tmp_path / "big", n_per_class=12)  # 24 images, effective batch 8: 3 steps per epoch
+    extra = ["optim.effective_batch=8", "train.plot_every=1000"]
+    base = ["--data", str(data), "--epochs", "12", *sets(*extra)]
+    cli("pretrain", "--out", str(tmp_path / "unbroken"), *base, cwd=tmp_path)
+    proc = start(["pretrain", "--gpus", "0", "--procs", "2", "--out", str(tmp_path / "pre"), *base], tmp_path)
+    wait_for_step(tmp_path / "pre", 8, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    state = torch.load(tmp_path / "pre/checkpoints/last.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    cli("pretrain", "--resume", str(tmp_path / "pre"), "--gpus", "0", cwd=tmp_path)
+    assert_same_steps(steps(tmp_path / "pre"), steps(tmp_path / "unbroken"))
+
+
+def test_init_refuses_a_checkpoint_with_no_tensor_of_this_model(data: Path, tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.pt"
+    save_checkpoint(foreign, {"model": {"backbone.layer1.weight": torch.zeros(3)}})
+    result = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(tmp_path / "r"), "--init", str(foreign),
+                                 *sets()])
+    assert result.exit_code == 2
+    assert "none of its tensors has a name of this model (e.g. backbone.layer1.weight)" in result.output
+    assert not (tmp_path / "r").exists()

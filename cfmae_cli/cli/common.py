@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -21,7 +22,8 @@ STATE = {"verbose": False}
 def setup(verbose: bool) -> None:
     STATE["verbose"] = verbose
     logger = logging.getLogger("cfmae_cli")
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    worker = int(os.environ.get("RANK", "0")) > 0  # ranks > 0 of a distributed run only warn
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if worker else logging.INFO)
     if not any(getattr(h, "_cfmae_console", False) for h in logger.handlers):
         if sys.stderr.isatty():
             handler: logging.Handler = RichHandler(console=err_console, show_path=False, show_time=False,

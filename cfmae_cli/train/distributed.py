@@ -25,6 +25,7 @@ class DistInfo:
     world: int
     local_rank: int
     device: torch.device
+    control: Any = None  # a gloo group for CPU-side flags (no GPU stream sync); None = the default group
 
     @property
     def is_main(self) -> bool:
@@ -55,10 +56,12 @@ def init(device: torch.device) -> DistInfo:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
         dist.init_process_group("nccl", device_id=device)
+        control = dist.new_group(backend="gloo")
     else:
         dist.init_process_group("gloo")
+        control = None
     log.debug("rank %d/%d joined (%s)", rank, world, dist.get_backend())
-    return DistInfo(rank, world, local, device)
+    return DistInfo(rank, world, local, device, control)
 
 
 def shutdown() -> None:
@@ -75,11 +78,12 @@ def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True when ``flag`` is true on any rank (all ranks get the same answer)."""
+    """True when ``flag`` is true on any rank (all ranks get the same answer). A CPU tensor over gloo, so
+    asking every step does not wait for the GPU."""
     if not info.distributed:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control)
     return bool(t.item())
 
 
@@ -92,12 +96,23 @@ def broadcast(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
+def gather(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world
+    dist.all_gather_object(out, obj, group=info.control)
+    return out
+
+
 def launch(child_args: list[str], nprocs: int) -> int:
     """Run ``python -m cfmae_cli <child_args>`` in ``nprocs`` local processes through
     ``torch.distributed.run`` (elastic launch, standalone rendezvous on this machine, no restarts).
 
-    Returns 0, or the exit code of the first worker that failed (its own message is already printed).
+    Returns 0, the exit code of the first worker that failed (its own message is already printed), or
+    128 + signal when the launcher itself was stopped by SIGTERM / SIGINT (the workers save first).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -108,4 +123,6 @@ def launch(child_args: list[str], nprocs: int) -> int:
     except ChildFailedError as exc:
         codes = [f.exitcode for _, f in sorted(exc.failures.items())]
         return next((c for c in codes if c not in (0, None)), 1)
+    except SignalException as exc:  # the launcher was signalled: the workers got the signal and saved
+        return 128 + int(exc.sigval)
     return 0

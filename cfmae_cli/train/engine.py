@@ -146,29 +146,55 @@ class Trainer:
         _seed_rank(cfg.train.seed, info.rank)
 
     # -- state ---------------------------------------------------------------------------------------------
-    def state(self, epoch_done: int, next_micro: int, partial: dict[str, Any] | None, summary: dict) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scaler": {},
-                "epoch": epoch_done, "next_micro": next_micro, "step": self.step, "partial": partial,
-                "rng": rng_state(), "config": self.cfg.model_dump(mode="json"), "world_size": self.info.world,
-                "semantic_classes": self.semantic_classes, "metrics": summary}
+    def save(self, epoch_done: int, next_step: int, partial: dict[str, Any] | None, summary: dict,
+             periodic: bool) -> None:
+        """Rank 0 writes ``last.pt`` (and ``epoch-NNNN.pt``, pruned to ``train.keep_last``); all ranks wait.
+
+        The position is (completed epochs, optimizer steps done in the next one): with the same effective
+        batch it means the same images whatever the number of processes. RNG states are kept per rank.
+        """
+        rng = distributed.gather(rng_state(), self.info)
+        if self.info.is_main:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scaler": {},
+                     "epoch": epoch_done, "next_step": next_step, "step": self.step, "partial": partial,
+                     "rng": rng, "config": self.cfg.model_dump(mode="json"), "world_size": self.info.world,
+                     "semantic_classes": self.semantic_classes, "metrics": summary,
+                     "skipped": [[s.path, s.reason] for s in self.skipped.values()]}
+            folder = self.run_dir / "checkpoints"
+            save_checkpoint(folder / "last.pt", state)
+            if periodic:
+                save_checkpoint(folder / f"epoch-{epoch_done:04d}.pt", state)
+                prune_checkpoints(folder, self.cfg.train.keep_last)
+        if self.info.distributed:
+            dist.barrier()
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.step, self.epoch, self.start_micro = ckpt["step"], ckpt["epoch"], ckpt["next_micro"]
+        self.step, self.epoch = ckpt["step"], ckpt["epoch"]
+        self.start_micro = ckpt["next_step"] * self.accum
         self.partial = ckpt.get("partial")
-        if self.info.world == 1:
-            set_rng_state(ckpt["rng"])
-        log.info("resumed from step %d (epoch %d, micro-batch %d)", self.step, self.epoch + 1, self.start_micro)
+        self.skipped = {path: Skipped(path, reason) for path, reason in ckpt.get("skipped", [])}
+        if len(ckpt["rng"]) == self.info.world:
+            set_rng_state(ckpt["rng"][self.info.rank])
+        else:
+            log.warning("resumed on %d process(es) from a run on %d: RNG states re-seeded per rank (data order and "
+                        "masks do not depend on them)", self.info.world, len(ckpt["rng"]))
+        log.info("resumed from step %d (epoch %d, step %d of the epoch)", self.step, self.epoch + 1,
+                 ckpt["next_step"])
 
     def load_weights(self, path: str | Path) -> None:
-        """``--init``: weights only (matching names and shapes); optimizer, step and schedule start fresh."""
+        """``--init``: weights only; tensors load by name and must have this model's shapes; names that are not
+        in the model are ignored and logged (at least one must match). Optimizer, step and schedule start fresh."""
         state = load_checkpoint(path)["model"]
         own = self.model.state_dict()
         bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         if bad:
             raise CfmaeError(f"{path}: {len(bad)} tensor(s) do not match this model's shapes "
                              f"(e.g. {bad[0]}: {tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})")
+        if not set(state) & set(own):
+            raise CfmaeError(f"{path}: none of its tensors has a name of this model (e.g. {next(iter(state))}); "
+                             f"is it a cfmae pre-training checkpoint?")
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         log.info("initialised from %s (%d tensors; %d missing, %d unused)", path, len(state) - len(unexpected),
                  len(missing), len(unexpected))
@@ -207,6 +233,8 @@ class Trainer:
         cfg, info, names, accum = self.cfg, self.info, self.names, self.accum
         self.net.train()
         self.sampler.set_epoch(epoch, self.start_micro)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # gpu_mem_gib is the peak of this epoch
         k = len(names) + 1
         part = self.partial or {"sums": [0.0] * k, "batches": 0, "images": 0, "seconds": 0.0}
         epoch_sum = torch.tensor(part["sums"], device=self.device) * part["batches"]
@@ -246,11 +274,12 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     out = self.net(inputs, mask)
                 (out["loss"] * (weight / accum)).backward()
-            values = torch.stack([out["loss"].detach()] + [out["losses"][m].detach() for m in names])
-            epoch_sum += values
-            window_sum += values
-            epoch_batches, window_batches = epoch_batches + 1, window_batches + 1
-            epoch_images, window_images = epoch_images + batch["size"], window_images + batch["size"]
+            if weight:
+                values = torch.stack([out["loss"].detach()] + [out["losses"][m].detach() for m in names])
+                epoch_sum += values
+                window_sum += values
+                epoch_batches, window_batches = epoch_batches + 1, window_batches + 1
+                epoch_images, window_images = epoch_images + batch["size"], window_images + batch["size"]
             if a == accum - 1:
                 if cfg.optim.clip_grad:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
@@ -260,7 +289,7 @@ class Trainer:
                 last = micro == self.micro_per_epoch - 1
                 if self.step % cfg.train.log_every == 0 or last:
                     now = time.perf_counter()
-                    avg = distributed.all_reduce_mean(window_sum / window_batches, info).tolist()
+                    avg = distributed.all_reduce_mean(window_sum / max(window_batches, 1), info).tolist()
                     self.check_finite(avg)
                     rate = window_images / max(now - window_start, 1e-9)
                     self.log_record({"type": "step", "epoch": epoch + 1,
@@ -271,10 +300,12 @@ class Trainer:
                     window_batches = window_images = 0
                     window_start = now
                 if not last and distributed.any_rank(stop.signum is not None, info):
-                    sums = (epoch_sum / epoch_batches).tolist()
+                    sums = (epoch_sum / max(epoch_batches, 1)).tolist()
+                    self.check_finite(distributed.all_reduce_mean(torch.tensor(sums, device=self.device),
+                                                                  info).tolist())  # never save NaN weights
                     partial = {"sums": sums, "batches": epoch_batches, "images": epoch_images,
                                "seconds": time.perf_counter() - start}
-                    self.save(self.state(epoch, micro + 1, partial, {}), periodic=False)
+                    self.save(epoch, (micro + 1) // accum, partial, {}, periodic=False)
                     raise Preempted(stop.signum or 15, self.step, str(self.run_dir / "checkpoints" / "last.pt"))
             if info.is_main:
                 self.progress.epoch, self.progress.batch, self.progress.step = epoch + 1, micro + 1, self.step
@@ -287,6 +318,9 @@ class Trainer:
                   alpha_s: float) -> dict[str, Any]:
         avg = distributed.all_reduce_mean(mean, self.info).tolist()
         self.check_finite(avg)
+        for part in distributed.gather(self.skipped, self.info):  # bad files seen by any rank, once each
+            self.skipped.update(part)
+        self.check_bad()
         rate = images / max(seconds, 1e-9)
         summary = {"type": "epoch", "epoch": epoch + 1, "step": self.step, **self.losses(avg), "alpha_i": alpha_i,
                    "alpha_s": alpha_s, "lr": lr, "img_per_s": rate * self.info.world, "img_per_s_per_device": rate,
@@ -301,7 +335,7 @@ class Trainer:
                      summary["img_per_s"], rate, f"  peak GPU memory {summary['gpu_mem_gib']:.2f} GiB"
                      if "gpu_mem_gib" in summary else "")
         done = epoch + 1
-        self.save(self.state(done, 0, None, summary), periodic=done % self.cfg.train.save_every == 0)
+        self.save(done, 0, None, summary, periodic=done % self.cfg.train.save_every == 0)
         if self.info.is_main:
             plot_losses(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "plots" / "loss.png")
             if done % self.cfg.train.plot_every == 0 or done == self.cfg.train.epochs:
@@ -317,17 +351,6 @@ class Trainer:
             self.metrics.write(record)
             if record["type"] == "step":
                 self.progress.values = record
-
-    def save(self, state: dict[str, Any], periodic: bool) -> None:
-        """Rank 0 writes ``last.pt`` (and ``epoch-NNNN.pt``, pruned to ``train.keep_last``); all ranks wait."""
-        if self.info.is_main:
-            folder = self.run_dir / "checkpoints"
-            save_checkpoint(folder / "last.pt", state)
-            if periodic:
-                save_checkpoint(folder / f"epoch-{state['epoch']:04d}.pt", state)
-                prune_checkpoints(folder, self.cfg.train.keep_last)
-        if self.info.distributed:
-            dist.barrier()
 
     def plot_reconstructions(self, epoch: int, alpha_i: float, alpha_s: float) -> None:
         """The fixed first images of the dataset (whole image, no augmentation), masked with a fixed seed."""
