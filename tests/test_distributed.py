@@ -100,3 +100,21 @@ def test_gpus_without_gpus_prints_the_plan_and_exits_2(tiny_data: Path, monkeypa
     assert "plan: 8 process(es) x per-device batch 1 x 1 accumulation step(s) = effective batch 8" in text
     assert "lr 3.13e-06" in text and "steps per epoch" in text and "steps in 400 epochs" in text
     assert "--gpus 8: torch sees 0 GPU(s)" in text and "Traceback" not in text
+
+
+@pytest.mark.slow
+def test_bad_files_of_every_rank_are_listed_once(tmp_path: Path) -> None:
+    from tests.conftest import make_dataset
+
+    data = make_dataset(tmp_path / "d", n_per_class=8)
+    broken = [data / "rgb" / "a" / "a_01.png", data / "rgb" / "b" / "b_05.png"]
+    for path in broken:
+        path.write_bytes(b"broken")
+    out = tmp_path / "run"
+    cli("pretrain", "--gpus", "0", "--procs", "2", "--out", str(out), "--data", str(data), "--epochs", "3",
+        *sets("optim.effective_batch=8", "data.max_bad_fraction=0.2"), cwd=tmp_path)
+    listed = sorted(line.split("\t")[0] for line in (out / "bad_files.txt").read_text().splitlines())
+    assert listed == sorted(map(str, broken))
+    epochs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "epoch"]
+    assert epochs[-1]["skipped_files"] == 2
+    assert len(torch.load(out / "checkpoints/last.pt", weights_only=True)["skipped"]) == 2
