@@ -88,6 +88,7 @@ def test_bad_input_exits_2_with_one_clear_message(tiny_data: Path, tmp_path: Pat
     assert "train.epochs: Input should be greater than or equal to 1" in \
         _bad(["pretrain", "--set", "train.epochs=-1"])
     assert "--data /nonexistent/data: folder not found" in _bad(["pretrain", "--data", "/nonexistent/data"])
+    assert "--procs 2: CPU processes need --gpus 0" in _bad(["pretrain", "--procs", "2"])
     (tiny_data / "instance" / "a" / "a_02.png").unlink()
     out = _bad(["pretrain", "--data", str(tiny_data), "--out", str(tmp_path / "r")] + _sets())
     assert "a_02.png (no instance map" in out

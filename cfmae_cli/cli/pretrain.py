@@ -61,6 +61,9 @@ def pretrain(
         overrides.append(f"train.seed={seed}")
     if gpus is not None:
         overrides.append(f"train.device={'cuda' if gpus > 0 else 'cpu'}")
+    if procs > 1 and gpus != 0:
+        raise CfmaeError(f"--procs {procs}: CPU processes need --gpus 0 (with GPUs, --gpus N starts one process "
+                         f"per GPU).")
     if resume is not None and (init is not None or out is not None):
         raise CfmaeError("--resume continues a run in its own folder with its own weights; it takes neither "
                          "--out nor --init (use --init CKPT to start a new run from weights).")
@@ -82,7 +85,7 @@ def pretrain(
 def resumed_config(resume: Path, preset: Optional[str], overrides: list[str]) -> Config:
     """The run's own config; refused (exit 2, the keys listed) if the options given would change it."""
     path = checkpoint_path(resume)
-    saved = load_checkpoint(path)["config"]  # torch.load(mmap) would be lighter; checkpoints are one per run
+    saved = load_checkpoint(path, mmap=True)["config"]
     base = load_config(preset).model_dump(mode="json") if preset else saved
     for item in overrides:
         keys, value = parse_override(item)

@@ -82,16 +82,18 @@ def checkpoint_path(path: str | Path) -> Path:
     return path / "checkpoints" / "last.pt" if path.is_dir() else path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False
+                    ) -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``); a clear :class:`CfmaeError` when it is not one.
 
-    When the file is damaged, the message offers the newest other checkpoint of the same run.
+    When the file is damaged, the message offers the newest other checkpoint of the same run. ``mmap``
+    maps the tensors instead of reading them (cheap when only the config or counters are needed).
     """
     path = checkpoint_path(path)
     if not path.is_file():
         raise CfmaeError(f"{path}: checkpoint not found.")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint of ours"
         raise CfmaeError(f"{path}: not a readable cfmae checkpoint ({type(exc).__name__}: {exc}).{_offer(path)}"
                          ) from None

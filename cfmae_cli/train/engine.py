@@ -241,7 +241,8 @@ class Trainer:
         epoch_batches, epoch_images = part["batches"], part["images"]
         window_sum = torch.zeros(k, device=self.device)
         window_batches = window_images = 0
-        start = window_start = time.perf_counter() - part["seconds"]
+        window_start = time.perf_counter()
+        start = window_start - part["seconds"]  # the epoch's time includes what ran before a stop
         lr, last_inputs = 0.0, None
         for j, batch in enumerate(self.loader):
             micro = self.start_micro + j
