@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import Tensor
 
 from cfmae_cli.data.layout import UNLABELLED
 from cfmae_cli.model.losses import patchify_map, patchify_rgb, unpatchify_rgb
+from cfmae_cli.viz.grid import save_image_grid
 
 GREY = np.array([128, 128, 128], np.uint8)
 MIN_SIDE = 112  # small demo images are drawn larger (nearest-neighbour)
@@ -102,26 +103,7 @@ def reconstruction_panels(batch: dict[str, Tensor], mask: Tensor, pred: dict[str
 def save_grid(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: str | Path, title: str = "") -> Path:
     """Rows = (sample, modality), columns = masked input / prediction / reference; written atomically."""
     names = list(panels)
-    b, s = panels[names[0]][0].shape[:2]
-    pad, head, label_w = 4, 30, 70
-    width = label_w + 3 * (s + pad) + pad
-    height = head + b * len(names) * (s + pad) + pad
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 2), title, fill="black")
-    for j, col in enumerate(("masked input", "prediction", "reference")):
-        draw.text((label_w + j * (s + pad) + pad, 16), col, fill="black")
-    row = 0
-    for k in range(b):
-        for name in names:
-            y = head + row * (s + pad)
-            draw.text((pad, y + s // 2 - 5), f"{k}:{name}", fill="black")
-            for j, image in enumerate(panels[name]):
-                canvas.paste(Image.fromarray(image[k]), (label_w + j * (s + pad) + pad, y))
-            row += 1
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    canvas.save(tmp)
-    tmp.replace(path)
-    return path
+    count = panels[names[0]][0].shape[0]
+    rows = [[image[k] for image in panels[name]] for k in range(count) for name in names]
+    labels = [f"{k}:{name}" for k in range(count) for name in names]
+    return save_image_grid(rows, path, ["masked input", "prediction", "reference"], labels, title)

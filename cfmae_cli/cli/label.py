@@ -1,0 +1,165 @@
+"""``cfmae label SRC --out DATA``: pseudo-label an image folder into the dataset layout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from cfmae_cli.cli.common import console, guarded, is_terminal
+from cfmae_cli.errors import CfmaeError
+from cfmae_cli.labeling.base import ClassicalBackend
+from cfmae_cli.labeling.pipeline import LabelProgress, finalize, label_folder
+from cfmae_cli.train import distributed
+
+SUGGEST = {"--detector-model": "IDEA-Research/grounding-dino-base",
+           "--segmenter-model": "syscv-community/sam-hq-vit-huge",
+           "mask2former": "facebook/mask2former-swin-large-coco-panoptic",
+           "oneformer": "shi-labs/oneformer_coco_swin_large"}
+
+
+def _need(value: Optional[str], option: str, why: str) -> str:
+    if not value:
+        raise CfmaeError(f"{why} needs {option}: a local model folder, or a hub id such as "
+                         f"{SUGGEST.get(option, '')} (downloaded only when given, if online).")
+    return value
+
+
+def build_backends(instance: str, semantic: str, detector_model: Optional[str], segmenter_model: Optional[str],
+                   semantic_model: Optional[str], device: torch.device, batch_size: int, box_threshold: float,
+                   threshold_floor: float):
+    """The instance and semantic backends (learned ones are imported only when asked for)."""
+    classical = ClassicalBackend() if "classical" in (instance, semantic) else None
+    if instance == "classical":
+        inst = classical
+    else:
+        det_spec = _need(detector_model, "--detector-model", "--instance grounded-sam")
+        seg_spec = _need(segmenter_model, "--segmenter-model", "--instance grounded-sam")
+        from cfmae_cli.labeling.models import GroundedSamBackend, resolve_model
+
+        det = resolve_model(det_spec, "--detector-model")
+        seg = resolve_model(seg_spec, "--segmenter-model")
+        inst = GroundedSamBackend(det, seg, device, box_threshold=box_threshold, threshold_floor=threshold_floor,
+                                  batch_size=batch_size)
+    if semantic == "classical":
+        sem = classical
+    else:
+        if not semantic_model:
+            raise CfmaeError(f"--semantic {semantic} needs --semantic-model: a local model folder, or a hub id "
+                             f"such as {SUGGEST[semantic]} (downloaded only when given, if online).")
+        from cfmae_cli.labeling.models import PanopticSemanticBackend, resolve_model
+
+        sem = PanopticSemanticBackend(semantic, resolve_model(semantic_model, "--semantic-model"), device,
+                                      batch_size=batch_size)
+    return inst, sem
+
+
+@guarded
+def label(
+    src: Path = typer.Argument(..., help="folder of images: SRC/<class>/<image> or SRC/<image>"),
+    out: Path = typer.Option(..., "--out", help="dataset folder to write (DESIGN §5.1 layout); reruns resume"),
+    instance: str = typer.Option("classical", "--instance", help="classical | grounded-sam"),
+    semantic: str = typer.Option("classical", "--semantic", help="classical | mask2former | oneformer"),
+    detector_model: Optional[str] = typer.Option(None, "--detector-model", help="Grounding DINO folder or hub id"),
+    segmenter_model: Optional[str] = typer.Option(None, "--segmenter-model", help="SAM-HQ / SAM folder or hub id"),
+    semantic_model: Optional[str] = typer.Option(None, "--semantic-model", help="Mask2Former / OneFormer folder "
+                                                 "or hub id (COCO-panoptic: 133 classes)"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help="GPUs, one process each (0 = CPU); default: "
+                                       "1 GPU if there is one"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="images per model call"),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", min=0, help="image-reading processes"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="only the first N images (sorted)"),
+    rgb: str = typer.Option("copy", "--rgb", help="how originals go to DATA/rgb: copy | symlink | hardlink"),
+    preview: int = typer.Option(0, "--preview", min=0, help="write DATA/preview.png with N labelled images"),
+    box_threshold: float = typer.Option(0.45, "--box-threshold", min=0, max=1, help="grounded-sam: first "
+                                        "detection threshold"),
+    threshold_floor: float = typer.Option(0.2, "--threshold-floor", min=0, max=1, help="grounded-sam: lowest "
+                                          "threshold for images with too few objects"),
+) -> None:
+    """Pseudo-label every image under SRC with instance and semantic maps.
+
+    Example, no weights needed: cfmae label photos/ --out data/ --preview 8
+
+    Example, the paper's models: cfmae label imagenet/train --out in1k-cfmae --instance grounded-sam
+    --detector-model IDEA-Research/grounding-dino-base --segmenter-model syscv-community/sam-hq-vit-huge
+    --semantic mask2former --semantic-model facebook/mask2former-swin-large-coco-panoptic --gpus 8
+    """
+    if instance not in ("classical", "grounded-sam"):
+        raise CfmaeError(f"--instance {instance}: choose classical or grounded-sam.")
+    if semantic not in ("classical", "mask2former", "oneformer"):
+        raise CfmaeError(f"--semantic {semantic}: choose classical, mask2former or oneformer.")
+    if rgb not in ("copy", "symlink", "hardlink"):
+        raise CfmaeError(f"--rgb {rgb}: choose copy, symlink or hardlink.")
+    if not src.is_dir():
+        raise CfmaeError(f"{src}: source folder not found.")
+    if gpus and gpus > torch.cuda.device_count():
+        raise CfmaeError(f"--gpus {gpus}: torch sees {torch.cuda.device_count()} GPU(s) on this machine.")
+    if gpus and gpus > 1 and not distributed.under_launcher():
+        args = ["label", str(src), "--out", str(out), "--instance", instance, "--semantic", semantic,
+                "--gpus", str(gpus), "--batch-size", str(batch_size), "--workers", str(workers), "--rgb", rgb,
+                "--preview", str(preview), "--box-threshold", str(box_threshold),
+                "--threshold-floor", str(threshold_floor)]
+        for flag, value in (("--detector-model", detector_model), ("--segmenter-model", segmenter_model),
+                            ("--semantic-model", semantic_model), ("--limit", limit)):
+            if value is not None:
+                args += [flag, str(value)]
+        code = distributed.launch(args, gpus)
+        if code:
+            raise typer.Exit(code)
+        console.print(f"Dataset: {out}", highlight=False)
+        return
+    use_cuda = gpus != 0 and torch.cuda.is_available()
+    info = distributed.init(torch.device("cuda" if use_cuda else "cpu"))
+    try:
+        _run(src, out, info, instance, semantic, detector_model, segmenter_model, semantic_model, batch_size,
+             workers, limit, rgb, preview, box_threshold, threshold_floor)
+    finally:
+        distributed.shutdown()
+
+
+def _run(src, out, info, instance, semantic, detector_model, segmenter_model, semantic_model, batch_size, workers,
+         limit, rgb, preview, box_threshold, threshold_floor) -> None:
+    inst, sem = build_backends(instance, semantic, detector_model, segmenter_model, semantic_model, info.device,
+                               batch_size, box_threshold, threshold_floor)
+    if instance == "grounded-sam":
+        from cfmae_cli.labeling.models import prompt_for
+    else:
+        def prompt_for(_: Optional[str]) -> str:
+            return ""
+    columns = (TextColumn("label"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    interactive = is_terminal() and info.is_main
+    with Progress(*columns, console=console, disable=not interactive) as bar:
+        task = bar.add_task("label", total=None, info="")
+
+        def update(p: LabelProgress) -> None:
+            bar.update(task, completed=p.done, total=p.total,
+                       info=f"{p.images_per_s * info.world:.1f} img/s, {p.errors} unreadable")
+            if not interactive and info.is_main and (p.done == p.total or p.done % (50 * batch_size) < batch_size):
+                console.print(f"labelled {p.done}/{p.total} ({p.images_per_s * info.world:.1f} img/s, "
+                              f"{p.errors} unreadable)", highlight=False)
+
+        result = label_folder(src, out, inst, sem, prompt_for=prompt_for, batch_size=batch_size,
+                              workers=workers, limit=limit, rgb_mode=rgb, rank=info.rank, world=info.world,
+                              on_progress=update)
+    if info.distributed:
+        torch.distributed.barrier()
+    if not info.is_main:
+        return
+    counts = finalize(out, result["images"], inst, sem, src)
+    console.print(f"labelled {result['labelled']} image(s) now, {result['skipped_done']} were already done; "
+                  f"dataset: {counts['images']} image(s) in {counts['classes']} class folder(s)"
+                  + (f", {counts['errors']} unreadable (listed in {out / 'label-errors.jsonl'})" if counts["errors"]
+                     else ""), highlight=False)
+    if preview:
+        from cfmae_cli.labeling.preview import write_preview
+
+        path = write_preview(out, preview)
+        if path is not None:
+            console.print(f"preview: {path}", highlight=False)
+    if not os.environ.get("CFMAE_LAUNCHED_BY_PARENT"):
+        console.print(f"Dataset: {out}", highlight=False)

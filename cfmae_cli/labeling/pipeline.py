@@ -1,0 +1,294 @@
+"""``cfmae label``: any image folder → the dataset layout (DESIGN §5.1), resumable and shardable.
+
+Per image: read (converting CMYK / 16-bit / grey / alpha), label in batches on the device, then writer
+threads save the RGB file (copy, link, or PNG when converted), the two maps and one line of metadata in the
+class folder's sidecar ``DATA/meta/<class>.jsonl`` — in that order, each file under a temporary name then
+renamed. An image is done when its sidecar line exists and its files do; a rerun skips done images and
+redoes the rest, so a kill loses at most the images in flight. At the end the sidecars are sorted and
+de-duplicated and the manifest is written, so an interrupted-then-finished run equals an unbroken one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from cfmae_cli import __version__
+from cfmae_cli.data.layout import (IMAGE_EXTENSIONS, MANIFEST_NAME, atomic_write_text, map_path, save_map, save_rgb,
+                                   write_manifest)
+from cfmae_cli.errors import CfmaeError
+from cfmae_cli.labeling.base import InstanceBackend, SemanticBackend, label_batch
+
+log = logging.getLogger(__name__)
+ERRORS_NAME = "label-errors.jsonl"
+FLAT = "_flat"  # sidecar name for images without a class folder
+COPYABLE_MODES = {"RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr", "1"}  # PIL's convert("RGB") reads these
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    path: Path
+    class_dir: str  # "" when the source folder is flat
+    stem: str
+
+
+def list_sources(src: Path, limit: int | None = None) -> tuple[list[SourceImage], list[dict[str, str]]]:
+    """Images under ``src/<class>/`` (or directly in ``src`` when it has no class folders), sorted.
+
+    Returns (images, problems): a second file with the same stem in a folder is a problem, not an image.
+    """
+    if not src.is_dir():
+        raise CfmaeError(f"{src}: source folder not found.")
+    entries = sorted(os.scandir(src), key=lambda e: e.name)
+    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    groups = [(c, src / c) for c in classes] if classes else [("", src)]
+    images: list[SourceImage] = []
+    problems: list[dict[str, str]] = []
+    ignored = 0
+    for class_dir, folder in groups:
+        seen: dict[str, Path] = {}
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            stem, ext = os.path.splitext(entry.name)
+            if not entry.is_file() or ext.lower() not in IMAGE_EXTENSIONS:
+                ignored += entry.is_file()
+                continue
+            if stem in seen:
+                problems.append({"path": str(Path(entry.path).resolve()),
+                                 "error": f"same name as {seen[stem].name}; skipped"})
+                continue
+            seen[stem] = Path(entry.path)
+            images.append(SourceImage(Path(entry.path), class_dir, stem))
+    if ignored:
+        log.info("ignored %d file(s) that are not images (by extension)", ignored)
+    if not images:
+        raise CfmaeError(f"{src}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}).")
+    return images[:limit] if limit else images, problems
+
+
+def read_image(path: Path) -> tuple[np.ndarray, bool]:
+    """→ (H×W×3 uint8 RGB, converted). ``converted`` is True for modes that a plain RGB reader would
+    misread (16-bit and float images): those are written to the dataset as 8-bit PNG."""
+    with Image.open(path) as im:
+        im.load()  # a truncated file fails here
+        if im.mode in COPYABLE_MODES:
+            return np.asarray(im.convert("RGB")), False
+        arr = np.asarray(im).astype(np.float64)
+    if arr.ndim == 3:
+        arr = arr[..., :3]
+    top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+    if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:  # float images: stretch to the range
+        arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-12) * 255.0
+        top = 255.0
+    arr = np.clip(np.round(arr * 255.0 / top), 0, 255).astype(np.uint8)
+    return (np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr), True
+
+
+class _Sources(Dataset):
+    def __init__(self, images: list[SourceImage]):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            image, converted = read_image(self.images[i].path)
+            return {"index": i, "image": image, "converted": converted, "error": None}
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is listed, not fatal
+            return {"index": i, "image": None, "converted": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return items
+
+
+def sidecar_path(data: Path, class_dir: str) -> Path:
+    return data / "meta" / f"{class_dir or FLAT}.jsonl"
+
+
+def rgb_target(data: Path, image: SourceImage, converted: bool) -> Path:
+    ext = ".png" if converted else image.path.suffix
+    return data / "rgb" / image.class_dir / f"{image.stem}{ext}"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a line cut by a kill (not valid JSON) is left out."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _complete(data: Path, record: dict[str, Any]) -> bool:
+    cls, stem = record.get("class", ""), record.get("stem", "")
+    return all(p.exists() for p in (data / "rgb" / record.get("rgb", "\0"), map_path(data, "instance", cls, stem),
+                                     map_path(data, "semantic", cls, stem)))
+
+
+def done_images(data: Path, images: list[SourceImage]) -> set[tuple[str, str]]:
+    """(class, stem) of the images whose sidecar line and files all exist."""
+    done = set()
+    for class_dir in sorted({im.class_dir for im in images}):
+        for record in read_jsonl(sidecar_path(data, class_dir)):
+            if _complete(data, record):
+                done.add((record["class"], record["stem"]))
+    return done
+
+
+class Writer:
+    """Saves a labelled image's files on background threads; sidecar lines are appended last, under a lock."""
+
+    def __init__(self, data: Path, rgb_mode: str, threads: int = 4):
+        self.data, self.rgb_mode = data, rgb_mode
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cfmae-writer")
+        self.lock = threading.Lock()
+        self.futures: list[Future] = []
+
+    def submit(self, image: SourceImage, pixels: np.ndarray, converted: bool, instance: np.ndarray,
+               semantic: np.ndarray, meta: dict[str, Any]) -> None:
+        self.futures.append(self.pool.submit(self._write, image, pixels, converted, instance, semantic, meta))
+        if len(self.futures) > 256:
+            self.drain(keep=64)
+
+    def _write(self, image: SourceImage, pixels: np.ndarray, converted: bool, instance: np.ndarray,
+               semantic: np.ndarray, meta: dict[str, Any]) -> None:
+        target = rgb_target(self.data, image, converted)
+        if converted:
+            save_rgb(target, pixels)
+        else:
+            _place(image.path, target, self.rgb_mode)
+        save_map(map_path(self.data, "instance", image.class_dir, image.stem), instance)
+        save_map(map_path(self.data, "semantic", image.class_dir, image.stem), semantic)
+        h, w = instance.shape
+        record = {"class": image.class_dir, "stem": image.stem, "rgb": str(target.relative_to(self.data / "rgb")),
+                  "source": str(image.path.resolve()), "width": w, "height": h, **meta}
+        line = json.dumps(record) + "\n"
+        with self.lock:
+            path = sidecar_path(self.data, image.class_dir)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as fh:
+                fh.write(line)
+
+    def drain(self, keep: int = 0) -> None:
+        """Wait until at most ``keep`` writes are pending; a failed write (disk full …) is raised here."""
+        while len(self.futures) > keep:
+            self.futures.pop(0).result()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _place(source: Path, target: Path, mode: str) -> None:
+    """Copy (or link) the original file into DATA/rgb through a temporary name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp.unlink(missing_ok=True)
+    if mode == "symlink":
+        tmp.symlink_to(source.resolve())
+    elif mode == "hardlink":
+        try:
+            os.link(source, tmp)
+        except OSError:  # another file system: copy instead
+            shutil.copyfile(source, tmp)
+    else:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def append_errors(data: Path, errors: list[dict[str, str]]) -> None:
+    if errors:
+        with (data / ERRORS_NAME).open("a") as fh:
+            fh.write("".join(json.dumps(e) + "\n" for e in errors))
+
+
+def finalize(data: Path, images: list[SourceImage], instance: InstanceBackend, semantic: SemanticBackend,
+             src: Path) -> dict[str, Any]:
+    """Sort and de-duplicate the sidecars and the error list, then write the manifest (rank 0, at the end)."""
+    labelled: set[str] = set()
+    for class_dir in sorted({im.class_dir for im in images}):
+        path = sidecar_path(data, class_dir)
+        records = {r["stem"]: r for r in read_jsonl(path) if "stem" in r and _complete(data, r)}
+        labelled |= {r["source"] for r in records.values()}
+        atomic_write_text(path, "".join(json.dumps(records[s]) + "\n" for s in sorted(records)))
+    errors = {e["path"]: e for e in read_jsonl(data / ERRORS_NAME) if e.get("path") not in labelled}
+    if (data / ERRORS_NAME).exists():
+        atomic_write_text(data / ERRORS_NAME, "".join(json.dumps(errors[p]) + "\n" for p in sorted(errors)))
+    classes = sorted({im.class_dir for im in images} - {""})
+    write_manifest(data, semantic.classes,
+                   labelling={"instance": instance.describe(), "semantic": semantic.describe(),
+                              "source": str(src.resolve()), "tool": f"cfmae {__version__}",
+                              "sidecars": "meta/<class>.jsonl"},
+                   counts={"images": len(labelled), "classes": len(classes), "errors": len(errors)})
+    return {"images": len(labelled), "errors": len(errors), "classes": len(classes)}
+
+
+@dataclass
+class LabelProgress:
+    done: int = 0
+    total: int = 0
+    errors: int = 0
+    images_per_s: float = 0.0
+
+
+def label_folder(src: Path, data: Path, instance: InstanceBackend, semantic: SemanticBackend, *,
+                 prompt_for: Callable[[str | None], str], batch_size: int = 8, workers: int = 4,
+                 limit: int | None = None, rgb_mode: str = "copy", rank: int = 0, world: int = 1,
+                 on_progress: Callable[[LabelProgress], None] | None = None) -> dict[str, Any]:
+    """Label this rank's share (every ``world``-th image) of ``src`` into ``data``; returns counts.
+
+    The caller runs :func:`finalize` on rank 0 once every rank has returned.
+    """
+    images, problems = list_sources(src, limit)
+    data.mkdir(parents=True, exist_ok=True)
+    if (data / MANIFEST_NAME).exists() and rank == 0:
+        (data / MANIFEST_NAME).unlink()  # the manifest comes back when the run is complete again
+    mine = images[rank::world]
+    done = done_images(data, mine)
+    todo = [im for im in mine if (im.class_dir, im.stem) not in done]
+    if rank == 0:
+        append_errors(data, problems)
+    log.info("%d image(s) in %s; %d of this process's %d already labelled; %d to do", len(images), src,
+             len(mine) - len(todo), len(mine), len(todo))
+    progress = LabelProgress(total=len(todo))
+    loader = DataLoader(_Sources(todo), batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    writer = Writer(data, rgb_mode)
+    start = time.perf_counter()
+    try:
+        for batch in loader:
+            bad = [{"path": str(todo[x["index"]].path.resolve()), "error": x["error"]} for x in batch if x["error"]]
+            append_errors(data, bad)
+            good = [x for x in batch if not x["error"]]
+            if good:
+                prompts = [prompt_for(todo[x["index"]].class_dir or None) for x in good]
+                results = label_batch(instance, semantic, [x["image"] for x in good], prompts)
+                for item, (ins, sem, meta) in zip(good, results):
+                    writer.submit(todo[item["index"]], item["image"], item["converted"], ins, sem, meta)
+            progress.done += len(batch)
+            progress.errors += len(bad)
+            progress.images_per_s = progress.done / max(time.perf_counter() - start, 1e-9)
+            if on_progress is not None:
+                on_progress(progress)
+    finally:
+        writer.close()
+    return {"labelled": progress.done - progress.errors, "errors": progress.errors, "skipped_done": len(done),
+            "images": images}

@@ -1,0 +1,43 @@
+"""One picture from many: a grid of equally sized cells with column titles and row labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def fit(image: np.ndarray, side: int, smooth: bool) -> np.ndarray:
+    """Scale an H×W×3 uint8 image to fit a side×side box (aspect kept); maps should use ``smooth=False``."""
+    h, w = image.shape[:2]
+    scale = side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR if smooth else Image.NEAREST))
+
+
+def save_image_grid(rows: list[list[np.ndarray]], path: str | Path, columns: list[str], row_labels: list[str],
+                    title: str = "") -> Path:
+    """Cells (H×W×3 uint8, any sizes up to the largest) on a white canvas; written atomically as PNG."""
+    cell_h = max(c.shape[0] for row in rows for c in row)
+    cell_w = max(c.shape[1] for row in rows for c in row)
+    pad, head = 4, 30
+    label_w = max(70, 7 * max((len(s) for s in row_labels), default=0) + 2 * pad)
+    width = label_w + len(columns) * (cell_w + pad) + pad
+    height = head + len(rows) * (cell_h + pad) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 2), title, fill="black")
+    for j, name in enumerate(columns):
+        draw.text((label_w + j * (cell_w + pad) + pad, 16), name, fill="black")
+    for i, (label, row) in enumerate(zip(row_labels, rows)):
+        y = head + i * (cell_h + pad)
+        draw.text((pad, y + cell_h // 2 - 5), label, fill="black")
+        for j, cell in enumerate(row):
+            canvas.paste(Image.fromarray(cell), (label_w + j * (cell_w + pad) + pad, y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    canvas.save(tmp)
+    tmp.replace(path)
+    return path
