@@ -139,3 +139,16 @@ def test_empty_folder_and_bad_options_exit_2(tmp_path: Path) -> None:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_two_processes_shard_the_images_and_write_the_same_dataset(tmp_path: Path) -> None:
+    src = photo_folder(tmp_path / "src", photos=3, per_photo=3)
+    label(str(src), "--out", str(tmp_path / "one"), "--workers", "0")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "cfmae_cli", "label", str(src), "--out", str(tmp_path / "two"),
+                           "--gpus", "0", "--procs", "2", "--workers", "0"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"Dataset: {tmp_path / 'two'}"
+    assert _tree(tmp_path / "two") == _tree(tmp_path / "one")

@@ -70,6 +70,7 @@ def label(
                                                  "or hub id (COCO-panoptic: 133 classes)"),
     gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help="GPUs, one process each (0 = CPU); default: "
                                        "1 GPU if there is one"),
+    procs: int = typer.Option(1, "--procs", min=1, help="with --gpus 0: CPU processes sharing the images"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="images per model call"),
     workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", min=0, help="image-reading processes"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="only the first N images (sorted)"),
@@ -98,7 +99,11 @@ def label(
         raise CfmaeError(f"{src}: source folder not found.")
     if gpus and gpus > torch.cuda.device_count():
         raise CfmaeError(f"--gpus {gpus}: torch sees {torch.cuda.device_count()} GPU(s) on this machine.")
-    if gpus and gpus > 1 and not distributed.under_launcher():
+    if procs > 1 and gpus != 0:
+        raise CfmaeError(f"--procs {procs}: CPU processes need --gpus 0 (with GPUs, --gpus N starts one process "
+                         f"per GPU).")
+    world = gpus if gpus else procs
+    if world > 1 and not distributed.under_launcher():
         args = ["label", str(src), "--out", str(out), "--instance", instance, "--semantic", semantic,
                 "--gpus", str(gpus), "--batch-size", str(batch_size), "--workers", str(workers), "--rgb", rgb,
                 "--preview", str(preview), "--box-threshold", str(box_threshold),
@@ -107,7 +112,7 @@ def label(
                             ("--semantic-model", semantic_model), ("--limit", limit)):
             if value is not None:
                 args += [flag, str(value)]
-        code = distributed.launch(args, gpus)
+        code = distributed.launch(args, world)
         if code:
             raise typer.Exit(code)
         console.print(f"Dataset: {out}", highlight=False)
@@ -161,5 +166,5 @@ def _run(src, out, info, instance, semantic, detector_model, segmenter_model, se
         path = write_preview(out, preview)
         if path is not None:
             console.print(f"preview: {path}", highlight=False)
-    if not os.environ.get("CFMAE_LAUNCHED_BY_PARENT"):
+    if not distributed.launched_by_parent():
         console.print(f"Dataset: {out}", highlight=False)

@@ -22,8 +22,6 @@ from cfmae_cli.train.setup import build_dataset, dataset_root, describe_plan, ma
 from cfmae_cli.train.faults import Preempted
 from cfmae_cli.train.rundir import new_run_dir
 
-LAUNCHED = "CFMAE_LAUNCHED_BY_PARENT"
-
 
 @guarded
 def pretrain(
@@ -125,7 +123,7 @@ def _train(cfg: Config, out: Optional[Path], name: str, resume: Optional[Path], 
                       f"{summary['first_epoch_loss']:.4f} (epoch 1) → {summary['last_epoch_loss']:.4f} "
                       f"(epoch {summary['epochs']}); {summary['img_per_s']:.1f} img/s; "
                       f"{summary['skipped_files']} file(s) skipped", highlight=False)
-        if not os.environ.get(LAUNCHED):  # the launching process prints the last line itself
+        if not distributed.launched_by_parent():  # the launching process prints the last line itself
             console.print(f"Run folder: {summary['run_dir']}", highlight=False)
 
 
@@ -148,11 +146,9 @@ def _launch(cfg: Config, out: Optional[Path], name: str, resume: Optional[Path],
         args += ["--init", str(init)]
     console.print(f"launching {world} worker process(es) ({'gloo, CPU' if not gpus else 'NCCL, one GPU each'})",
                   highlight=False)
-    os.environ[LAUNCHED] = "1"
     try:
         code = distributed.launch(args, world)
     finally:
-        os.environ.pop(LAUNCHED, None)
         os.unlink(config_file)
     if code:
         raise typer.Exit(code)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+LAUNCHED_ENV = "CFMAE_LAUNCHED_BY_PARENT"
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ def launch(child_args: list[str], nprocs: int) -> int:
 
     args = parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(nprocs), "--max-restarts", "0",
                        "-m", "cfmae_cli", *child_args])
+    os.environ[LAUNCHED_ENV] = "1"
     try:
         run(args)
     except ChildFailedError as exc:
@@ -125,4 +127,11 @@ def launch(child_args: list[str], nprocs: int) -> int:
         return next((c for c in codes if c not in (0, None)), 1)
     except SignalException as exc:  # the launcher was signalled: the workers got the signal and saved
         return 128 + int(exc.sigval)
+    finally:
+        os.environ.pop(LAUNCHED_ENV, None)
     return 0
+
+
+def launched_by_parent() -> bool:
+    """Whether this worker was started by :func:`launch` (whose process prints the closing line itself)."""
+    return bool(os.environ.get(LAUNCHED_ENV))
