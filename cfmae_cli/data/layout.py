@@ -61,8 +61,9 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     """Read and check ``DATA/cfmae-dataset.json``; raise :class:`DataError` naming the file when bad."""
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
-        raise DataError(f"{path}: missing dataset manifest. Every dataset folder needs one: write it with "
-                        f"cfmae_cli.data.layout.write_manifest (see docs/dataset-format.md).")
+        raise DataError(f"{path}: missing dataset manifest. Label an image folder with `cfmae label SRC --out "
+                        f"{root}` (a labelling run writes it when it completes), or write it with "
+                        f"cfmae_cli.data.layout.write_manifest (docs/dataset-format.md).")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -124,7 +125,7 @@ def list_samples(root: str | Path, maps: tuple[str, ...] | list[str] = MAP_MODAL
         shown = "\n  ".join(missing[:5])
         more = f"\n  … and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise DataError(f"{len(missing)} image(s) in {rgb_root} have no maps:\n  {shown}{more}\n"
-                        f"Write their maps (docs/dataset-format.md) or remove them.")
+                        f"Label them with `cfmae label` (docs/labelling.md) or remove them.")
     if not samples:
         raise DataError(f"{rgb_root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}).")
     return samples, class_dirs
