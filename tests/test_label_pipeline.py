@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,8 +93,9 @@ def test_a_killed_run_finishes_identically_and_labels_nothing_twice(tmp_path: Pa
     done_before = sum(len(p.read_text().splitlines()) for p in (killed / "meta").glob("*.jsonl"))
     assert 10 <= done_before < 32
     out = label(str(src), "--out", str(killed), "--workers", "0", "--batch-size", "1")
-    now, already = (int(x) for x in
-                    out.split("labelled ")[-1].split(" image(s) now, ")[0:1] + [out.split("now, ")[1].split(" were")[0]])
+    match = re.search(r"labelled (\d+) image\(s\) now, (\d+) were already done", out)
+    assert match, out
+    now, already = int(match[1]), int(match[2])
     assert now + already == 32 and already >= done_before - 1  # a line cut by the kill is redone, nothing else
     assert _tree(killed) == _tree(tmp_path / "whole")
 

@@ -17,7 +17,8 @@ def describe_derived(info: dict, optim: OptimConfig) -> list[str]:
         f"tokens              {info['num_visible']} visible of {info['tokens_total']} "
         f"({info['tokens_per_modality']} per modality; mask ratio {info['mask_ratio']:.3f})",
         f"effective batch     {info['effective_batch']} = "
-        f"{info['effective_batch'] // info['devices'] // info['accumulation_steps']} per device x {info['devices']} device(s) x {info['accumulation_steps']} accumulation step(s)",
+        f"{info['effective_batch'] // info['devices'] // info['accumulation_steps']} per device x "
+        f"{info['devices']} device(s) x {info['accumulation_steps']} accumulation step(s)",
         f"lr                  {info['lr']:.1e} " + ("(optim.lr, set explicitly)" if optim.lr is not None else
                                                  f"(= base_lr {optim.base_lr:.1e} x {info['effective_batch']} / 256)"),
         f"decoder order       {' → '.join(info['decoder_order'])}",
