@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import numpy as np
-import pytest
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network in tests: set before huggingface_hub is imported
 
-from cfmae_cli.config import load_config
-from cfmae_cli.data.layout import save_map, save_rgb, write_manifest
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from cfmae_cli.config import load_config  # noqa: E402
+from cfmae_cli.data.layout import save_map, save_rgb, write_manifest  # noqa: E402
 
 SEM_CLASSES = ["sky", "grass", "thing"]
 
