@@ -37,7 +37,7 @@ class JointTransform:
     """(rgb uint8 (3, H, W), instance (H, W), semantic (H, W) or None) → augmented, resized tensors.
 
     Returns rgb float (3, S, S) normalised with ``mean``/``std``, maps long (S/s, S/s); the instance map in
-    canonical ids. ``train=False`` gives a deterministic resize of the whole image (no crop, no flip).
+    canonical ids. ``train=False`` takes the centred square of the image, resized (no randomness).
     """
 
     def __init__(self, img_size: int, map_stride: int, num_instance_ids: int, scale: tuple[float, float],
@@ -55,7 +55,7 @@ class JointTransform:
         maps = [None if x is None else tv_tensors.Mask(x.long().unsqueeze(0)) for x in (instance, semantic)]
         h, w = rgb.shape[-2:]
         top, left, ch, cw = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio)) \
-            if self.train else (0, 0, h, w)
+            if self.train else ((h - min(h, w)) // 2, (w - min(h, w)) // 2, min(h, w), min(h, w))
         flip = self.train and bool(torch.rand(()) < self.hflip)
         image = TF.resized_crop(image, top, left, ch, cw, [self.img_size] * 2, antialias=True)
         maps = [None if x is None else TF.resized_crop(x, top, left, ch, cw, [self.map_size] * 2) for x in maps]

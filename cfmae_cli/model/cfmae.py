@@ -75,15 +75,16 @@ class CFMAE(nn.Module):
             parts.append(tokens + pos)
         return torch.cat(parts, dim=1)
 
-    def keep_indices(self, mask: Tensor) -> Tensor:
-        """mask (B, M, N) bool, True = masked → (B, V) positions of the visible tokens, in sequence order."""
+    def keep_indices(self, mask: Tensor, num_visible: int | None = None) -> Tensor:
+        """mask (B, M, N) bool, True = masked → (B, V) positions of the visible tokens, in sequence order.
+        V is ``masking.num_visible`` unless given (every sample must have exactly V visible tokens)."""
         flat = mask.reshape(mask.shape[0], -1).to(torch.uint8)
-        return torch.argsort(flat, dim=1, stable=True)[:, : self.num_visible]
+        return torch.argsort(flat, dim=1, stable=True)[:, : num_visible or self.num_visible]
 
-    def encode(self, batch: dict[str, Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, batch: dict[str, Tensor], mask: Tensor, num_visible: int | None = None) -> tuple[Tensor, Tensor]:
         """Encode the visible tokens: → (encoded (B, 1+V, D) with the global token first, ids_keep (B, V))."""
         tokens = self.tokenize(batch)
-        ids_keep = self.keep_indices(mask)
+        ids_keep = self.keep_indices(mask, num_visible)
         visible = tokens.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         return self.encoder(visible), ids_keep
 
@@ -93,6 +94,11 @@ class CFMAE(nn.Module):
         feats = self.decoder(encoded, ids_keep)
         pred = {name: self.heads[name](f) for name, f in feats.items()}
         return self.losses(pred, batch, mask) | {"pred": pred}
+
+    def predict(self, batch: dict[str, Tensor], mask: Tensor, num_visible: int | None = None) -> dict[str, Tensor]:
+        """Predictions only (no targets needed): {modality: (B, N, out)}. ``num_visible`` as in :meth:`encode`."""
+        encoded, ids_keep = self.encode(batch, mask, num_visible)
+        return {name: self.heads[name](f) for name, f in self.decoder(encoded, ids_keep).items()}
 
     def losses(self, pred: dict[str, Tensor], batch: dict[str, Tensor], mask: Tensor) -> dict[str, Any]:
         weights = self.cfg.model.loss_weights

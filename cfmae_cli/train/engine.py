@@ -354,7 +354,7 @@ class Trainer:
                 self.progress.values = record
 
     def plot_reconstructions(self, epoch: int, alpha_i: float, alpha_s: float) -> None:
-        """The fixed first images of the dataset (whole image, no augmentation), masked with a fixed seed."""
+        """The fixed first images of the dataset (centred square, no augmentation), masked with a fixed seed."""
         fixed, _ = build_dataset(self.cfg, self.root, train=False)
         items = [x for x in (fixed[i] for i in range(min(len(fixed), 4 * self.cfg.train.plot_samples)))
                  if not isinstance(x, Skipped)][: self.cfg.train.plot_samples]

@@ -17,14 +17,17 @@ def fit(image: np.ndarray, side: int, smooth: bool) -> np.ndarray:
 
 
 def save_image_grid(rows: list[list[np.ndarray]], path: str | Path, columns: list[str], row_labels: list[str],
-                    title: str = "") -> Path:
-    """Cells (H×W×3 uint8, any sizes up to the largest) on a white canvas; written atomically as PNG."""
+                    title: str = "", legend: list[tuple[str, tuple[int, int, int]]] | None = None) -> Path:
+    """Cells (H×W×3 uint8, any sizes up to the largest) on a white canvas, and an optional legend of colour
+    swatches with names under it; written atomically as PNG."""
     cell_h = max(c.shape[0] for row in rows for c in row)
     cell_w = max(c.shape[1] for row in rows for c in row)
     pad, head = 4, 30
     label_w = max(70, 7 * max((len(s) for s in row_labels), default=0) + 2 * pad)
     width = label_w + len(columns) * (cell_w + pad) + pad
-    height = head + len(rows) * (cell_h + pad) + pad
+    per_line = max(1, width // 150)
+    legend_h = (len(legend or []) + per_line - 1) // per_line * 16 + (8 if legend else 0)
+    height = head + len(rows) * (cell_h + pad) + pad + legend_h
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((pad, 2), title, fill="black")
@@ -35,6 +38,11 @@ def save_image_grid(rows: list[list[np.ndarray]], path: str | Path, columns: lis
         draw.text((pad, y + cell_h // 2 - 5), label, fill="black")
         for j, cell in enumerate(row):
             canvas.paste(Image.fromarray(cell), (label_w + j * (cell_w + pad) + pad, y))
+    top = head + len(rows) * (cell_h + pad) + pad
+    for i, (name, colour) in enumerate(legend or []):
+        x, y = pad + (i % per_line) * 150, top + (i // per_line) * 16
+        draw.rectangle([x, y, x + 11, y + 11], fill=tuple(int(c) for c in colour), outline="black")
+        draw.text((x + 16, y), name[:20], fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -100,10 +100,11 @@ def reconstruction_panels(batch: dict[str, Tensor], mask: Tensor, pred: dict[str
     return panels
 
 
-def save_grid(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: str | Path, title: str = "") -> Path:
+def save_grid(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: str | Path, title: str = "",
+              legend: list[tuple[str, tuple[int, int, int]]] | None = None) -> Path:
     """Rows = (sample, modality), columns = masked input / prediction / reference; written atomically."""
     names = list(panels)
     count = panels[names[0]][0].shape[0]
     rows = [[image[k] for image in panels[name]] for k in range(count) for name in names]
     labels = [f"{k}:{name}" for k in range(count) for name in names]
-    return save_image_grid(rows, path, ["masked input", "prediction", "reference"], labels, title)
+    return save_image_grid(rows, path, ["masked input", "prediction", "reference"], labels, title, legend)

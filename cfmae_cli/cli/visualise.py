@@ -1,0 +1,188 @@
+"""``cfmae reconstruct`` and ``cfmae attention-map``: pictures of what a pre-trained CFMAE does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import typer
+
+from cfmae_cli.cli.common import console, guarded
+from cfmae_cli.data.layout import UNLABELLED, atomic_write_text
+from cfmae_cli.errors import CfmaeError
+from cfmae_cli.viz.inference import (Pretrained, errors, image_maps, input_masks, load_image, load_pretrained,
+                                     prepare)
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CfmaeError("--device cuda: no GPU is visible.")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _inputs(text: str, net: Pretrained) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in net.model.modalities]
+    if not names or bad or len(set(names)) != len(names):
+        raise CfmaeError(f"--modality {text}: choose from {', '.join(net.model.modalities)} (comma-separated, "
+                         f"each once); the checkpoint was trained on these.")
+    return [m for m in net.model.modalities if m in names]
+
+
+def _load(paths: list[Path], net: Pretrained, need_maps: bool) -> tuple[list[np.ndarray], list, dict[str, bool]]:
+    """Images (with notes printed) and their maps; maps whose classes differ from the checkpoint's are
+    replaced by 'unlabelled' and marked as no reference."""
+    images, maps, ok = [], [], {"semantic": True}
+    for path in paths:
+        if not path.is_file():
+            raise CfmaeError(f"{path}: image not found.")
+        image, notes = load_image(path, net.cfg.data.img_size)
+        for note in notes:
+            console.print(f"note: {note}", highlight=False)
+        if need_maps:
+            instance, semantic, classes, source = image_maps(path, image)
+            if classes != net.classes:
+                ok["semantic"] = False
+                console.print(f"note: {path.name}: its semantic map ({source}, {len(classes)} classes) does not use "
+                              f"the checkpoint's {len(net.classes)} classes; it is not shown or used", highlight=False)
+                semantic = np.full_like(semantic, UNLABELLED)
+        else:
+            instance = semantic = np.zeros(image.shape[:2], np.int64)
+        images.append(image)
+        maps.append((instance, semantic))
+    return images, maps, ok
+
+
+@guarded
+def reconstruct(
+    images: list[Path] = typer.Argument(..., help="image file(s); maps come from their dataset folder if they "
+                                        "are in one, else from the classical labeller"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint or run folder (default: the "
+                                              "newest runs/pretrain/*/checkpoints/last.pt)"),
+    modality: str = typer.Option("rgb", "--modality", help="input modalities, e.g. rgb or rgb,instance,semantic; "
+                                 "the others are predicted"),
+    masking: str = typer.Option("random", "--masking", help="random | semantic | instance | progressive"),
+    num_visible: Optional[int] = typer.Option(None, "--num-visible", min=1, help="visible input tokens (default: "
+                                              "all of a single input; the config's num_visible for several)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the masks"),
+    out: Optional[Path] = typer.Option(None, "--out", help="grid PNG (a JSON of errors is written beside it)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+) -> None:
+    """Masked multi-granular reconstruction (paper Fig. 3) or single-modality prediction (Fig. 4, 8-10).
+
+    Example, RGB in, instance and semantic maps out: cfmae reconstruct photo.jpg --modality rgb
+
+    Example, all three masked: cfmae reconstruct photo.jpg --modality rgb,instance,semantic --masking semantic
+    """
+    if masking not in ("random", "semantic", "instance", "progressive"):
+        raise CfmaeError(f"--masking {masking}: choose random, semantic, instance or progressive.")
+    net = load_pretrained(checkpoint, _device(device))
+    inputs = _inputs(modality, net)
+    pixels, maps, ok = _load(images, net, need_maps=True)
+    if "semantic" in inputs and not ok["semantic"]:
+        raise CfmaeError("--modality includes semantic, but the semantic maps do not use the checkpoint's classes; "
+                         "use images from a dataset labelled like the training data.")
+    batch = prepare(net, pixels, maps, net.model.encoder.cls_token.device)
+    mask, visible = input_masks(net, inputs, masking, num_visible, batch, seed)
+    with torch.no_grad():
+        pred = net.model.predict(batch, mask, visible)
+    from cfmae_cli.viz.recon import map_prediction, palette, reconstruction_panels, save_grid
+
+    model, cfg = net.model, net.cfg
+    panels = reconstruction_panels(batch, mask, pred, model.modalities, model.classes, model.patch,
+                                   cfg.model.norm_pix_loss, cfg.data.mean, cfg.data.std)
+    legend = []
+    if "semantic" in model.modalities:
+        i = model.modalities.index("semantic")
+        ids = map_prediction(pred["semantic"], batch["semantic"], mask[:, i], len(net.classes))
+        present = sorted(set(torch.unique(ids).tolist()) | set(torch.unique(batch["semantic"]).tolist()))
+        colours = palette()
+        legend = [(net.classes[c], tuple(colours[c])) for c in present if c < len(net.classes)]
+    out = out or Path(f"{images[0].stem}-reconstruct.png")
+    save_grid(panels, out, f"{net.path}: input {'+'.join(inputs)}, masking {masking}, {visible} visible", legend)
+    report = {"checkpoint": str(net.path), "inputs": inputs, "masking": masking, "num_visible": visible, "seed": seed,
+              "images": [{"image": str(p), "errors": e}
+                         for p, e in zip(images, errors(net, batch, mask, pred, ok))]}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {out} and {out.with_suffix('.json')}", highlight=False)
+
+
+@guarded
+def attention_map(
+    images: list[Path] = typer.Argument(..., help="image file(s)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint or run folder (default: the "
+                                              "newest pre-training run)"),
+    method: str = typer.Option("cls", "--method", help="cls (global token, DINO) | mean (received) | rollout"),
+    layer: int = typer.Option(-1, "--layer", help="encoder block for cls / mean (-1 = the last)"),
+    head: str = typer.Option("all", "--head", help="a head index, mean, or all (one panel per head)"),
+    modality: str = typer.Option("rgb", "--modality", help="input modalities (all their tokens visible)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="grid PNG"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+) -> None:
+    """Encoder attention over the image (paper Fig. 1), computed with fused attention left on.
+
+    Example: cfmae attention-map photo.jpg --method rollout
+    """
+    if method not in ("cls", "mean", "rollout"):
+        raise CfmaeError(f"--method {method}: choose cls, mean or rollout.")
+    net = load_pretrained(checkpoint, _device(device))
+    model = net.model
+    depth = len(model.encoder.blocks)
+    if not -depth <= layer < depth:
+        raise CfmaeError(f"--layer {layer}: the encoder has {depth} blocks (0..{depth - 1}, or -1 for the last).")
+    inputs = _inputs(modality, net)
+    pixels, maps, ok = _load(images, net, need_maps=inputs != ["rgb"])
+    if "semantic" in inputs and not ok["semantic"]:
+        raise CfmaeError("--modality includes semantic, but the semantic maps do not use the checkpoint's classes.")
+    batch = prepare(net, pixels, maps, model.encoder.cls_token.device)
+    from cfmae_cli.viz.attention import encoder_attention, patch_maps
+    from cfmae_cli.viz.grid import save_image_grid
+    from cfmae_cli.viz.recon import _rgb_pixels
+
+    n, names = model.grid ** 2, model.modalities
+    mask = torch.ones(len(pixels), len(names), n, dtype=torch.bool, device=batch["rgb"].device)
+    for m in inputs:
+        mask[:, names.index(m)] = False
+    visible = n * len(inputs)
+    with torch.no_grad():
+        tokens = model.tokenize(batch)
+        keep = model.keep_indices(mask, visible)
+        x = tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        glob = (model.encoder.cls_token + model.encoder.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        layers = encoder_attention(model.encoder.blocks, torch.cat([glob, x], dim=1))
+    per_token = patch_maps(layers, method, layer)  # (B, H, V)
+    per_patch = torch.zeros(*per_token.shape[:2], n, device=per_token.device)
+    per_patch.scatter_add_(2, (keep % n).unsqueeze(1).expand_as(per_token), per_token)  # modalities summed
+    heads = per_patch.shape[1]
+    if head == "mean":
+        per_patch, titles = per_patch.mean(1, keepdim=True), ["mean of heads"]
+    elif head == "all" or method == "rollout":
+        titles = [f"head {h}" for h in range(heads)] if heads > 1 else [method]
+    else:
+        if not head.isdigit() or int(head) >= heads:
+            raise CfmaeError(f"--head {head}: a head index 0..{heads - 1}, mean, or all.")
+        per_patch, titles = per_patch[:, int(head):int(head) + 1], [f"head {head}"]
+    rgb = _rgb_pixels(batch["rgb"], net.cfg.data.mean, net.cfg.data.std)
+    rows = [[rgb[k]] + [_overlay(rgb[k], per_patch[k, h], model.grid) for h in range(per_patch.shape[1])]
+            for k in range(len(pixels))]
+    out = out or Path(f"{images[0].stem}-attention-{method}.png")
+    where = "" if method == "rollout" else f", layer {layer % depth}"
+    save_image_grid(rows, out, ["image"] + titles, [p.name[-28:] for p in images],
+                    f"{net.path}: {method} attention{where}, input {'+'.join(inputs)}")
+    console.print(f"wrote {out}", highlight=False)
+
+
+def _overlay(rgb: np.ndarray, values: torch.Tensor, grid: int) -> np.ndarray:
+    """Heat map of per-patch values (normalised to [0, 1]) blended over the image."""
+    import matplotlib
+
+    from cfmae_cli.viz.grid import fit
+
+    v = values.float().reshape(grid, grid).cpu().numpy()
+    v = (v - v.min()) / max(float(v.max() - v.min()), 1e-12)
+    heat = (matplotlib.colormaps["inferno"](v)[..., :3] * 255).astype(np.uint8)
+    heat = fit(heat, rgb.shape[0], smooth=False)
+    return (0.45 * rgb + 0.55 * heat).astype(np.uint8)
