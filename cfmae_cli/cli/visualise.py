@@ -165,7 +165,10 @@ def attention_map(
         if not head.isdigit() or int(head) >= heads:
             raise CfmaeError(f"--head {head}: a head index 0..{heads - 1}, mean, or all.")
         per_patch, titles = per_patch[:, int(head):int(head) + 1], [f"head {head}"]
-    rgb = _rgb_pixels(batch["rgb"], net.cfg.data.mean, net.cfg.data.std)
+    from cfmae_cli.viz.grid import fit
+
+    rgb = [fit(x, max(x.shape[0], 160), smooth=True)  # small models' images are drawn larger
+           for x in _rgb_pixels(batch["rgb"], net.cfg.data.mean, net.cfg.data.std)]
     rows = [[rgb[k]] + [_overlay(rgb[k], per_patch[k, h], model.grid) for h in range(per_patch.shape[1])]
             for k in range(len(pixels))]
     out = out or Path(f"{images[0].stem}-attention-{method}.png")

@@ -24,7 +24,7 @@ def save_image_grid(rows: list[list[np.ndarray]], path: str | Path, columns: lis
     cell_w = max(c.shape[1] for row in rows for c in row)
     pad, head = 4, 30
     label_w = max(70, 7 * max((len(s) for s in row_labels), default=0) + 2 * pad)
-    width = label_w + len(columns) * (cell_w + pad) + pad
+    width = max(label_w + len(columns) * (cell_w + pad) + pad, 6 * len(title) + 2 * pad)
     per_line = max(1, width // 150)
     legend_h = (len(legend or []) + per_line - 1) // per_line * 16 + (8 if legend else 0)
     height = head + len(rows) * (cell_h + pad) + pad + legend_h
