@@ -184,10 +184,16 @@ class Trainer:
                  ckpt["next_step"])
 
     def load_weights(self, path: str | Path) -> None:
-        """``--init``: weights only; tensors load by name and must have this model's shapes; names that are not
-        in the model are ignored and logged (at least one must match). Optimizer, step and schedule start fresh."""
-        state = load_checkpoint(path)["model"]
+        """``--init``: weights only, from our checkpoints or MAE / MultiMAE / timm ViT files (converted); tensors
+        load by name and must have this model's shapes; names that are not in the model are ignored and logged
+        (at least one must match). Optimizer, step and schedule start fresh."""
+        from cfmae_cli.model.convert import load_any, to_cfmae
+
+        state = to_cfmae(load_any(Path(path))[0])  # ours, or MAE / MultiMAE / timm weights converted
         own = self.model.state_dict()
+        if "encoder.pos_embed" in state and state["encoder.pos_embed"].shape != own["encoder.pos_embed"].shape:
+            del state["encoder.pos_embed"]  # fixed sin-cos: this model's own table fits its size
+            log.info("%s: position embedding of another size left out (ours is the fixed sin-cos table)", path)
         bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         if bad:
             raise CfmaeError(f"{path}: {len(bad)} tensor(s) do not match this model's shapes "

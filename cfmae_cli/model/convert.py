@@ -1,0 +1,113 @@
+"""Checkpoint conversion in one place: ours ↔ timm ``VisionTransformer``, and MAE / MultiMAE → ours.
+
+* ours → timm: the encoder's keys without the ``encoder.`` prefix (the layout is timm's already).
+* MAE (facebookresearch/mae, ``{'model': …}``): ``cls_token``, ``pos_embed``, ``patch_embed.*``, ``blocks.*``,
+  ``norm.*`` are the encoder; ``decoder_*`` and ``mask_token`` are dropped.
+* MultiMAE (EPFL-VILAB): ``encoder.{i}.*`` are the blocks, ``input_adapters.rgb.proj.*`` the patch
+  embedding, ``global_tokens[:, :1]`` the global token; it has no final encoder norm (left at its init).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cfmae_cli.config import Config
+from cfmae_cli.errors import CfmaeError
+
+
+def detect_format(state: dict[str, Tensor]) -> str:
+    """'cfmae', 'timm', 'mae' or 'multimae' from the key names."""
+    keys = set(state)
+    if any(k.startswith("encoder.blocks.") for k in keys):
+        return "cfmae"
+    if "global_tokens" in keys or any(k.startswith("input_adapters.") for k in keys):
+        return "multimae"
+    if any(k.startswith("blocks.") for k in keys):
+        return "mae" if any(k.startswith("decoder") for k in keys) or "mask_token" in keys else "timm"
+    raise CfmaeError(f"unknown checkpoint layout (keys such as {sorted(keys)[:3]}); expected a cfmae, timm, MAE or "
+                     f"MultiMAE ViT.")
+
+
+def to_cfmae(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Encoder weights of any supported layout under our key names (``encoder.*``; map adapters etc. kept)."""
+    fmt = detect_format(state)
+    if fmt == "cfmae":
+        return dict(state)
+    if fmt in ("mae", "timm"):
+        keep = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+        return {f"encoder.{k}": v for k, v in state.items() if k.startswith(keep)}
+    out = {}
+    for key, value in state.items():
+        if key.startswith("encoder."):
+            out["encoder.blocks." + key.removeprefix("encoder.")] = value
+        elif key.startswith("input_adapters.rgb.proj."):
+            out["encoder.patch_embed.proj." + key.removeprefix("input_adapters.rgb.proj.")] = value
+        elif key == "global_tokens":
+            out["encoder.cls_token"] = value[:, :1]
+    return out
+
+
+def to_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """timm ``VisionTransformer`` weights (no head) from any supported layout."""
+    return {k.removeprefix("encoder."): v.contiguous() for k, v in to_cfmae(state).items() if k.startswith("encoder.")}
+
+
+def timm_model_args(cfg: Config) -> dict[str, Any]:
+    m = cfg.model
+    return {"img_size": cfg.data.img_size, "patch_size": m.patch_size, "embed_dim": m.embed_dim, "depth": m.depth,
+            "num_heads": m.num_heads, "mlp_ratio": m.mlp_ratio}
+
+
+def timm_config(cfg: Config, source: str) -> dict[str, Any]:
+    """``config.json`` of an exported encoder, in timm's hub format."""
+    return {"architecture": "vit_base_patch16_224", "num_classes": 0, "num_features": cfg.model.embed_dim,
+            "global_pool": "token", "model_args": timm_model_args(cfg),
+            "pretrained_cfg": {"input_size": [3, cfg.data.img_size, cfg.data.img_size], "interpolation": "bicubic",
+                               "mean": list(cfg.data.mean), "std": list(cfg.data.std), "num_classes": 0,
+                               "first_conv": "patch_embed.proj", "classifier": "head", "crop_pct": 0.875},
+            "cfmae": {"source": source, "modalities": list(cfg.data.modalities)}}
+
+
+def load_any(path: Path) -> tuple[dict[str, Tensor], Config | None]:
+    """Weights (and our config when there is one) from a cfmae checkpoint, a run folder, or an MAE / MultiMAE
+    / timm state-dict file; clear errors for everything else."""
+    from cfmae_cli.config import config_from_dict
+    from cfmae_cli.train.checkpoint import checkpoint_path
+
+    path = checkpoint_path(path)
+    if not path.is_file():
+        raise CfmaeError(f"{path}: checkpoint not found.")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling failures of any kind
+        raise CfmaeError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+                         f"Files holding Python objects besides tensors are refused; re-save the state dict with "
+                         f"torch.save(ckpt['model'], 'weights.pt').") from None
+    if not isinstance(raw, dict):
+        raise CfmaeError(f"{path}: not a checkpoint (a {type(raw).__name__}, not a dict of tensors).")
+    state = raw.get("model", raw.get("state_dict", raw))
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CfmaeError(f"{path}: no state dict of tensors found (looked at 'model', 'state_dict' and the top level).")
+    cfg = config_from_dict(raw["config"], f"the config in {path}") if isinstance(raw.get("config"), dict) else None
+    return state, cfg
+
+
+def export_timm(path: Path, out: Path, cfg: Config | None = None) -> Path:
+    """Write ``out/model.safetensors`` + ``out/config.json`` (timm layout, no head)."""
+    from safetensors.torch import save_file
+
+    state, own = load_any(path)
+    cfg = cfg or own
+    if cfg is None:
+        raise CfmaeError(f"{path}: holds no cfmae config to describe the architecture; export needs a cfmae checkpoint "
+                         f"(convert MAE / MultiMAE weights with `cfmae pretrain --init FILE` first).")
+    weights = to_timm(state)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(timm_config(cfg, str(path)), indent=2) + "\n")
+    return out
