@@ -186,10 +186,13 @@ class Trainer:
     def load_weights(self, path: str | Path) -> None:
         """``--init``: weights only, from our checkpoints or MAE / MultiMAE / timm ViT files (converted); tensors
         load by name and must have this model's shapes; names that are not in the model are ignored and logged
-        (at least one must match). Optimizer, step and schedule start fresh."""
+        (an unknown layout is refused). Optimizer, step and schedule start fresh."""
         from cfmae_cli.model.convert import load_any, to_cfmae
 
-        state = to_cfmae(load_any(Path(path))[0])  # ours, or MAE / MultiMAE / timm weights converted
+        try:
+            state = to_cfmae(load_any(Path(path))[0])  # ours, or MAE / MultiMAE / timm weights converted
+        except CfmaeError as exc:
+            raise CfmaeError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
         own = self.model.state_dict()
         if "encoder.pos_embed" in state and state["encoder.pos_embed"].shape != own["encoder.pos_embed"].shape:
             del state["encoder.pos_embed"]  # fixed sin-cos: this model's own table fits its size
@@ -198,9 +201,6 @@ class Trainer:
         if bad:
             raise CfmaeError(f"{path}: {len(bad)} tensor(s) do not match this model's shapes "
                              f"(e.g. {bad[0]}: {tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})")
-        if not set(state) & set(own):
-            raise CfmaeError(f"{path}: none of its tensors has a name of this model (e.g. {next(iter(state))}); "
-                             f"is it a cfmae pre-training checkpoint?")
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         log.info("initialised from %s (%d tensors; %d missing, %d unused)", path, len(state) - len(unexpected),
                  len(missing), len(unexpected))
