@@ -49,6 +49,9 @@ class DataConfig(_Strict):
     def _check(self) -> "DataConfig":
         if len(set(self.modalities)) != len(self.modalities):
             raise ValueError("data.modalities: each modality at most once")
+        if "rgb" not in self.modalities:
+            raise ValueError("data.modalities: must include rgb (the encoder's patch embedding is the RGB adapter; "
+                             "the paper's ablations are RGB, R+S, R+I, R+I+S)")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError("data.crop_scale: need 0 < low <= high <= 1")
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:

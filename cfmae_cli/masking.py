@@ -45,15 +45,19 @@ def largest_remainder(weights: Tensor, total: Tensor) -> Tensor:
 
 def capped_allocation(weights: Tensor, caps: Tensor, total: Tensor) -> Tensor:
     """Largest-remainder counts (…, K) with ``count_k <= caps_k``; what a capped entry cannot take goes to the
-    others in proportion to their weights. Requires ``total <= caps.sum(-1)``. With weights proportional to
+    others in proportion to their weights, and when no weighted entry has room left, to the entries with room
+    (even of weight 0) in proportion to it. Requires ``total <= caps.sum(-1)``. With weights proportional to
     the caps (Eq. 10 with equal class weights) no entry is ever capped and this is one largest-remainder call.
     """
     fixed = torch.zeros_like(caps)
-    active = weights.clone()
-    for _ in range(caps.shape[-1]):  # at most K rounds; one round in the usual case
-        alloc = largest_remainder(active, total - fixed.sum(-1))
-        alloc = torch.where(active > 0, alloc, torch.zeros_like(alloc))
-        over = (fixed + alloc > caps) & (active > 0)
+    active = weights.double() * (caps > 0)
+    for _ in range(caps.shape[-1] + 1):  # each round caps at least one entry; one round in the usual case
+        spare = caps - fixed
+        # a row whose weighted entries are all capped (or weigh 0) gives the rest to the entries with room
+        w = torch.where(active.sum(-1, keepdim=True) > 0, active, spare.double())
+        alloc = largest_remainder(w, total - fixed.sum(-1))
+        alloc = torch.where(w > 0, alloc, torch.zeros_like(alloc))
+        over = fixed + alloc > caps
         if not bool(over.any()):
             return fixed + alloc
         fixed = torch.where(over, caps, fixed)

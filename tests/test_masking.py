@@ -199,3 +199,18 @@ def test_missing_guide_map_falls_back_to_random() -> None:
     gen.cfg = gen.cfg.model_copy(update={"num_visible": 49})
     out = gen(0.5, 0.5, 4, torch.device("cpu"))
     assert (out.mask.sum((1, 2)) == 196 - 49).all()
+
+
+def test_semantic_weights_of_zero_still_mask_exactly_n() -> None:
+    weights = [0.0] * 134
+    weights[0] = 1.0  # only class 0 is wanted; once it is full, the rest goes where there is room
+    gen = vitb_generator(semantic_class_weights=weights)
+    _, sem = blob_maps(8, "cpu", seed=2)
+    n = torch.randint(100, 196, (8, 3))
+    m_s = gen.semantic_masks(sem, n)
+    assert (m_s.sum(-1) == n).all()
+    cls = semantic_patch_classes(sem, 14, 133)
+    for b in range(8):
+        region = cls[b] == 0
+        for m in range(3):  # class 0 takes min(n, |class 0|) masked patches, the others the rest
+            assert int(m_s[b, m, region].sum()) == min(int(n[b, m]), int(region.sum()))

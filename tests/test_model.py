@@ -159,3 +159,14 @@ def test_state_dict_roundtrip_is_exact() -> None:
     la = a(batch, mask)["loss"]
     torch.manual_seed(1)
     assert torch.equal(la, b(batch, mask)["loss"])
+
+
+def test_bf16_autocast_forward_and_backward() -> None:
+    """The GPU default (bf16 autocast) checked on the CPU: no dtype clash, finite fp32 losses."""
+    cfg = tiny_config()
+    model = CFMAE(cfg, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(_batch(cfg), _random_mask(cfg, 2))
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert torch.isfinite(model.decoder.mask_token.grad).all()

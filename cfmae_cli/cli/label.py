@@ -152,7 +152,7 @@ def _run(src, out, info, instance, semantic, detector_model, segmenter_model, se
                               workers=workers, limit=limit, rgb_mode=rgb, rank=info.rank, world=info.world,
                               on_progress=update)
     if info.distributed:
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=info.control)  # gloo, 24 h: ranks may finish far apart
     if not info.is_main:
         return
     counts = finalize(out, result["images"], inst, sem, src)

@@ -7,6 +7,7 @@ exception: ``__getitem__`` returns it as a *bad* record, the collate drops it fr
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,12 @@ class MultiGranularDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def with_transform(self, train: bool) -> "MultiGranularDataset":
+        """The same samples with the training or the evaluation (centred square) transform."""
+        t = copy.copy(self.transform)
+        t.train = train
+        return MultiGranularDataset(self.samples, t, self.modalities, self.num_semantic_classes, self.seed)
 
     def load(self, index: int) -> dict[str, Any]:
         """Read and check one sample; raises :class:`BadSample` (or OSError) when it cannot be used."""

@@ -24,6 +24,9 @@ from PIL import Image
 
 from cfmae_cli.errors import DataError
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once, at import (os.umask is process-wide and not thread-safe)
+FILE_MODE = 0o666 & ~_UMASK  # temporary files are 0600; what we publish gets the usual mode
 MANIFEST_NAME = "cfmae-dataset.json"
 FORMAT_VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -163,6 +166,7 @@ def _atomic_save_image(image: Image.Image, path: Path, **params: Any) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             image.save(fh, format=fmt, **params)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -177,6 +181,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -66,7 +66,7 @@ class CFMAEDecoder(nn.Module):
         (B, M·N, d)."""
         x = self.embed(encoded[:, 1:])
         b, _, d = x.shape
-        full = self.mask_token.expand(b, len(self.modalities) * self.n, d)
+        full = self.mask_token.to(x.dtype).expand(b, len(self.modalities) * self.n, d)  # bf16 under autocast
         full = full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, d), x)
         extra = self.pos_embed.repeat(1, len(self.modalities), 1) + \
             self.modality_embed.repeat_interleave(self.n, dim=0).unsqueeze(0)

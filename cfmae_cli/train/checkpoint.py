@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cfmae_cli.data.layout import FILE_MODE
 from cfmae_cli.errors import CfmaeError
 
 FORMAT_VERSION = 1
@@ -53,16 +54,33 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise CheckpointWriteError(path, exc) from None
-    os.close(fd)
     try:
-        torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+        with os.fdopen(fd, "wb") as fh:
+            torch.save({"format_version": FORMAT_VERSION, **state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before it replaces the old file (power loss, node crash)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, CfmaeError):
             raise CheckpointWriteError(path, exc) from None
         raise
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class CheckpointWriteError(CfmaeError):

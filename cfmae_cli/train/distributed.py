@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ class DistInfo:
     world: int
     local_rank: int
     device: torch.device
-    control: Any = None  # a gloo group for CPU-side flags (no GPU stream sync); None = the default group
+    control: Any = None  # a gloo group for CPU-side flags (no GPU stream sync), 24 h timeout
 
     @property
     def is_main(self) -> bool:
@@ -57,10 +58,10 @@ def init(device: torch.device) -> DistInfo:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
         dist.init_process_group("nccl", device_id=device)
-        control = dist.new_group(backend="gloo")
     else:
         dist.init_process_group("gloo")
-        control = None
+    # CPU-side flags and the end-of-job barrier: gloo, and patient (ranks may finish hours apart)
+    control = dist.new_group(backend="gloo", timeout=timedelta(hours=24))
     log.debug("rank %d/%d joined (%s)", rank, world, dist.get_backend())
     return DistInfo(rank, world, local, device, control)
 

@@ -153,6 +153,11 @@ class Trainer:
         The position is (completed epochs, optimizer steps done in the next one): with the same effective
         batch it means the same images whatever the number of processes. RNG states are kept per rank.
         """
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise TrainingDiverged(f"non-finite weights after step {self.step} (an inf/NaN gradient in the last "
+                                   f"step); nothing was saved, {self.run_dir / 'checkpoints' / 'last.pt'} is the "
+                                   f"last good checkpoint. Try gradient clipping (--set optim.clip_grad=1.0) or a "
+                                   f"lower lr.")
         rng = distributed.gather(rng_state(), self.info)
         if self.info.is_main:
             state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scaler": {},
@@ -262,7 +267,8 @@ class Trainer:
                     group["lr"] = lr
             if batch["skipped"]:
                 self.skipped.update((s.path, s) for s in batch["skipped"])
-                self.check_bad()
+                if not info.distributed:
+                    self.check_bad()  # with several ranks: decided together at the end of the step
             weight = 1.0
             if batch["size"] == 0:  # a wholly unreadable batch: repeat the last one with weight 0 (keeps DDP in step)
                 if last_inputs is None:
@@ -306,6 +312,9 @@ class Trainer:
                     window_sum.zero_()
                     window_batches = window_images = 0
                     window_start = now
+                if info.distributed and distributed.any_rank(len(self.skipped) > self.bad_limit, info):
+                    self.merge_skipped()
+                    self.check_bad()  # every rank raises the same error
                 if not last and distributed.any_rank(stop.signum is not None, info):
                     sums = (epoch_sum / max(epoch_batches, 1)).tolist()
                     self.check_finite(distributed.all_reduce_mean(torch.tensor(sums, device=self.device),
@@ -325,8 +334,7 @@ class Trainer:
                   alpha_s: float) -> dict[str, Any]:
         avg = distributed.all_reduce_mean(mean, self.info).tolist()
         self.check_finite(avg)
-        for part in distributed.gather(self.skipped, self.info):  # bad files seen by any rank, once each
-            self.skipped.update(part)
+        self.merge_skipped()
         self.check_bad()
         rate = images / max(seconds, 1e-9)
         summary = {"type": "epoch", "epoch": epoch + 1, "step": self.step, **self.losses(avg), "alpha_i": alpha_i,
@@ -361,7 +369,7 @@ class Trainer:
 
     def plot_reconstructions(self, epoch: int, alpha_i: float, alpha_s: float) -> None:
         """The fixed first images of the dataset (centred square, no augmentation), masked with a fixed seed."""
-        fixed, _ = build_dataset(self.cfg, self.root, train=False)
+        fixed = self.dataset.with_transform(train=False)
         items = [x for x in (fixed[i] for i in range(min(len(fixed), 4 * self.cfg.train.plot_samples)))
                  if not isinstance(x, Skipped)][: self.cfg.train.plot_samples]
         if not items:
@@ -379,8 +387,17 @@ class Trainer:
         save_grid(panels, self.run_dir / "plots" / f"recon-epoch-{epoch:04d}.png",
                   f"epoch {epoch}  alpha_I {alpha_i:.2f}  alpha_S {alpha_s:.2f}")
 
+    @property
+    def bad_limit(self) -> float:
+        return self.cfg.data.max_bad_fraction * len(self.dataset)
+
+    def merge_skipped(self) -> None:
+        """Bad files seen by any rank, once each, on every rank (a collective: all ranks call it)."""
+        for part in distributed.gather(self.skipped, self.info):
+            self.skipped.update(part)
+
     def check_bad(self) -> None:
-        limit = self.cfg.data.max_bad_fraction * len(self.dataset)
+        limit = self.bad_limit
         if len(self.skipped) > limit:
             self.write_skipped()
             shown = "\n  ".join(f"{s.path}: {s.reason}" for s in list(self.skipped.values())[:5])

@@ -72,7 +72,7 @@ def load_image(path: Path, size: int) -> tuple[np.ndarray, list[str]]:
         with Image.open(path) as im:
             mode = im.mode
         image, _ = read_image(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise CfmaeError(f"{path}: not a readable image ({exc}).") from None
     notes = [] if mode == "RGB" else [f"{path.name}: {mode} image converted to RGB"]
     h, w = image.shape[:2]
