@@ -140,7 +140,7 @@ def attention_map(
     batch = prepare(net, pixels, maps, model.encoder.cls_token.device)
     from cfmae_cli.viz.attention import encoder_attention, patch_maps
     from cfmae_cli.viz.grid import save_image_grid
-    from cfmae_cli.viz.recon import _rgb_pixels
+    from cfmae_cli.viz.recon import rgb_pixels
 
     n, names = model.grid ** 2, model.modalities
     mask = torch.ones(len(pixels), len(names), n, dtype=torch.bool, device=batch["rgb"].device)
@@ -168,7 +168,7 @@ def attention_map(
     from cfmae_cli.viz.grid import fit
 
     rgb = [fit(x, max(x.shape[0], 160), smooth=True)  # small models' images are drawn larger
-           for x in _rgb_pixels(batch["rgb"], net.cfg.data.mean, net.cfg.data.std)]
+           for x in rgb_pixels(batch["rgb"], net.cfg.data.mean, net.cfg.data.std)]
     rows = [[rgb[k]] + [_overlay(rgb[k], per_patch[k, h], model.grid) for h in range(per_patch.shape[1])]
             for k in range(len(pixels))]
     out = out or Path(f"{images[0].stem}-attention-{method}.png")

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from cfmae_cli.data.layout import UNLABELLED
 from cfmae_cli.model.losses import patchify_map, patchify_rgb, unpatchify_rgb
-from cfmae_cli.viz.grid import save_image_grid
+from cfmae_cli.viz.grid import fit, save_image_grid
 
 GREY = np.array([128, 128, 128], np.uint8)
 MIN_SIDE = 112  # small demo images are drawn larger (nearest-neighbour)
@@ -59,7 +58,8 @@ def map_prediction(logits: Tensor, ids: Tensor, mask: Tensor, num_classes: int) 
     return unmap_patches(torch.where(mask.unsqueeze(-1), pred, target), grid)
 
 
-def _rgb_pixels(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+def rgb_pixels(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """Normalised images (B, 3, H, W) → uint8 (B, H, W, 3) pixels."""
     x = images.float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
     return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
 
@@ -73,10 +73,6 @@ def _grey_out(pixels: np.ndarray, mask: Tensor, grid: int) -> np.ndarray:
     return out
 
 
-def _upsample(pixels: np.ndarray, size: int) -> np.ndarray:
-    return np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.NEAREST)) for p in pixels])
-
-
 def reconstruction_panels(batch: dict[str, Tensor], mask: Tensor, pred: dict[str, Tensor], modalities: list[str],
                           classes: dict[str, int], patch: int, norm_pix: bool, mean: tuple[float, ...],
                           std: tuple[float, ...]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -88,15 +84,15 @@ def reconstruction_panels(batch: dict[str, Tensor], mask: Tensor, pred: dict[str
         m = mask[:, i]
         grid = int(round(m.shape[1] ** 0.5))
         if name == "rgb":
-            ref = _rgb_pixels(batch["rgb"], mean, std)
-            out = _rgb_pixels(rgb_prediction(pred["rgb"], batch["rgb"], m, patch, norm_pix), mean, std)
+            ref = rgb_pixels(batch["rgb"], mean, std)
+            out = rgb_pixels(rgb_prediction(pred["rgb"], batch["rgb"], m, patch, norm_pix), mean, std)
         else:
             ids = batch[name]
             ref = colours[ids.clamp(0, 255).cpu().numpy()]
             out = colours[map_prediction(pred[name], ids, m, classes[name]).clamp(0, 255).cpu().numpy()]
         side = max(size or ref.shape[1], MIN_SIDE)
         masked = _grey_out(ref, m, grid)
-        panels[name] = tuple(_upsample(x, side) for x in (masked, out, ref))
+        panels[name] = tuple(np.stack([fit(im, side, smooth=False) for im in x]) for x in (masked, out, ref))
     return panels
 
 
