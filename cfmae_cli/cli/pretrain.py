@@ -17,7 +17,8 @@ from cfmae_cli.config import (RESUMABLE_CHANGES, Config, config_diff, config_fro
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.train import distributed
 from cfmae_cli.train.checkpoint import checkpoint_path, load_checkpoint
-from cfmae_cli.train.engine import TrainingDiverged, pretrain as run
+from cfmae_cli.train.engine import TrainingDiverged
+from cfmae_cli.train.pretraining import pretrain as run
 from cfmae_cli.train.setup import build_dataset, dataset_root, describe_plan, make_plan
 from cfmae_cli.train.faults import Preempted
 from cfmae_cli.train.rundir import new_run_dir

@@ -14,8 +14,10 @@ def _summary(values: dict[str, Any]) -> str:
     if not values:
         return ""
     losses = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in values.items() if k.startswith("loss_"))
-    return (f"loss {values['loss']:.4f} [{losses}] α_I {values['alpha_i']:.2f} α_S {values['alpha_s']:.2f} "
-            f"lr {values['lr']:.2e} {values['img_per_s']:.0f} img/s")
+    extra = "".join(f"{label} {values[key]:.2f} " for key, label in (("alpha_i", "α_I"), ("alpha_s", "α_S"))
+                    if key in values)
+    losses = f" [{losses}]" if losses else ""
+    return f"loss {values['loss']:.4f}{losses} {extra}lr {values['lr']:.2e} {values['img_per_s']:.0f} img/s"
 
 
 class TrainingView:
@@ -46,7 +48,7 @@ class TrainingView:
         done = (state.epoch - 1) * state.batches + state.batch
         if self.progress is not None:
             if self.task is None:
-                self.task = self.progress.add_task("pretrain", total=total, epoch="", info="")
+                self.task = self.progress.add_task("train", total=total, epoch="", info="")
             self.progress.update(self.task, completed=done, epoch=f"{state.epoch}/{state.epochs}",
                                  info=_summary(state.values))
         elif state.values and state.values.get("step") != self._last_step_logged:

@@ -1,8 +1,11 @@
-"""The pre-training engine: data → masks → model → losses → optimizer → run folder, on 1..N processes.
+"""The training engine shared by every command that trains: pre-training and fine-tuning.
 
-Every rank runs the same loop on its chunk of each global batch (``sampler.py``); DDP averages gradients;
-rank 0 alone writes files and reports progress. Checkpoints hold everything a resume needs: weights,
-optimizer, step, position in the epoch (data order, schedule and masks are functions of them), RNG states.
+The engine owns what does not depend on the task: the run folder, the process group, the data order
+(``sampler.py``), DDP, gradient accumulation, the lr schedule (per-group ``lr_scale`` for layer-wise decay),
+bf16 autocast, signals and preemption, checkpoints and exact resume, bad files, non-finite guards, metrics and
+progress. A :class:`Task` supplies the dataset, the model, the parameter groups and the loss of one batch, and
+may evaluate at the end of each epoch. Every rank runs the same loop on its chunk of each global batch; DDP
+averages gradients; rank 0 alone writes files and reports progress.
 """
 
 from __future__ import annotations
@@ -19,25 +22,23 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from cfmae_cli.config import Config, dump_config
+from cfmae_cli.config import dump_config
 from cfmae_cli.data.dataset import Skipped, collate
 from cfmae_cli.errors import CfmaeError, DataError
-from cfmae_cli.masking import MaskGenerator, schedule
-from cfmae_cli.model import CFMAE
 from cfmae_cli.seeding import mix_seed
 from cfmae_cli.train import distributed
 from cfmae_cli.train.checkpoint import (checkpoint_path, load_checkpoint, prune_checkpoints, rng_state,
                                         save_checkpoint, set_rng_state)
 from cfmae_cli.train.faults import Preempted, StopRequest, ignore_stop_signals
-from cfmae_cli.train.optim import build_optimizer, lr_at
+from cfmae_cli.train.optim import lr_at
 from cfmae_cli.train.plots import plot_losses
 from cfmae_cli.train.rundir import MetricsWriter, attach_log_file, new_run_dir, read_metrics
 from cfmae_cli.train.sampler import ChunkedSampler, chunk_id
-from cfmae_cli.train.setup import build_dataset, dataset_root, describe_plan, make_plan, resolve_device
-from cfmae_cli.viz.recon import reconstruction_panels, save_grid
+from cfmae_cli.train.setup import describe_schedule, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -59,37 +60,99 @@ class Progress:
     values: dict[str, float] = field(default_factory=dict)
 
 
-def pretrain(cfg: Config, *, out: str | Path | None = None, name: str = "run", resume: str | Path | None = None,
-             init: str | Path | None = None, on_progress: Callable[[Progress], None] | None = None
+@dataclass(frozen=True)
+class StepContext:
+    """Where a micro-batch is: its epoch, the optimizer step within the epoch, training progress in [0, 1]
+    (per step), and a seed unique to (run seed, epoch, step, chunk) — the same whatever the process count."""
+
+    epoch: int
+    step_in_epoch: int
+    progress: float
+    seed: int
+
+
+class Task:
+    """What a command trains. Subclasses set ``dataset``, ``model`` and ``names`` (the values a step returns,
+    ``names[0] == 'loss'``) and implement :meth:`forward`; the other hooks are optional."""
+
+    command = "train"
+    dataset: Dataset
+    model: nn.Module
+    names: list[str]
+
+    def build_optimizer(self, lr: float, device: torch.device) -> torch.optim.Optimizer:
+        """The optimizer at peak ``lr``; a group's ``lr_scale`` (layer-wise decay) multiplies the schedule."""
+        raise NotImplementedError
+
+    def forward(self, net: nn.Module, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, Tensor]:
+        """One micro-batch → (loss to back-propagate, detached values of ``names`` (len(names),))."""
+        raise NotImplementedError
+
+    def step_values(self, ctx: StepContext) -> dict[str, float]:
+        """Extra numbers for the metrics lines of this point of training (e.g. the masking schedule)."""
+        return {}
+
+    def describe(self, plan: dict[str, Any]) -> list[str]:
+        return []
+
+    def end_epoch(self, done: int, summary: dict[str, Any]) -> dict[str, Any]:
+        """Called on every rank after each epoch (a collective point); returns numbers for the epoch record."""
+        return {}
+
+    def extra_checkpoints(self, summary: dict[str, Any]) -> list[str]:
+        """Names of further files (beside last.pt) that should hold this epoch's checkpoint, e.g. best.pt."""
+        return []
+
+    def after_epoch(self, done: int, summary: dict[str, Any], run_dir: Path) -> None:
+        """Rank 0 only, after the checkpoint: plots and the like."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Task state for the checkpoint (top-level keys besides the engine's)."""
+        return {}
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        pass
+
+    def summary_line(self, summary: dict[str, Any]) -> str:
+        return ""
+
+
+ENGINE_KEYS = ("model", "optimizer", "scaler", "epoch", "next_step", "step", "partial", "rng", "config",
+               "world_size", "metrics", "skipped")
+
+
+def run_task(cfg: Any, make_task: Callable[[distributed.DistInfo], Task], device: torch.device, *, command: str,
+             out: str | Path | None = None, name: str = "run", resume: str | Path | None = None,
+             prepare: Callable[[Task], None] | None = None, on_progress: Callable[[Progress], None] | None = None
              ) -> dict[str, Any]:
-    """Pre-train into a new run folder (``out`` or ``runs/pretrain/<name>[-k]``), or continue the run of
-    the checkpoint ``resume`` exactly; ``init`` starts a new run from a checkpoint's weights only.
+    """Train ``make_task(info)`` into a new run folder (``out`` or ``runs/<command>/<name>[-k]``), or continue
+    the run of the checkpoint ``resume`` exactly. ``prepare(task)`` runs before training (e.g. ``--init``).
 
     In a process group (torchrun), every rank calls this; rank 0 creates the folder and writes the files.
     """
-    info = distributed.init(resolve_device(cfg))
+    info = distributed.init(device)
     try:
         if resume is not None:
             ckpt_file = checkpoint_path(resume)
             run_dir = ckpt_file.parent.parent
         else:
             ckpt_file = None
-            run_dir = Path(distributed.broadcast(str(new_run_dir("pretrain", name, out)) if info.is_main else None,
+            run_dir = Path(distributed.broadcast(str(new_run_dir(command, name, out)) if info.is_main else None,
                                                  info))
         handler = attach_log_file(run_dir) if info.is_main else None
         try:
             try:
-                trainer = Trainer(cfg, run_dir, info, on_progress or (lambda p: None))
+                engine = Engine(cfg, make_task(info), run_dir, info, on_progress or (lambda p: None))
                 if ckpt_file is not None:
-                    trainer.restore(load_checkpoint(ckpt_file))
-                elif init is not None:
-                    trainer.load_weights(init)
+                    engine.restore(load_checkpoint(ckpt_file))
+                elif prepare is not None:
+                    prepare(engine.task)
             except CfmaeError:
                 if info.is_main and resume is None:  # refused before training: leave nothing behind
                     _remove_run_dir(run_dir, handler)
                     handler = None
                 raise
-            return trainer.fit()
+            return engine.fit()
         finally:
             if handler is not None:
                 logging.getLogger("cfmae_cli").removeHandler(handler)
@@ -108,21 +171,17 @@ def _remove_run_dir(run_dir: Path, handler: logging.Handler | None) -> None:
     run_dir.rmdir()
 
 
-class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, info: distributed.DistInfo,
+class Engine:
+    def __init__(self, cfg: Any, task: Task, run_dir: Path, info: distributed.DistInfo,
                  on_progress: Callable[[Progress], None]):
-        self.cfg, self.run_dir, self.info, self.on_progress = cfg, run_dir, info, on_progress
+        self.cfg, self.task, self.run_dir, self.info, self.on_progress = cfg, task, run_dir, info, on_progress
         self.device = info.device
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        self.root = Path(distributed.broadcast(str(dataset_root(cfg)) if info.is_main else None, info))
-        self.dataset, manifest = build_dataset(cfg, self.root)
-        self.semantic_classes = list(manifest["semantic_classes"])
+        self.dataset = task.dataset
         self.plan = make_plan(cfg, len(self.dataset), info.world)
         self.accum = self.plan["accumulation_steps"]
         self.micro_per_epoch = self.plan["steps_per_epoch"] * self.accum
         if self.plan["steps_per_epoch"] == 0:
-            raise DataError(f"{self.root}: {len(self.dataset)} images are fewer than one optimizer step needs "
+            raise DataError(f"{getattr(task, 'root', 'the data')}: {len(self.dataset)} training images are fewer than one optimizer step needs "
                             f"(batch {cfg.train.batch_size} x {info.world} process(es) x {self.accum} accumulation "
                             f"steps); lower train.batch_size or optim.effective_batch")
         self.sampler = ChunkedSampler(len(self.dataset), cfg.train.batch_size, info.world, info.rank, self.accum,
@@ -131,15 +190,13 @@ class Trainer:
         self.loader = DataLoader(self.dataset, batch_size=cfg.train.batch_size, sampler=self.sampler,
                                  num_workers=workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
                                  persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals)
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        self.model = CFMAE(cfg, len(self.semantic_classes)).to(self.device)
+        self.model = task.model
+        trainable = any(p.requires_grad for p in self.model.parameters())
         self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
-                                           else None) if info.distributed else self.model
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.plan["lr"], self.device)
-        self.masks = MaskGenerator(cfg.masking, cfg.data.modalities, self.model.grid, len(self.semantic_classes),
-                                   cfg.model.num_instance_ids)
+                                           else None) if info.distributed and trainable else self.model
+        self.optimizer = task.build_optimizer(self.plan["lr"], self.device)
         self.bf16 = self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
-        self.names = list(cfg.data.modalities)
+        self.names = list(task.names)
         self.step = self.epoch = self.start_micro = 0
         self.partial: dict[str, Any] | None = None
         self.skipped: dict[str, Skipped] = {}  # by path: a file that stays broken counts once
@@ -147,8 +204,8 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------------------
     def save(self, epoch_done: int, next_step: int, partial: dict[str, Any] | None, summary: dict,
-             periodic: bool) -> None:
-        """Rank 0 writes ``last.pt`` (and ``epoch-NNNN.pt``, pruned to ``train.keep_last``); all ranks wait.
+             periodic: bool, also: tuple[str, ...] | list[str] = ()) -> None:
+        """Rank 0 writes ``last.pt`` (``epoch-NNNN.pt`` pruned to ``train.keep_last``, and ``also``); all wait.
 
         The position is (completed epochs, optimizer steps done in the next one): with the same effective
         batch it means the same images whatever the number of processes. RNG states are kept per rank.
@@ -163,10 +220,12 @@ class Trainer:
             state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scaler": {},
                      "epoch": epoch_done, "next_step": next_step, "step": self.step, "partial": partial,
                      "rng": rng, "config": self.cfg.model_dump(mode="json"), "world_size": self.info.world,
-                     "semantic_classes": self.semantic_classes, "metrics": summary,
-                     "skipped": [[s.path, s.reason] for s in self.skipped.values()]}
+                     "metrics": summary, "skipped": [[s.path, s.reason] for s in self.skipped.values()],
+                     **self.task.state_dict()}
             folder = self.run_dir / "checkpoints"
             save_checkpoint(folder / "last.pt", state)
+            for extra in also:
+                save_checkpoint(folder / extra, state)
             if periodic:
                 save_checkpoint(folder / f"epoch-{epoch_done:04d}.pt", state)
                 prune_checkpoints(folder, self.cfg.train.keep_last)
@@ -176,6 +235,7 @@ class Trainer:
     def restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.task.load_state_dict(ckpt)
         self.step, self.epoch = ckpt["step"], ckpt["epoch"]
         self.start_micro = ckpt["next_step"] * self.accum
         self.partial = ckpt.get("partial")
@@ -188,36 +248,14 @@ class Trainer:
         log.info("resumed from step %d (epoch %d, step %d of the epoch)", self.step, self.epoch + 1,
                  ckpt["next_step"])
 
-    def load_weights(self, path: str | Path) -> None:
-        """``--init``: weights only, from our checkpoints or MAE / MultiMAE / timm ViT files (converted); tensors
-        load by name and must have this model's shapes; names that are not in the model are ignored and logged
-        (an unknown layout is refused). Optimizer, step and schedule start fresh."""
-        from cfmae_cli.model.convert import load_any, to_cfmae
-
-        try:
-            state = to_cfmae(load_any(Path(path))[0])  # ours, or MAE / MultiMAE / timm weights converted
-        except CfmaeError as exc:
-            raise CfmaeError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
-        own = self.model.state_dict()
-        if "encoder.pos_embed" in state and state["encoder.pos_embed"].shape != own["encoder.pos_embed"].shape:
-            del state["encoder.pos_embed"]  # fixed sin-cos: this model's own table fits its size
-            log.info("%s: position embedding of another size left out (ours is the fixed sin-cos table)", path)
-        bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-        if bad:
-            raise CfmaeError(f"{path}: {len(bad)} tensor(s) do not match this model's shapes "
-                             f"(e.g. {bad[0]}: {tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})")
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        log.info("initialised from %s (%d tensors; %d missing, %d unused)", path, len(state) - len(unexpected),
-                 len(missing), len(unexpected))
-
     # -- loop ----------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg, main = self.cfg, self.info.is_main
         if main:
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
-            log.info("data %s: %d images, %d semantic classes; %s%s", self.root, len(self.dataset),
-                     len(self.semantic_classes), self.device, " (bf16)" if self.bf16 else "")
-            for line in describe_plan(self.plan, cfg):
+            log.info("%s: %d training images; %s%s", self.task.command, len(self.dataset), self.device,
+                     " (bf16)" if self.bf16 else "")
+            for line in describe_schedule(self.plan, cfg) + self.task.describe(self.plan):
                 log.info("%s", line)
         resumed = self.step > 0 or self.epoch > 0
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step=self.step if resumed else None) \
@@ -237,16 +275,25 @@ class Trainer:
         return {"run_dir": str(self.run_dir), "epochs": cfg.train.epochs, "steps": self.step,
                 "first_epoch_loss": epochs[0]["loss"] if epochs else math.nan,
                 "last_epoch_loss": epochs[-1]["loss"] if epochs else math.nan,
+                "last_epoch": epochs[-1] if epochs else {},
                 "img_per_s": summary.get("img_per_s", math.nan), "skipped_files": len(self.skipped),
-                "data": str(self.root)}
+                "data": str(getattr(self.task, "root", ""))}
+
+    def context(self, epoch: int, micro: int) -> StepContext:
+        a = micro % self.accum
+        step_in_epoch = micro // self.accum
+        return StepContext(epoch, step_in_epoch,
+                           (epoch + step_in_epoch / self.plan["steps_per_epoch"]) / self.cfg.train.epochs,
+                           mix_seed(self.cfg.train.seed, epoch, step_in_epoch,
+                                    chunk_id(a, self.info.world, self.info.rank)))
 
     def run_epoch(self, epoch: int, stop: StopRequest) -> dict[str, Any]:
-        cfg, info, names, accum = self.cfg, self.info, self.names, self.accum
+        cfg, info, accum = self.cfg, self.info, self.accum
         self.net.train()
         self.sampler.set_epoch(epoch, self.start_micro)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # gpu_mem_gib is the peak of this epoch
-        k = len(names) + 1
+        k = len(self.names)
         part = self.partial or {"sums": [0.0] * k, "batches": 0, "images": 0, "seconds": 0.0}
         epoch_sum = torch.tensor(part["sums"], device=self.device) * part["batches"]
         epoch_batches, epoch_images = part["batches"], part["images"]
@@ -254,17 +301,16 @@ class Trainer:
         window_batches = window_images = 0
         window_start = time.perf_counter()
         start = window_start - part["seconds"]  # the epoch's time includes what ran before a stop
-        lr, last_inputs = 0.0, None
+        lr, last_inputs, ctx = 0.0, None, self.context(epoch, self.start_micro)
         for j, batch in enumerate(self.loader):
             micro = self.start_micro + j
             a = micro % accum
-            progress = (epoch + (micro // accum) / self.plan["steps_per_epoch"]) / cfg.train.epochs  # per step
-            alpha_i, alpha_s = schedule(progress, cfg.masking.order, cfg.masking.breakpoints)
+            ctx = self.context(epoch, micro)
             if a == 0:
                 lr = lr_at(self.step, self.plan["total_steps"], self.plan["warmup_steps"], self.plan["lr"],
                            cfg.optim.min_lr)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
             if batch["skipped"]:
                 self.skipped.update((s.path, s) for s in batch["skipped"])
                 if not info.distributed:
@@ -272,23 +318,18 @@ class Trainer:
             weight = 1.0
             if batch["size"] == 0:  # a wholly unreadable batch: repeat the last one with weight 0 (keeps DDP in step)
                 if last_inputs is None:
-                    raise DataError(f"every image of a batch in {self.root} is unreadable; see bad_files.txt")
+                    raise DataError(f"every image of a batch in {getattr(self.task, 'root', 'the data')} is "
+                                    f"unreadable; see bad_files.txt")
                 inputs, weight = last_inputs, 0.0
             else:
-                inputs = {m: batch[m].to(self.device, non_blocking=True) for m in names}
+                inputs = {m: v.to(self.device, non_blocking=True) for m, v in batch.items() if torch.is_tensor(v)}
                 last_inputs = inputs
-            n = inputs["rgb"].shape[0] if "rgb" in inputs else next(iter(inputs.values())).shape[0]
-            seed = mix_seed(cfg.train.seed, epoch, micro // accum, chunk_id(a, info.world, info.rank))
-            with torch.no_grad():
-                mask = self.masks(alpha_i, alpha_s, n, self.device, instance=inputs.get("instance"),
-                                  semantic=inputs.get("semantic"), seed=seed).mask
-            sync = contextlib.nullcontext() if a == accum - 1 or not info.distributed else self.net.no_sync()
+            sync = contextlib.nullcontext() if a == accum - 1 or self.net is self.model else self.net.no_sync()
             with sync:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    out = self.net(inputs, mask)
-                (out["loss"] * (weight / accum)).backward()
+                    loss, values = self.task.forward(self.net, inputs, ctx)
+                (loss * (weight / accum)).backward()
             if weight:
-                values = torch.stack([out["loss"].detach()] + [out["losses"][m].detach() for m in names])
                 epoch_sum += values
                 window_sum += values
                 epoch_batches, window_batches = epoch_batches + 1, window_batches + 1
@@ -307,7 +348,7 @@ class Trainer:
                     rate = window_images / max(now - window_start, 1e-9)
                     self.log_record({"type": "step", "epoch": epoch + 1,
                                      "epoch_float": epoch + (micro + 1) / self.micro_per_epoch, "step": self.step,
-                                     **self.losses(avg), "lr": lr, "alpha_i": alpha_i, "alpha_s": alpha_s,
+                                     **dict(zip(self.names, avg)), "lr": lr, **self.task.step_values(ctx),
                                      "img_per_s": rate * info.world, "img_per_s_per_device": rate})
                     window_sum.zero_()
                     window_batches = window_images = 0
@@ -328,64 +369,43 @@ class Trainer:
                 self.progress.images += batch["size"] * info.world
                 self.on_progress(self.progress)
         return self.end_epoch(epoch, epoch_sum / max(epoch_batches, 1), epoch_images, time.perf_counter() - start,
-                              lr, alpha_i, alpha_s)
+                              lr, ctx)
 
-    def end_epoch(self, epoch: int, mean: torch.Tensor, images: int, seconds: float, lr: float, alpha_i: float,
-                  alpha_s: float) -> dict[str, Any]:
+    def end_epoch(self, epoch: int, mean: Tensor, images: int, seconds: float, lr: float,
+                  ctx: StepContext) -> dict[str, Any]:
         avg = distributed.all_reduce_mean(mean, self.info).tolist()
         self.check_finite(avg)
         self.merge_skipped()
         self.check_bad()
         rate = images / max(seconds, 1e-9)
-        summary = {"type": "epoch", "epoch": epoch + 1, "step": self.step, **self.losses(avg), "alpha_i": alpha_i,
-                   "alpha_s": alpha_s, "lr": lr, "img_per_s": rate * self.info.world, "img_per_s_per_device": rate,
-                   "seconds": seconds, "skipped_files": len(self.skipped)}
+        done = epoch + 1
+        summary = {"type": "epoch", "epoch": done, "step": self.step, **dict(zip(self.names, avg)),
+                   **self.task.step_values(ctx), "lr": lr, "img_per_s": rate * self.info.world,
+                   "img_per_s_per_device": rate, "seconds": seconds, "skipped_files": len(self.skipped)}
         if self.device.type == "cuda":
             summary["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        summary.update(self.task.end_epoch(done, summary))
+        self.net.train()
         self.log_record(summary)
         if self.info.is_main:
-            log.info("epoch %d/%d  loss %.4f  (%s)  α_I %.2f α_S %.2f  lr %.3g  %.1f img/s (%.1f per device)%s",
-                     epoch + 1, self.cfg.train.epochs, avg[0],
-                     ", ".join(f"{k} {v:.4f}" for k, v in zip(self.names, avg[1:])), alpha_i, alpha_s, lr,
-                     summary["img_per_s"], rate, f"  peak GPU memory {summary['gpu_mem_gib']:.2f} GiB"
-                     if "gpu_mem_gib" in summary else "")
-        done = epoch + 1
-        self.save(done, 0, None, summary, periodic=done % self.cfg.train.save_every == 0)
+            log.info("epoch %d/%d  loss %.4f  (%s)  %s lr %.3g  %.1f img/s (%.1f per device)%s",
+                     done, self.cfg.train.epochs, avg[0],
+                     ", ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in zip(self.names[1:], avg[1:])),
+                     self.task.summary_line(summary), lr, summary["img_per_s"], rate,
+                     f"  peak GPU memory {summary['gpu_mem_gib']:.2f} GiB" if "gpu_mem_gib" in summary else "")
+        self.save(done, 0, None, summary, periodic=done % self.cfg.train.save_every == 0,
+                  also=self.task.extra_checkpoints(summary))
         if self.info.is_main:
             plot_losses(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "plots" / "loss.png")
-            if done % self.cfg.train.plot_every == 0 or done == self.cfg.train.epochs:
-                self.plot_reconstructions(done, alpha_i, alpha_s)
+            self.task.after_epoch(done, summary, self.run_dir)
         return summary
 
     # -- helpers ---------------------------------------------------------------------------------------------
-    def losses(self, avg: list[float]) -> dict[str, float]:
-        return {"loss": avg[0], **{f"loss_{k}": v for k, v in zip(self.names, avg[1:])}}
-
     def log_record(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.write(record)
             if record["type"] == "step":
                 self.progress.values = record
-
-    def plot_reconstructions(self, epoch: int, alpha_i: float, alpha_s: float) -> None:
-        """The fixed first images of the dataset (centred square, no augmentation), masked with a fixed seed."""
-        fixed = self.dataset.with_transform(train=False)
-        items = [x for x in (fixed[i] for i in range(min(len(fixed), 4 * self.cfg.train.plot_samples)))
-                 if not isinstance(x, Skipped)][: self.cfg.train.plot_samples]
-        if not items:
-            return
-        batch = {m: v.to(self.device) for m, v in collate(items).items() if m in self.names}
-        n = len(items)
-        mask = self.masks(alpha_i, alpha_s, n, self.device, instance=batch.get("instance"),
-                          semantic=batch.get("semantic"), seed=mix_seed(self.cfg.train.seed, 2 ** 20)).mask
-        self.model.eval()
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            pred = self.model(batch, mask)["pred"]
-        self.model.train()
-        panels = reconstruction_panels(batch, mask, pred, self.names, self.model.classes, self.model.patch,
-                                       self.cfg.model.norm_pix_loss, self.cfg.data.mean, self.cfg.data.std)
-        save_grid(panels, self.run_dir / "plots" / f"recon-epoch-{epoch:04d}.png",
-                  f"epoch {epoch}  alpha_I {alpha_i:.2f}  alpha_S {alpha_s:.2f}")
 
     @property
     def bad_limit(self) -> float:
@@ -413,7 +433,7 @@ class Trainer:
     def check_finite(self, values: list[float]) -> None:
         if all(math.isfinite(v) for v in values):
             return
-        parts = ", ".join(f"{k} {v}" for k, v in zip(["total"] + self.names, values))
+        parts = ", ".join(f"{k} {v}" for k, v in zip(self.names, values))
         raise TrainingDiverged(f"non-finite loss at step {self.step} ({parts}). The last good checkpoint "
                                f"{self.run_dir / 'checkpoints' / 'last.pt'} is intact. Try a lower lr "
                                f"(--set optim.base_lr=...), gradient clipping (--set optim.clip_grad=1.0) or fp32 "

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from cfmae_cli.config import Config, derived
+from cfmae_cli.config import Config, batch_plan, derived
 from cfmae_cli.data.dataset import MultiGranularDataset
 from cfmae_cli.data.layout import list_samples, read_manifest
 from cfmae_cli.data.transforms import JointTransform
@@ -50,22 +50,34 @@ def build_dataset(cfg: Config, root: Path, train: bool = True) -> tuple[MultiGra
     return dataset, manifest
 
 
-def make_plan(cfg: Config, images: int, world: int) -> dict[str, Any]:
-    """Derived values plus the step counts for a dataset of ``images`` on ``world`` processes."""
-    plan = derived(cfg, world)
-    per_step = cfg.train.batch_size * world * plan["accumulation_steps"]
-    plan.update(images=images, steps_per_epoch=images // per_step,
-                total_steps=images // per_step * cfg.train.epochs,
-                warmup_steps=int(cfg.optim.warmup_epochs * (images // per_step)))
+def make_plan(cfg: Any, images: int, world: int) -> dict[str, Any]:
+    """Accumulation, actual lr and step counts for ``images`` training images on ``world`` processes.
+
+    ``cfg`` is any config with ``optim`` (effective_batch, base_lr, lr, warmup_epochs) and ``train``
+    (batch_size, epochs) sections: pre-training and fine-tuning share the rule lr = base_lr x batch / 256.
+    """
+    plan = derived(cfg, world) if isinstance(cfg, Config) else batch_plan(cfg.optim, cfg.train, world)
+    steps = images // cfg.optim.effective_batch
+    plan.update(images=images, steps_per_epoch=steps, total_steps=steps * cfg.train.epochs,
+                warmup_steps=int(cfg.optim.warmup_epochs * steps))
     return plan
 
 
-def describe_plan(plan: dict[str, Any], cfg: Config) -> list[str]:
+def describe_schedule(plan: dict[str, Any], cfg: Any) -> list[str]:
+    """The batch and lr lines of the plan (printed at the start of every training run)."""
     return [f"plan: {plan['devices']} process(es) x per-device batch {cfg.train.batch_size} x "
             f"{plan['accumulation_steps']} accumulation step(s) = effective batch {plan['effective_batch']}",
             f"plan: lr {plan['lr']:.3g} (base_lr {cfg.optim.base_lr:.3g} x {plan['effective_batch']} / 256"
             f"{', overridden by optim.lr' if cfg.optim.lr is not None else ''}); {plan['images']} images, "
             f"{plan['steps_per_epoch']} steps per epoch, {plan['total_steps']} steps in {cfg.train.epochs} epochs, "
-            f"warmup {plan['warmup_steps']} steps",
-            f"plan: {plan['num_visible']} visible of {plan['tokens_total']} tokens; decoder "
+            f"warmup {plan['warmup_steps']} steps"]
+
+
+def describe_tokens(plan: dict[str, Any]) -> list[str]:
+    """The pre-training lines of the plan: tokens and decoder order."""
+    return [f"plan: {plan['num_visible']} visible of {plan['tokens_total']} tokens; decoder "
             f"{' → '.join(plan['decoder_order'])}"]
+
+
+def describe_plan(plan: dict[str, Any], cfg: Config) -> list[str]:
+    return describe_schedule(plan, cfg) + describe_tokens(plan)

@@ -1,0 +1,129 @@
+"""CFMAE pre-training as a task of the engine: data → masks → model → losses; reconstruction grids."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from cfmae_cli.config import Config
+from cfmae_cli.data.dataset import Skipped, collate
+from cfmae_cli.errors import CfmaeError
+from cfmae_cli.masking import MaskGenerator, schedule
+from cfmae_cli.model import CFMAE
+from cfmae_cli.seeding import mix_seed
+from cfmae_cli.train import distributed
+from cfmae_cli.train.engine import Progress, StepContext, Task, run_task
+from cfmae_cli.train.optim import build_optimizer
+from cfmae_cli.train.setup import build_dataset, dataset_root, describe_tokens, resolve_device
+from cfmae_cli.viz.recon import reconstruction_panels, save_grid
+
+log = logging.getLogger(__name__)
+
+
+def pretrain(cfg: Config, *, out: str | Path | None = None, name: str = "run", resume: str | Path | None = None,
+             init: str | Path | None = None, on_progress: Callable[[Progress], None] | None = None
+             ) -> dict[str, Any]:
+    """Pre-train into a new run folder (``out`` or ``runs/pretrain/<name>[-k]``), or continue the run of
+    the checkpoint ``resume`` exactly; ``init`` starts a new run from a checkpoint's weights only."""
+    prepare = (lambda task: task.load_weights(init)) if init is not None else None
+    summary = run_task(cfg, lambda info: PretrainTask(cfg, info), resolve_device(cfg), command="pretrain", out=out,
+                       name=name, resume=resume, prepare=prepare, on_progress=on_progress)
+    return summary
+
+
+class PretrainTask(Task):
+    command = "pretrain"
+
+    def __init__(self, cfg: Config, info: distributed.DistInfo):
+        self.cfg, self.info, self.device = cfg, info, info.device
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.root = Path(distributed.broadcast(str(dataset_root(cfg)) if info.is_main else None, info))
+        self.dataset, manifest = build_dataset(cfg, self.root)
+        self.semantic_classes = list(manifest["semantic_classes"])
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        self.model = CFMAE(cfg, len(self.semantic_classes)).to(self.device)
+        self.masks = MaskGenerator(cfg.masking, cfg.data.modalities, self.model.grid, len(self.semantic_classes),
+                                   cfg.model.num_instance_ids)
+        self.modalities = list(cfg.data.modalities)
+        self.names = ["loss"] + [f"loss_{m}" for m in self.modalities]
+        self.bf16 = self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+
+    def build_optimizer(self, lr: float, device: torch.device) -> torch.optim.AdamW:
+        return build_optimizer(self.model, self.cfg.optim, lr, device)
+
+    def alphas(self, progress: float) -> tuple[float, float]:
+        return schedule(progress, self.cfg.masking.order, self.cfg.masking.breakpoints)
+
+    def step_values(self, ctx: StepContext) -> dict[str, float]:
+        alpha_i, alpha_s = self.alphas(ctx.progress)
+        return {"alpha_i": alpha_i, "alpha_s": alpha_s}
+
+    def forward(self, net: nn.Module, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, Tensor]:
+        alpha_i, alpha_s = self.alphas(ctx.progress)
+        n = batch["rgb"].shape[0]
+        with torch.no_grad():
+            mask = self.masks(alpha_i, alpha_s, n, self.device, instance=batch.get("instance"),
+                              semantic=batch.get("semantic"), seed=ctx.seed).mask
+        out = net({m: batch[m] for m in self.modalities}, mask)
+        values = torch.stack([out["loss"].detach()] + [out["losses"][m].detach() for m in self.modalities])
+        return out["loss"], values
+
+    def describe(self, plan: dict[str, Any]) -> list[str]:
+        return [f"data {self.root}: {len(self.semantic_classes)} semantic classes"] + describe_tokens(plan)
+
+    def summary_line(self, summary: dict[str, Any]) -> str:
+        return f"α_I {summary['alpha_i']:.2f} α_S {summary['alpha_s']:.2f} "
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"task": "pretrain", "semantic_classes": self.semantic_classes}
+
+    def after_epoch(self, done: int, summary: dict[str, Any], run_dir: Path) -> None:
+        if done % self.cfg.train.plot_every == 0 or done == self.cfg.train.epochs:
+            self.plot_reconstructions(done, summary["alpha_i"], summary["alpha_s"], run_dir)
+
+    def load_weights(self, path: str | Path) -> None:
+        """``--init``: weights only, from our checkpoints or MAE / MultiMAE / timm ViT files (converted); tensors
+        load by name and must have this model's shapes; names that are not in the model are ignored and logged
+        (an unknown layout is refused). Optimizer, step and schedule start fresh."""
+        from cfmae_cli.model.convert import load_any, to_cfmae
+
+        try:
+            state = to_cfmae(load_any(Path(path))[0])  # ours, or MAE / MultiMAE / timm weights converted
+        except CfmaeError as exc:
+            raise CfmaeError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
+        own = self.model.state_dict()
+        if "encoder.pos_embed" in state and state["encoder.pos_embed"].shape != own["encoder.pos_embed"].shape:
+            del state["encoder.pos_embed"]  # fixed sin-cos: this model's own table fits its size
+            log.info("%s: position embedding of another size left out (ours is the fixed sin-cos table)", path)
+        bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        if bad:
+            raise CfmaeError(f"{path}: {len(bad)} tensor(s) do not match this model's shapes "
+                             f"(e.g. {bad[0]}: {tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})")
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        log.info("initialised from %s (%d tensors; %d missing, %d unused)", path, len(state) - len(unexpected),
+                 len(missing), len(unexpected))
+
+    def plot_reconstructions(self, epoch: int, alpha_i: float, alpha_s: float, run_dir: Path) -> None:
+        """The fixed first images of the dataset (centred square, no augmentation), masked with a fixed seed."""
+        fixed = self.dataset.with_transform(train=False)
+        items = [x for x in (fixed[i] for i in range(min(len(fixed), 4 * self.cfg.train.plot_samples)))
+                 if not isinstance(x, Skipped)][: self.cfg.train.plot_samples]
+        if not items:
+            return
+        batch = {m: v.to(self.device) for m, v in collate(items).items() if m in self.modalities}
+        n = len(items)
+        mask = self.masks(alpha_i, alpha_s, n, self.device, instance=batch.get("instance"),
+                          semantic=batch.get("semantic"), seed=mix_seed(self.cfg.train.seed, 2 ** 20)).mask
+        self.model.eval()
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            pred = self.model(batch, mask)["pred"]
+        self.model.train()
+        panels = reconstruction_panels(batch, mask, pred, self.modalities, self.model.classes, self.model.patch,
+                                       self.cfg.model.norm_pix_loss, self.cfg.data.mean, self.cfg.data.std)
+        save_grid(panels, run_dir / "plots" / f"recon-epoch-{epoch:04d}.png",
+                  f"epoch {epoch}  alpha_I {alpha_i:.2f}  alpha_S {alpha_s:.2f}")
