@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -147,7 +147,9 @@ class OptimConfig(_Strict):
     clip_grad: Optional[float] = Field(None, gt=0, description="max gradient norm; null = no clipping")
 
 
-class TrainConfig(_Strict):
+class RunConfig(_Strict):
+    """How a training run is carried out; shared by pre-training (``TrainConfig``) and fine-tuning."""
+
     epochs: int = Field(400, ge=1)
     batch_size: int = Field(256, ge=1, description="per-device batch")
     seed: int = 0
@@ -155,13 +157,19 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
     save_every: int = Field(20, ge=1, description="keep a checkpoint every N epochs (plus last.pt)")
     keep_last: int = Field(5, ge=0, description="periodic checkpoints kept (older ones are deleted); 0 = none")
-    plot_every: int = Field(20, ge=1, description="epochs between reconstruction grids in plots/")
-    plot_samples: int = Field(2, ge=1, le=16, description="images of the fixed batch shown in the grids")
     log_every: int = Field(20, ge=1, description="optimizer steps between metrics lines")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; null = torch's default")
 
 
+class TrainConfig(RunConfig):
+    plot_every: int = Field(20, ge=1, description="epochs between reconstruction grids in plots/")
+    plot_samples: int = Field(2, ge=1, le=16, description="images of the fixed batch shown in the grids")
+
+
 class Config(_Strict):
+    """The pre-training config (``cfmae pretrain``)."""
+
+    TASK: ClassVar[str] = "pretrain"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     masking: MaskingConfig = MaskingConfig()
@@ -238,15 +246,22 @@ def derived(cfg: Config, world_size: int = 1) -> dict[str, Any]:
 # loading
 
 
-def list_presets() -> dict[str, str]:
-    """Preset name → its one-line description."""
+def list_presets(task: str | None = None) -> dict[str, str]:
+    """Preset name → its one-line description (only those of ``task``, 'pretrain' or 'finetune', if given)."""
     out = {}
     for path in sorted(PRESET_DIR.glob("*.yaml")):
-        out[path.stem] = str((yaml.safe_load(path.read_text()) or {}).get("description", ""))
+        raw = yaml.safe_load(path.read_text()) or {}
+        if task is None or preset_task(path.stem) == task:
+            out[path.stem] = str(raw.get("description", ""))
     return out
 
 
-def _preset_dict(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def preset_task(name_or_path: str) -> str:
+    """The command a preset is for: its ``task`` key ('pretrain' when absent), following ``base``."""
+    return str(_preset_dict(name_or_path, keep_task=True).get("task", "pretrain"))
+
+
+def _preset_dict(name_or_path: str, seen: tuple[str, ...] = (), keep_task: bool = False) -> dict[str, Any]:
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = PRESET_DIR / f"{name_or_path}.yaml"
@@ -265,12 +280,14 @@ def _preset_dict(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a preset must be a mapping of sections (data, model, masking, optim, train).")
     raw.pop("description", None)
+    if not keep_task:
+        raw.pop("task", None)
     base = raw.pop("base", None)
     if base is None:
         return raw
     if base in seen:
         raise ConfigError(f"{path}: preset 'base' chain loops through '{base}'.")
-    return deep_merge(_preset_dict(str(base), seen + (str(base),)), raw)
+    return deep_merge(_preset_dict(str(base), seen + (str(base),), keep_task), raw)
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -309,8 +326,8 @@ def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def _explain(exc: ValidationError, source: str) -> ConfigError:
-    keys = _all_keys(Config)
+def _explain(exc: ValidationError, source: str, schema: type[BaseModel] = Config) -> ConfigError:
+    keys = _all_keys(schema)
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
@@ -324,9 +341,20 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
     return ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines))
 
 
-def load_config(preset: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Resolve a preset (name or YAML path) plus ``key=value`` overrides into a validated :class:`Config`."""
+def load_config(preset: str = "demo", overrides: list[str] | tuple[str, ...] = (), schema: type[Any] = Config,
+                mode: str | None = None) -> Any:
+    """Resolve a preset (name or YAML path) plus ``key=value`` overrides into a validated config of ``schema``
+    (:class:`Config` for pre-training). A preset may hold ``modes: {NAME: {…}}``: the section of ``mode`` is
+    merged over the preset (before the overrides) and ``mode`` is set to it."""
+    task = preset_task(preset)
+    if task != schema.TASK:
+        raise ConfigError(f"preset '{preset}' is a {task} preset; use it with `cfmae {task}` "
+                          f"(presets for `cfmae {schema.TASK}`: {', '.join(list_presets(schema.TASK))}).")
     raw = _preset_dict(preset)
+    modes = raw.pop("modes", {}) or {}
+    if mode is not None:
+        raw = deep_merge(raw, modes.get(mode, {}))
+        raw["mode"] = mode
     for item in overrides:
         parts, value = parse_override(item)
         node = raw
@@ -336,17 +364,20 @@ def load_config(preset: str = "demo", overrides: list[str] | tuple[str, ...] = (
                 raise ConfigError(f"--set {item}: '{part}' is not a section")
             node = child
         node[parts[-1]] = value
-    return config_from_dict(raw, f"preset '{preset}'" + (" with --set overrides" if overrides else ""))
+    return config_from_dict(raw, f"preset '{preset}'" + (" with --set overrides" if overrides else ""), schema)
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+def config_from_dict(raw: dict[str, Any], source: str = "config", schema: type[Any] = Config) -> Any:
     try:
-        return Config.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
-        raise _explain(exc, source) from None
+        raise _explain(exc, source, schema) from None
 
 
-def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML (what goes into ``config.yaml`` of a run)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def dump_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML (what goes into ``config.yaml`` of a run); a fine-tuning config starts with
+    ``task: finetune`` so that the file works as a ``--preset`` of the right command."""
+    data = cfg.model_dump(mode="json")
+    task = getattr(cfg, "TASK", "pretrain")
+    return yaml.safe_dump(data if task == "pretrain" else {"task": task, **data}, sort_keys=False)
 

@@ -21,12 +21,14 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="show trac
 
 
 from cfmae_cli.cli import export as _export  # noqa: E402
+from cfmae_cli.cli import finetune as _finetune  # noqa: E402
 from cfmae_cli.cli import label as _label  # noqa: E402
 from cfmae_cli.cli import presets as _presets  # noqa: E402
 from cfmae_cli.cli import pretrain as _pretrain  # noqa: E402
 from cfmae_cli.cli import visualise as _visualise  # noqa: E402
 
 app.command("export")(_export.export)
+app.command("finetune")(_finetune.finetune)
 app.command("label")(_label.label)
 app.command("pretrain")(_pretrain.pretrain)
 app.command("presets")(_presets.presets)

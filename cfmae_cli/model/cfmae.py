@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from cfmae_cli.config import Config
 from cfmae_cli.model.decoder import CFMAEDecoder
 from cfmae_cli.model.encoder import ViTEncoder
-from cfmae_cli.model.layers import MapAdapter
+from cfmae_cli.model.layers import MapAdapter, embed_tokens, init_weights
 from cfmae_cli.model.losses import map_loss, rgb_loss
 
 
@@ -43,21 +43,8 @@ class CFMAE(nn.Module):
             for name in self.modalities})
         self._init_weights()
 
-    # -- init (MAE: Xavier-uniform linears, patch projections as linears, tokens N(0, .02)) --------------
     def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Conv2d):
-                nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=0.02)
+        init_weights(self)
         for param in (self.encoder.cls_token, self.decoder.mask_token, self.decoder.modality_embed):
             nn.init.normal_(param, std=0.02)
 
@@ -68,12 +55,7 @@ class CFMAE(nn.Module):
     # -- forward -----------------------------------------------------------------------------------------
     def tokenize(self, batch: dict[str, Tensor]) -> Tensor:
         """All patch tokens with positions: (B, M·N, D), modalities in ``self.modalities`` order."""
-        pos = self.encoder.patch_pos
-        parts = []
-        for name in self.modalities:
-            tokens = self.encoder.patch_embed(batch[name]) if name == "rgb" else self.adapters[name](batch[name])
-            parts.append(tokens + pos)
-        return torch.cat(parts, dim=1)
+        return embed_tokens(self.encoder, self.adapters, self.modalities, batch)
 
     def keep_indices(self, mask: Tensor, num_visible: int | None = None) -> Tensor:
         """mask (B, M, N) bool, True = masked → (B, V) positions of the visible tokens, in sequence order.

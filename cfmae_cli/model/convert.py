@@ -93,7 +93,8 @@ def load_any(path: Path) -> tuple[dict[str, Tensor], Config | None]:
     state = raw.get("model", raw.get("state_dict", raw))
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CfmaeError(f"{path}: no state dict of tensors found (looked at 'model', 'state_dict' and the top level).")
-    cfg = config_from_dict(raw["config"], f"the config in {path}") if isinstance(raw.get("config"), dict) else None
+    pretraining = isinstance(raw.get("config"), dict) and raw.get("task", "pretrain") == "pretrain"
+    cfg = config_from_dict(raw["config"], f"the config in {path}") if pretraining else None
     return state, cfg
 
 

@@ -77,3 +77,33 @@ class CrossBlock(nn.Module):
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         x = x + self.attn(self.norm_q(x), self.norm_kv(context))
         return x + self.mlp(self.norm2(x))
+
+
+def embed_tokens(encoder: nn.Module, adapters: nn.ModuleDict, modalities: list[str], batch: dict[str, Tensor]
+                 ) -> Tensor:
+    """All patch tokens of ``modalities`` with positions: (B, M·N, D), in the order given. RGB goes through the
+    encoder's patch embedding, maps through their adapters; one position table is shared by all."""
+    pos = encoder.patch_pos
+    parts = []
+    for name in modalities:
+        tokens = encoder.patch_embed(batch[name]) if name == "rgb" else adapters[name](batch[name])
+        parts.append(tokens + pos)
+    return torch.cat(parts, dim=1)
+
+
+def init_weights(model: nn.Module) -> None:
+    """MAE's initialisation: Xavier-uniform linears and patch projections (as linears), unit norms, zero biases,
+    N(0, 0.02) embeddings. Learned tokens are initialised by their owners."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)

@@ -189,7 +189,10 @@ class Engine:
         workers = cfg.data.num_workers
         self.loader = DataLoader(self.dataset, batch_size=cfg.train.batch_size, sampler=self.sampler,
                                  num_workers=workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
-                                 persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals)
+                                 persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
+                                 generator=torch.Generator().manual_seed(cfg.train.seed))
+        # (its own generator: starting an epoch's iterator must not draw from the global RNG, whose state a
+        # checkpoint restores exactly — drop path draws from it)
         self.model = task.model
         trainable = any(p.requires_grad for p in self.model.parameters())
         self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
@@ -388,9 +391,9 @@ class Engine:
         self.net.train()
         self.log_record(summary)
         if self.info.is_main:
-            log.info("epoch %d/%d  loss %.4f  (%s)  %s lr %.3g  %.1f img/s (%.1f per device)%s",
-                     done, self.cfg.train.epochs, avg[0],
-                     ", ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in zip(self.names[1:], avg[1:])),
+            parts = ", ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in zip(self.names[1:], avg[1:]))
+            log.info("epoch %d/%d  loss %.4f  %s %s lr %.3g  %.1f img/s (%.1f per device)%s",
+                     done, self.cfg.train.epochs, avg[0], f"({parts}) " if parts else "",
                      self.task.summary_line(summary), lr, summary["img_per_s"], rate,
                      f"  peak GPU memory {summary['gpu_mem_gib']:.2f} GiB" if "gpu_mem_gib" in summary else "")
         self.save(done, 0, None, summary, periodic=done % self.cfg.train.save_every == 0,

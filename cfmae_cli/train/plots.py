@@ -12,8 +12,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Total and per-modality loss against training progress (epochs), plus α_I, α_S; written atomically."""
+    """Total and per-modality loss against training progress (epochs); below it α_I, α_S (pre-training) or the
+    validation top-1 / top-5 accuracy of each epoch (fine-tuning). Written atomically."""
     steps = [r for r in records if r.get("type") == "step"]
+    evals = [r for r in records if r.get("type") == "epoch" and "top1" in r]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
@@ -21,13 +23,19 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     ax.plot(x, [r["loss"] for r in steps], label="total", color="black", lw=2)
     for key in sorted({k for r in steps for k in r if k.startswith("loss_")}):
         ax.plot(x, [r.get(key) for r in steps], label=key.removeprefix("loss_"))
-    ax.set_ylabel("loss (masked tokens)")
+    ax.set_ylabel("loss (masked tokens)" if not evals else "training loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    ax2.plot(x, [r["alpha_i"] for r in steps], label="α_I (instance)")
-    ax2.plot(x, [r["alpha_s"] for r in steps], label="α_S (semantic)")
+    if evals:
+        for key in ("top1", "top5"):
+            ax2.plot([r["epoch"] for r in evals], [r[key] for r in evals], marker=".", label=f"val {key}")
+        ax2.set_ylabel("accuracy %")
+        ax2.set_ylim(-2, 102)
+    else:
+        ax2.plot(x, [r.get("alpha_i") for r in steps], label="α_I (instance)")
+        ax2.plot(x, [r.get("alpha_s") for r in steps], label="α_S (semantic)")
+        ax2.set_ylim(-0.05, 1.05)
     ax2.set_xlabel("epoch")
-    ax2.set_ylim(-0.05, 1.05)
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.tight_layout()

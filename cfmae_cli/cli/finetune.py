@@ -1,0 +1,79 @@
+"""``cfmae finetune``: a pre-trained encoder → an image classifier (full fine-tuning, linear probe, †)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from cfmae_cli.cli.common import guarded
+from cfmae_cli.cli.training import dispatch, resumed_config, run_overrides
+from cfmae_cli.config import load_config
+from cfmae_cli.errors import CfmaeError
+from cfmae_cli.eval.config import FinetuneConfig
+from cfmae_cli.eval.finetune import finetune as run
+from cfmae_cli.train.checkpoint import checkpoint_path
+
+
+@guarded
+def finetune(
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="pre-trained weights: a cfmae "
+                                             "checkpoint or run folder, an MAE / MultiMAE / timm file, or 'random' "
+                                             "(the no-pre-training baseline) [default: the newest pre-training run]"),
+    data: Optional[Path] = typer.Option(None, "--data", help="folder with train/ and val/ (ImageFolder, or the "
+                                        "dataset layout for multi-granular input); default: the built-in demo data"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="ft-demo, ft-vitb-400e, ft-vitb-1600e or a "
+                                         "YAML file [default: ft-demo]"),
+    mode: Optional[str] = typer.Option(None, "--mode", help="full (fine-tune everything) or linear (a linear probe "
+                                       "on the frozen encoder, MAE's recipe) [default: full]"),
+    modalities: Optional[str] = typer.Option(None, "--modalities", help="encoder input: rgb, or "
+                                             "rgb,instance,semantic (multi-granular fine-tuning, the paper's †)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/finetune/<preset>[-k])"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help="GPUs on this machine, one process each "
+                                       "(0 = CPU); default: 1 GPU if there is one, else the CPU"),
+    procs: int = typer.Option(1, "--procs", min=1, help="with --gpus 0: CPU processes (gloo)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="override train.epochs"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="override train.seed"),
+    set_: list[str] = typer.Option([], "--set", help="override any key, e.g. --set optim.layer_decay=0.65"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue a fine-tuning run exactly: its folder "
+                                          "or one of its checkpoints"),
+) -> None:
+    """Fine-tune a pre-trained encoder for image classification; evaluates on val/ after every epoch.
+
+    Example, the demo chain on a CPU: cfmae pretrain && cfmae finetune
+
+    Example, the paper's recipe on 8 GPUs: cfmae finetune --preset ft-vitb-400e --gpus 8
+    --checkpoint runs/pretrain/vitb-400e --data /data/imagenet
+
+    Example, a linear probe: cfmae finetune --mode linear --checkpoint runs/pretrain/demo
+    """
+    if mode is not None and mode not in ("full", "linear"):
+        raise CfmaeError(f"--mode {mode}: use full or linear.")
+    overrides = run_overrides(set_, data, epochs, seed, gpus, procs, resume, out)
+    if modalities is not None:
+        overrides.append(f"data.modalities=[{modalities}]")
+    if checkpoint is not None:
+        if resume is not None:
+            raise CfmaeError("--resume continues a run with its own weights; it takes no --checkpoint.")
+        if checkpoint != "random":
+            if not checkpoint_path(checkpoint).is_file():
+                raise CfmaeError(f"--checkpoint {checkpoint}: no such file (a run folder needs "
+                                 f"checkpoints/last.pt).")
+            checkpoint = str(checkpoint_path(checkpoint).resolve())
+        overrides.append(f"model.init={checkpoint}")
+    if resume is not None:
+        cfg = resumed_config(resume, preset, overrides, FinetuneConfig, mode)
+    else:
+        cfg = load_config(preset or "ft-demo", overrides, FinetuneConfig, mode)
+    dispatch("finetune", cfg, functools.partial(run, cfg), _done, out=out, name=Path(preset or "ft-demo").stem,
+             resume=resume, gpus=gpus, procs=procs, extra_args=[])
+
+
+def _done(summary: dict[str, Any]) -> str:
+    last = summary.get("last_epoch", {})
+    return (f"done: {summary['epochs']} epochs, {summary['steps']} steps; val top-1 {last.get('top1', float('nan')):.2f}"
+            f" top-5 {last.get('top5', float('nan')):.2f} (epoch {summary['epochs']}); best top-1 "
+            f"{last.get('best_top1', float('nan')):.2f} at epoch {last.get('best_epoch', 0)} (checkpoints/best.pt); "
+            f"{summary['img_per_s']:.1f} img/s; {summary['skipped_files']} file(s) skipped")

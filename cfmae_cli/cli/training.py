@@ -1,0 +1,134 @@
+"""What the training commands (``pretrain``, ``finetune``) share: option checks, ``--resume`` config checks,
+running in this process or launching one worker per device, and reporting the end of a run."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import typer
+
+from cfmae_cli.cli.common import console, is_terminal
+from cfmae_cli.cli.progress import TrainingView
+from cfmae_cli.config import (RESUMABLE_CHANGES, Config, config_diff, config_from_dict, deep_merge, dump_config,
+                              load_config, parse_override)
+from cfmae_cli.errors import CfmaeError
+from cfmae_cli.train import distributed
+from cfmae_cli.train.checkpoint import checkpoint_path, load_checkpoint
+from cfmae_cli.train.engine import TrainingDiverged
+from cfmae_cli.train.faults import Preempted
+from cfmae_cli.train.rundir import new_run_dir
+from cfmae_cli.train.setup import dataset_root
+
+Runner = Callable[..., dict[str, Any]]
+
+
+def run_overrides(set_: list[str], data: Optional[Path], epochs: Optional[int], seed: Optional[int],
+                  gpus: Optional[int], procs: int, resume: Optional[Path], out: Optional[Path]) -> list[str]:
+    """The ``--set`` list with the shortcut options added; refuses combinations that make no sense."""
+    overrides = list(set_)
+    if data is not None:
+        if not data.is_dir():
+            raise CfmaeError(f"--data {data}: folder not found.")
+        overrides.append(f"data.root={data.resolve()}")
+    if epochs is not None:
+        overrides.append(f"train.epochs={epochs}")
+    if seed is not None:
+        overrides.append(f"train.seed={seed}")
+    if gpus is not None:
+        overrides.append(f"train.device={'cuda' if gpus > 0 else 'cpu'}")
+    if procs > 1 and gpus != 0:
+        raise CfmaeError(f"--procs {procs}: CPU processes need --gpus 0 (with GPUs, --gpus N starts one process "
+                         f"per GPU).")
+    if resume is not None and out is not None:
+        raise CfmaeError("--resume continues a run in its own folder; it takes no --out.")
+    return overrides
+
+
+def resumed_config(resume: Path, preset: Optional[str], overrides: list[str], schema: type[Any] = Config,
+                   mode: Optional[str] = None) -> Any:
+    """The run's own config; refused (exit 2, the keys listed) if the options given would change it."""
+    path = checkpoint_path(resume)
+    saved = load_checkpoint(path, mmap=True)["config"]
+    base = load_config(preset, schema=schema, mode=mode).model_dump(mode="json") if preset else saved
+    if mode is not None:
+        base = deep_merge(base, {"mode": mode})
+    for item in overrides:
+        keys, value = parse_override(item)
+        patch: Any = value
+        for key in reversed(keys):
+            patch = {key: patch}
+        base = deep_merge(base, patch)
+    wanted = config_from_dict(base, "--resume with the options given", schema)
+    changed = [k for k in config_diff(saved, wanted.model_dump(mode="json")) if k not in RESUMABLE_CHANGES]
+    if changed:
+        raise CfmaeError(f"--resume {resume}: the options given change the run's config ({', '.join(changed)}). "
+                         f"A resumed run keeps its config; start a new run instead.")
+    return wanted
+
+
+def dispatch(command: str, cfg: Any, run: Runner, done: Callable[[dict[str, Any]], str], *, out: Optional[Path],
+             name: str, resume: Optional[Path], gpus: Optional[int], procs: int, extra_args: list[str],
+             before_refusal: Callable[[int], None] | None = None) -> None:
+    """Train in this process, or launch one worker process per device (each calls this command again)."""
+    if distributed.under_launcher():  # a worker of torchrun / torch.distributed.run
+        return train_here(command, run, done, out=out, name=name, resume=resume)
+    world = gpus if gpus else (procs if gpus == 0 else 1)
+    if gpus and gpus > torch.cuda.device_count():
+        if before_refusal is not None:
+            before_refusal(gpus)
+        raise CfmaeError(f"--gpus {gpus}: torch sees {torch.cuda.device_count()} GPU(s) on this machine. Use "
+                         f"--gpus {torch.cuda.device_count()} (0 = CPU, with --procs N for N CPU processes), or "
+                         f"launch on a GPU node.")
+    if gpus == 0 and procs > 1 or gpus and gpus > 1:
+        return launch(command, cfg, out, name, resume, extra_args, world, gpus, procs)
+    return train_here(command, run, done, out=out, name=name, resume=resume)
+
+
+def train_here(command: str, run: Runner, done: Callable[[dict[str, Any]], str], *, out: Optional[Path], name: str,
+               resume: Optional[Path]) -> None:
+    main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        with TrainingView(console, interactive=is_terminal() and main) as view:
+            summary = run(out=out, name=name, resume=resume, on_progress=view.update)
+    except TrainingDiverged as exc:
+        console.print(f"[bold red]stopped:[/] {exc}")
+        raise typer.Exit(1) from None
+    except Preempted as exc:
+        if main:
+            console.print(f"{exc}. Continue with: cfmae {command} --resume {Path(exc.checkpoint).parent.parent}",
+                          highlight=False)
+        raise typer.Exit(128 + exc.signum) from None
+    if main:
+        console.print(done(summary), highlight=False)
+        if not distributed.launched_by_parent():  # the launching process prints the last line itself
+            console.print(f"Run folder: {summary['run_dir']}", highlight=False)
+
+
+def launch(command: str, cfg: Any, out: Optional[Path], name: str, resume: Optional[Path], extra_args: list[str],
+           world: int, gpus: Optional[int], procs: int) -> None:
+    """Start ``world`` local workers through torch.distributed.run with the resolved config in a file."""
+    if cfg.data.root is None:  # build the demo data once, before the workers look for it
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": str(dataset_root(cfg))})})
+    fd, config_file = tempfile.mkstemp(prefix="cfmae-launch-", suffix=".yaml")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(dump_config(cfg))
+    args = [command, "--preset", config_file, "--gpus", str(gpus or 0), "--procs", str(procs)]
+    if resume is not None:
+        run_dir = checkpoint_path(resume).parent.parent
+        args += ["--resume", str(resume)]
+    else:
+        run_dir = new_run_dir(command, name, out)
+        args += ["--out", str(run_dir)]
+    console.print(f"launching {world} worker process(es) ({'gloo, CPU' if not gpus else 'NCCL, one GPU each'})",
+                  highlight=False)
+    try:
+        code = distributed.launch(args + extra_args, world)
+    finally:
+        os.unlink(config_file)
+    if code:
+        raise typer.Exit(code)
+    console.print(f"Run folder: {run_dir}", highlight=False)

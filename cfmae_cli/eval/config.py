@@ -1,0 +1,123 @@
+"""The fine-tuning config (``cfmae finetune``): the paper's Table 8 recipe as defaults.
+
+Presets for it carry ``task: finetune``; ``modes: {linear: {…}}`` in a preset holds what linear probing
+changes (MAE's recipe: LARS, frozen encoder, no mixing), merged in by ``--mode linear``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from cfmae_cli.config import IMAGENET_MEAN, IMAGENET_STD, Modality, ModelConfig, RunConfig, _Strict
+
+
+class FtDataConfig(_Strict):
+    root: Optional[str] = Field(None, description="folder with train/ and val/ (ImageFolder, or the dataset layout "
+                                                  "for multi-granular input); null = the built-in demo data")
+    img_size: int = Field(224, ge=8, description="fine-tuning resolution (square)")
+    modalities: list[Modality] = Field(["rgb"], min_length=1,
+                                       description="encoder inputs: [rgb], or [rgb, instance, semantic] (†)")
+    val_fraction: Optional[float] = Field(None, gt=0, lt=1, description="a folder without train/ and val/: hold "
+                                          "out this share of each class (chosen by a hash of the file name)")
+    crop_pct: float = Field(0.875, gt=0, le=1, description="evaluation: resize to img_size / crop_pct, centre crop")
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    num_workers: int = Field(8, ge=0, description="DataLoader worker processes")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1,
+                                    description="stop when more than this share of the images is unreadable")
+    demo_crops_per_photo: int = Field(48, ge=1, description="built-in demo data: random crops per photograph")
+    demo_size: int = Field(128, ge=16, description="built-in demo data: side of each crop in pixels")
+
+    @model_validator(mode="after")
+    def _check(self) -> "FtDataConfig":
+        if len(set(self.modalities)) != len(self.modalities) or "rgb" not in self.modalities:
+            raise ValueError("data.modalities: rgb, optionally with instance and/or semantic, each once")
+        return self
+
+
+class AugConfig(_Strict):
+    scale: tuple[float, float] = Field((0.08, 1.0), description="random-resized-crop area range")
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random-resized-crop aspect range")
+    hflip: float = Field(0.5, ge=0, le=1)
+    auto_augment: Optional[str] = Field("rand-m9-mstd0.5-inc1", description="timm RandAugment string "
+                                        "(RandAug(9, 0.5)); null = none; photometric ops only with maps")
+    color_jitter: Optional[float] = Field(None, ge=0, description="colour jitter (ignored by timm when "
+                                          "auto_augment is set)")
+    reprob: float = Field(0.25, ge=0, le=1, description="random-erasing probability (rgb only)")
+    mixup: float = Field(0.8, ge=0, description="mixup alpha; 0 = off")
+    cutmix: float = Field(1.0, ge=0, description="cutmix alpha; 0 = off")
+    mix_prob: float = Field(1.0, ge=0, le=1, description="probability of mixing a batch")
+    switch_prob: float = Field(0.5, ge=0, le=1, description="probability of cutmix instead of mixup")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+
+
+class EncoderArch(_Strict):
+    """The encoder's architecture (a pre-training config's model section, without the decoder)."""
+
+    patch_size: int = Field(16, ge=1)
+    embed_dim: int = Field(768, ge=8)
+    depth: int = Field(12, ge=1)
+    num_heads: int = Field(12, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    map_stride: int = Field(4, ge=1)
+    map_embed_dim: int = Field(64, ge=1)
+    num_instance_ids: int = Field(16, ge=2, le=255)
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> "EncoderArch":
+        return cls(**{k: getattr(model, k) for k in cls.model_fields})
+
+
+class FtModelConfig(_Strict):
+    init: Optional[str] = Field(None, description="initial weights: a cfmae checkpoint or run folder, an MAE / "
+                                "MultiMAE / timm file, or 'random'; null = the newest run under runs/pretrain")
+    encoder: Optional[EncoderArch] = Field(None, description="null = the checkpoint's architecture (for "
+                                           "--checkpoint random: the model section of the preset `arch`)")
+    arch: str = Field("vitb-400e", description="pre-training preset whose architecture a random-init run uses")
+    global_pool: Literal["avg", "token"] = Field("avg", description="avg = mean of the patch tokens and a norm "
+                                                 "(MAE fine-tuning); token = the global token")
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    head_init_std: float = Field(2e-5, gt=0, description="std of the head's truncated-normal init")
+
+
+class FtOptimConfig(_Strict):
+    name: Literal["adamw", "lars"] = Field("adamw", description="lars for linear probing (MAE)")
+    base_lr: float = Field(1e-3, gt=0, description="lr = base_lr * effective_batch / 256")
+    lr: Optional[float] = Field(None, gt=0, description="absolute lr; overrides the scaling rule")
+    layer_decay: float = Field(0.7, gt=0, le=1, description="layer-wise lr decay (1 = none)")
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0, lt=1, description="LARS momentum")
+    warmup_epochs: float = Field(5, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
+    effective_batch: int = Field(2048, ge=1, description="per-device batch x devices x accumulation steps")
+    clip_grad: Optional[float] = Field(None, gt=0, description="max gradient norm; null = no clipping")
+
+
+class FtTrainConfig(RunConfig):
+    epochs: int = Field(100, ge=1)
+    save_every: int = Field(10, ge=1, description="keep a checkpoint every N epochs (plus last.pt, best.pt)")
+
+
+class FinetuneConfig(_Strict):
+    """The fine-tuning config (``cfmae finetune``)."""
+
+    TASK: ClassVar[str] = "finetune"
+    mode: Literal["full", "linear"] = Field("full", description="full fine-tuning, or a linear probe on the "
+                                            "frozen encoder")
+    data: FtDataConfig = FtDataConfig()
+    model: FtModelConfig = FtModelConfig()
+    aug: AugConfig = AugConfig()
+    optim: FtOptimConfig = FtOptimConfig()
+    train: FtTrainConfig = FtTrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "FinetuneConfig":
+        enc = self.model.encoder
+        if enc is not None and self.data.img_size % enc.patch_size:
+            raise ValueError(f"data.img_size: {self.data.img_size} is not divisible by the patch size "
+                             f"{enc.patch_size}")
+        return self

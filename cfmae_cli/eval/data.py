@@ -1,0 +1,154 @@
+"""Fine-tuning data: the train/ and val/ splits, their transforms (timm's ``create_transform``), bad files.
+
+A split is an ImageFolder (``SPLIT/<class>/<image>``) or the dataset layout of docs/dataset-format.md
+(``SPLIT/rgb/<class>/…`` with ``instance/`` and ``semantic/``); multi-granular input needs the latter. A folder
+without ``train/`` and ``val/`` can be split by ``data.val_fraction`` (a hash of each file's class and name
+decides, so the split never changes). Items are the dicts of :mod:`cfmae_cli.data.dataset` with ``label``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform
+from torch.utils.data import Dataset
+
+from cfmae_cli.data.dataset import MultiGranularDataset, Skipped
+from cfmae_cli.data.layout import IMAGE_EXTENSIONS, Sample, list_samples, read_manifest
+from cfmae_cli.data.transforms import JointTransform
+from cfmae_cli.errors import DataError
+from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
+from cfmae_cli.seeding import mix_seed
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Python, NumPy and torch (CPU) generators seeded with ``seed`` inside, restored after."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        torch.default_generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+class ImageListDataset(Dataset):
+    """RGB images with class labels through a PIL transform → {'rgb', 'label'}, or a :class:`Skipped` record.
+
+    A key ``(epoch, index)`` draws the augmentation from generators seeded by (seed, epoch, index): the same
+    in any worker or process, so a resumed run sees the same images as an unbroken one.
+    """
+
+    def __init__(self, samples: list[Sample], transform: Any, seed: int = 0):
+        self.samples, self.transform, self.seed = samples, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        with Image.open(sample.rgb) as im:
+            return {"rgb": self.transform(im.convert("RGB")), "label": sample.label}
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | Skipped:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        try:
+            if epoch is None:
+                return self.load(index)
+            with seeded(mix_seed(self.seed, epoch, index)):
+                return self.load(index)
+        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            return Skipped(str(self.samples[index].rgb), f"unreadable: {type(exc).__name__}: {exc}")
+
+
+def list_split(folder: Path, maps: list[str]) -> tuple[list[Sample], list[str]]:
+    """Samples and class names of one split (the dataset layout, or an ImageFolder for RGB-only input)."""
+    if (folder / "rgb").is_dir():
+        return list_samples(folder, maps)
+    if maps:
+        raise DataError(f"{folder}: multi-granular fine-tuning reads {', '.join(maps)} maps, so the split must have "
+                        f"the dataset layout (rgb/, instance/, semantic/; docs/dataset-format.md). Label the images "
+                        f"with `cfmae label`, or fine-tune on RGB only (--modalities rgb).")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found.")
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    samples = [Sample(Path(e.path), Path(), Path(), label)
+               for label, name in enumerate(classes)
+               for e in sorted(os.scandir(folder / name), key=lambda e: e.name)
+               if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
+    if not samples:
+        raise DataError(f"{folder}: no images in class folders (expected {folder}/<class>/<image>, extensions "
+                        f"{', '.join(IMAGE_EXTENSIONS)}).")
+    return samples, classes
+
+
+def _held_out(sample: Sample, fraction: float) -> bool:
+    key = f"{sample.rgb.parent.name}/{sample.rgb.stem}".encode()
+    return zlib.crc32(key) % 10_000 < fraction * 10_000
+
+
+def find_splits(root: Path, val_fraction: float | None, maps: list[str]
+                ) -> tuple[list[Sample], list[Sample], list[str], Path]:
+    """(train samples, val samples, class names, the folder whose manifest describes the maps)."""
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found.")
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train, classes = list_split(root / "train", maps)
+        val, val_classes = list_split(root / "val", maps)
+        if val_classes != classes:
+            only_train = sorted(set(classes) - set(val_classes))
+            only_val = sorted(set(val_classes) - set(classes))
+            raise DataError(f"{root}: train/ and val/ have different class folders (only in train: "
+                            f"{only_train[:5] or 'none'}; only in val: {only_val[:5] or 'none'}).")
+        meta = root / "train"
+    elif val_fraction:
+        samples, classes = list_split(root, maps)
+        val = [s for s in samples if _held_out(s, val_fraction)]
+        train = [s for s in samples if not _held_out(s, val_fraction)]
+        meta = root
+    else:
+        raise DataError(f"{root}: no train/ and val/ folders. Expected ROOT/train/<class>/<image> and "
+                        f"ROOT/val/<class>/<image> (or the dataset layout in each), or hold out a share of one folder "
+                        f"with --set data.val_fraction=0.1.")
+    if len(classes) < 2:
+        raise DataError(f"{root}: classification needs at least two class folders, found {len(classes)}.")
+    if not train or not val:
+        raise DataError(f"{root}: the {'train' if not train else 'val'} split is empty.")
+    return train, val, classes, meta
+
+
+def build_datasets(cfg: FinetuneConfig, arch: EncoderArch, root: Path) -> dict[str, Any]:
+    """{'train', 'val' datasets, 'classes', 'num_semantic_classes'} for this config."""
+    d, aug = cfg.data, cfg.aug
+    maps = [m for m in d.modalities if m != "rgb"]
+    train, val, classes, meta = find_splits(root, d.val_fraction, maps)
+    if maps:
+        c_sem = int(read_manifest(meta)["num_semantic_classes"])
+
+        def joint(training: bool) -> JointTransform:
+            return JointTransform(d.img_size, arch.map_stride, arch.num_instance_ids, aug.scale, aug.ratio,
+                                  aug.hflip, d.mean, d.std, train=training)
+
+        return {"train": MultiGranularDataset(train, joint(True), maps, c_sem, cfg.train.seed),
+                "val": MultiGranularDataset(val, joint(False), maps, c_sem, cfg.train.seed),
+                "classes": classes, "num_semantic_classes": c_sem}
+    train_tf = create_transform(d.img_size, is_training=True, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
+                                color_jitter=aug.color_jitter, auto_augment=aug.auto_augment,
+                                interpolation=d.interpolation, re_prob=aug.reprob, re_mode="pixel", re_count=1,
+                                mean=d.mean, std=d.std)
+    val_tf = create_transform(d.img_size, is_training=False, crop_pct=d.crop_pct, interpolation=d.interpolation,
+                              mean=d.mean, std=d.std)
+    return {"train": ImageListDataset(train, train_tf, cfg.train.seed), "val": ImageListDataset(val, val_tf),
+            "classes": classes, "num_semantic_classes": 0}
