@@ -9,13 +9,14 @@ import signal
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 from typer.testing import CliRunner
 
 from cfmae_cli.cli import app
 from cfmae_cli.errors import DataError
-from cfmae_cli.eval.classifier import ViTClassifier
+from cfmae_cli.eval.classifier import ViTClassifier, load_classifier
 from cfmae_cli.eval.config import AugConfig, EncoderArch, FtOptimConfig
 from cfmae_cli.eval.data import find_splits
 from cfmae_cli.eval.finetune import Mixer, layer_decay_groups
@@ -110,6 +111,23 @@ def test_finetune_on_an_image_folder(tmp_path: Path) -> None:
     assert cfg["task"] == "finetune" and cfg["model"]["init"] == str(ckpt.resolve())
     assert cfg["model"]["encoder"]["embed_dim"] == 32 and cfg["model"]["encoder"]["depth"] == 2
     assert (out / "plots" / "loss.png").is_file()
+    assert_exports_to_timm(out / "checkpoints/best.pt", tmp_path / "export")
+
+
+def assert_exports_to_timm(ckpt: Path, folder: Path) -> None:
+    """`cfmae export` of a classifier: timm's model gives our logits (strict keys, the head included)."""
+    result = runner.invoke(app, ["export", str(ckpt), "--out", str(folder)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((folder / "config.json").read_text())
+    classes = config["num_classes"]
+    theirs = timm.create_model(config["architecture"], pretrained=True, num_classes=classes,
+                               pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"),
+                                                           num_classes=classes), **config["model_args"]).eval()
+    ours, _, names = load_classifier(ckpt)
+    assert config["label_names"] == names
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (ours({"rgb": x}) - theirs(x)).abs().max() < 1e-5
 
 
 def test_linear_probe_keeps_the_encoder(tmp_path: Path) -> None:
@@ -126,6 +144,7 @@ def test_linear_probe_keeps_the_encoder(tmp_path: Path) -> None:
     assert "head.0.running_mean" in state  # the norm without affine parameters before the linear layer
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["mode"] == "linear" and cfg["optim"]["name"] == "lars" and cfg["aug"]["mixup"] == 0.0
+    assert_exports_to_timm(out, tmp_path / "export")  # the BatchNorm folded into the linear head
 
 
 def test_multi_granular_input_uses_the_pretrained_adapters(tmp_path: Path) -> None:
@@ -139,6 +158,8 @@ def test_multi_granular_input_uses_the_pretrained_adapters(tmp_path: Path) -> No
     for key in ("adapters.semantic.embed.weight", "adapters.instance.proj.weight"):
         assert torch.allclose(state[key], source.state_dict()[key], atol=1e-6), key
     assert epochs(out)[0]["val_images"] == 4
+    result = runner.invoke(app, ["export", str(out), "--out", str(tmp_path / "export")])
+    assert result.exit_code == 2 and "takes RGB only" in " ".join(result.output.split())
     # RGB-only folders cannot feed maps: the message says what to do
     code, text = finetune("--checkpoint", str(ckpt), "--data", str(image_folder(tmp_path / "imf")), "--out",
                           str(tmp_path / "r2"), "--modalities", "rgb,instance,semantic", *ft_sets())
@@ -250,3 +271,49 @@ def test_sigterm_then_resume_equals_an_unbroken_finetune(tmp_path: Path) -> None
     wa = torch.load(tmp_path / "stopped/checkpoints/last.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "unbroken/checkpoints/last.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wb)
+
+
+def test_randaugment_posterize_at_full_magnitude_gives_black() -> None:
+    """timm asks Pillow for 0 bits at the largest magnitude; Pillow >= 12 refuses that, we give black."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    from cfmae_cli.eval.data import pillow_safe
+
+    transform = pillow_safe(create_transform(32, is_training=True, auto_augment="rand-m10-mstd0-inc1"))
+    op = next(op for t in transform.transforms for op in getattr(t, "ops", []) if "Posterize" in op.name)
+    op.prob, op.magnitude = 1.0, 10
+    out = op(Image.new("RGB", (8, 8), (200, 100, 50)))
+    assert out.getpixel((0, 0)) == (0, 0, 0)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_share_the_training_and_the_evaluation(tmp_path: Path) -> None:
+    data = image_folder(tmp_path)
+    _, ckpt = _ours(tmp_path)
+    cli("finetune", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "ddp"), "--gpus", "0",
+        "--procs", "2", *ft_sets("train.batch_size=2"), cwd=tmp_path)
+    records = epochs(tmp_path / "ddp")
+    assert [r["val_images"] for r in records] == [4, 4]  # each val image once, over both ranks
+    assert (tmp_path / "ddp/checkpoints/best.pt").is_file()
+
+
+def test_finetune_presets_hold_table_8() -> None:
+    from cfmae_cli.config import load_config
+    from cfmae_cli.eval.config import FinetuneConfig
+
+    b400 = load_config("ft-vitb-400e", schema=FinetuneConfig)
+    b1600 = load_config("ft-vitb-1600e", schema=FinetuneConfig)
+    assert (b400.optim.base_lr, b400.optim.layer_decay, b1600.optim.base_lr, b1600.optim.layer_decay) == \
+        (1e-3, 0.7, 5e-4, 0.65)
+    assert (b400.optim.betas, b400.optim.weight_decay, b400.optim.effective_batch, b400.train.epochs,
+            b400.optim.warmup_epochs) == ((0.9, 0.999), 0.05, 2048, 100, 5)
+    assert (b400.aug.auto_augment, b400.aug.label_smoothing, b400.aug.mixup, b400.aug.cutmix,
+            b400.model.drop_path, b400.model.global_pool, b400.data.img_size) == \
+        ("rand-m9-mstd0.5-inc1", 0.1, 0.8, 1.0, 0.1, "avg", 224)
+    probe = load_config("ft-vitb-1600e", schema=FinetuneConfig, mode="linear")
+    assert (probe.mode, probe.optim.name, probe.optim.base_lr, probe.optim.layer_decay, probe.aug.mixup,
+            probe.model.global_pool, probe.train.epochs) == ("linear", "lars", 0.1, 1.0, 0.0, "token", 90)
+    result = runner.invoke(app, ["presets", "ft-vitb-400e", "--gpus", "8"])
+    assert result.exit_code == 0, result.output
+    assert "task: finetune" in result.output and "lr 8.0e-03 at effective batch 2048" in result.output

@@ -13,19 +13,21 @@ from cfmae_cli.model.convert import export_timm
 
 @guarded
 def export(
-    checkpoint: Path = typer.Argument(..., help="cfmae checkpoint or run folder"),
+    checkpoint: Path = typer.Argument(..., help="cfmae pre-training or fine-tuning checkpoint, or run folder"),
     out: Path = typer.Option(..., "--out", help="folder for model.safetensors and config.json"),
 ) -> None:
-    """Export the encoder to timm (model.safetensors + config.json).
+    """Export the encoder to timm (model.safetensors + config.json); a fine-tuned classifier with its head.
 
     Example: cfmae export runs/pretrain/vitb-400e --out vitb-cfmae
 
-    Load it with timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=1000,
-    pretrained_cfg_overlay=dict(file="vitb-cfmae/model.safetensors"), **config["model_args"]).
+    Example, a fine-tuned classifier: cfmae export runs/finetune/ft-vitb-400e/checkpoints/best.pt --out vitb-in1k
+
+    The last line printed is the timm.create_model call that loads it (strict keys).
     """
     folder = export_timm(checkpoint, out)
-    args = json.loads((folder / "config.json").read_text())["model_args"]
+    config = json.loads((folder / "config.json").read_text())
     console.print(f"wrote {folder / 'model.safetensors'} and {folder / 'config.json'}", highlight=False)
-    console.print(f"timm.create_model('vit_base_patch16_224', pretrained=True, num_classes=0, "
-                  f"pretrained_cfg_overlay=dict(file='{folder / 'model.safetensors'}'), "
-                  f"**{args})", highlight=False, markup=False)
+    classes = config["num_classes"]
+    console.print(f"timm.create_model('vit_base_patch16_224', pretrained=True, num_classes={classes}, "
+                  f"pretrained_cfg_overlay=dict(file='{folder / 'model.safetensors'}', num_classes={classes}), "
+                  f"**{config['model_args']})", highlight=False, markup=False)

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from cfmae_cli.cli.common import console, guarded
-from cfmae_cli.config import OptimConfig, derived, dump_config, list_presets, load_config
+from cfmae_cli.config import OptimConfig, batch_plan, derived, dump_config, list_presets, load_config, preset_task
 
 
 def describe_derived(info: dict, optim: OptimConfig) -> list[str]:
@@ -37,11 +37,22 @@ def presets(
     Example: cfmae presets vitb-400e --gpus 8
     """
     if name is None:
-        table = Table("preset", "description", title="cfmae presets")
+        table = Table("preset", "command", "description", title="cfmae presets")
         for preset, text in list_presets().items():
-            table.add_row(preset, text)
+            table.add_row(preset, preset_task(preset), text)
         console.print(table)
         console.print("Show one with: cfmae presets NAME")
+        return
+    if preset_task(name) == "finetune":
+        from cfmae_cli.eval.config import FinetuneConfig
+
+        cfg = load_config(name, set_, FinetuneConfig)
+        console.print(f"# fine-tuning preset {name}, resolved (model.encoder null = the checkpoint's)",
+                      highlight=False)
+        console.print(dump_config(cfg), highlight=False, end="")
+        plan = batch_plan(cfg.optim, cfg.train, gpus)
+        console.print(f"# derived (for {gpus} device(s)): lr {plan['lr']:.1e} at effective batch "
+                      f"{plan['effective_batch']}, {plan['accumulation_steps']} accumulation step(s)", highlight=False)
         return
     cfg = load_config(name, set_)
     info = derived(cfg, world_size=gpus)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.eval.config import EncoderArch
+from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
 from cfmae_cli.model.encoder import ViTEncoder
 from cfmae_cli.model.layers import MapAdapter, embed_tokens, init_weights
 
@@ -128,3 +128,24 @@ def load_encoder_weights(model: ViTClassifier, state: dict[str, Tensor], source:
     if fresh:
         log.warning("%s has no %s adapter: it starts from random weights", source, " and ".join(fresh))
     log.info("initialised %d tensors from %s", len(keep), source)
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu"
+                    ) -> tuple[ViTClassifier, FinetuneConfig, list[str]]:
+    """A ``cfmae finetune`` checkpoint (file or run folder) as an eval-mode classifier, its config and its
+    class names."""
+    from cfmae_cli.config import config_from_dict
+    from cfmae_cli.train.checkpoint import checkpoint_path, load_checkpoint
+
+    file = checkpoint_path(path)
+    ckpt = load_checkpoint(file)
+    if ckpt.get("task") != "finetune":
+        raise CfmaeError(f"{file}: a {ckpt.get('task', 'pretrain')} checkpoint, not a classifier; fine-tune it first "
+                         f"with `cfmae finetune --checkpoint {path}`.")
+    cfg = config_from_dict(ckpt["config"], f"the config in {file}", FinetuneConfig)
+    state = ckpt["model"]
+    c_sem = state["adapters.semantic.embed.weight"].shape[0] - 1 if "adapters.semantic.embed.weight" in state else 0
+    model = ViTClassifier(cfg.model.encoder, cfg.data.img_size, len(ckpt["classes"]), cfg.data.modalities, c_sem,
+                          cfg.model.global_pool, linear=cfg.mode == "linear")
+    model.load_state_dict(state)
+    return model.to(device).eval(), cfg, list(ckpt["classes"])

@@ -43,10 +43,10 @@ class AugConfig(_Strict):
     ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random-resized-crop aspect range")
     hflip: float = Field(0.5, ge=0, le=1)
     auto_augment: Optional[str] = Field("rand-m9-mstd0.5-inc1", description="timm RandAugment string "
-                                        "(RandAug(9, 0.5)); null = none; photometric ops only with maps")
+                                        "(RandAug(9, 0.5)); null = none; RGB-only input (not used with maps)")
     color_jitter: Optional[float] = Field(None, ge=0, description="colour jitter (ignored by timm when "
                                           "auto_augment is set)")
-    reprob: float = Field(0.25, ge=0, le=1, description="random-erasing probability (rgb only)")
+    reprob: float = Field(0.25, ge=0, le=1, description="random-erasing probability (RGB-only input)")
     mixup: float = Field(0.8, ge=0, description="mixup alpha; 0 = off")
     cutmix: float = Field(1.0, ge=0, description="cutmix alpha; 0 = off")
     mix_prob: float = Field(1.0, ge=0, le=1, description="probability of mixing a batch")

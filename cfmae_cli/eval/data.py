@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
 from torch.utils.data import Dataset
 
@@ -57,20 +57,35 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> dict[str, Any]:
-        sample = self.samples[index]
-        with Image.open(sample.rgb) as im:
-            return {"rgb": self.transform(im.convert("RGB")), "label": sample.label}
-
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | Skipped:
         epoch, index = key if isinstance(key, tuple) else (None, key)
-        try:
-            if epoch is None:
-                return self.load(index)
-            with seeded(mix_seed(self.seed, epoch, index)):
-                return self.load(index)
+        sample = self.samples[index]
+        try:  # a file that cannot be read is skipped; a failing transform is a bug and is raised
+            with Image.open(sample.rgb) as im:
+                image = im.convert("RGB")
         except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            return Skipped(str(self.samples[index].rgb), f"unreadable: {type(exc).__name__}: {exc}")
+            return Skipped(str(sample.rgb), f"unreadable: {type(exc).__name__}: {exc}")
+        with seeded(mix_seed(self.seed, epoch, index)) if epoch is not None else contextlib.nullcontext():
+            return {"rgb": self.transform(image), "label": sample.label}
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """Posterize that keeps 0 bits as a black image: timm's RandAugment asks for 0 bits at the largest
+    magnitude, which Pillow >= 12 refuses with a ValueError (older Pillow returned black)."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def pillow_safe(transform: Any) -> Any:
+    """``transform`` with the posterize ops of any RandAugment inside replaced by :func:`_posterize`."""
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if "Posterize" in getattr(op, "name", ""):
+                op.aug_fn = _posterize
+    return transform
 
 
 def list_split(folder: Path, maps: list[str]) -> tuple[list[Sample], list[str]]:
@@ -144,10 +159,10 @@ def build_datasets(cfg: FinetuneConfig, arch: EncoderArch, root: Path) -> dict[s
         return {"train": MultiGranularDataset(train, joint(True), maps, c_sem, cfg.train.seed),
                 "val": MultiGranularDataset(val, joint(False), maps, c_sem, cfg.train.seed),
                 "classes": classes, "num_semantic_classes": c_sem}
-    train_tf = create_transform(d.img_size, is_training=True, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
+    train_tf = pillow_safe(create_transform(d.img_size, is_training=True, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
                                 color_jitter=aug.color_jitter, auto_augment=aug.auto_augment,
                                 interpolation=d.interpolation, re_prob=aug.reprob, re_mode="pixel", re_count=1,
-                                mean=d.mean, std=d.std)
+                                mean=d.mean, std=d.std))
     val_tf = create_transform(d.img_size, is_training=False, crop_pct=d.crop_pct, interpolation=d.interpolation,
                               mean=d.mean, std=d.std)
     return {"train": ImageListDataset(train, train_tf, cfg.train.seed), "val": ImageListDataset(val, val_tf),

@@ -18,7 +18,8 @@ def shard_loader(dataset: Dataset, batch_size: int, workers: int, info: distribu
     """This rank's share of ``dataset`` (every world-th item), in order, unshuffled."""
     part = Subset(dataset, range(info.rank, len(dataset), info.world)) if info.distributed else dataset
     return DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                      pin_memory=info.device.type == "cuda", generator=torch.Generator())
+                      pin_memory=info.device.type == "cuda", persistent_workers=workers > 0,
+                      generator=torch.Generator())
 
 
 @torch.no_grad()

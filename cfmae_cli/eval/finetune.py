@@ -27,6 +27,7 @@ from cfmae_cli.eval.data import build_datasets, seeded
 from cfmae_cli.eval.evaluate import evaluate, shard_loader
 from cfmae_cli.model.convert import detect_format, load_any, to_cfmae
 from cfmae_cli.train import distributed
+from cfmae_cli.train.checkpoint import load_checkpoint
 from cfmae_cli.train.engine import Progress, StepContext, Task, run_task
 from cfmae_cli.train.setup import dataset_root, resolve_device
 
@@ -53,7 +54,7 @@ def initial_weights(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict[str, Tens
     """
     from cfmae_cli.viz.inference import newest_checkpoint
 
-    init = cfg.model.init or str(newest_checkpoint())
+    init = cfg.model.init or str(newest_checkpoint().resolve())
     if init == "random":
         arch = cfg.model.encoder or EncoderArch.of(load_config(cfg.model.arch).model)
         state, source = None, "random"
@@ -63,7 +64,7 @@ def initial_weights(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict[str, Tens
         try:
             state = to_cfmae(raw)
             arch, seen = (EncoderArch.of(own.model), set(EncoderArch.model_fields)) if own is not None \
-                else arch_from_state(state)
+                else finetuned_arch(Path(init)) or arch_from_state(state)
         except CfmaeError as exc:
             raise CfmaeError(f"{init}: {exc}") from None
         source = f"{init} ({fmt} format)"
@@ -87,6 +88,16 @@ def layer_decay_groups(model: ViTClassifier, optim: FtOptimConfig) -> list[dict[
     (scale 1); no weight decay on biases, norms and tokens."""
     return param_groups_layer_decay(model, weight_decay=optim.weight_decay,
                                     no_weight_decay_list=model.no_weight_decay(), layer_decay=optim.layer_decay)
+
+
+def finetuned_arch(path: Path) -> tuple[EncoderArch, set[str]] | None:
+    """The encoder architecture stored in a fine-tuning checkpoint of ours (None for any other file)."""
+    try:
+        ckpt = load_checkpoint(path, mmap=True)
+    except CfmaeError:
+        return None
+    encoder = (ckpt.get("config") or {}).get("model", {}).get("encoder") if ckpt.get("task") == "finetune" else None
+    return (EncoderArch(**encoder), set(EncoderArch.model_fields)) if encoder else None
 
 
 class Mixer:
@@ -201,7 +212,9 @@ class FinetuneTask(Task):
                 f"initial weights: {self.source}",
                 f"recipe: {cfg.optim.name}, layer decay {cfg.optim.layer_decay}, weight decay "
                 f"{cfg.optim.weight_decay}, drop path {cfg.model.drop_path}, mixup {cfg.aug.mixup}, cutmix "
-                f"{cfg.aug.cutmix}, label smoothing {cfg.aug.label_smoothing}, RandAugment {cfg.aug.auto_augment}"]
+                f"{cfg.aug.cutmix}, label smoothing {cfg.aug.label_smoothing}, "
+                + (f"RandAugment {cfg.aug.auto_augment}, random erasing {cfg.aug.reprob}" if self.modalities == ["rgb"]
+                   else "joint crop + flip of image and maps (no RandAugment, no erasing)")]
 
     def state_dict(self) -> dict[str, Any]:
         return {"task": "finetune", "classes": self.classes, "best": self.best, "init": self.source}

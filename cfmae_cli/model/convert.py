@@ -73,10 +73,8 @@ def timm_config(cfg: Config, source: str) -> dict[str, Any]:
             "cfmae": {"source": source, "modalities": list(cfg.data.modalities)}}
 
 
-def load_any(path: Path) -> tuple[dict[str, Tensor], Config | None]:
-    """Weights (and our config when there is one) from a cfmae checkpoint, a run folder, or an MAE / MultiMAE
-    / timm state-dict file; clear errors for everything else."""
-    from cfmae_cli.config import config_from_dict
+def read_file(path: Path) -> tuple[Path, dict[str, Any]]:
+    """(the file, its top-level dict) of a checkpoint, a run folder or a state-dict file; clear errors."""
     from cfmae_cli.train.checkpoint import checkpoint_path
 
     path = checkpoint_path(path)
@@ -90,6 +88,15 @@ def load_any(path: Path) -> tuple[dict[str, Tensor], Config | None]:
                          f"torch.save(ckpt['model'], 'weights.pt').") from None
     if not isinstance(raw, dict):
         raise CfmaeError(f"{path}: not a checkpoint (a {type(raw).__name__}, not a dict of tensors).")
+    return path, raw
+
+
+def load_any(path: Path) -> tuple[dict[str, Tensor], Config | None]:
+    """Weights (and our pre-training config when there is one) from a cfmae checkpoint, a run folder, or an MAE
+    / MultiMAE / timm state-dict file; clear errors for everything else."""
+    from cfmae_cli.config import config_from_dict
+
+    path, raw = read_file(path)
     state = raw.get("model", raw.get("state_dict", raw))
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CfmaeError(f"{path}: no state dict of tensors found (looked at 'model', 'state_dict' and the top level).")
@@ -98,17 +105,56 @@ def load_any(path: Path) -> tuple[dict[str, Tensor], Config | None]:
     return state, cfg
 
 
+def timm_classifier(raw: dict[str, Any], path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A ``cfmae finetune`` checkpoint as a timm ``VisionTransformer`` with its head: (weights, config.json).
+
+    Average pooling maps to timm's ``global_pool='avg'`` (``fc_norm``, no final ``norm``), the global token to
+    ``'token'``. A linear probe's BatchNorm (no affine parameters) is folded into the linear layer.
+    """
+    cfg = raw["config"]
+    if cfg["data"]["modalities"] != ["rgb"]:
+        raise CfmaeError(f"{path}: this classifier reads {' + '.join(cfg['data']['modalities'])}; timm's "
+                         f"VisionTransformer takes RGB only. Export its pre-training checkpoint's encoder instead.")
+    state, enc, pool = raw["model"], cfg["model"]["encoder"], cfg["model"]["global_pool"]
+    weights = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    weights.update({k: v for k, v in state.items() if k.startswith("fc_norm.")})
+    if "head.weight" in state:
+        weights.update({"head.weight": state["head.weight"], "head.bias": state["head.bias"]})
+    else:  # linear probe: head = BatchNorm1d(affine=False, eps=1e-6) then Linear
+        inv = (state["head.0.running_var"].double() + 1e-6).rsqrt()
+        w, b = state["head.1.weight"].double(), state["head.1.bias"].double()
+        weights["head.weight"] = (w * inv).float()
+        weights["head.bias"] = (b - (w * inv) @ state["head.0.running_mean"].double()).float()
+    weights = {k: v.contiguous() for k, v in weights.items()}
+    size, classes = cfg["data"]["img_size"], len(raw["classes"])
+    args = {"img_size": size, "patch_size": enc["patch_size"], "embed_dim": enc["embed_dim"], "depth": enc["depth"],
+            "num_heads": enc["num_heads"], "mlp_ratio": enc["mlp_ratio"], "global_pool": pool}
+    config = {"architecture": "vit_base_patch16_224", "num_classes": classes, "num_features": enc["embed_dim"],
+              "global_pool": pool, "model_args": args, "label_names": list(raw["classes"]),
+              "pretrained_cfg": {"input_size": [3, size, size], "interpolation": cfg["data"]["interpolation"],
+                                 "mean": list(cfg["data"]["mean"]), "std": list(cfg["data"]["std"]),
+                                 "num_classes": classes, "first_conv": "patch_embed.proj", "classifier": "head",
+                                 "crop_pct": cfg["data"]["crop_pct"]},
+            "cfmae": {"source": str(path), "task": "finetune", "mode": cfg["mode"], "init": cfg["model"]["init"]}}
+    return weights, config
+
+
 def export_timm(path: Path, out: Path, cfg: Config | None = None) -> Path:
-    """Write ``out/model.safetensors`` + ``out/config.json`` (timm layout, no head)."""
+    """Write ``out/model.safetensors`` + ``out/config.json`` (timm layout): a pre-trained encoder without a
+    head, or a fine-tuned classifier with its head."""
     from safetensors.torch import save_file
 
-    state, own = load_any(path)
-    cfg = cfg or own
-    if cfg is None:
-        raise CfmaeError(f"{path}: holds no cfmae config to describe the architecture; export needs a cfmae checkpoint "
-                         f"(convert MAE / MultiMAE weights with `cfmae pretrain --init FILE` first).")
-    weights = to_timm(state)
+    file, raw = read_file(path)
+    if raw.get("task") == "finetune":
+        weights, config = timm_classifier(raw, file)
+    else:
+        state, own = load_any(file)
+        cfg = cfg or own
+        if cfg is None:
+            raise CfmaeError(f"{path}: holds no cfmae config to describe the architecture; export needs a cfmae "
+                             f"checkpoint (convert MAE / MultiMAE weights with `cfmae pretrain --init FILE` first).")
+        weights, config = to_timm(state), timm_config(cfg, str(path))
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(timm_config(cfg, str(path)), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
