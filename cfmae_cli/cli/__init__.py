@@ -25,6 +25,7 @@ from cfmae_cli.cli import finetune as _finetune  # noqa: E402
 from cfmae_cli.cli import label as _label  # noqa: E402
 from cfmae_cli.cli import presets as _presets  # noqa: E402
 from cfmae_cli.cli import pretrain as _pretrain  # noqa: E402
+from cfmae_cli.cli import robustness as _robustness  # noqa: E402
 from cfmae_cli.cli import visualise as _visualise  # noqa: E402
 
 app.command("export")(_export.export)
@@ -32,6 +33,7 @@ app.command("finetune")(_finetune.finetune)
 app.command("label")(_label.label)
 app.command("pretrain")(_pretrain.pretrain)
 app.command("presets")(_presets.presets)
+app.command("eval-robustness")(_robustness.eval_robustness)
 app.command("reconstruct")(_visualise.reconstruct)
 app.command("attention-map")(_visualise.attention_map)
 

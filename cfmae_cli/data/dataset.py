@@ -103,11 +103,12 @@ class MultiGranularDataset(Dataset):
 
 
 def collate(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
-    """Stack the good items; ``skipped`` lists the bad ones. Maps stay long, RGB float32, ``size`` = count."""
+    """Stack the good items; ``skipped`` lists the bad ones. Tensors are stacked (maps stay long, RGB float32),
+    integers (``label``, …) become a long tensor; ``size`` = count."""
     good = [x for x in items if not isinstance(x, Skipped)]
     out: dict[str, Any] = {"skipped": [x for x in items if isinstance(x, Skipped)], "size": len(good)}
     if good:
         for key in good[0]:
-            out[key] = torch.stack([x[key] for x in good]) if key != "label" else \
-                torch.tensor([x[key] for x in good], dtype=torch.long)
+            values = [x[key] for x in good]
+            out[key] = torch.stack(values) if torch.is_tensor(values[0]) else torch.tensor(values, dtype=torch.long)
     return out

@@ -1,0 +1,117 @@
+"""Classifiers to evaluate: a ``cfmae finetune`` checkpoint, an exported timm folder, or a timm model name with
+local weights (for baselines) — each with the preprocessing it was trained for."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+from timm.data import create_transform
+from torch import Tensor, nn
+from torchvision.transforms import v2
+
+from cfmae_cli.errors import CfmaeError
+
+Interp = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}
+
+
+@dataclass
+class EvalModel:
+    module: nn.Module
+    forward: Callable[[Tensor], Tensor]  # (B, 3, S, S) normalised → (B, classes) logits
+    img_size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    description: str
+    classes: list[str] | None = None  # class names in logit order, when the file says
+
+    def resize_transform(self) -> Callable[[Image.Image], Tensor]:
+        """Resize the short side to img_size / crop_pct, centre crop img_size, normalise (timm's eval transform)."""
+        return create_transform(self.img_size, is_training=False, crop_pct=self.crop_pct,
+                                interpolation=self.interpolation, mean=self.mean, std=self.std)
+
+    def as_is_transform(self) -> Callable[[Image.Image], Tensor]:
+        """Normalise only; an image of another size than img_size is resized to it (ImageNet-C is 224 x 224)."""
+        size = self.img_size
+        norm = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)])
+        resize = v2.Resize((size, size), interpolation=Interp.get(self.interpolation, Interp["bicubic"]),
+                           antialias=True)
+        return lambda im: norm(im if im.size == (size, size) else resize(im))
+
+    def describe_preprocessing(self) -> str:
+        return (f"resize {math.floor(self.img_size / self.crop_pct)} ({self.interpolation}), centre crop {self.img_size}, "
+                f"mean {tuple(round(m, 3) for m in self.mean)}, std {tuple(round(s, 3) for s in self.std)}; "
+                f"ImageNet-C as is ({self.img_size} x {self.img_size})")
+
+
+def load_eval_model(checkpoint: str | None, model_name: str | None, device: torch.device) -> EvalModel:
+    if model_name is not None:
+        return _timm_by_name(model_name, checkpoint, device)
+    if checkpoint is None:
+        raise CfmaeError("--checkpoint: give a fine-tuned checkpoint or run folder, an exported timm folder, or "
+                         "--model NAME with --checkpoint WEIGHTS.")
+    path = Path(checkpoint)
+    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return _timm_folder(path, device)
+    return _ours(path, device)
+
+
+def _ours(path: Path, device: torch.device) -> EvalModel:
+    from cfmae_cli.eval.classifier import load_classifier
+
+    model, cfg, classes = load_classifier(path, device)
+    if cfg.data.modalities != ["rgb"]:
+        raise CfmaeError(f"{path}: this classifier reads {' + '.join(cfg.data.modalities)}; the ImageNet variants "
+                         f"have no instance or semantic maps. Evaluate a classifier fine-tuned on RGB.")
+    d = cfg.data
+    return EvalModel(model, lambda x: model({"rgb": x}), d.img_size, d.crop_pct, d.interpolation, tuple(d.mean),
+                     tuple(d.std), f"cfmae classifier {path} ({cfg.mode}, {len(classes)} classes)", classes)
+
+
+def _from_timm(module: nn.Module, description: str, classes: list[str] | None, device: torch.device) -> EvalModel:
+    pc: dict[str, Any] = dict(getattr(module, "pretrained_cfg", {}) or {})
+    size = int(pc.get("input_size", (3, 224, 224))[-1])
+    module = module.to(device).eval()
+    return EvalModel(module, module, size, float(pc.get("crop_pct", 0.875)), str(pc.get("interpolation", "bicubic")),
+                     tuple(pc.get("mean", (0.485, 0.456, 0.406))), tuple(pc.get("std", (0.229, 0.224, 0.225))),
+                     description, classes)
+
+
+def _timm_folder(path: Path, device: torch.device) -> EvalModel:
+    import timm
+
+    config = json.loads((path / "config.json").read_text())
+    classes = int(config.get("num_classes", 0))
+    if classes == 0:
+        raise CfmaeError(f"{path}: an exported encoder without a classifier head; fine-tune it (`cfmae finetune`) "
+                         f"and export the fine-tuned checkpoint.")
+    try:
+        module = timm.create_model(config["architecture"], pretrained=True, num_classes=classes,
+                                   pretrained_cfg_overlay={**config.get("pretrained_cfg", {}), "num_classes": classes,
+                                                           "file": str(path / "model.safetensors")},
+                                   **config.get("model_args", {}))
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CfmaeError(f"{path}: timm could not build the model of its config.json ({str(exc).splitlines()[0]})") \
+            from None
+    return _from_timm(module, f"timm folder {path} ({config['architecture']}, {classes} classes)",
+                      config.get("label_names"), device)
+
+
+def _timm_by_name(name: str, weights: str | None, device: torch.device) -> EvalModel:
+    import timm
+
+    if weights is None or not Path(weights).is_file():
+        raise CfmaeError(f"--model {name}: give its weights as a local file with --checkpoint FILE (nothing is "
+                         f"downloaded).")
+    try:
+        module = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CfmaeError(f"--model {name} --checkpoint {weights}: {str(exc).splitlines()[0]}") from None
+    return _from_timm(module, f"timm {name} with {weights}", None, device)
