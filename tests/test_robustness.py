@@ -129,6 +129,10 @@ def test_imagenet_a_and_r_take_the_200_columns(tmp_path: Path) -> None:
 
 def test_mce_against_a_hand_computation(tmp_path: Path) -> None:
     errors = make_c(tmp_path)
+    for s, wrong in ((1, 1), (2, 2)):  # saturate at severities 1 and 2 only: errors 0.5 and 1.0
+        for j in range(2):
+            write_image(tmp_path / "imagenet-c" / "saturate" / str(s) / SYNSETS[7] / f"{j}.png",
+                        8 if j < wrong else 7, j, size=SIZE)
     alex = json.loads((Path(__file__).resolve().parents[1] / "cfmae_cli/eval/imagenet-c-alexnet-errors.json")
                       .read_text())["rows"]
     by_name = {r["corruption"]: r for r in alex}
@@ -137,9 +141,12 @@ def test_mce_against_a_hand_computation(tmp_path: Path) -> None:
     for c in CORRUPTIONS:
         assert results["ce"][c] == pytest.approx(ce[c], rel=1e-4), c  # the table's averages are rounded
     assert results["mCE"] == pytest.approx(sum(ce.values()) / 15, rel=1e-4)
-    assert set(results["extra_ce"]) == {"spatter"}  # reported apart, not in the mCE
-    assert results["extra_ce"]["spatter"] == pytest.approx(100 * sum(errors["spatter"]) / sum(alexnet_errors()["spatter"]))
-    assert results["images"] == 16 * 5 * 2
+    assert set(results["extra_ce"]) == {"spatter", "saturate"}  # reported apart, not in the mCE
+    alexnet = alexnet_errors()
+    assert results["extra_ce"]["spatter"] == pytest.approx(100 * sum(errors["spatter"]) / sum(alexnet["spatter"]))
+    # an extra corruption with some severities only: AlexNet's errors at those severities
+    assert results["extra_ce"]["saturate"] == pytest.approx(100 * 1.5 / sum(alexnet["saturate"][:2]))
+    assert results["images"] == 16 * 5 * 2 + 4
 
 
 def test_score_needs_all_four(tmp_path: Path) -> None:
@@ -236,6 +243,10 @@ def test_clear_messages_for_wrong_folders_and_models(tmp_path: Path) -> None:
     (tmp_path / "other").mkdir()
     small = tiny_classifier(tmp_path / "other", ["cat", "dog"])
     code, text = cli("--checkpoint", str(small), "--root", str(root), "--datasets", "sketch")
+    assert code == 2 and "a classifier of 2 classes" in text and "ImageNet-1k classifier" in text
+    (tmp_path / "renamed").mkdir()
+    renamed = tiny_classifier(tmp_path / "renamed", [f"class{i}" for i in range(1000)])
+    code, text = cli("--checkpoint", str(renamed), "--root", str(root), "--datasets", "sketch")
     assert code == 2 and "not the 1000 ImageNet-1k wnids" in text
 
 

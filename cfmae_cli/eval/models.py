@@ -31,6 +31,7 @@ class EvalModel:
     std: tuple[float, ...]
     description: str
     classes: list[str] | None = None  # class names in logit order, when the file says
+    num_classes: int | None = None  # outputs of the head, when known before a forward
 
     def resize_transform(self) -> Callable[[Image.Image], Tensor]:
         """Resize the short side to img_size / crop_pct, centre crop img_size, normalise (timm's eval transform)."""
@@ -72,7 +73,8 @@ def _ours(path: Path, device: torch.device) -> EvalModel:
                          f"have no instance or semantic maps. Evaluate a classifier fine-tuned on RGB.")
     d = cfg.data
     return EvalModel(model, lambda x: model({"rgb": x}), d.img_size, d.crop_pct, d.interpolation, tuple(d.mean),
-                     tuple(d.std), f"cfmae classifier {path} ({cfg.mode}, {len(classes)} classes)", classes)
+                     tuple(d.std), f"cfmae classifier {path} ({cfg.mode}, {len(classes)} classes)", classes,
+                     len(classes))
 
 
 def _from_timm(module: nn.Module, description: str, classes: list[str] | None, device: torch.device) -> EvalModel:
@@ -81,7 +83,7 @@ def _from_timm(module: nn.Module, description: str, classes: list[str] | None, d
     module = module.to(device).eval()
     return EvalModel(module, module, size, float(pc.get("crop_pct", 0.875)), str(pc.get("interpolation", "bicubic")),
                      tuple(pc.get("mean", (0.485, 0.456, 0.406))), tuple(pc.get("std", (0.229, 0.224, 0.225))),
-                     description, classes)
+                     description, classes, getattr(module, "num_classes", None))
 
 
 def _timm_folder(path: Path, device: torch.device) -> EvalModel:

@@ -241,10 +241,12 @@ def summarise(splits: list[Split], counts: Tensor, skipped: int) -> dict[str, An
             continue
         alex = alexnet_errors()
         errors: dict[str, list[float]] = {}
+        reference: dict[str, float] = {}  # AlexNet's errors summed over the severities present
         for split, (top1, _, n) in ((s, c.tolist()) for s, c in rows):
-            corruption = split.name.split("/")[1]
+            _, corruption, severity = split.name.split("/")
             errors.setdefault(corruption, []).append(1 - top1 / max(n, 1))
-        ce = {c: 100 * sum(e) / sum(alex[c]) for c, e in errors.items()}
+            reference[corruption] = reference.get(corruption, 0.0) + alex[corruption][int(severity) - 1]
+        ce = {c: 100 * sum(e) / reference[c] for c, e in errors.items()}
         standard = [c for c in CORRUPTIONS]
         by[NAMES[key]] = {
             "mCE": sum(ce[c] for c in standard) / len(standard),
@@ -307,6 +309,9 @@ def run_robustness(checkpoint: str | None, model_name: str | None, root: Path, d
     handler = None
     try:
         model = load_eval_model(checkpoint, model_name, info.device)
+        if model.num_classes is not None and model.num_classes != 1000:
+            raise DataError(f"{checkpoint or model_name}: a classifier of {model.num_classes} classes; the ImageNet "
+                            f"variants need an ImageNet-1k classifier (1000 classes in wnid order).")
         for key, value in (preprocessing or {}).items():
             setattr(model, key, value)
         if model.classes is not None and model.classes != imagenet_synsets():

@@ -17,8 +17,8 @@ def new_run_dir(command: str, name: str, out: str | Path | None = None, base: st
     if out is not None:
         path = Path(out)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise CfmaeError(f"{path}: the run folder exists and is not empty; choose another --out "
-                             f"(or continue that run with --resume {path}).")
+            hint = f" (or continue that run with --resume {path})" if command in ("pretrain", "finetune") else ""
+            raise CfmaeError(f"{path}: the run folder exists and is not empty; choose another --out{hint}.")
         path.mkdir(parents=True, exist_ok=True)
         return path
     root = Path(base) / command
