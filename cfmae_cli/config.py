@@ -159,6 +159,8 @@ class RunConfig(_Strict):
     keep_last: int = Field(5, ge=0, description="periodic checkpoints kept (older ones are deleted); 0 = none")
     log_every: int = Field(20, ge=1, description="optimizer steps between metrics lines")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; null = torch's default")
+    compile: bool = Field(False, description="torch.compile the model's forward and loss (one graph, no break); "
+                          "masks and the optimizer stay eager")
 
 
 class TrainConfig(RunConfig):
@@ -198,7 +200,8 @@ class Config(_Strict):
 
 # Keys that may differ when a run is resumed: they change how the run is carried out, not what it computes.
 RESUMABLE_CHANGES = frozenset({"data.num_workers", "train.device", "train.log_every", "train.save_every",
-                               "train.keep_last", "train.plot_every", "train.plot_samples", "train.threads"})
+                               "train.keep_last", "train.plot_every", "train.plot_samples", "train.threads",
+                               "train.compile"})
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

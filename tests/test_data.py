@@ -45,6 +45,21 @@ def test_joint_transform_keeps_rgb_and_maps_aligned() -> None:
         assert interior.float().mean() > 0.9
 
 
+def test_uint8_from_the_loader_normalised_on_the_device_is_the_same_image() -> None:
+    from cfmae_cli.data.transforms import normalize_on_device
+
+    rgb = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    args = (32, 4, 16, (0.2, 1.0), (0.75, 1.33), 0.5, mean, std)
+    torch.manual_seed(3)
+    floats = JointTransform(*args)(rgb, None, None)[0]
+    torch.manual_seed(3)
+    raw = JointTransform(*args, normalize=False)(rgb, None, None)[0]
+    assert raw.dtype == torch.uint8  # a quarter of the bytes through the loader
+    assert torch.allclose(normalize_on_device(raw[None], mean, std)[0], floats, atol=1e-5)
+    assert normalize_on_device(floats, mean, std) is floats  # already normalised: left alone
+
+
 def test_list_samples_flat_and_class_folders(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "d", n_per_class=2, classes=("cat", "dog"))
     samples, classes = list_samples(root)

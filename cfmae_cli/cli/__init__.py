@@ -20,6 +20,7 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="show trac
     common.setup(verbose)
 
 
+from cfmae_cli.cli import bench as _bench  # noqa: E402
 from cfmae_cli.cli import export as _export  # noqa: E402
 from cfmae_cli.cli import finetune as _finetune  # noqa: E402
 from cfmae_cli.cli import label as _label  # noqa: E402
@@ -28,6 +29,7 @@ from cfmae_cli.cli import pretrain as _pretrain  # noqa: E402
 from cfmae_cli.cli import robustness as _robustness  # noqa: E402
 from cfmae_cli.cli import visualise as _visualise  # noqa: E402
 
+app.command("bench")(_bench.bench)
 app.command("export")(_export.export)
 app.command("finetune")(_finetune.finetune)
 app.command("label")(_label.label)

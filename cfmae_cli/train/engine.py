@@ -195,8 +195,11 @@ class Engine:
         # checkpoint restores exactly — drop path draws from it)
         self.model = task.model
         trainable = any(p.requires_grad for p in self.model.parameters())
+        self.ddp = info.distributed and trainable
         self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
-                                           else None) if info.distributed and trainable else self.model
+                                           else None) if self.ddp else self.model
+        if cfg.train.compile:  # the forward and loss as one graph (docs/performance.md); weights stay self.model's
+            self.net = torch.compile(self.net)
         self.optimizer = task.build_optimizer(self.plan["lr"], self.device)
         self.bf16 = self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
         self.names = list(task.names)
@@ -327,7 +330,7 @@ class Engine:
             else:
                 inputs = {m: v.to(self.device, non_blocking=True) for m, v in batch.items() if torch.is_tensor(v)}
                 last_inputs = inputs
-            sync = contextlib.nullcontext() if a == accum - 1 or self.net is self.model else self.net.no_sync()
+            sync = contextlib.nullcontext() if a == accum - 1 or not self.ddp else self.net.no_sync()
             with sync:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss, values = self.task.forward(self.net, inputs, ctx)

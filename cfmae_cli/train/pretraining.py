@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import Skipped, collate
+from cfmae_cli.data.transforms import normalize_on_device
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.masking import MaskGenerator, schedule
 from cfmae_cli.model import CFMAE
@@ -65,6 +66,7 @@ class PretrainTask(Task):
 
     def forward(self, net: nn.Module, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, Tensor]:
         alpha_i, alpha_s = self.alphas(ctx.progress)
+        batch = {**batch, "rgb": normalize_on_device(batch["rgb"], self.cfg.data.mean, self.cfg.data.std)}
         n = batch["rgb"].shape[0]
         with torch.no_grad():
             mask = self.masks(alpha_i, alpha_s, n, self.device, instance=batch.get("instance"),
@@ -116,6 +118,7 @@ class PretrainTask(Task):
         if not items:
             return
         batch = {m: v.to(self.device) for m, v in collate(items).items() if m in self.modalities}
+        batch["rgb"] = normalize_on_device(batch["rgb"], self.cfg.data.mean, self.cfg.data.std)
         n = len(items)
         mask = self.masks(alpha_i, alpha_s, n, self.device, instance=batch.get("instance"),
                           semantic=batch.get("semantic"), seed=mix_seed(self.cfg.train.seed, 2 ** 20)).mask

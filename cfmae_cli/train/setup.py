@@ -39,13 +39,14 @@ def dataset_root(cfg: Config) -> Path:
 
 
 def build_dataset(cfg: Config, root: Path, train: bool = True) -> tuple[MultiGranularDataset, dict[str, Any]]:
-    """The dataset of ``root`` for this config, and its manifest (which gives C_sem)."""
+    """The dataset of ``root`` for this config, and its manifest (which gives C_sem). RGB comes out as uint8:
+    the task normalises it on the device (:func:`normalize_on_device`)."""
     manifest = read_manifest(root)
     maps = [m for m in cfg.data.modalities if m != "rgb"]
     samples, _ = list_samples(root, maps=maps)
     d = cfg.data
     transform = JointTransform(d.img_size, cfg.model.map_stride, cfg.model.num_instance_ids, d.crop_scale,
-                               d.crop_ratio, d.hflip, d.mean, d.std, train=train)
+                               d.crop_ratio, d.hflip, d.mean, d.std, train=train, normalize=False)
     dataset = MultiGranularDataset(samples, transform, maps, manifest["num_semantic_classes"], cfg.train.seed)
     return dataset, manifest
 

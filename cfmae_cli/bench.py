@@ -1,0 +1,226 @@
+"""Speed measurements behind ``cfmae bench``: the training step split into its phases, the FLOPs it does,
+masks, and the data path — for a preset and, in the same process, its MAE-equivalent (``mae-vitb``).
+
+FLOPs are counted, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` over one forward and one
+backward of the model at batch 2 (matrix multiplications, convolutions and attention). Step phases are timed
+with a device synchronisation at each phase boundary; img/s is timed separately over steps without any.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from cfmae_cli.config import Config
+from cfmae_cli.data.dataset import collate
+from cfmae_cli.masking import MaskGenerator, schedule
+from cfmae_cli.model import CFMAE
+from cfmae_cli.train.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 matrix peak per GPU (vendor specification, TFLOP/s); MFU is reported against it.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def synthetic_batch(b: int, size: int, map_size: int, objects: int, classes: int, g: torch.Generator,
+                    device: torch.device) -> dict[str, Tensor]:
+    """rgb (B, 3, S, S) normalised, instance and semantic (B, S/s, S/s) long, consistent with each other:
+    a sky/ground split and random rectangles, each of its own colour."""
+    ys = torch.arange(map_size, device=device).view(1, 1, -1, 1)
+    xs = torch.arange(map_size, device=device).view(1, 1, 1, -1)
+    horizon = torch.randint(map_size // 4, 3 * map_size // 4, (b, 1, 1, 1), device=device, generator=g)
+    semantic = torch.where(ys < horizon, 0, 1).expand(b, 1, map_size, map_size).clone()[:, 0]
+    instance = torch.zeros_like(semantic)
+    corner = torch.randint(0, map_size * 3 // 4, (b, objects, 2), device=device, generator=g)
+    extent = torch.randint(max(map_size // 8, 1), max(map_size // 3, 2), (b, objects, 2), device=device,
+                           generator=g)
+    for k in range(objects):  # a handful of rectangles; later ones cover earlier ones
+        y0, x0 = corner[:, k, 0].view(b, 1, 1), corner[:, k, 1].view(b, 1, 1)
+        y1, x1 = y0 + extent[:, k, 0].view(b, 1, 1), x0 + extent[:, k, 1].view(b, 1, 1)
+        inside = (ys[0] >= y0) & (ys[0] < y1) & (xs[0] >= x0) & (xs[0] < x1)
+        instance = torch.where(inside, k + 1, instance)
+        semantic = torch.where(inside, 2 + (k % max(classes - 2, 1)), semantic)
+    palette = torch.rand(b, objects + 2, 3, device=device, generator=g)
+    region = torch.where(instance > 0, instance + 1, semantic)  # colour by instance, else sky / ground
+    colours = palette.gather(1, region.reshape(b, -1, 1).expand(-1, -1, 3)).reshape(b, map_size, map_size, 3)
+    rgb = torch.nn.functional.interpolate(colours.permute(0, 3, 1, 2), size=size, mode="nearest")
+    rgb = (rgb - 0.45) / 0.25 + 0.05 * torch.randn(rgb.shape, device=device, generator=g)
+    return {"rgb": rgb, "instance": instance, "semantic": semantic}
+
+
+class Rig:
+    """A preset's model, optimizer and mask generator on a device, with synthetic batches."""
+
+    def __init__(self, cfg: Config, classes: int, device: torch.device, compile_model: bool = False):
+        self.cfg, self.classes, self.device = cfg, classes, device
+        torch.manual_seed(0)
+        self.model = CFMAE(cfg, classes).to(device)
+        self.net: Callable[..., dict[str, Any]] = torch.compile(self.model) if compile_model else self.model
+        self.optimizer = build_optimizer(self.model, cfg.optim, 1e-4, device)
+        self.masks = MaskGenerator(cfg.masking, cfg.data.modalities, self.model.grid, classes,
+                                   cfg.model.num_instance_ids)
+        self.bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+        self.g = torch.Generator(device=device).manual_seed(0)
+        self.size, self.map_size = cfg.data.img_size, cfg.data.img_size // cfg.model.map_stride
+
+    def batch(self, b: int) -> dict[str, Tensor]:
+        return synthetic_batch(b, self.size, self.map_size, 6, self.classes, self.g, self.device)
+
+    def mask(self, batch: dict[str, Tensor], step: int, progress: float = 0.3) -> Tensor:
+        alpha_i, alpha_s = schedule(progress, self.cfg.masking.order, self.cfg.masking.breakpoints)
+        with torch.no_grad():
+            return self.masks(alpha_i, alpha_s, batch["rgb"].shape[0], self.device, instance=batch.get("instance"),
+                              semantic=batch.get("semantic"), seed=step).mask
+
+    def forward(self, batch: dict[str, Tensor], mask: Tensor) -> Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.net({m: batch[m] for m in self.cfg.data.modalities}, mask)["loss"]
+
+    def optimize(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def count_flops(cfg: Config, classes: int) -> dict[str, Any]:
+    """GFLOP per image of one training step (forward, backward), and of the forward by top-level module."""
+    rig = Rig(cfg, classes, torch.device("cpu"))
+    batch = rig.batch(2)
+    mask = rig.mask(batch, 0)
+    # attention through the math kernel: its matmuls are counted (the fused CPU kernel has no FLOP formula)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fwd:
+        loss = rig.forward(batch, mask)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as bwd:
+        loss.backward()
+    counts = {k: sum(v.values()) for k, v in fwd.get_flop_counts().items() if "." in k}
+    modules: dict[str, float] = {}
+    for top in dict.fromkeys(k.split(".")[1] for k in counts):  # a child, or its children when it is a container
+        keys = [k for k in counts if k.split(".")[1] == top]
+        depth = min(k.count(".") for k in keys)
+        modules[top] = sum(counts[k] for k in keys if k.count(".") == depth) / 2e9
+    f, b = fwd.get_total_flops() / 2e9, bwd.get_total_flops() / 2e9
+    return {"forward": f, "backward": b, "step": f + b, "forward_by_module": modules}
+
+
+def time_step(rig: Rig, batch_size: int, steps: int, warmup: int) -> dict[str, Any]:
+    """ms per step by phase (synchronised at each boundary) and img/s of unsynchronised steps."""
+    batches = [rig.batch(batch_size) for _ in range(2)]
+    if rig.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rig.device)
+    phases = {"data": 0.0, "masking": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    for step in range(warmup + steps):
+        marks = [time.perf_counter()]
+        batch = batches[step % 2]
+        rig.sync()
+        marks.append(time.perf_counter())
+        mask = rig.mask(batch, step)
+        rig.sync()
+        marks.append(time.perf_counter())
+        loss = rig.forward(batch, mask)
+        rig.sync()
+        marks.append(time.perf_counter())
+        loss.backward()
+        rig.sync()
+        marks.append(time.perf_counter())
+        rig.optimize()
+        rig.sync()
+        marks.append(time.perf_counter())
+        if step >= warmup:
+            for key, a, b in zip(phases, marks, marks[1:]):
+                phases[key] += (b - a) * 1e3 / steps
+    start = time.perf_counter()  # the same steps without synchronisation: the speed a run gets
+    for step in range(steps):
+        batch = batches[step % 2]
+        rig.forward(batch, rig.mask(batch, step)).backward()
+        rig.optimize()
+    rig.sync()
+    seconds = time.perf_counter() - start
+    out: dict[str, Any] = {"batch_size": batch_size, "steps": steps, "ms_per_step": seconds * 1e3 / steps,
+                           "img_per_s": batch_size * steps / seconds, "phases_ms": phases}
+    if rig.device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(rig.device) / 2 ** 30
+    return out
+
+
+def time_masks(rig: Rig, batch_size: int, repeats: int = 5) -> dict[str, float]:
+    """ms to build the masks of one batch with each strategy and with a mix (the curriculum at 30 %)."""
+    batch = rig.batch(batch_size)
+    out = {}
+    for name, progress in (("random", 1.0), ("mixed", 0.3)):
+        rig.mask(batch, 0, progress)
+        rig.sync()
+        start = time.perf_counter()
+        for k in range(repeats):
+            rig.mask(batch, k, progress)
+        rig.sync()
+        out[name] = (time.perf_counter() - start) * 1e3 / repeats
+    return out
+
+
+def imagenet_like_samples(root: Path, count: int = 48) -> Path:
+    """A dataset in the layout of docs/dataset-format.md with ImageNet-sized files: 500 x 375 JPEGs (quality
+    90) of scikit-image photographs and their classical-label PNG maps."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from cfmae_cli.data.layout import save_map, write_manifest
+
+    photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket()]
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        image = Image.fromarray(photos[i % len(photos)]).convert("RGB").resize((500, 375))
+        (root / "rgb" / "c").mkdir(parents=True, exist_ok=True)
+        image.save(root / "rgb" / "c" / f"{i:04d}.jpg", quality=90)
+        h, w = 375, 500
+        sem = (np.arange(h)[:, None] * 4 // h + np.zeros((1, w), int)).astype(np.uint8)
+        inst = np.zeros((h, w), np.uint8)
+        for k in range(1, 9):
+            y, x = rng.integers(0, h - 60), rng.integers(0, w - 60)
+            inst[y:y + rng.integers(20, 60), x:x + rng.integers(20, 60)] = k
+        save_map(root / "instance" / "c" / f"{i:04d}.png", inst)
+        save_map(root / "semantic" / "c" / f"{i:04d}.png", sem)
+    write_manifest(root, ["a", "b", "c", "d"], {"instance": "synthetic", "semantic": "synthetic"},
+                   {"images": count})
+    return root
+
+
+def time_data(cfg: Config, root: Path | None, workers: list[int], batch_size: int, batches: int) -> list[dict]:
+    """Samples/s of the training data path (read, decode, joint crop + flip, canonical ids, collate) with
+    each number of DataLoader workers, after the first batch."""
+    from cfmae_cli.train.setup import build_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(root) if root is not None else imagenet_like_samples(Path(tmp))
+        dataset, _ = build_dataset(cfg, folder)
+        rows = []
+        for w in workers:
+            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=w, collate_fn=collate,
+                                sampler=[(0, i % len(dataset)) for i in range(batch_size * (batches + 1))])
+            it = iter(loader)
+            next(it)
+            start = time.perf_counter()
+            n = sum(b["size"] for b in it)
+            rate = n / (time.perf_counter() - start)
+            rows.append({"workers": w, "samples_per_s": rate, "per_worker": rate / max(w, 1)})
+        return rows
