@@ -18,34 +18,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from cfmae_cli.bench import synthetic_batch
 from cfmae_cli.config import load_config
 from cfmae_cli.masking import MaskGenerator, schedule
 from cfmae_cli.model import CFMAE
 from cfmae_cli.train.optim import build_optimizer, lr_at
-
-
-def synthetic_batch(b: int, size: int, map_size: int, objects: int, classes: int, g: torch.Generator,
-                    device: torch.device) -> dict[str, torch.Tensor]:
-    """rgb (B, 3, S, S) normalised, instance and semantic (B, S/s, S/s) long, consistent with each other."""
-    ys = torch.arange(map_size, device=device).view(1, 1, -1, 1)
-    xs = torch.arange(map_size, device=device).view(1, 1, 1, -1)
-    horizon = torch.randint(map_size // 4, 3 * map_size // 4, (b, 1, 1, 1), device=device, generator=g)
-    semantic = torch.where(ys < horizon, 0, 1).expand(b, 1, map_size, map_size).clone()[:, 0]
-    instance = torch.zeros_like(semantic)
-    corner = torch.randint(0, map_size * 3 // 4, (b, objects, 2), device=device, generator=g)
-    extent = torch.randint(map_size // 8, map_size // 3, (b, objects, 2), device=device, generator=g)
-    for k in range(objects):  # a handful of rectangles; later ones cover earlier ones
-        y0, x0 = corner[:, k, 0].view(b, 1, 1), corner[:, k, 1].view(b, 1, 1)
-        y1, x1 = y0 + extent[:, k, 0].view(b, 1, 1), x0 + extent[:, k, 1].view(b, 1, 1)
-        inside = (ys[0] >= y0) & (ys[0] < y1) & (xs[0] >= x0) & (xs[0] < x1)
-        instance = torch.where(inside, k + 1, instance)
-        semantic = torch.where(inside, 2 + (k % (classes - 2)), semantic)
-    palette = torch.rand(b, objects + 2, 3, device=device, generator=g)
-    region = torch.where(instance > 0, instance + 1, semantic)  # colour by instance, else sky / ground
-    colours = palette.gather(1, region.reshape(b, -1, 1).expand(-1, -1, 3)).reshape(b, map_size, map_size, 3)
-    rgb = torch.nn.functional.interpolate(colours.permute(0, 3, 1, 2), size=size, mode="nearest")
-    rgb = (rgb - 0.45) / 0.25 + 0.05 * torch.randn(rgb.shape, device=device, generator=g)
-    return {"rgb": rgb, "instance": instance, "semantic": semantic}
 
 
 def main() -> None:
