@@ -14,8 +14,8 @@ timeout 240 python3 -m cfmae_cli bench --device cuda --batch-size 256 --steps 30
 echo "== compiled (train.compile): the same =="
 timeout 300 python3 -m cfmae_cli bench --device cuda --batch-size 256 --steps 30 --warmup 10 --what step \
     --compile --out "$OUT/compiled.json" 2>&1 | tail -30
-echo "== masks at batch 256 and the data path (ImageNet-sized JPEG + 2 PNG maps) =="
+echo "== masks at batch 256, and the data path (ImageNet-sized JPEG + 2 PNG maps, folder and packed) =="
 timeout 120 python3 -m cfmae_cli bench --device cuda --what masks --mask-batch 256 --compare none \
     --out "$OUT/masks.json" 2>&1 | tail -4
 timeout 120 python3 -m cfmae_cli bench --device cuda --what data --workers 1,8,16 --compare none \
-    --out "$OUT/data.json" 2>&1 | tail -4
+    --out "$OUT/data.json" 2>&1 | tail -7

@@ -205,22 +205,31 @@ def imagenet_like_samples(root: Path, count: int = 48) -> Path:
     return root
 
 
-def time_data(cfg: Config, root: Path | None, workers: list[int], batch_size: int, batches: int) -> list[dict]:
+def time_data(cfg: Config, root: Path | None, workers: list[int], batch_size: int, batches: int,
+              packed: bool = True) -> list[dict]:
     """Samples/s of the training data path (read, decode, joint crop + flip, canonical ids, collate) with
-    each number of DataLoader workers, after the first batch."""
+    each number of DataLoader workers, after the first batch — for the folder and, with ``packed``, for its
+    ``cfmae pack`` copy."""
+    from cfmae_cli.data.packed import is_packed, pack_dataset
     from cfmae_cli.train.setup import build_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(root) if root is not None else imagenet_like_samples(Path(tmp))
-        dataset, _ = build_dataset(cfg, folder)
+        folder = Path(root) if root is not None else imagenet_like_samples(Path(tmp) / "folder")
+        sources = [("packed" if is_packed(folder) else "folder", folder)]
+        if packed and not is_packed(folder):
+            pack_dataset(folder, Path(tmp) / "packed", workers=max(workers))
+            sources.append(("packed", Path(tmp) / "packed"))
         rows = []
-        for w in workers:
-            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=w, collate_fn=collate,
-                                sampler=[(0, i % len(dataset)) for i in range(batch_size * (batches + 1))])
-            it = iter(loader)
-            next(it)
-            start = time.perf_counter()
-            n = sum(b["size"] for b in it)
-            rate = n / (time.perf_counter() - start)
-            rows.append({"workers": w, "samples_per_s": rate, "per_worker": rate / max(w, 1)})
+        for kind, path in sources:
+            dataset, _ = build_dataset(cfg, path)
+            for w in workers:
+                loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=w,
+                                    collate_fn=collate,
+                                    sampler=[(0, i % len(dataset)) for i in range(batch_size * (batches + 1))])
+                it = iter(loader)
+                next(it)
+                start = time.perf_counter()
+                n = sum(b["size"] for b in it)
+                rate = n / (time.perf_counter() - start)
+                rows.append({"format": kind, "workers": w, "samples_per_s": rate, "per_worker": rate / max(w, 1)})
         return rows

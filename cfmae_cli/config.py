@@ -29,14 +29,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Strict):
+class ImageDataConfig(_Strict):
+    """What every command that reads images shares (pre-training's and fine-tuning's ``data`` sections)."""
+
     root: Optional[str] = Field(None, description="dataset folder (DESIGN §5.1); null = the built-in demo data")
     img_size: int = Field(224, ge=8, description="training resolution (square)")
-    modalities: list[Modality] = Field(["rgb", "instance", "semantic"], min_length=1,
-                                       description="input modalities; ablations use a subset")
-    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="random-resized-crop area range")
-    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random-resized-crop aspect range")
-    hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     num_workers: int = Field(8, ge=0, description="DataLoader worker processes")
@@ -44,6 +41,14 @@ class DataConfig(_Strict):
                                     description="stop when more than this share of the images is unreadable")
     demo_crops_per_photo: int = Field(48, ge=1, description="built-in demo data: random crops per photograph")
     demo_size: int = Field(128, ge=16, description="built-in demo data: side of each crop in pixels")
+
+
+class DataConfig(ImageDataConfig):
+    modalities: list[Modality] = Field(["rgb", "instance", "semantic"], min_length=1,
+                                       description="input modalities; ablations use a subset")
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="random-resized-crop area range")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random-resized-crop aspect range")
+    hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":

@@ -58,13 +58,14 @@ def test_bench_cli_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "img/s" in text and "GFLOP / image: forward" in text and f"step time demo / {mae}" in text
-    assert "masks of a batch of 64" in text and "data path: 0 worker(s)" in text
+    assert "masks of a batch of 64" in text and "data path, folder: 0 worker(s)" in text
+    assert "data path, packed: 0 worker(s)" in text
     report = json.loads(out.read_text())
     demo = report["presets"]["demo"]
     assert set(demo["step"]["phases_ms"]) == {"data", "masking", "forward", "backward", "optimizer"}
     assert demo["flops_gflop_per_image"]["step"] > report["presets"][str(mae)]["flops_gflop_per_image"]["step"]
     assert demo["mfu"] is None  # no peak is claimed for a CPU
-    assert demo["data"][0]["samples_per_s"] > 0
+    assert demo["data"][0]["samples_per_s"] > 0 and [r["format"] for r in demo["data"]] == ["folder", "packed"]
 
 
 def test_mae_preset_is_mae() -> None:

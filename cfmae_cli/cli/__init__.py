@@ -24,6 +24,7 @@ from cfmae_cli.cli import bench as _bench  # noqa: E402
 from cfmae_cli.cli import export as _export  # noqa: E402
 from cfmae_cli.cli import finetune as _finetune  # noqa: E402
 from cfmae_cli.cli import label as _label  # noqa: E402
+from cfmae_cli.cli import pack as _pack  # noqa: E402
 from cfmae_cli.cli import presets as _presets  # noqa: E402
 from cfmae_cli.cli import pretrain as _pretrain  # noqa: E402
 from cfmae_cli.cli import robustness as _robustness  # noqa: E402
@@ -33,6 +34,7 @@ app.command("bench")(_bench.bench)
 app.command("export")(_export.export)
 app.command("finetune")(_finetune.finetune)
 app.command("label")(_label.label)
+app.command("pack")(_pack.pack)
 app.command("pretrain")(_pretrain.pretrain)
 app.command("presets")(_presets.presets)
 app.command("eval-robustness")(_robustness.eval_robustness)

@@ -134,5 +134,5 @@ def _print(report: dict[str, Any], preset: str, presets: list[str], mask_batch: 
             line += f" = {100 * share:.2f} % of a {preset} step at batch {mask_batch}{scaled}"
         console.print(line, highlight=False)
     for r in main.get("data", []):
-        console.print(f"data path: {r['workers']} worker(s): {r['samples_per_s']:,.1f} samples/s "
+        console.print(f"data path, {r['format']}: {r['workers']} worker(s): {r['samples_per_s']:,.1f} samples/s "
                       f"({r['per_worker']:,.1f} per worker)", highlight=False)

@@ -80,3 +80,16 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def is_terminal() -> bool:
     return sys.stdout.isatty()
+
+
+def launch_workers(args: list[str], optional: dict[str, Any], world: int) -> None:
+    """Run ``cfmae ARGS`` (plus each ``optional`` flag that is not None) as ``world`` local worker processes;
+    exit with their code when one fails."""
+    from cfmae_cli.train import distributed
+
+    for flag, value in optional.items():
+        if value is not None:
+            args = [*args, flag, str(value)]
+    code = distributed.launch(args, world)
+    if code:
+        raise typer.Exit(code)

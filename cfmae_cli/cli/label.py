@@ -10,7 +10,7 @@ import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cfmae_cli.cli.common import console, guarded, is_terminal
+from cfmae_cli.cli.common import console, guarded, is_terminal, launch_workers
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.labeling.base import ClassicalBackend
 from cfmae_cli.labeling.pipeline import LabelProgress, finalize, label_folder
@@ -108,13 +108,8 @@ def label(
                 "--gpus", str(gpus), "--batch-size", str(batch_size), "--workers", str(workers), "--rgb", rgb,
                 "--preview", str(preview), "--box-threshold", str(box_threshold),
                 "--threshold-floor", str(threshold_floor)]
-        for flag, value in (("--detector-model", detector_model), ("--segmenter-model", segmenter_model),
-                            ("--semantic-model", semantic_model), ("--limit", limit)):
-            if value is not None:
-                args += [flag, str(value)]
-        code = distributed.launch(args, world)
-        if code:
-            raise typer.Exit(code)
+        launch_workers(args, {"--detector-model": detector_model, "--segmenter-model": segmenter_model,
+                              "--semantic-model": semantic_model, "--limit": limit}, world)
         console.print(f"Dataset: {out}", highlight=False)
         return
     use_cuda = gpus != 0 and torch.cuda.is_available()

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cfmae_cli.cli.common import console, guarded, is_terminal
+from cfmae_cli.cli.common import console, guarded, is_terminal, launch_workers
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.eval.robustness import DATASETS, run_robustness
 from cfmae_cli.train import distributed
@@ -69,13 +69,8 @@ def eval_robustness(
         args = ["eval-robustness", "--root", str(root), "--datasets", ",".join(chosen), "--batch-size",
                 str(batch_size), "--workers", str(workers), "--gpus", str(gpus or 0), "--procs", str(procs),
                 "--out", str(run_dir), "--suite", suite]
-        for flag, value in (("--checkpoint", checkpoint), ("--model", model), ("--img-size", img_size),
-                            ("--crop-pct", crop_pct), ("--interpolation", interpolation), ("--limit", limit)):
-            if value is not None:
-                args += [flag, str(value)]
-        code = distributed.launch(args, world)
-        if code:
-            raise typer.Exit(code)
+        launch_workers(args, {"--checkpoint": checkpoint, "--model": model, "--img-size": img_size,
+                              "--crop-pct": crop_pct, "--interpolation": interpolation, "--limit": limit}, world)
         console.print(f"Run folder: {run_dir}", highlight=False)
         return
     device = torch.device("cuda" if (gpus or (gpus is None and torch.cuda.is_available())) else "cpu")

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from cfmae_cli.data.layout import UNLABELLED, Sample
 from cfmae_cli.data.transforms import JointTransform
-from cfmae_cli.seeding import mix_seed
+from cfmae_cli.seeding import sample_rng
 
 
 class BadSample(Exception):
@@ -92,9 +92,7 @@ class MultiGranularDataset(Dataset):
         try:
             if epoch is None:
                 return self.load(index)
-            with torch.random.fork_rng(devices=[]):
-                # the CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding per sample
-                torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
+            with sample_rng(self.seed, epoch, index):
                 return self.load(index)
         except BadSample as exc:
             return Skipped(str(self.samples[index].rgb), str(exc))

@@ -33,6 +33,17 @@ def canonical_instance_ids(ids: Tensor, num_ids: int) -> Tensor:
     return new[inverse]
 
 
+def _scaled_box(top: int, left: int, height: int, width: int, h: int, w: int, size: torch.Size
+                ) -> tuple[int, int, int, int]:
+    """A crop box of an (h, w) image in the coordinates of a map of ``size`` (the same box when the map has
+    the image's size; packed data keeps its maps at a fraction of it)."""
+    mh, mw = size
+    if (mh, mw) == (h, w):
+        return top, left, height, width
+    fy, fx = mh / h, mw / w
+    return round(top * fy), round(left * fx), max(1, round(height * fy)), max(1, round(width * fx))
+
+
 class JointTransform:
     """(rgb uint8 (3, H, W), instance (H, W), semantic (H, W) or None) → augmented, resized tensors.
 
@@ -60,7 +71,8 @@ class JointTransform:
             if self.train else ((h - min(h, w)) // 2, (w - min(h, w)) // 2, min(h, w), min(h, w))
         flip = self.train and bool(torch.rand(()) < self.hflip)
         image = TF.resized_crop(image, top, left, ch, cw, [self.img_size] * 2, antialias=True)
-        maps = [None if x is None else TF.resized_crop(x, top, left, ch, cw, [self.map_size] * 2) for x in maps]
+        maps = [None if x is None else TF.resized_crop(x, *_scaled_box(top, left, ch, cw, h, w, x.shape[-2:]),
+                                                       [self.map_size] * 2) for x in maps]
         if flip:
             image = TF.horizontal_flip(image)
             maps = [None if x is None else TF.horizontal_flip(x) for x in maps]

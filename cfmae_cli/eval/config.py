@@ -10,10 +10,10 @@ from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from cfmae_cli.config import IMAGENET_MEAN, IMAGENET_STD, Modality, ModelConfig, RunConfig, _Strict
+from cfmae_cli.config import ImageDataConfig, Modality, ModelConfig, RunConfig, _Strict
 
 
-class FtDataConfig(_Strict):
+class FtDataConfig(ImageDataConfig):
     root: Optional[str] = Field(None, description="folder with train/ and val/ (ImageFolder, or the dataset layout "
                                                   "for multi-granular input); null = the built-in demo data")
     img_size: int = Field(224, ge=8, description="fine-tuning resolution (square)")
@@ -23,13 +23,6 @@ class FtDataConfig(_Strict):
                                           "out this share of each class (chosen by a hash of the file name)")
     crop_pct: float = Field(0.875, gt=0, le=1, description="evaluation: resize to img_size / crop_pct, centre crop")
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    num_workers: int = Field(8, ge=0, description="DataLoader worker processes")
-    max_bad_fraction: float = Field(0.01, ge=0, le=1,
-                                    description="stop when more than this share of the images is unreadable")
-    demo_crops_per_photo: int = Field(48, ge=1, description="built-in demo data: random crops per photograph")
-    demo_size: int = Field(128, ge=16, description="built-in demo data: side of each crop in pixels")
 
     @model_validator(mode="after")
     def _check(self) -> "FtDataConfig":

@@ -11,6 +11,7 @@ import torch
 from cfmae_cli.config import Config, batch_plan, derived
 from cfmae_cli.data.dataset import MultiGranularDataset
 from cfmae_cli.data.layout import list_samples, read_manifest
+from cfmae_cli.data.packed import PackedDataset, is_packed, read_packed_manifest
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import CfmaeError
 
@@ -38,15 +39,19 @@ def dataset_root(cfg: Config) -> Path:
     return Path(root)
 
 
-def build_dataset(cfg: Config, root: Path, train: bool = True) -> tuple[MultiGranularDataset, dict[str, Any]]:
-    """The dataset of ``root`` for this config, and its manifest (which gives C_sem). RGB comes out as uint8:
-    the task normalises it on the device (:func:`normalize_on_device`)."""
-    manifest = read_manifest(root)
-    maps = [m for m in cfg.data.modalities if m != "rgb"]
-    samples, _ = list_samples(root, maps=maps)
+def build_dataset(cfg: Config, root: Path, train: bool = True
+                  ) -> tuple[MultiGranularDataset | PackedDataset, dict[str, Any]]:
+    """The dataset of ``root`` (the folder layout, or a folder written by ``cfmae pack``) for this config, and
+    its manifest (which gives C_sem). RGB comes out as uint8: the task normalises it on the device
+    (:func:`normalize_on_device`)."""
     d = cfg.data
     transform = JointTransform(d.img_size, cfg.model.map_stride, cfg.model.num_instance_ids, d.crop_scale,
                                d.crop_ratio, d.hflip, d.mean, d.std, train=train, normalize=False)
+    maps = [m for m in cfg.data.modalities if m != "rgb"]
+    if is_packed(root):
+        return PackedDataset(root, transform, maps, cfg.train.seed), read_packed_manifest(root)
+    manifest = read_manifest(root)
+    samples, _ = list_samples(root, maps=maps)
     dataset = MultiGranularDataset(samples, transform, maps, manifest["num_semantic_classes"], cfg.train.seed)
     return dataset, manifest
 

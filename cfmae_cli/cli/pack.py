@@ -1,0 +1,38 @@
+"""``cfmae pack DATA --out PACKED``: a copy of a dataset that the training reader decodes several times faster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.progress import Progress
+
+from cfmae_cli.cli.common import console, guarded, is_terminal
+from cfmae_cli.data.packed import pack_dataset
+
+
+@guarded
+def pack(
+    data: Path = typer.Argument(..., help="a dataset in the layout of docs/dataset-format.md (both maps)"),
+    out: Path = typer.Option(..., "--out", help="new or empty folder for the packed copy"),
+    size: int = typer.Option(256, "--size", min=32, help="side of the stored square image (short side resized "
+                             "to it, centre-cropped)"),
+    map_scale: int = typer.Option(2, "--map-scale", min=1, help="maps are stored at size / map-scale"),
+    shard_size: int = typer.Option(4096, "--shard-size", min=1, help="images per shard"),
+    quality: int = typer.Option(95, "--quality", min=50, max=100, help="JPEG quality of the stored images"),
+    workers: int = typer.Option(os.cpu_count() or 1, "--workers", min=1, help="processes, one shard each"),
+) -> None:
+    """Pack a dataset for fast pre-training reads: small square JPEGs and raw maps in shards.
+
+    Example: cfmae pack /data/in1k-cfmae --out /fast/in1k-packed && cfmae pretrain --data /fast/in1k-packed
+    """
+    shards = -(-sum(1 for _ in (data / "rgb").rglob("*")) // shard_size) if (data / "rgb").is_dir() else None
+    with Progress(console=console, disable=not is_terminal()) as bar:
+        task = bar.add_task("shards", total=shards)
+        manifest = pack_dataset(data, out, size, map_scale, shard_size, quality, workers,
+                                on_shard=lambda n: bar.update(task, completed=n))
+    console.print(f"packed {manifest['images']} images into {len(manifest['shards'])} shard(s) at {size} px "
+                  f"(maps {manifest['map_size']} px); {len(manifest['skipped'])} skipped"
+                  + (" (listed in cfmae-packed.json)" if manifest["skipped"] else ""), highlight=False)
+    console.print(f"Packed data: {out}", highlight=False)

@@ -1,0 +1,202 @@
+"""A packed copy of a dataset for fast reading: ``cfmae pack DATA --out PACKED``.
+
+Each image is resized so that its short side is ``size`` (default 256), centre-cropped to a square and stored
+as a JPEG in a shard file of concatenated bytes; its maps are resized (nearest) to ``size / map_scale`` the
+same way and stored raw in NumPy arrays. Reading a sample is then one small JPEG decode (libjpeg-turbo, into
+a tensor) and two slices of memory-mapped arrays — no full-size JPEG, no PNG. The training transform
+(random-resized crop and flip, joint for image and maps) runs on the square as it runs on the original.
+
+Layout: ``PACKED/cfmae-packed.json`` (format, sizes, classes, shards, what was skipped),
+``shard-NNNNN.jpg.bin`` + ``shard-NNNNN.offsets.npy`` (int64, count+1), ``shard-NNNNN.instance.npy`` (uint8, or
+uint16 when a shard has an id above 255),
+``shard-NNNNN.semantic.npy`` (uint8), ``shard-NNNNN.labels.npy`` (int32).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from cfmae_cli.data.dataset import Skipped
+from cfmae_cli.data.layout import UNLABELLED, Sample, atomic_write_text, list_samples, read_manifest
+from cfmae_cli.data.transforms import JointTransform
+from cfmae_cli.errors import DataError
+from cfmae_cli.seeding import sample_rng
+
+MANIFEST = "cfmae-packed.json"
+FORMAT, VERSION = "cfmae-packed", 1
+
+
+try:  # libjpeg-turbo straight into a CHW tensor; deprecated in torchvision 0.29 in favour of TorchCodec
+    from torchvision.io import decode_jpeg as _decode_jpeg
+except ImportError:  # pragma: no cover - a torchvision without image decoding
+    _decode_jpeg = None
+
+
+def decode(data: np.ndarray) -> torch.Tensor:
+    """JPEG bytes → uint8 (3, H, W)."""
+    if _decode_jpeg is not None:
+        return _decode_jpeg(torch.from_numpy(data))
+    with Image.open(io.BytesIO(data.tobytes())) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def is_packed(root: str | Path) -> bool:
+    return (Path(root) / MANIFEST).is_file()
+
+
+def _square(im: Image.Image, side: int, resample: Image.Resampling) -> Image.Image:
+    """Resize so that the short side is ``side``, then take the centred ``side`` x ``side`` square."""
+    w, h = im.size
+    scale = side / min(w, h)
+    nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
+    im = im.resize((nw, nh), resample)
+    left, top = (nw - side) // 2, (nh - side) // 2
+    return im.crop((left, top, left + side, top + side))
+
+
+def _pack_shard(job: tuple[Path, int, list[Sample], int, int, int, int]) -> tuple[int, list[tuple[str, str]]]:
+    """Write one shard; returns (images written, [(file, why skipped)])."""
+    out, k, samples, size, map_size, quality, classes = job
+    blobs, labels, skipped = [], [], []
+    inst = np.zeros((len(samples), map_size, map_size), np.uint16)
+    sem = np.zeros((len(samples), map_size, map_size), np.uint8)
+    for sample in samples:
+        try:
+            with Image.open(sample.rgb) as im:
+                rgb = im.convert("RGB")
+            with Image.open(sample.instance) as a, Image.open(sample.semantic) as b:
+                if a.size != rgb.size or b.size != rgb.size:
+                    raise ValueError(f"map size {a.size} / {b.size} differs from the image's {rgb.size}")
+                ids = np.asarray(_square(a.convert("I"), map_size, Image.Resampling.NEAREST)).astype(np.int64)
+                cls = np.asarray(_square(b.convert("L"), map_size, Image.Resampling.NEAREST))
+        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            skipped.append((str(sample.rgb), f"{type(exc).__name__}: {exc}"))
+            continue
+        if ((cls >= classes) & (cls != UNLABELLED)).any() or ids.max(initial=0) > np.iinfo(np.uint16).max:
+            skipped.append((str(sample.rgb), f"ids out of range (semantic < {classes} or 255, instance < 65536)"))
+            continue
+        buf = io.BytesIO()
+        _square(rgb, size, Image.Resampling.BICUBIC).save(buf, "JPEG", quality=quality)
+        n = len(blobs)
+        blobs.append(buf.getvalue())
+        inst[n], sem[n] = ids, cls
+        labels.append(sample.label)
+    n = len(blobs)
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    stem = out / f"shard-{k:05d}"
+    with open(f"{stem}.jpg.bin.tmp", "wb") as fh:
+        fh.write(b"".join(blobs))
+    os.replace(f"{stem}.jpg.bin.tmp", f"{stem}.jpg.bin")
+    inst = inst[:n] if inst[:n].max(initial=0) > 255 else inst[:n].astype(np.uint8)  # most images: < 256 ids
+    for name, array in (("offsets", offsets), ("instance", inst), ("semantic", sem[:n]),
+                        ("labels", np.array(labels, np.int32))):
+        with open(f"{stem}.{name}.npy.tmp", "wb") as fh:
+            np.save(fh, array)
+        os.replace(f"{stem}.{name}.npy.tmp", f"{stem}.{name}.npy")
+    return n, skipped
+
+
+def pack_dataset(src: Path, out: Path, size: int = 256, map_scale: int = 2, shard_size: int = 4096,
+                 quality: int = 95, workers: int = 1, on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Pack the dataset at ``src`` (docs/dataset-format.md, with both maps) into ``out``; returns its manifest.
+    The manifest is written last: a folder without it is not a packed dataset (an interrupted run)."""
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out}: exists and is not empty; choose an empty or new --out.")
+    if size % map_scale:
+        raise DataError(f"--size {size} is not divisible by --map-scale {map_scale}.")
+    source = read_manifest(src)
+    samples, classes = list_samples(src, maps=["instance", "semantic"])
+    out.mkdir(parents=True, exist_ok=True)
+    c_sem = int(source["num_semantic_classes"])
+    jobs = [(out, k, samples[i:i + shard_size], size, size // map_scale, quality, c_sem)
+            for k, i in enumerate(range(0, len(samples), shard_size))]
+    counts, skipped = [], []
+    with ProcessPoolExecutor(max_workers=max(workers, 1)) as pool:
+        for n, bad in pool.map(_pack_shard, jobs):
+            counts.append(n)
+            skipped += bad
+            if on_shard is not None:
+                on_shard(len(counts))
+    manifest = {"format": FORMAT, "version": VERSION, "images": sum(counts), "size": size,
+                "map_size": size // map_scale, "quality": quality, "class_folders": classes,
+                "semantic_classes": source["semantic_classes"], "num_semantic_classes": c_sem,
+                "source": str(src.resolve()), "source_manifest": source, "shards": counts,
+                "skipped": [{"file": f, "reason": r} for f, r in skipped]}
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def read_packed_manifest(root: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{root / MANIFEST}: not readable ({exc}).") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise DataError(f"{root / MANIFEST}: not a {FORMAT} v{VERSION} manifest; pack the data again.")
+    return manifest
+
+
+class PackedDataset(Dataset):
+    """The items of :class:`~cfmae_cli.data.dataset.MultiGranularDataset` from a packed folder. Keys are an
+    index or ``(epoch, index)`` (the augmentation then comes from a generator seeded by them)."""
+
+    def __init__(self, root: Path, transform: JointTransform, modalities: list[str], seed: int = 0):
+        self.root, self.transform, self.modalities, self.seed = Path(root), transform, list(modalities), seed
+        manifest = read_packed_manifest(self.root)
+        self.num_semantic_classes = manifest["num_semantic_classes"]
+        self.index = np.array([(k, j) for k, n in enumerate(manifest["shards"]) for j in range(n)], np.int64)
+        self._open: dict[int, dict[str, Any]] = {}  # per process: shards are mapped on first use
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def shard(self, k: int) -> dict[str, Any]:
+        if k not in self._open:
+            stem = self.root / f"shard-{k:05d}"
+            self._open[k] = {"bytes": np.memmap(f"{stem}.jpg.bin", np.uint8, mode="r")
+                             if os.path.getsize(f"{stem}.jpg.bin") else np.zeros(0, np.uint8),
+                             **{name: np.load(f"{stem}.{name}.npy", mmap_mode="r")
+                                for name in ("offsets", "instance", "semantic", "labels")}}
+        return self._open[k]
+
+    def with_transform(self, train: bool) -> "PackedDataset":
+        import copy
+
+        t = copy.copy(self.transform)
+        t.train = train
+        return PackedDataset(self.root, t, self.modalities, self.seed)
+
+    def load(self, i: int) -> dict[str, Any]:
+        k, j = (int(v) for v in self.index[i])
+        s = self.shard(k)
+        rgb = decode(np.array(s["bytes"][s["offsets"][j]:s["offsets"][j + 1]]))
+        inst = torch.from_numpy(s["instance"][j].astype(np.int64)) if "instance" in self.modalities else None
+        sem = torch.from_numpy(s["semantic"][j].astype(np.int64)) if "semantic" in self.modalities else None
+        rgb, inst, sem = self.transform(rgb, inst, sem)
+        item: dict[str, Any] = {"rgb": rgb, "label": int(s["labels"][j])}
+        if inst is not None:
+            item["instance"] = inst
+        if sem is not None:
+            item["semantic"] = sem
+        return item
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | Skipped:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        try:
+            if epoch is None:
+                return self.load(index)
+            with sample_rng(self.seed, epoch, index):
+                return self.load(index)
+        except RuntimeError as exc:  # a damaged JPEG in a shard
+            k, j = (int(v) for v in self.index[index])
+            return Skipped(f"{self.root}/shard-{k:05d}#{j}", f"unreadable: {exc}")
