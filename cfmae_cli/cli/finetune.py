@@ -26,6 +26,8 @@ def finetune(
                                         "dataset layout for multi-granular input); default: the built-in demo data"),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="ft-demo, ft-vitb-400e, ft-vitb-1600e or a "
                                          "YAML file [default: ft-demo]"),
+    task: Optional[str] = typer.Option(None, "--task", help="classification (the default) or segmentation "
+                                       "(UperNet on a ViT pyramid; presets ft-seg-vitb, ft-seg-demo)"),
     mode: Optional[str] = typer.Option(None, "--mode", help="full (fine-tune everything) or linear (a linear probe "
                                        "on the frozen encoder, MAE's recipe) [default: full]"),
     modalities: Optional[str] = typer.Option(None, "--modalities", help="encoder input: rgb, or "
@@ -52,6 +54,10 @@ def finetune(
     if mode is not None and mode not in ("full", "linear"):
         raise CfmaeError(f"--mode {mode}: use full or linear.")
     overrides = run_overrides(set_, data, epochs, seed, gpus, procs, resume, out)
+    if task is not None:
+        if task not in ("classification", "segmentation"):
+            raise CfmaeError(f"--task {task}: use classification or segmentation (detection is not built yet).")
+        overrides.append(f"kind={task}")
     if modalities is not None:
         overrides.append(f"data.modalities=[{modalities}]")
     if checkpoint is not None:
@@ -63,16 +69,21 @@ def finetune(
                                  f"checkpoints/last.pt).")
             checkpoint = str(checkpoint_path(checkpoint).resolve())
         overrides.append(f"model.init={checkpoint}")
+    default = "ft-seg-demo" if task == "segmentation" else "ft-demo"
     if resume is not None:
         cfg = resumed_config(resume, preset, overrides, FinetuneConfig, mode)
     else:
-        cfg = load_config(preset or "ft-demo", overrides, FinetuneConfig, mode)
-    dispatch("finetune", cfg, functools.partial(run, cfg), _done, out=out, name=Path(preset or "ft-demo").stem,
+        cfg = load_config(preset or default, overrides, FinetuneConfig, mode)
+    dispatch("finetune", cfg, functools.partial(run, cfg), _done, out=out, name=Path(preset or default).stem,
              resume=resume, gpus=gpus, procs=procs, extra_args=[])
 
 
 def _done(summary: dict[str, Any]) -> str:
     last = summary.get("last_epoch", {})
+    if "mIoU" in last:
+        return (f"done: {summary['epochs']} epochs, {summary['steps']} steps; val mIoU {last['mIoU']:.2f} pixel acc "
+                f"{last['pixel_acc']:.2f} (epoch {summary['epochs']}); best mIoU {last['best_mIoU']:.2f} at epoch "
+                f"{last['best_epoch']} (checkpoints/best.pt); {summary['img_per_s']:.1f} img/s")
     return (f"done: {summary['epochs']} epochs, {summary['steps']} steps; val top-1 {last.get('top1', float('nan')):.2f}"
             f" top-5 {last.get('top5', float('nan')):.2f} (epoch {summary['epochs']}); best top-1 "
             f"{last.get('best_top1', float('nan')):.2f} at epoch {last.get('best_epoch', 0)} (checkpoints/best.pt); "

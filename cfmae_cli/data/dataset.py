@@ -48,7 +48,8 @@ class MultiGranularDataset(Dataset):
     ``label`` (class folder index) — or a :class:`Skipped` record."""
 
     def __init__(self, samples: list[Sample], transform: JointTransform, modalities: list[str],
-                 num_semantic_classes: int, seed: int = 0):
+                 num_semantic_classes: int, seed: int = 0, reduce_zero_label: bool = False):
+        self.reduce_zero_label = reduce_zero_label  # ADE20K: 0 = 'other' → unlabelled, k → k-1
         self.seed = seed
         self.samples = samples
         self.transform = transform
@@ -62,7 +63,8 @@ class MultiGranularDataset(Dataset):
         """The same samples with the training or the evaluation (centred square) transform."""
         t = copy.copy(self.transform)
         t.train = train
-        return MultiGranularDataset(self.samples, t, self.modalities, self.num_semantic_classes, self.seed)
+        return MultiGranularDataset(self.samples, t, self.modalities, self.num_semantic_classes, self.seed,
+                                    self.reduce_zero_label)
 
     def load(self, index: int) -> dict[str, Any]:
         """Read and check one sample; raises :class:`BadSample` (or OSError) when it cannot be used."""
@@ -73,6 +75,8 @@ class MultiGranularDataset(Dataset):
         inst = _read_map(sample.instance, size) if "instance" in self.modalities else None
         sem = _read_map(sample.semantic, size) if "semantic" in self.modalities else None
         if sem is not None:
+            if self.reduce_zero_label:
+                sem = torch.where(sem == 0, torch.full_like(sem, UNLABELLED), sem - 1)
             bad = (sem >= self.num_semantic_classes) & (sem != UNLABELLED)
             if bool(bad.any()):
                 raise BadSample(f"{sample.semantic}: semantic id {int(sem[bad].max())} is not below the "

@@ -54,8 +54,9 @@ class JointTransform:
 
     def __init__(self, img_size: int, map_stride: int, num_instance_ids: int, scale: tuple[float, float],
                  ratio: tuple[float, float], hflip: float, mean: tuple[float, ...], std: tuple[float, ...],
-                 train: bool = True, normalize: bool = True):
+                 train: bool = True, normalize: bool = True, whole: bool = False):
         self.normalize = normalize
+        self.whole = whole  # evaluation: the whole image resized to a square (segmentation), not its centre
         self.img_size = img_size
         self.map_size = img_size // map_stride
         self.num_instance_ids = num_instance_ids
@@ -67,8 +68,12 @@ class JointTransform:
         image = tv_tensors.Image(rgb)
         maps = [None if x is None else tv_tensors.Mask(x.long().unsqueeze(0)) for x in (instance, semantic)]
         h, w = rgb.shape[-2:]
-        top, left, ch, cw = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio)) \
-            if self.train else ((h - min(h, w)) // 2, (w - min(h, w)) // 2, min(h, w), min(h, w))
+        if self.train:
+            top, left, ch, cw = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+        elif self.whole:
+            top, left, ch, cw = 0, 0, h, w
+        else:
+            top, left, ch, cw = (h - min(h, w)) // 2, (w - min(h, w)) // 2, min(h, w), min(h, w)
         flip = self.train and bool(torch.rand(()) < self.hflip)
         image = TF.resized_crop(image, top, left, ch, cw, [self.img_size] * 2, antialias=True)
         maps = [None if x is None else TF.resized_crop(x, *_scaled_box(top, left, ch, cw, h, w, x.shape[-2:]),

@@ -143,6 +143,8 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu"
         raise CfmaeError(f"{file}: a {ckpt.get('task', 'pretrain')} checkpoint, not a classifier; fine-tune it first "
                          f"with `cfmae finetune --checkpoint {path}`.")
     cfg = config_from_dict(ckpt["config"], f"the config in {file}", FinetuneConfig)
+    if cfg.kind != "classification":
+        raise CfmaeError(f"{file}: a {cfg.kind} model, not an image classifier.")
     state = ckpt["model"]
     c_sem = state["adapters.semantic.embed.weight"].shape[0] - 1 if "adapters.semantic.embed.weight" in state else 0
     model = ViTClassifier(cfg.model.encoder, cfg.data.img_size, len(ckpt["classes"]), cfg.data.modalities, c_sem,

@@ -21,6 +21,8 @@ class FtDataConfig(ImageDataConfig):
                                        description="encoder inputs: [rgb], or [rgb, instance, semantic] (†)")
     val_fraction: Optional[float] = Field(None, gt=0, lt=1, description="a folder without train/ and val/: hold "
                                           "out this share of each class (chosen by a hash of the file name)")
+    num_classes: Optional[int] = Field(None, ge=2, description="segmentation classes; null = the manifest's "
+                                       "(ADE20K's layout: 150)")
     crop_pct: float = Field(0.875, gt=0, le=1, description="evaluation: resize to img_size / crop_pct, centre crop")
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
 
@@ -74,10 +76,14 @@ class FtModelConfig(_Strict):
                                                  "(MAE fine-tuning); token = the global token")
     drop_path: float = Field(0.1, ge=0, lt=1)
     head_init_std: float = Field(2e-5, gt=0, description="std of the head's truncated-normal init")
+    out_indices: list[int] = Field([3, 5, 7, 11], min_length=4, max_length=4,
+                                   description="segmentation: the blocks whose tokens feed the pyramid")
+    head_channels: int = Field(512, ge=8, description="segmentation: UperNet channels")
 
 
 class FtOptimConfig(_Strict):
     name: Literal["adamw", "lars"] = Field("adamw", description="lars for linear probing (MAE)")
+    schedule: Literal["cosine", "linear"] = Field("cosine", description="decay after the warmup")
     base_lr: float = Field(1e-3, gt=0, description="lr = base_lr * effective_batch / 256")
     lr: Optional[float] = Field(None, gt=0, description="absolute lr; overrides the scaling rule")
     layer_decay: float = Field(0.7, gt=0, le=1, description="layer-wise lr decay (1 = none)")
@@ -99,6 +105,8 @@ class FinetuneConfig(_Strict):
     """The fine-tuning config (``cfmae finetune``)."""
 
     TASK: ClassVar[str] = "finetune"
+    kind: Literal["classification", "segmentation"] = Field("classification", description="what is trained: "
+                                                              "an image classifier, or per-pixel classes")
     mode: Literal["full", "linear"] = Field("full", description="full fine-tuning, or a linear probe on the "
                                             "frozen encoder")
     data: FtDataConfig = FtDataConfig()
@@ -110,6 +118,14 @@ class FinetuneConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":
         enc = self.model.encoder
+        if self.kind == "segmentation":
+            if self.mode == "linear" or self.data.modalities != ["rgb"]:
+                raise ValueError("kind: segmentation fine-tunes the whole encoder on RGB (mode full, modalities [rgb])")
+            if self.train.batch_size < 2:
+                raise ValueError("train.batch_size: segmentation needs at least 2 images per device (BatchNorm)")
+            if enc is not None and max(self.model.out_indices) != enc.depth - 1:
+                raise ValueError(f"model.out_indices: {self.model.out_indices} must end at the encoder's last block "
+                                 f"({enc.depth - 1}; depth {enc.depth}), so that every block is trained")
         if enc is not None and self.data.img_size % enc.patch_size:
             raise ValueError(f"data.img_size: {self.data.img_size} is not divisible by the patch size "
                              f"{enc.patch_size}")

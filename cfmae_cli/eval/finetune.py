@@ -42,7 +42,11 @@ def finetune(cfg: FinetuneConfig, *, out: str | Path | None = None, name: str = 
     state, source = None, str(cfg.model.init)
     if resume is None:
         cfg, state, source = initial_weights(cfg)
-    return run_task(cfg, lambda info: FinetuneTask(cfg, info, state, source), resolve_device(cfg),
+    if cfg.kind == "segmentation":
+        from cfmae_cli.eval.segmentation import SegmentationTask as task_class
+    else:
+        task_class = FinetuneTask
+    return run_task(cfg, lambda info: task_class(cfg, info, state, source), resolve_device(cfg),
                     command="finetune", out=out, name=name, resume=resume, on_progress=on_progress)
 
 

@@ -112,6 +112,9 @@ def timm_classifier(raw: dict[str, Any], path: Path) -> tuple[dict[str, Tensor],
     ``'token'``. A linear probe's BatchNorm (no affine parameters) is folded into the linear layer.
     """
     cfg = raw["config"]
+    if cfg.get("kind", "classification") != "classification":
+        raise CfmaeError(f"{path}: a {cfg['kind']} model; timm's VisionTransformer holds classifiers. Export the "
+                         f"encoder of its pre-training checkpoint instead.")
     if cfg["data"]["modalities"] != ["rgb"]:
         raise CfmaeError(f"{path}: this classifier reads {' + '.join(cfg['data']['modalities'])}; timm's "
                          f"VisionTransformer takes RGB only. Export its pre-training checkpoint's encoder instead.")

@@ -104,6 +104,7 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
             nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)

@@ -314,7 +314,7 @@ class Engine:
             ctx = self.context(epoch, micro)
             if a == 0:
                 lr = lr_at(self.step, self.plan["total_steps"], self.plan["warmup_steps"], self.plan["lr"],
-                           cfg.optim.min_lr)
+                           cfg.optim.min_lr, getattr(cfg.optim, "schedule", "cosine"))
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
             if batch["skipped"]:

@@ -20,10 +20,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, device: torch
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
 
 
-def lr_at(step: float, total_steps: int, warmup_steps: float, lr: float, min_lr: float) -> float:
-    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then half-cosine down to ``min_lr``."""
+def lr_at(step: float, total_steps: int, warmup_steps: float, lr: float, min_lr: float,
+          schedule: str = "cosine") -> float:
+    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then half-cosine (or linear) down to ``min_lr``."""
     if step < warmup_steps:
         return lr * step / warmup_steps
     span = max(total_steps - warmup_steps, 1e-12)
     t = min(max((step - warmup_steps) / span, 0.0), 1.0)
+    if schedule == "linear":
+        return lr + (min_lr - lr) * t
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
