@@ -26,8 +26,8 @@ def finetune(
                                         "dataset layout for multi-granular input); default: the built-in demo data"),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="ft-demo, ft-vitb-400e, ft-vitb-1600e or a "
                                          "YAML file [default: ft-demo]"),
-    task: Optional[str] = typer.Option(None, "--task", help="classification (the default) or segmentation "
-                                       "(UperNet on a ViT pyramid; presets ft-seg-vitb, ft-seg-demo)"),
+    task: Optional[str] = typer.Option(None, "--task", help="classification (the default), segmentation (UperNet; "
+                                       "ft-seg-vitb, ft-seg-demo) or detection (Mask R-CNN; ft-det-vitb, ft-det-demo)"),
     mode: Optional[str] = typer.Option(None, "--mode", help="full (fine-tune everything) or linear (a linear probe "
                                        "on the frozen encoder, MAE's recipe) [default: full]"),
     modalities: Optional[str] = typer.Option(None, "--modalities", help="encoder input: rgb, or "
@@ -55,8 +55,8 @@ def finetune(
         raise CfmaeError(f"--mode {mode}: use full or linear.")
     overrides = run_overrides(set_, data, epochs, seed, gpus, procs, resume, out)
     if task is not None:
-        if task not in ("classification", "segmentation"):
-            raise CfmaeError(f"--task {task}: use classification or segmentation (detection is not built yet).")
+        if task not in ("classification", "segmentation", "detection"):
+            raise CfmaeError(f"--task {task}: use classification, segmentation or detection.")
         overrides.append(f"kind={task}")
     if modalities is not None:
         overrides.append(f"data.modalities=[{modalities}]")
@@ -69,7 +69,7 @@ def finetune(
                                  f"checkpoints/last.pt).")
             checkpoint = str(checkpoint_path(checkpoint).resolve())
         overrides.append(f"model.init={checkpoint}")
-    default = "ft-seg-demo" if task == "segmentation" else "ft-demo"
+    default = {"segmentation": "ft-seg-demo", "detection": "ft-det-demo"}.get(task or "", "ft-demo")
     if resume is not None:
         cfg = resumed_config(resume, preset, overrides, FinetuneConfig, mode)
     else:
@@ -80,6 +80,10 @@ def finetune(
 
 def _done(summary: dict[str, Any]) -> str:
     last = summary.get("last_epoch", {})
+    if "AP_box" in last:
+        return (f"done: {summary['epochs']} epochs, {summary['steps']} steps; val AP box {last['AP_box']:.2f} mask "
+                f"{last['AP_mask']:.2f} (epoch {summary['epochs']}); best box AP {last['best_AP_box']:.2f} at epoch "
+                f"{last['best_epoch']} (checkpoints/best.pt); {summary['img_per_s']:.1f} img/s")
     if "mIoU" in last:
         return (f"done: {summary['epochs']} epochs, {summary['steps']} steps; val mIoU {last['mIoU']:.2f} pixel acc "
                 f"{last['pixel_acc']:.2f} (epoch {summary['epochs']}); best mIoU {last['best_mIoU']:.2f} at epoch "

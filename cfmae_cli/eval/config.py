@@ -23,6 +23,11 @@ class FtDataConfig(ImageDataConfig):
                                           "out this share of each class (chosen by a hash of the file name)")
     num_classes: Optional[int] = Field(None, ge=2, description="segmentation classes; null = the manifest's "
                                        "(ADE20K's layout: 150)")
+    min_size: list[int] = Field([480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800], min_length=1,
+                                description="detection: short sides drawn from in training (the last one at test)")
+    max_size: int = Field(1333, ge=8, description="detection: the longest side after resizing")
+    min_instance_area: float = Field(0.0, ge=0, lt=1, description="detection on the dataset layout: leave out "
+                                     "instances smaller than this share of the image")
     crop_pct: float = Field(0.875, gt=0, le=1, description="evaluation: resize to img_size / crop_pct, centre crop")
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
 
@@ -79,11 +84,18 @@ class FtModelConfig(_Strict):
     out_indices: list[int] = Field([3, 5, 7, 11], min_length=4, max_length=4,
                                    description="segmentation: the blocks whose tokens feed the pyramid")
     head_channels: int = Field(512, ge=8, description="segmentation: UperNet channels")
+    anchor_sizes: list[int] = Field([32, 64, 128, 256, 512], min_length=5, max_length=5,
+                                    description="detection: RPN anchor size per pyramid level")
+    rois_per_image: int = Field(512, ge=8, description="detection: RoIs sampled per image for the box head")
+    fpn_channels: int = Field(256, ge=8, description="detection: channels of the pyramid and the mask head")
+    detections_per_image: int = Field(100, ge=1, description="detection: most detections kept per image")
 
 
 class FtOptimConfig(_Strict):
     name: Literal["adamw", "lars"] = Field("adamw", description="lars for linear probing (MAE)")
-    schedule: Literal["cosine", "linear"] = Field("cosine", description="decay after the warmup")
+    schedule: Literal["cosine", "linear", "step"] = Field("cosine", description="decay after the warmup; step = "
+                                                          "x0.1 at each of optim.milestones")
+    milestones: list[float] = Field([], description="step schedule: epochs at which the lr drops 10x")
     base_lr: float = Field(1e-3, gt=0, description="lr = base_lr * effective_batch / 256")
     lr: Optional[float] = Field(None, gt=0, description="absolute lr; overrides the scaling rule")
     layer_decay: float = Field(0.7, gt=0, le=1, description="layer-wise lr decay (1 = none)")
@@ -105,8 +117,8 @@ class FinetuneConfig(_Strict):
     """The fine-tuning config (``cfmae finetune``)."""
 
     TASK: ClassVar[str] = "finetune"
-    kind: Literal["classification", "segmentation"] = Field("classification", description="what is trained: "
-                                                              "an image classifier, or per-pixel classes")
+    kind: Literal["classification", "segmentation", "detection"] = Field(
+        "classification", description="what is trained: an image classifier, per-pixel classes, or Mask R-CNN")
     mode: Literal["full", "linear"] = Field("full", description="full fine-tuning, or a linear probe on the "
                                             "frozen encoder")
     data: FtDataConfig = FtDataConfig()
@@ -118,6 +130,11 @@ class FinetuneConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":
         enc = self.model.encoder
+        if self.kind == "detection" and (self.mode == "linear" or self.data.modalities != ["rgb"]):
+            raise ValueError("kind: detection fine-tunes the whole encoder on RGB (mode full, modalities [rgb])")
+        if self.kind == "detection" and self.data.max_size > self.data.img_size:
+            raise ValueError(f"data.max_size: {self.data.max_size} exceeds data.img_size {self.data.img_size}, the "
+                             f"padded input of the encoder")
         if self.kind == "segmentation":
             if self.mode == "linear" or self.data.modalities != ["rgb"]:
                 raise ValueError("kind: segmentation fine-tunes the whole encoder on RGB (mode full, modalities [rgb])")

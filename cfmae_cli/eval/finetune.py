@@ -44,6 +44,8 @@ def finetune(cfg: FinetuneConfig, *, out: str | Path | None = None, name: str = 
         cfg, state, source = initial_weights(cfg)
     if cfg.kind == "segmentation":
         from cfmae_cli.eval.segmentation import SegmentationTask as task_class
+    elif cfg.kind == "detection":
+        from cfmae_cli.eval.detection import DetectionTask as task_class
     else:
         task_class = FinetuneTask
     return run_task(cfg, lambda info: task_class(cfg, info, state, source), resolve_device(cfg),

@@ -188,7 +188,8 @@ class Engine:
                                       cfg.train.seed)
         workers = cfg.data.num_workers
         self.loader = DataLoader(self.dataset, batch_size=cfg.train.batch_size, sampler=self.sampler,
-                                 num_workers=workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
+                                 num_workers=workers, collate_fn=getattr(task, "collate", collate),
+                                 pin_memory=self.device.type == "cuda",
                                  persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
                                  generator=torch.Generator().manual_seed(cfg.train.seed))
         # (its own generator: starting an epoch's iterator must not draw from the global RNG, whose state a
@@ -314,7 +315,8 @@ class Engine:
             ctx = self.context(epoch, micro)
             if a == 0:
                 lr = lr_at(self.step, self.plan["total_steps"], self.plan["warmup_steps"], self.plan["lr"],
-                           cfg.optim.min_lr, getattr(cfg.optim, "schedule", "cosine"))
+                           cfg.optim.min_lr, getattr(cfg.optim, "schedule", "cosine"),
+                           tuple(m / cfg.train.epochs for m in getattr(cfg.optim, "milestones", ())))
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
             if batch["skipped"]:
@@ -328,7 +330,8 @@ class Engine:
                                     f"unreadable; see bad_files.txt")
                 inputs, weight = last_inputs, 0.0
             else:
-                inputs = {m: v.to(self.device, non_blocking=True) for m, v in batch.items() if torch.is_tensor(v)}
+                inputs = {m: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                          for m, v in batch.items() if m not in ("skipped", "size")}
                 last_inputs = inputs
             sync = contextlib.nullcontext() if a == accum - 1 or not self.ddp else self.net.no_sync()
             with sync:

@@ -1,0 +1,178 @@
+"""COCO-format detection data: reading annotations (with checks), our dataset layout's instance maps as COCO
+annotations, the dataset that feeds Mask R-CNN, and box / mask AP through pycocotools."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from cfmae_cli.data.dataset import Skipped
+from cfmae_cli.data.layout import UNLABELLED, Sample
+from cfmae_cli.errors import DataError
+from cfmae_cli.seeding import sample_rng
+
+
+def rle(mask: np.ndarray) -> dict[str, Any]:
+    """A binary (H, W) mask as COCO's compressed RLE, JSON-ready."""
+    code = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    code["counts"] = code["counts"].decode("ascii")
+    return code
+
+
+def coco_from_layout(samples: list[Sample], semantic_classes: list[str], min_area: float = 0.0) -> dict[str, Any]:
+    """COCO dict of the dataset layout: each instance id > 0 of an image is an object, its category the most
+    frequent semantic class under it (unlabelled pixels aside); objects smaller than ``min_area`` of the image
+    are left out."""
+    images, annotations = [], []
+    for image_id, sample in enumerate(samples, start=1):
+        with Image.open(sample.instance) as a, Image.open(sample.semantic) as b:
+            ids, sem = np.asarray(a).astype(np.int64), np.asarray(b).astype(np.int64)
+        h, w = ids.shape
+        images.append({"id": image_id, "file_name": str(sample.rgb), "height": h, "width": w})
+        for k in np.unique(ids):
+            m = ids == k
+            classes = sem[m][sem[m] != UNLABELLED]
+            if k == 0 or m.sum() < min_area * h * w or classes.size == 0:
+                continue
+            ys, xs = np.nonzero(m)
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": int(np.bincount(classes).argmax()) + 1, "segmentation": rle(m),
+                                "area": float(m.sum()), "iscrowd": 0,
+                                "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
+                                         float(ys.max() - ys.min() + 1)]})
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(semantic_classes)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def read_coco(path: Path, image_dir: Path) -> dict[str, Any]:
+    """A COCO annotation file with ``file_name`` made absolute; a clear message for an unreadable file."""
+    try:
+        coco = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a readable COCO annotation file ({exc}).") from None
+    if not all(k in coco for k in ("images", "annotations", "categories")):
+        raise DataError(f"{path}: a COCO file needs 'images', 'annotations' and 'categories'.")
+    for image in coco["images"]:
+        image["file_name"] = str(image_dir / image["file_name"])
+    return coco
+
+
+class CocoDetection(Dataset):
+    """Items: {'image': uint8 (3, H, W), 'target': {boxes (N, 4) xyxy, labels (N,) in 1..C, masks (N, H, W)
+    uint8, image_id}} or a :class:`Skipped` record. Problems with annotations are counted in ``problems``:
+    unknown category ids and degenerate boxes are dropped, boxes are clipped to the image."""
+
+    def __init__(self, coco: dict[str, Any], train: bool, hflip: float = 0.5, seed: int = 0):
+        self.train, self.hflip, self.seed = train, hflip, seed
+        self.label_of = {c["id"]: i + 1 for i, c in enumerate(coco["categories"])}
+        self.images = coco["images"]
+        self.annotations: dict[int, list[dict]] = {im["id"]: [] for im in self.images}
+        self.problems = {"unknown_category": 0, "clipped_box": 0, "empty_box": 0, "unknown_image": 0}
+        for ann in coco["annotations"]:
+            if ann.get("image_id") not in self.annotations:
+                self.problems["unknown_image"] += 1
+            elif ann.get("category_id") not in self.label_of:
+                self.problems["unknown_category"] += 1
+            else:
+                self.annotations[ann["image_id"]].append(ann)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def target(self, image: dict[str, Any], h: int, w: int) -> dict[str, Tensor]:
+        boxes, labels, masks = [], [], []
+        for ann in self.annotations[image["id"]]:
+            x, y, bw, bh = ann["bbox"]
+            box = [max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)]
+            if box != [x, y, x + bw, y + bh]:
+                self.problems["clipped_box"] += 1
+            if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+                self.problems["empty_box"] += 1
+                continue
+            segm = ann["segmentation"]
+            if isinstance(segm, list):  # polygons
+                segm = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
+            elif isinstance(segm.get("counts"), list):  # uncompressed RLE
+                segm = mask_utils.frPyObjects(segm, h, w)
+            boxes.append(box)
+            labels.append(self.label_of[ann["category_id"]])
+            masks.append(mask_utils.decode(segm))
+        return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.tensor(labels, dtype=torch.int64),
+                "masks": torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, h, w, dtype=torch.uint8),
+                "image_id": torch.tensor(image["id"])}
+
+    def load(self, index: int) -> dict[str, Any]:
+        image = self.images[index]
+        with Image.open(image["file_name"]) as im:
+            rgb = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+        target = self.target(image, rgb.shape[1], rgb.shape[2])
+        if self.train and bool(torch.rand(()) < self.hflip):
+            rgb, w = rgb.flip(-1), rgb.shape[-1]
+            target["boxes"] = torch.stack([w - target["boxes"][:, 2], target["boxes"][:, 1],
+                                           w - target["boxes"][:, 0], target["boxes"][:, 3]], 1)
+            target["masks"] = target["masks"].flip(-1)
+        return {"image": rgb, "target": target}
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | Skipped:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        try:
+            with sample_rng(self.seed, epoch, index) if epoch is not None else contextlib.nullcontext():
+                return self.load(index)
+        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            return Skipped(str(self.images[index]["file_name"]), f"unreadable: {type(exc).__name__}: {exc}")
+
+
+def collate_detection(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
+    good = [x for x in items if not isinstance(x, Skipped)]
+    return {"skipped": [x for x in items if isinstance(x, Skipped)], "size": len(good),
+            "images": [x["image"] for x in good], "targets": [x["target"] for x in good]}
+
+
+def coco_results(outputs: list[dict[str, Tensor]], image_ids: list[int], category_ids: list[int]
+                 ) -> list[dict[str, Any]]:
+    """torchvision Mask R-CNN outputs → COCO result records (boxes as xywh, masks thresholded at 0.5, RLE)."""
+    records = []
+    for out, image_id in zip(outputs, image_ids):
+        boxes = out["boxes"].float().cpu()
+        masks = (out["masks"][:, 0] > 0.5).cpu().numpy() if "masks" in out else None
+        for i, (box, score, label) in enumerate(zip(boxes.tolist(), out["scores"].tolist(), out["labels"].tolist())):
+            record = {"image_id": image_id, "category_id": category_ids[label - 1], "score": float(score),
+                      "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]}
+            if masks is not None:
+                record["segmentation"] = rle(masks[i])
+            records.append(record)
+    return records
+
+
+def coco_ap(ground_truth: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, float]:
+    """Box and mask AP, AP50, AP75 (in %) with pycocotools; 0 where there is nothing to score."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    out = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
+        gt = COCO()
+        gt.dataset = json.loads(json.dumps(ground_truth))
+        gt.createIndex()
+        for kind, name in (("bbox", "box"), ("segm", "mask")):
+            if not results or not ground_truth["annotations"]:
+                out.update({f"AP_{name}": 0.0, f"AP50_{name}": 0.0, f"AP75_{name}": 0.0})
+                continue
+            ev = COCOeval(gt, gt.loadRes(json.loads(json.dumps(results))), kind)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            stats = [max(float(v), 0.0) for v in ev.stats[:3]]  # -1 = no ground truth of that kind
+            out.update({f"AP_{name}": 100 * stats[0], f"AP50_{name}": 100 * stats[1], f"AP75_{name}": 100 * stats[2]})
+    return out

@@ -1,0 +1,213 @@
+"""Detection and instance segmentation transfer (the paper's Table 2): torchvision's Mask R-CNN on the ViT
+encoder with ViTDet's simple feature pyramid, box and mask AP (pycocotools) every epoch — a task of the engine.
+
+Backbone: the encoder's last block as a (B, D, S/p, S/p) map → strides p/4, p/2, p, 2p (transposed
+convolutions, identity, max-pool), each to 256 channels by a 1x1 and a 3x3 convolution with LayerNorm, and a
+4p level for the RPN. The encoder's position table is fixed for ``data.img_size``, so every batch is padded
+to img_size x img_size (ViTDet pads to 1024); images are resized by Mask R-CNN's own transform first
+(``data.min_size`` short side, at most ``data.max_size``). Global attention in every block (ViTDet's
+windowed attention is not used).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.layers import LayerNorm2d
+from torch import Tensor, nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from cfmae_cli.data.layout import read_manifest
+from cfmae_cli.errors import DataError
+from cfmae_cli.eval.classifier import load_encoder_weights
+from cfmae_cli.eval.coco import CocoDetection, coco_ap, coco_from_layout, coco_results, collate_detection, read_coco
+from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
+from cfmae_cli.eval.data import find_splits
+from cfmae_cli.eval.evaluate import shard_loader
+from cfmae_cli.eval.finetune import FinetuneTask
+from cfmae_cli.model.encoder import ViTEncoder
+from cfmae_cli.train import distributed
+from cfmae_cli.train.engine import StepContext
+from cfmae_cli.train.setup import dataset_root
+
+LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+
+
+class ViTDetBackbone(nn.Module):
+    """(B, 3, S, S) → OrderedDict of 256-channel maps '0'..'3' at strides p/4 … 2p and 'pool' at 4p."""
+
+    def __init__(self, arch: EncoderArch, img_size: int, drop_path: float = 0.0, channels: int = 256):
+        super().__init__()
+        d = arch.embed_dim
+        self.img_size = img_size
+        self.encoder = ViTEncoder(img_size, arch.patch_size, arch.embed_dim, arch.depth, arch.num_heads,
+                                  arch.mlp_ratio, drop_path)
+        self.scales = nn.ModuleList([
+            nn.Sequential(nn.ConvTranspose2d(d, d // 2, 2, 2), LayerNorm2d(d // 2), nn.GELU(),
+                          nn.ConvTranspose2d(d // 2, d // 4, 2, 2)),
+            nn.ConvTranspose2d(d, d // 2, 2, 2), nn.Identity(), nn.MaxPool2d(2)])
+        self.outputs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, channels, 1, bias=False), LayerNorm2d(channels),
+                          nn.Conv2d(channels, channels, 3, padding=1, bias=False), LayerNorm2d(channels))
+            for c in (d // 4, d // 2, d, d))
+        self.out_channels = channels
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        enc, g = self.encoder, self.encoder.grid
+        tokens = enc(enc.patch_embed(x) + enc.patch_pos)[:, 1:]
+        top = tokens.transpose(1, 2).reshape(x.shape[0], -1, g, g)
+        feats = OrderedDict((str(i), out(scale(top))) for i, (scale, out) in enumerate(zip(self.scales, self.outputs)))
+        feats["pool"] = nn.functional.max_pool2d(feats["3"], 1, 2)
+        return feats
+
+
+class FixedSizeTransform(GeneralizedRCNNTransform):
+    """Mask R-CNN's resize and normalisation, with every batch padded to ``size`` x ``size`` (the encoder's
+    fixed grid) instead of to the largest image."""
+
+    def __init__(self, size: int, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.size = size
+
+    def batch_images(self, images: list[Tensor], size_divisible: int = 32) -> Tensor:
+        batch = images[0].new_zeros(len(images), 3, self.size, self.size)
+        for img, pad in zip(images, batch):
+            if img.shape[-2] > self.size or img.shape[-1] > self.size:
+                raise ValueError(f"an image of {tuple(img.shape[-2:])} after resizing exceeds data.img_size "
+                                 f"{self.size}; lower data.max_size")
+            pad[:, : img.shape[-2], : img.shape[-1]].copy_(img)
+        return batch
+
+
+class ViTMaskRCNN(MaskRCNN):
+    """torchvision's Mask R-CNN with :class:`ViTDetBackbone`; layer-wise decay over the encoder's blocks."""
+
+    def __init__(self, arch: EncoderArch, cfg: FinetuneConfig, num_classes: int):
+        d = cfg.data
+        c = cfg.model.fpn_channels
+        backbone = ViTDetBackbone(arch, d.img_size, cfg.model.drop_path, c)
+        anchors = AnchorGenerator(tuple((s,) for s in cfg.model.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+        super().__init__(backbone, None, rpn_anchor_generator=anchors,
+                         box_predictor=FastRCNNPredictor(1024, num_classes + 1),  # after the default 1024-d box head
+                         mask_head=MaskRCNNHeads(c, [c] * 4, 1), mask_predictor=MaskRCNNPredictor(c, c, num_classes + 1),
+                         box_batch_size_per_image=cfg.model.rois_per_image,
+                         box_detections_per_img=cfg.model.detections_per_image,
+                         rpn_batch_size_per_image=max(cfg.model.rois_per_image // 2, 32))
+        self.transform = FixedSizeTransform(d.img_size, tuple(d.min_size), d.max_size, list(d.mean), list(d.std))
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {"stem": r"^backbone\.encoder\.(?:cls_token|pos_embed|patch_embed)",
+                "blocks": [(r"^backbone\.encoder\.blocks\.(\d+)", None)]}
+
+    def no_weight_decay(self) -> set[str]:
+        return {"backbone.encoder.cls_token", "backbone.encoder.pos_embed"}
+
+
+def detection_data(cfg: FinetuneConfig, root: Path) -> dict[str, Any]:
+    """COCO's layout (annotations/instances_{train,val}2017.json, {train,val}2017/) or the dataset layout
+    (instance maps → objects, their semantic class → category)."""
+    ann = root / "annotations"
+    if (ann / "instances_train2017.json").is_file():
+        train = read_coco(ann / "instances_train2017.json", root / "train2017")
+        val = read_coco(ann / "instances_val2017.json", root / "val2017")
+    else:
+        train_s, val_s, _, meta = find_splits(root, cfg.data.val_fraction, ["instance", "semantic"])
+        classes = list(read_manifest(meta)["semantic_classes"])
+        train = coco_from_layout(train_s, classes, cfg.data.min_instance_area)
+        val = coco_from_layout(val_s, classes, cfg.data.min_instance_area)
+    if not train["categories"]:
+        raise DataError(f"{root}: no categories in the annotations.")
+    missing = [im["file_name"] for im in train["images"] + val["images"] if not Path(im["file_name"]).is_file()]
+    if missing:
+        raise DataError(f"{root}: {len(missing)} annotated image(s) not found (e.g. {missing[0]}).")
+    return {"train": CocoDetection(train, True, cfg.aug.hflip, cfg.train.seed), "val": CocoDetection(val, False),
+            "val_coco": val, "categories": [c["id"] for c in train["categories"]]}
+
+
+class DetectionTask(FinetuneTask):
+    """Mask R-CNN fine-tuning; optimizer (layer-wise decay), checkpoints and best.pt are the classification
+    task's; the summed loss and each of Mask R-CNN's five terms are logged."""
+
+    def __init__(self, cfg: FinetuneConfig, info: distributed.DistInfo, state: dict[str, Tensor] | None,
+                 source: str):
+        self.cfg, self.info, self.device, self.source = cfg, info, info.device, source
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        arch = cfg.model.encoder
+        assert arch is not None, "initial_weights() fills model.encoder"
+        self.root = Path(distributed.broadcast(str(dataset_root(cfg)) if info.is_main else None, info))
+        data = detection_data(cfg, self.root)
+        self.dataset, self.val_dataset = data["train"], data["val"]
+        self.val_coco, self.category_ids = data["val_coco"], data["categories"]
+        self.classes = [str(c) for c in self.category_ids]
+        self.collate = collate_detection
+        torch.manual_seed(cfg.train.seed)
+        model = ViTMaskRCNN(arch, cfg, len(self.category_ids))
+        if state is not None:
+            load_encoder_weights(model.backbone, state, source)
+        self.model = model.to(self.device)
+        self.names = ["loss", *LOSSES]
+        self.bf16 = self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+        self.val_loader = shard_loader(self.val_dataset, cfg.train.batch_size, cfg.data.num_workers, info,
+                                       collate_detection)
+        self.best: dict[str, Any] = {"AP_box": -math.inf, "epoch": 0}
+        self.improved = False
+
+    def images(self, batch: dict[str, Any]) -> list[Tensor]:
+        return [img.to(self.device, non_blocking=True).float() / 255 for img in batch["images"]]
+
+    def forward(self, net: nn.Module, batch: dict[str, Any], ctx: StepContext) -> tuple[Tensor, Tensor]:
+        targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
+        losses = net(self.images(batch), targets)
+        terms = torch.stack([losses[k].float() for k in LOSSES])
+        total = terms.sum()
+        return total, torch.cat([total.detach().reshape(1), terms.detach()])
+
+    @torch.no_grad()
+    def end_epoch(self, done: int, summary: dict[str, Any]) -> dict[str, Any]:
+        self.model.eval()
+        records = []
+        for batch in self.val_loader:
+            if batch["size"] == 0:
+                continue
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                outputs = self.model(self.images(batch))
+            ids = [int(t["image_id"]) for t in batch["targets"]]
+            records += coco_results(outputs, ids, self.category_ids)
+        self.model.train()
+        everything = [r for part in distributed.gather(records, self.info) for r in part]
+        metrics = coco_ap(self.val_coco, everything) if self.info.is_main else None
+        metrics = distributed.broadcast(metrics, self.info)
+        self.improved = metrics["AP_box"] > self.best["AP_box"]
+        if self.improved:
+            self.best = {"AP_box": metrics["AP_box"], "epoch": done}
+        problems = {f"annotations_{k}": v for k, v in self.dataset.problems.items() if v}
+        return {**metrics, "best_AP_box": self.best["AP_box"], "best_epoch": self.best["epoch"], **problems}
+
+    def summary_line(self, summary: dict[str, Any]) -> str:
+        return (f"val AP box {summary['AP_box']:.2f} mask {summary['AP_mask']:.2f} (best box {summary['best_AP_box']:.2f}"
+                f" at epoch {summary['best_epoch']}) ")
+
+    def describe(self, plan: dict[str, Any]) -> list[str]:
+        arch, d = self.cfg.model.encoder, self.cfg.data
+        return [f"data {self.root}: {len(self.category_ids)} categories; {len(self.dataset)} train / "
+                f"{len(self.val_dataset)} val images; short side {d.min_size} (max {d.max_size}), padded to "
+                f"{d.img_size}",
+                f"model: Mask R-CNN on ViT patch {arch.patch_size}, dim {arch.embed_dim}, depth {arch.depth} with a "
+                f"simple pyramid; anchors {self.cfg.model.anchor_sizes}; initial weights: {self.source}",
+                f"recipe: {self.cfg.optim.name}, {self.cfg.optim.schedule} schedule, layer decay "
+                f"{self.cfg.optim.layer_decay}, weight decay {self.cfg.optim.weight_decay}, drop path "
+                f"{self.cfg.model.drop_path}"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"task": "finetune", "kind": "detection", "classes": self.classes, "best": self.best,
+                "init": self.source}
+

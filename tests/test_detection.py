@@ -1,0 +1,96 @@
+"""Detection transfer: ViTDet's pyramid, padding to the encoder's grid, a COCO round trip (instance maps →
+COCO → AP of a perfect prediction = 100), the handling of bad annotations, and a Mask R-CNN fine-tuning run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cfmae_cli.cli import app
+from cfmae_cli.data.layout import list_samples
+from cfmae_cli.errors import DataError
+from cfmae_cli.eval.coco import CocoDetection, coco_ap, coco_from_layout, read_coco
+from cfmae_cli.eval.config import EncoderArch
+from cfmae_cli.eval.detection import FixedSizeTransform, ViTDetBackbone
+from tests.conftest import SEM_CLASSES, make_dataset
+from tests.test_export import _ours
+
+runner = CliRunner()
+
+
+def test_vitdet_pyramid_strides_and_channels() -> None:
+    arch = EncoderArch(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    backbone = ViTDetBackbone(arch, 64, channels=16)
+    feats = backbone(torch.randn(2, 3, 64, 64))
+    assert list(feats) == ["0", "1", "2", "3", "pool"] and backbone.out_channels == 16
+    assert [64 // f.shape[-1] for f in feats.values()] == [2, 4, 8, 16, 32]  # p/4, p/2, p, 2p, 4p for p = 8
+    assert all(f.shape[:2] == (2, 16) for f in feats.values())
+
+
+def test_batches_are_padded_to_the_encoder_grid() -> None:
+    t = FixedSizeTransform(64, (40,), 60, [0.5] * 3, [0.5] * 3)
+    images, _ = t([torch.rand(3, 30, 50), torch.rand(3, 50, 20)])
+    assert tuple(images.tensors.shape) == (2, 3, 64, 64)
+    assert images.image_sizes == [(36, 60), (60, 24)]  # resized (short side 40, long side at most 60)
+
+
+def test_coco_round_trip_of_instance_maps(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "d", n_per_class=3)
+    samples, _ = list_samples(root)
+    coco = coco_from_layout(samples, SEM_CLASSES)
+    assert len(coco["images"]) == 6 and len(coco["annotations"]) == 18  # three rectangles per image
+    assert {a["category_id"] for a in coco["annotations"]} == {3}  # the 'thing' class, 1-based
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
+                "segmentation": a["segmentation"]} for a in coco["annotations"]]
+    ap = coco_ap(coco, perfect)
+    assert ap["AP_box"] == pytest.approx(100.0) and ap["AP_mask"] == pytest.approx(100.0)
+    shifted = [{**r, "bbox": [r["bbox"][0] + r["bbox"][2], *r["bbox"][1:]]} for r in perfect]
+    assert coco_ap(coco, shifted)["AP_box"] < 50  # boxes beside the objects do not count
+
+
+def test_bad_annotations_are_counted_or_refused(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "img" / "a.jpg")
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "height": 20, "width": 30}],
+            "categories": [{"id": 7, "name": "thing"}],
+            "annotations": [
+                {"id": 1, "image_id": 1, "category_id": 7, "bbox": [20, 5, 40, 10], "iscrowd": 0, "area": 1,
+                 "segmentation": [[20, 5, 60, 5, 60, 15, 20, 15]]},  # polygon and box out of bounds: clipped
+                {"id": 2, "image_id": 1, "category_id": 99, "bbox": [0, 0, 5, 5], "iscrowd": 0, "area": 1,
+                 "segmentation": [[0, 0, 5, 0, 5, 5]]},  # unknown category: dropped
+                {"id": 3, "image_id": 1, "category_id": 7, "bbox": [3, 3, 0, 4], "iscrowd": 0, "area": 0,
+                 "segmentation": [[3, 3, 3, 7, 3, 3]]},  # empty box: dropped
+                {"id": 4, "image_id": 5, "category_id": 7, "bbox": [0, 0, 5, 5], "iscrowd": 0, "area": 1,
+                 "segmentation": [[0, 0, 5, 0, 5, 5]]}]}  # no such image
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    ds = CocoDetection(read_coco(tmp_path / "ann.json", tmp_path / "img"), train=False)
+    item = ds[0]
+    assert item["target"]["boxes"].tolist() == [[20.0, 5.0, 30.0, 15.0]] and item["target"]["labels"].tolist() == [1]
+    assert item["target"]["masks"].shape == (1, 20, 30) and item["target"]["masks"][0, 10, 25] == 1
+    assert ds.problems == {"unknown_category": 1, "clipped_box": 1, "empty_box": 1, "unknown_image": 1}
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(DataError, match="not a readable COCO annotation file"):
+        read_coco(tmp_path / "broken.json", tmp_path / "img")
+
+
+def test_mask_rcnn_finetuning_on_the_dataset_layout(tmp_path: Path) -> None:
+    make_dataset(tmp_path / "data" / "train", n_per_class=3, seed=0)
+    make_dataset(tmp_path / "data" / "val", n_per_class=1, seed=1)
+    _, ckpt = _ours(tmp_path)  # patch 8, width 32, depth 2, img 32
+    out = tmp_path / "run"
+    sets = ["data.img_size=48", "data.min_size=[40]", "data.max_size=48", "data.num_workers=0",
+            "optim.effective_batch=2", "train.batch_size=2", "train.epochs=1", "train.log_every=1",
+            "model.fpn_channels=16", "model.rois_per_image=16", "model.detections_per_image=10",
+            "model.anchor_sizes=[4,8,16,32,64]", "optim.milestones=[]"]
+    result = runner.invoke(app, ["finetune", "--task", "detection", "--checkpoint", str(ckpt), "--data",
+                                 str(tmp_path / "data"), "--out", str(out), *[x for s in sets for x in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    epoch = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "epoch"][0]
+    assert {"AP_box", "AP_mask", "AP50_box", "loss_mask", "loss_objectness"} <= set(epoch)
+    assert 0 <= epoch["AP_box"] <= 100 and (out / "checkpoints/best.pt").is_file()
