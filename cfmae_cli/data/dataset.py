@@ -81,13 +81,7 @@ class MultiGranularDataset(Dataset):
             if bool(bad.any()):
                 raise BadSample(f"{sample.semantic}: semantic id {int(sem[bad].max())} is not below the "
                                 f"{self.num_semantic_classes} classes of the manifest and is not {UNLABELLED}")
-        rgb, inst, sem = self.transform(rgb, inst, sem)
-        item: dict[str, Any] = {"rgb": rgb, "label": sample.label}
-        if inst is not None:
-            item["instance"] = inst
-        if sem is not None:
-            item["semantic"] = sem
-        return item
+        return make_item(*self.transform(rgb, inst, sem), sample.label)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | Skipped:
         """``key`` is an index, or ``(epoch, index)``: then the augmentation is drawn from a generator seeded by
@@ -102,6 +96,16 @@ class MultiGranularDataset(Dataset):
             return Skipped(str(self.samples[index].rgb), str(exc))
         except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             return Skipped(str(self.samples[index].rgb), f"unreadable: {type(exc).__name__}: {exc}")
+
+
+def make_item(rgb: Tensor, inst: Tensor | None, sem: Tensor | None, label: int) -> dict[str, Any]:
+    """A dataset item: rgb, label and the maps that are there."""
+    item: dict[str, Any] = {"rgb": rgb, "label": label}
+    if inst is not None:
+        item["instance"] = inst
+    if sem is not None:
+        item["semantic"] = sem
+    return item
 
 
 def collate(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:

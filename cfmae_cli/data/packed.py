@@ -26,7 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from cfmae_cli.data.dataset import Skipped
+from cfmae_cli.data.dataset import Skipped, make_item
 from cfmae_cli.data.layout import UNLABELLED, Sample, atomic_write_text, list_samples, read_manifest
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import DataError
@@ -182,13 +182,7 @@ class PackedDataset(Dataset):
         rgb = decode(np.array(s["bytes"][s["offsets"][j]:s["offsets"][j + 1]]))
         inst = torch.from_numpy(s["instance"][j].astype(np.int64)) if "instance" in self.modalities else None
         sem = torch.from_numpy(s["semantic"][j].astype(np.int64)) if "semantic" in self.modalities else None
-        rgb, inst, sem = self.transform(rgb, inst, sem)
-        item: dict[str, Any] = {"rgb": rgb, "label": int(s["labels"][j])}
-        if inst is not None:
-            item["instance"] = inst
-        if sem is not None:
-            item["semantic"] = sem
-        return item
+        return make_item(*self.transform(rgb, inst, sem), int(s["labels"][j]))
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | Skipped:
         epoch, index = key if isinstance(key, tuple) else (None, key)

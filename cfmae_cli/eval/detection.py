@@ -36,7 +36,6 @@ from cfmae_cli.eval.finetune import FinetuneTask
 from cfmae_cli.model.encoder import ViTEncoder
 from cfmae_cli.train import distributed
 from cfmae_cli.train.engine import StepContext
-from cfmae_cli.train.setup import dataset_root
 
 LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
@@ -138,12 +137,7 @@ class DetectionTask(FinetuneTask):
 
     def __init__(self, cfg: FinetuneConfig, info: distributed.DistInfo, state: dict[str, Tensor] | None,
                  source: str):
-        self.cfg, self.info, self.device, self.source = cfg, info, info.device, source
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        arch = cfg.model.encoder
-        assert arch is not None, "initial_weights() fills model.encoder"
-        self.root = Path(distributed.broadcast(str(dataset_root(cfg)) if info.is_main else None, info))
+        arch = self.setup(cfg, info, source)
         data = detection_data(cfg, self.root)
         self.dataset, self.val_dataset = data["train"], data["val"]
         self.val_coco, self.category_ids = data["val_coco"], data["categories"]

@@ -149,12 +149,7 @@ class FinetuneTask(Task):
 
     def __init__(self, cfg: FinetuneConfig, info: distributed.DistInfo, state: dict[str, Tensor] | None,
                  source: str):
-        self.cfg, self.info, self.device, self.source = cfg, info, info.device, source
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        arch = cfg.model.encoder
-        assert arch is not None, "initial_weights() fills model.encoder"
-        self.root = Path(distributed.broadcast(str(dataset_root(cfg)) if info.is_main else None, info))
+        arch = self.setup(cfg, info, source)
         data = build_datasets(cfg, arch, self.root)
         self.dataset, self.val_dataset, self.classes = data["train"], data["val"], data["classes"]
         c_sem = data["num_semantic_classes"]
@@ -178,6 +173,16 @@ class FinetuneTask(Task):
         self.val_loader = shard_loader(self.val_dataset, cfg.train.batch_size, cfg.data.num_workers, info)
         self.best: dict[str, Any] = {"top1": -math.inf, "top5": -math.inf, "epoch": 0}
         self.improved = False
+
+    def setup(self, cfg: FinetuneConfig, info: distributed.DistInfo, source: str) -> EncoderArch:
+        """What every fine-tuning task starts with: config, process, threads, the data folder (rank 0's
+        choice); returns the encoder's architecture."""
+        self.cfg, self.info, self.device, self.source = cfg, info, info.device, source
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        assert cfg.model.encoder is not None, "initial_weights() fills model.encoder"
+        self.root = Path(distributed.broadcast(str(dataset_root(cfg)) if info.is_main else None, info))
+        return cfg.model.encoder
 
     def build_optimizer(self, lr: float, device: torch.device) -> torch.optim.Optimizer:
         o = self.cfg.optim

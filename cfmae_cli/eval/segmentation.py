@@ -31,7 +31,6 @@ from cfmae_cli.model.encoder import ViTEncoder
 from cfmae_cli.model.layers import init_weights
 from cfmae_cli.train import distributed
 from cfmae_cli.train.engine import StepContext
-from cfmae_cli.train.setup import dataset_root
 
 ADE20K_CLASSES = 150
 
@@ -177,12 +176,7 @@ class SegmentationTask(FinetuneTask):
 
     def __init__(self, cfg: FinetuneConfig, info: distributed.DistInfo, state: dict[str, Tensor] | None,
                  source: str):
-        self.cfg, self.info, self.device, self.source = cfg, info, info.device, source
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        arch = cfg.model.encoder
-        assert arch is not None, "initial_weights() fills model.encoder"
-        self.root = Path(distributed.broadcast(str(dataset_root(cfg)) if info.is_main else None, info))
+        arch = self.setup(cfg, info, source)
         data = segmentation_datasets(cfg, self.root)
         self.dataset, self.val_dataset, self.num_classes = data["train"], data["val"], data["num_classes"]
         self.classes = [str(i) for i in range(self.num_classes)]
