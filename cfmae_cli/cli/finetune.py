@@ -42,7 +42,7 @@ def finetune(
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue a fine-tuning run exactly: its folder "
                                           "or one of its checkpoints"),
 ) -> None:
-    """Fine-tune a pre-trained encoder for image classification; evaluates on val/ after every epoch.
+    """Fine-tune a pre-trained encoder: classification, segmentation or detection; evaluates after every epoch.
 
     Example, the demo chain on a CPU: cfmae pretrain && cfmae finetune
 
@@ -50,6 +50,8 @@ def finetune(
     --checkpoint runs/pretrain/vitb-400e --data /data/imagenet
 
     Example, a linear probe: cfmae finetune --mode linear --checkpoint runs/pretrain/demo
+
+    Example, ADE20K: cfmae finetune --task segmentation --preset ft-seg-vitb --gpus 8 --data /data/ADEChallengeData2016
     """
     if mode is not None and mode not in ("full", "linear"):
         raise CfmaeError(f"--mode {mode}: use full or linear.")
