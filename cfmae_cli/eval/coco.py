@@ -67,6 +67,12 @@ def read_coco(path: Path, image_dir: Path) -> dict[str, Any]:
     return coco
 
 
+def clip_box(bbox: list[float], h: int, w: int) -> list[float]:
+    """COCO's [x, y, width, height] → [x0, y0, x1, y1] inside an image of h x w."""
+    x, y, bw, bh = bbox
+    return [max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)]
+
+
 class CocoDetection(Dataset):
     """Items: {'image': uint8 (3, H, W), 'target': {boxes (N, 4) xyxy, labels (N,) in 1..C, masks (N, H, W)
     uint8, image_id}} or a :class:`Skipped` record. Problems with annotations are counted in ``problems``:
@@ -78,12 +84,21 @@ class CocoDetection(Dataset):
         self.images = coco["images"]
         self.annotations: dict[int, list[dict]] = {im["id"]: [] for im in self.images}
         self.problems = {"unknown_category": 0, "clipped_box": 0, "empty_box": 0, "unknown_image": 0}
-        for ann in coco["annotations"]:
+        size = {im["id"]: (im["height"], im["width"]) for im in self.images}
+        for ann in coco["annotations"]:  # counted here, once: items are loaded in worker processes
             if ann.get("image_id") not in self.annotations:
                 self.problems["unknown_image"] += 1
             elif ann.get("category_id") not in self.label_of:
                 self.problems["unknown_category"] += 1
             else:
+                h, w = size[ann["image_id"]]
+                x, y, bw, bh = ann["bbox"]
+                box = clip_box(ann["bbox"], h, w)
+                if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+                    self.problems["empty_box"] += 1
+                    continue
+                if box != [x, y, x + bw, y + bh]:
+                    self.problems["clipped_box"] += 1
                 self.annotations[ann["image_id"]].append(ann)
 
     def __len__(self) -> int:
@@ -92,13 +107,7 @@ class CocoDetection(Dataset):
     def target(self, image: dict[str, Any], h: int, w: int) -> dict[str, Tensor]:
         boxes, labels, masks = [], [], []
         for ann in self.annotations[image["id"]]:
-            x, y, bw, bh = ann["bbox"]
-            box = [max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)]
-            if box != [x, y, x + bw, y + bh]:
-                self.problems["clipped_box"] += 1
-            if box[2] - box[0] < 1 or box[3] - box[1] < 1:
-                self.problems["empty_box"] += 1
-                continue
+            box = clip_box(ann["bbox"], h, w)
             segm = ann["segmentation"]
             if isinstance(segm, list):  # polygons
                 segm = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
