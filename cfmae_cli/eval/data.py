@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
 from torch.utils.data import Dataset
@@ -26,22 +23,7 @@ from cfmae_cli.data.layout import IMAGE_EXTENSIONS, Sample, list_samples, read_m
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import DataError
 from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
-from cfmae_cli.seeding import mix_seed
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Python, NumPy and torch (CPU) generators seeded with ``seed`` inside, restored after."""
-    py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2 ** 32)
-        torch.default_generator.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
+from cfmae_cli.seeding import mix_seed, seeded
 
 
 class ImageListDataset(Dataset):

@@ -23,11 +23,11 @@ from cfmae_cli.config import config_from_dict, load_config
 from cfmae_cli.errors import CfmaeError, DataError
 from cfmae_cli.eval.classifier import ViTClassifier, arch_from_state, load_encoder_weights
 from cfmae_cli.eval.config import AugConfig, EncoderArch, FinetuneConfig, FtOptimConfig
-from cfmae_cli.eval.data import build_datasets, seeded
+from cfmae_cli.eval.data import build_datasets
 from cfmae_cli.eval.evaluate import evaluate, shard_loader
-from cfmae_cli.model.convert import detect_format, load_any, to_cfmae
+from cfmae_cli.model.convert import detect_format, read_file, to_cfmae, weights_and_config
+from cfmae_cli.seeding import seeded
 from cfmae_cli.train import distributed
-from cfmae_cli.train.checkpoint import load_checkpoint
 from cfmae_cli.train.engine import Progress, StepContext, Task, run_task
 from cfmae_cli.train.setup import dataset_root, resolve_device
 
@@ -65,12 +65,17 @@ def initial_weights(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict[str, Tens
         arch = cfg.model.encoder or EncoderArch.of(load_config(cfg.model.arch).model)
         state, source = None, "random"
     else:
-        raw, own = load_any(Path(init))
+        file, top = read_file(Path(init))
+        raw, own = weights_and_config(file, top)
+        stored = (top.get("config") or {}).get("model", {}).get("encoder") if top.get("task") == "finetune" else None
         fmt = detect_format(raw)
         try:
             state = to_cfmae(raw)
-            arch, seen = (EncoderArch.of(own.model), set(EncoderArch.model_fields)) if own is not None \
-                else finetuned_arch(Path(init)) or arch_from_state(state)
+            if own is not None or stored:  # ours: the architecture is written down
+                arch, seen = EncoderArch.of(own.model) if own is not None else EncoderArch(**stored), \
+                    set(EncoderArch.model_fields)
+            else:
+                arch, seen = arch_from_state(state)
         except CfmaeError as exc:
             raise CfmaeError(f"{init}: {exc}") from None
         source = f"{init} ({fmt} format)"
@@ -94,16 +99,6 @@ def layer_decay_groups(model: ViTClassifier, optim: FtOptimConfig) -> list[dict[
     (scale 1); no weight decay on biases, norms and tokens."""
     return param_groups_layer_decay(model, weight_decay=optim.weight_decay,
                                     no_weight_decay_list=model.no_weight_decay(), layer_decay=optim.layer_decay)
-
-
-def finetuned_arch(path: Path) -> tuple[EncoderArch, set[str]] | None:
-    """The encoder architecture stored in a fine-tuning checkpoint of ours (None for any other file)."""
-    try:
-        ckpt = load_checkpoint(path, mmap=True)
-    except CfmaeError:
-        return None
-    encoder = (ckpt.get("config") or {}).get("model", {}).get("encoder") if ckpt.get("task") == "finetune" else None
-    return (EncoderArch(**encoder), set(EncoderArch.model_fields)) if encoder else None
 
 
 class Mixer:

@@ -94,9 +94,13 @@ def read_file(path: Path) -> tuple[Path, dict[str, Any]]:
 def load_any(path: Path) -> tuple[dict[str, Tensor], Config | None]:
     """Weights (and our pre-training config when there is one) from a cfmae checkpoint, a run folder, or an MAE
     / MultiMAE / timm state-dict file; clear errors for everything else."""
+    return weights_and_config(*read_file(path))
+
+
+def weights_and_config(path: Path, raw: dict[str, Any]) -> tuple[dict[str, Tensor], Config | None]:
+    """The state dict of a file's top-level dict (``read_file``), and our pre-training config when it has one."""
     from cfmae_cli.config import config_from_dict
 
-    path, raw = read_file(path)
     state = raw.get("model", raw.get("state_dict", raw))
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CfmaeError(f"{path}: no state dict of tensors found (looked at 'model', 'state_dict' and the top level).")
