@@ -16,8 +16,9 @@ from cfmae_cli.cli import app
 from cfmae_cli.data.layout import list_samples
 from cfmae_cli.errors import DataError
 from cfmae_cli.eval.coco import CocoDetection, coco_ap, coco_from_layout, read_coco
-from cfmae_cli.eval.config import EncoderArch
-from cfmae_cli.eval.detection import FixedSizeTransform, ViTDetBackbone
+from cfmae_cli.config import load_config
+from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
+from cfmae_cli.eval.detection import FixedSizeTransform, ViTDetBackbone, ViTMaskRCNN
 from tests.conftest import SEM_CLASSES, make_dataset
 from tests.test_export import _ours
 
@@ -38,6 +39,17 @@ def test_batches_are_padded_to_the_encoder_grid() -> None:
     images, _ = t([torch.rand(3, 30, 50), torch.rand(3, 50, 20)])
     assert tuple(images.tensors.shape) == (2, 3, 64, 64)
     assert images.image_sizes == [(36, 60), (60, 24)]  # resized (short side 40, long side at most 60)
+
+
+def test_rpn_proposals_per_image_follow_the_config() -> None:
+    cfg = load_config("ft-det-demo", ["model.rpn_proposals=[40,7]", "model.fpn_channels=16"], FinetuneConfig)
+    torch.manual_seed(0)
+    net = ViTMaskRCNN(EncoderArch(patch_size=8, embed_dim=32, depth=2, num_heads=2), cfg, num_classes=3).eval()
+    images, _ = net.transform([torch.rand(3, 64, 64), torch.rand(3, 48, 64)])
+    with torch.no_grad():
+        proposals, _ = net.rpn(images, net.backbone(images.tensors))
+    assert [len(p) for p in proposals] == [7, 7]  # torchvision's default would keep 1000 at test
+    assert net.rpn._pre_nms_top_n == {"training": 40, "testing": 7}
 
 
 def test_coco_round_trip_of_instance_maps(tmp_path: Path) -> None:

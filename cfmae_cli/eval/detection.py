@@ -94,12 +94,15 @@ class ViTMaskRCNN(MaskRCNN):
         c = cfg.model.fpn_channels
         backbone = ViTDetBackbone(arch, d.img_size, cfg.model.drop_path, c)
         anchors = AnchorGenerator(tuple((s,) for s in cfg.model.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+        train_n, test_n = cfg.model.rpn_proposals
         super().__init__(backbone, None, rpn_anchor_generator=anchors,
                          box_predictor=FastRCNNPredictor(1024, num_classes + 1),  # after the default 1024-d box head
                          mask_head=MaskRCNNHeads(c, [c] * 4, 1), mask_predictor=MaskRCNNPredictor(c, c, num_classes + 1),
                          box_batch_size_per_image=cfg.model.rois_per_image,
                          box_detections_per_img=cfg.model.detections_per_image,
-                         rpn_batch_size_per_image=max(cfg.model.rois_per_image // 2, 32))
+                         rpn_batch_size_per_image=max(cfg.model.rois_per_image // 2, 32),
+                         rpn_pre_nms_top_n_train=train_n, rpn_post_nms_top_n_train=train_n,
+                         rpn_pre_nms_top_n_test=test_n, rpn_post_nms_top_n_test=test_n)
         self.transform = FixedSizeTransform(d.img_size, tuple(d.min_size), d.max_size, list(d.mean), list(d.std))
 
     def group_matcher(self, coarse: bool = False) -> dict:
