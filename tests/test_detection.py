@@ -13,10 +13,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cfmae_cli.cli import app
+from cfmae_cli.config import load_config
 from cfmae_cli.data.layout import list_samples
 from cfmae_cli.errors import DataError
 from cfmae_cli.eval.coco import CocoDetection, coco_ap, coco_from_layout, read_coco
-from cfmae_cli.config import load_config
 from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
 from cfmae_cli.eval.detection import FixedSizeTransform, ViTDetBackbone, ViTMaskRCNN
 from tests.conftest import SEM_CLASSES, make_dataset

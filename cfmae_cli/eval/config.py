@@ -87,9 +87,10 @@ class FtModelConfig(_Strict):
     anchor_sizes: list[int] = Field([32, 64, 128, 256, 512], min_length=5, max_length=5,
                                     description="detection: RPN anchor size per pyramid level")
     rois_per_image: int = Field(512, ge=8, description="detection: RoIs sampled per image for the box head")
-    rpn_proposals: list[Annotated[int, Field(ge=1)]] = Field([2000, 1000], min_length=2, max_length=2,
-                                     description="detection: RPN proposals per image in training and at test "
-                                                 "(after NMS; also the top-scoring anchors per level before it)")
+    rpn_proposals: list[Annotated[int, Field(ge=1)]] = Field(
+        [2000, 1000], min_length=2, max_length=2,
+        description="detection: RPN proposals per image in training and at test (after NMS; also the "
+                    "top-scoring anchors per level before it)")
     fpn_channels: int = Field(256, ge=8, description="detection: channels of the pyramid and the mask head")
     detections_per_image: int = Field(100, ge=1, description="detection: most detections kept per image")
 
