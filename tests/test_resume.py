@@ -35,8 +35,9 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
     end = time.time() + timeout
     while time.time() < end:
         metrics = run / "metrics.jsonl"
-        if metrics.exists() and any(r.get("step", 0) >= step for r in map(json.loads, metrics.read_text().splitlines())
-                                    if r.get("type") == "step"):
+        # the run appends while we read: only the lines up to the last newline are complete
+        lines = metrics.read_text().rpartition("\n")[0].splitlines() if metrics.exists() else []
+        if any(r.get("step", 0) >= step for r in map(json.loads, lines) if r.get("type") == "step"):
             return
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.01)
