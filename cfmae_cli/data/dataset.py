@@ -43,7 +43,35 @@ def _read_map(path, expect_size: tuple[int, int]) -> Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
-class MultiGranularDataset(Dataset):
+class SeededDataset(Dataset):
+    """Keys are an index, or ``(epoch, index)``: then the augmentation is drawn from a generator seeded by
+    (seed, epoch, index), the same whichever process or worker loads the sample. A sample that
+    :meth:`skipped` recognises as bad becomes a :class:`Skipped` record instead of an error."""
+
+    seed: int
+
+    def load(self, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def skipped(self, index: int, exc: Exception) -> Skipped | None:
+        """The record of a bad sample, or None for an error that should propagate."""
+        return None
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | Skipped:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        try:
+            if epoch is None:
+                return self.load(index)
+            with sample_rng(self.seed, epoch, index):
+                return self.load(index)
+        except Exception as exc:
+            record = self.skipped(index, exc)
+            if record is None:
+                raise
+            return record
+
+
+class MultiGranularDataset(SeededDataset):
     """Items are dicts: ``rgb`` (3, S, S) float, ``instance``/``semantic`` (S/s, S/s) long (when used),
     ``label`` (class folder index) — or a :class:`Skipped` record."""
 
@@ -83,19 +111,12 @@ class MultiGranularDataset(Dataset):
                                 f"{self.num_semantic_classes} classes of the manifest and is not {UNLABELLED}")
         return make_item(*self.transform(rgb, inst, sem), sample.label)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | Skipped:
-        """``key`` is an index, or ``(epoch, index)``: then the augmentation is drawn from a generator seeded by
-        (seed, epoch, index), the same whichever process or worker loads the sample."""
-        epoch, index = key if isinstance(key, tuple) else (None, key)
-        try:
-            if epoch is None:
-                return self.load(index)
-            with sample_rng(self.seed, epoch, index):
-                return self.load(index)
-        except BadSample as exc:
+    def skipped(self, index: int, exc: Exception) -> Skipped | None:
+        if isinstance(exc, BadSample):
             return Skipped(str(self.samples[index].rgb), str(exc))
-        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)):
             return Skipped(str(self.samples[index].rgb), f"unreadable: {type(exc).__name__}: {exc}")
+        return None
 
 
 def make_item(rgb: Tensor, inst: Tensor | None, sem: Tensor | None, label: int) -> dict[str, Any]:

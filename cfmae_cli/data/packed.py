@@ -24,13 +24,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
-from cfmae_cli.data.dataset import Skipped, make_item
+from cfmae_cli.data.dataset import SeededDataset, Skipped, make_item
 from cfmae_cli.data.layout import UNLABELLED, Sample, atomic_write_text, list_samples, read_manifest
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import DataError
-from cfmae_cli.seeding import sample_rng
 
 MANIFEST = "cfmae-packed.json"
 FORMAT, VERSION = "cfmae-packed", 1
@@ -146,7 +144,7 @@ def read_packed_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-class PackedDataset(Dataset):
+class PackedDataset(SeededDataset):
     """The items of :class:`~cfmae_cli.data.dataset.MultiGranularDataset` from a packed folder. Keys are an
     index or ``(epoch, index)`` (the augmentation then comes from a generator seeded by them)."""
 
@@ -184,13 +182,8 @@ class PackedDataset(Dataset):
         sem = torch.from_numpy(s["semantic"][j].astype(np.int64)) if "semantic" in self.modalities else None
         return make_item(*self.transform(rgb, inst, sem), int(s["labels"][j]))
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | Skipped:
-        epoch, index = key if isinstance(key, tuple) else (None, key)
-        try:
-            if epoch is None:
-                return self.load(index)
-            with sample_rng(self.seed, epoch, index):
-                return self.load(index)
-        except RuntimeError as exc:  # a damaged JPEG in a shard
-            k, j = (int(v) for v in self.index[index])
-            return Skipped(f"{self.root}/shard-{k:05d}#{j}", f"unreadable: {exc}")
+    def skipped(self, index: int, exc: Exception) -> Skipped | None:
+        if not isinstance(exc, RuntimeError):  # a damaged JPEG in a shard
+            return None
+        k, j = (int(v) for v in self.index[index])
+        return Skipped(f"{self.root}/shard-{k:05d}#{j}", f"unreadable: {exc}")

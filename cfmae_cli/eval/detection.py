@@ -200,11 +200,5 @@ class DetectionTask(FinetuneTask):
                 f"{d.img_size}",
                 f"model: Mask R-CNN on ViT patch {arch.patch_size}, dim {arch.embed_dim}, depth {arch.depth} with a "
                 f"simple pyramid; anchors {self.cfg.model.anchor_sizes}; initial weights: {self.source}",
-                f"recipe: {self.cfg.optim.name}, {self.cfg.optim.schedule} schedule, layer decay "
-                f"{self.cfg.optim.layer_decay}, weight decay {self.cfg.optim.weight_decay}, drop path "
-                f"{self.cfg.model.drop_path}"]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"task": "finetune", "kind": "detection", "classes": self.classes, "best": self.best,
-                "init": self.source}
+                self.recipe()]
 

@@ -216,14 +216,20 @@ class FinetuneTask(Task):
                 f"model: ViT patch {arch.patch_size}, dim {arch.embed_dim}, depth {arch.depth}, {arch.num_heads} "
                 f"heads; {cfg.model.global_pool} pooling; {cfg.mode} ({trainable:,} trainable parameters); "
                 f"initial weights: {self.source}",
-                f"recipe: {cfg.optim.name}, layer decay {cfg.optim.layer_decay}, weight decay "
-                f"{cfg.optim.weight_decay}, drop path {cfg.model.drop_path}, mixup {cfg.aug.mixup}, cutmix "
-                f"{cfg.aug.cutmix}, label smoothing {cfg.aug.label_smoothing}, "
+                f"{self.recipe()}, mixup {cfg.aug.mixup}, cutmix {cfg.aug.cutmix}, label smoothing "
+                f"{cfg.aug.label_smoothing}, "
                 + (f"RandAugment {cfg.aug.auto_augment}, random erasing {cfg.aug.reprob}" if self.modalities == ["rgb"]
                    else "joint crop + flip of image and maps (no RandAugment, no erasing)")]
 
+    def recipe(self) -> str:
+        """The optimizer line of :meth:`describe`, shared by the three kinds of fine-tuning."""
+        o = self.cfg.optim
+        return (f"recipe: {o.name}, {o.schedule} schedule, layer decay {o.layer_decay}, weight decay "
+                f"{o.weight_decay}, drop path {self.cfg.model.drop_path}")
+
     def state_dict(self) -> dict[str, Any]:
-        return {"task": "finetune", "classes": self.classes, "best": self.best, "init": self.source}
+        return {"task": "finetune", "kind": self.cfg.kind, "classes": self.classes, "best": self.best,
+                "init": self.source}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.best = dict(ckpt.get("best", self.best))

@@ -235,10 +235,4 @@ class SegmentationTask(FinetuneTask):
                 f"model: ViT patch {arch.patch_size}, dim {arch.embed_dim}, depth {arch.depth}; pyramid of blocks "
                 f"{self.cfg.model.out_indices}; UperNet {self.cfg.model.head_channels} channels; initial weights: "
                 f"{self.source}",
-                f"recipe: {self.cfg.optim.name}, {self.cfg.optim.schedule} decay, layer decay "
-                f"{self.cfg.optim.layer_decay}, weight decay {self.cfg.optim.weight_decay}, drop path "
-                f"{self.cfg.model.drop_path}"]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"task": "finetune", "kind": "segmentation", "classes": self.classes, "best": self.best,
-                "init": self.source}
+                self.recipe()]
