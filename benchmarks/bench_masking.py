@@ -53,10 +53,12 @@ def main() -> None:
     sem = torch.randint(0, 20, (b, 1, 1), device=device).expand(b, ms, ms).clone()
     sem[:, ms // 2:] += 20
     gen = MaskGenerator(cfg.masking, cfg.data.modalities, grid, classes, k)
+    literal = MaskGenerator(cfg.masking.model_copy(update={"mix": "score"}), cfg.data.modalities, grid, classes, k)
     rows = []
-    for label, a_i, a_s in [("random", 0.0, 0.0), ("semantic-guided", 0.0, 1.0), ("instance-guided", 1.0, 0.0),
-                            ("mixed (0.4, 0.3)", 0.4, 0.3)]:
-        t = timed(lambda: gen(a_i, a_s, b, device, instance=inst, semantic=sem), device, args.repeat)
+    for label, a_i, a_s, g in [("random", 0.0, 0.0, gen), ("semantic-guided", 0.0, 1.0, gen),
+                               ("instance-guided", 1.0, 0.0, gen), ("blended (0.4, 0.3), mix quota", 0.4, 0.3, gen),
+                               ("mixed (0.4, 0.3), mix score", 0.4, 0.3, literal)]:
+        t = timed(lambda: g(a_i, a_s, b, device, instance=inst, semantic=sem, seed=0), device, args.repeat)
         rows.append((label, t))
 
     step_b = args.step_batch or (b if device.type == "cuda" else 8)

@@ -21,7 +21,7 @@ PY
 python3 -m cfmae_cli pretrain --gpus 1 --data /tmp/gpu-data --out "$OUT/run" --epochs 3 $(cat /tmp/gpu-sets) \
     --set train.batch_size=16 --set optim.effective_batch=16 2>&1 | tail -4
 echo "== masks vs step (ViT-B) =="
-python3 benchmarks/bench_masking.py --device cuda 2>&1 | tail -12
+python3 benchmarks/bench_masking.py --device cuda 2>&1 | tail -16
 echo "== vitb-400e pre-training throughput, 300 steps, batch 256 =="
 python3 benchmarks/bench_pretrain.py --steps 300 --batch 256 2>&1 | tail -12
 echo "== labelling stages, full-size random-weight models =="

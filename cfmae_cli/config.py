@@ -124,6 +124,9 @@ class MaskingConfig(_Strict):
                                   description="phases of the curriculum; one entry = a constant strategy")
     breakpoints: list[float] = Field([0.25, 0.40, 0.60, 0.75],
                                      description="progress points: end of phase 1, start of phase 2, …")
+    mix: Literal["quota", "score"] = Field(
+        "quota", description="Eq. 11: 'quota' blends the strategies by integer quotas of the masked patches; "
+                             "'score' is the literal top-n of the weighted binary masks (it switches, not blends)")
 
     @model_validator(mode="after")
     def _check(self) -> "MaskingConfig":
@@ -177,6 +180,8 @@ class Config(_Strict):
     """The pre-training config (``cfmae pretrain``)."""
 
     TASK: ClassVar[str] = "pretrain"
+    # keys added since runs were first written, with the value that reproduces a run that predates them
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"masking.mix": "score"}
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     masking: MaskingConfig = MaskingConfig()
@@ -380,6 +385,24 @@ def config_from_dict(raw: dict[str, Any], source: str = "config", schema: type[A
         return schema.model_validate(raw)
     except ValidationError as exc:
         raise _explain(exc, source, schema) from None
+
+
+def with_legacy_defaults(raw: dict[str, Any], schema: type[Any] = Config) -> dict[str, Any]:
+    """A stored config (a checkpoint's) with each key of ``schema.LEGACY_DEFAULTS`` that it lacks set to the
+    value it ran with: a run written before the key existed resumes and is shown as it was made."""
+    out = copy.deepcopy(raw)
+    for dotted, value in getattr(schema, "LEGACY_DEFAULTS", {}).items():
+        *sections, key = dotted.split(".")
+        node = out
+        for section in sections:
+            node = node.setdefault(section, {})
+        node.setdefault(key, value)
+    return out
+
+
+def stored_config(raw: dict[str, Any], source: str, schema: type[Any] = Config) -> Any:
+    """The validated config of a checkpoint (:func:`with_legacy_defaults` first)."""
+    return config_from_dict(with_legacy_defaults(raw, schema), source, schema)
 
 
 def dump_config(cfg: BaseModel) -> str:

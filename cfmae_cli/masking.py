@@ -8,6 +8,7 @@ No Python loop runs over samples or patches: allocation and selection are sorts 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -92,6 +93,35 @@ def select_in_groups(groups: Tensor, take: Tensor, num_groups: int,
     return (pos - start) < quota
 
 
+def blend_masks(masks: list[Tensor], quotas: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """n_m patches drawn with inclusion probability Σ_s (k_s / n_m)·M_s: the blend of Eq. 11 (B, M, N) bool.
+
+    masks: S strategy masks (B, M, N) bool, n_m patches each; quotas: (B, M, S) long, the integer shares k_s
+    of n_m (summing to n_m). A patch's weight c = Σ_s k_s·M_s is an integer in [0, n_m], the weights add up
+    to n_m², and systematic sampling picks exactly n_m patches, each with probability c / n_m: the patches
+    are put in random order (grouped by which strategies want them), a random offset U in [0, n_m) is drawn,
+    and a patch is picked when one of U, U + n_m, U + 2·n_m, … falls in its stretch of the cumulative
+    weights. Exact integer arithmetic: the count is always n_m; a patch every strategy wants is always
+    picked, one no strategy wants never; the expected share of any region (objects, a semantic class) is
+    Σ_s (k_s / n_m)·(its share in M_s), linear in the weights; and the picks of each group of patches are
+    within one of their expected number.
+    """
+    n = quotas.sum(-1)  # (B, M) = n_m
+    weight = sum(q.unsqueeze(-1) * mk.long() for q, mk in zip(quotas.unbind(-1), masks))
+    pattern = sum(mk.double() * 2 ** s for s, mk in enumerate(masks))
+    key = pattern + torch.rand(pattern.shape, device=n.device, dtype=torch.float64, generator=generator)
+    order = torch.argsort(key, dim=-1)
+    cum = weight.gather(-1, order).cumsum(-1)
+    step = n.clamp(min=1).unsqueeze(-1)
+    offset = (torch.rand(n.shape, device=n.device, dtype=torch.float64, generator=generator) * step[..., 0]
+              ).long().unsqueeze(-1)
+    before = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1)
+    # points offset + j·n_m in [before, cum): ceil((cum − U)/n) − ceil((before − U)/n), ceil(x/n) = ⌊(x+n−1)/n⌋
+    hits = torch.div(cum - offset + step - 1, step, rounding_mode="floor") - \
+        torch.div(before - offset + step - 1, step, rounding_mode="floor")
+    return torch.zeros_like(hits, dtype=torch.bool).scatter_(-1, order, hits > 0)
+
+
 def top_k_mask(score: Tensor, k: Tensor) -> Tensor:
     """(B, M, N) score, (B, M) k → bool mask of the k highest scores per row."""
     pos = _positions(torch.argsort(score, dim=-1, descending=True, stable=True))
@@ -165,7 +195,8 @@ class Masks:
 
 
 class MaskGenerator:
-    """Builds M_R, M_I, M_S per modality and mixes them by Eq. 11.
+    """Builds M_R, M_I, M_S per modality and mixes them by Eq. 11 (``masking.mix``: blended by quotas, or the
+    literal top-n of the weighted sum).
 
     ``modalities`` gives the order of the M rows; ``grid`` is the patch grid side (N = grid²).
     """
@@ -183,6 +214,7 @@ class MaskGenerator:
             raise ConfigError(f"masking.semantic_class_weights: need {num_semantic_classes + 1} weights "
                              f"({num_semantic_classes} classes + 'unlabelled'), got {len(weights)}")
         self.class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
+        self.alpha_obj = Fraction(str(cfg.alpha_obj)).limit_denominator(10 ** 9)  # Eq. 8's α, exactly
 
     def budgets(self, batch: int, device: torch.device, seed: int | None = None) -> Tensor:
         """Visible tokens per modality (B, M): Dirichlet shares of ``num_visible``, rounded to add up exactly.
@@ -200,26 +232,25 @@ class MaskGenerator:
         # num_visible <= N (checked by the config), so no modality can be given more than its N patches.
         return largest_remainder(shares, total)
 
-    def random_masks(self, n_masked: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """M_R: (B, M) counts → (B, M, N) uniformly random masks with exactly those counts."""
-        b, m = n_masked.shape
-        zeros = torch.zeros(b, self.n, dtype=torch.long, device=n_masked.device)
-        return select_in_groups(zeros, n_masked.unsqueeze(-1), 1, generator)
+    def random_groups(self, n_masked: Tensor) -> tuple[Tensor, Tensor, int]:
+        """M_R as groups: one group of all N patches that takes n_m."""
+        zeros = torch.zeros(n_masked.shape[0], self.n, dtype=torch.long, device=n_masked.device)
+        return zeros, n_masked.unsqueeze(-1), 1
 
-    def instance_masks(self, instance: Tensor, n_masked: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """M_I (Eq. 8): ⌊α_obj·n_m⌋ on object patches, the rest on background; a short side's lack is
-        taken from the other side."""
+    def instance_groups(self, instance: Tensor, n_masked: Tensor) -> tuple[Tensor, Tensor, int]:
+        """M_I as groups (Eq. 8): object patches (group 0) take ⌊α_obj·n_m⌋, background (group 1) the rest; a
+        short side's lack is taken from the other side. ⌊α_obj·n_m⌋ is exact: α_obj as the fraction it was
+        written as (0.57 → 57/100), in integer arithmetic."""
         is_obj = object_patches(instance, self.grid, self.num_instance_ids, self.cfg.min_instance_area,
                                 self.cfg.instance_top_k)
         n_obj = is_obj.sum(1, keepdim=True)  # (B, 1)
         n_bg = self.n - n_obj
-        want = torch.floor(self.cfg.alpha_obj * n_masked.double()).long()
+        want = n_masked * self.alpha_obj.numerator // self.alpha_obj.denominator
         take_obj = torch.maximum(torch.minimum(want, n_obj), n_masked - n_bg)
-        take = torch.stack([take_obj, n_masked - take_obj], dim=-1)  # group 0 = object, 1 = background
-        return select_in_groups((~is_obj).long(), take, 2, generator)
+        return (~is_obj).long(), torch.stack([take_obj, n_masked - take_obj], dim=-1), 2
 
-    def semantic_masks(self, semantic: Tensor, n_masked: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """M_S (Eq. 10): per class c, n_m·w_c|Ω_c| / Σ_k w_k|Ω_k| patches inside Ω_c (largest remainder)."""
+    def semantic_groups(self, semantic: Tensor, n_masked: Tensor) -> tuple[Tensor, Tensor, int]:
+        """M_S as groups (Eq. 10): per class c, n_m·w_c|Ω_c| / Σ_k w_k|Ω_k| patches inside Ω_c (largest remainder)."""
         k = self.num_semantic_classes + 1
         cls = semantic_patch_classes(semantic, self.grid, self.num_semantic_classes)
         sizes = torch.zeros(cls.shape[0], k, dtype=torch.long, device=cls.device)
@@ -231,7 +262,19 @@ class MaskGenerator:
         else:
             weights = weights.double() * self.class_weights.to(cls.device)
             take = capped_allocation(weights, sizes.unsqueeze(1).expand(b, m, k), n_masked)
-        return select_in_groups(cls, take, k, generator)
+        return cls, take, k
+
+    def random_masks(self, n_masked: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """M_R: (B, M) counts → (B, M, N) uniformly random masks with exactly those counts."""
+        return select_in_groups(*self.random_groups(n_masked), generator)
+
+    def instance_masks(self, instance: Tensor, n_masked: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """M_I (Eq. 8), (B, M, N) bool with n_m masked patches per row."""
+        return select_in_groups(*self.instance_groups(instance, n_masked), generator)
+
+    def semantic_masks(self, semantic: Tensor, n_masked: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """M_S (Eq. 10), (B, M, N) bool with n_m masked patches per row."""
+        return select_in_groups(*self.semantic_groups(semantic, n_masked), generator)
 
     def __call__(self, alpha_i: float, alpha_s: float, batch: int, device: torch.device,
                  instance: Tensor | None = None, semantic: Tensor | None = None, seed: int | None = None) -> Masks:
@@ -244,14 +287,43 @@ class MaskGenerator:
             gen.manual_seed(seed)
         visible = self.budgets(batch, device, seed)
         n_masked = self.n - visible
-        m_r = self.random_masks(n_masked, gen).double()
+        mix = self.blend if self.cfg.mix == "quota" else self.score_mix
+        return Masks(mix(alpha_i, alpha_s, n_masked, instance, semantic, gen), visible)
+
+    def blend(self, alpha_i: float, alpha_s: float, n_masked: Tensor, instance: Tensor | None = None,
+              semantic: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """``masking.mix: quota`` (B, M, N): the weights (w_R, w_I, w_S) = (1−α_I−α_S, α_I, α_S) split each
+        n_m into integer quotas k_s (largest remainder), and :func:`blend_masks` draws the n_m patches with
+        probability Σ_s (k_s/n_m)·M_s. At a pure weight the mask is that strategy's; in between, the mask's
+        make-up (its share of objects, of each region) moves linearly with the weights."""
+        weights = {"random": 1.0 - alpha_i - alpha_s, "instance": alpha_i, "semantic": alpha_s}
+        for name, guide in (("instance", instance), ("semantic", semantic)):
+            if guide is None:  # no guide map: that strategy's share is masked at random
+                weights["random"] += weights.pop(name)
+        active = [name for name, w in weights.items() if w > 1e-12]
+        groups = {"random": lambda: self.random_groups(n_masked),
+                  "instance": lambda: self.instance_groups(instance, n_masked),
+                  "semantic": lambda: self.semantic_groups(semantic, n_masked)}
+        masks = [select_in_groups(*groups[name](), generator) for name in active]
+        if len(active) == 1:
+            return masks[0]
+        w = torch.tensor([weights[name] for name in active], dtype=torch.float64, device=n_masked.device)
+        quotas = largest_remainder(w.expand(*n_masked.shape, len(active)), n_masked)
+        return blend_masks(masks, quotas, generator)
+
+    def score_mix(self, alpha_i: float, alpha_s: float, n_masked: Tensor, instance: Tensor | None = None,
+                  semantic: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """``masking.mix: score`` (B, M, N), Eq. 11 read literally: the n_m highest of (1−α_I−α_S)·M_R + α_I·M_I +
+        α_S·M_S plus a tie-breaker. The three binary masks hold n_m patches each, so the top n_m is always the
+        mask of the largest weight: the schedule switches strategies, it does not blend them."""
+        m_r = self.random_masks(n_masked, generator).double()
         score = (1.0 - alpha_i - alpha_s) * m_r
         if alpha_i > 0:
-            m_i = self.instance_masks(instance, n_masked, gen) if instance is not None else m_r
+            m_i = self.instance_masks(instance, n_masked, generator) if instance is not None else m_r
             score = score + alpha_i * m_i.double()
         if alpha_s > 0:
-            m_s = self.semantic_masks(semantic, n_masked, gen) if semantic is not None else m_r
+            m_s = self.semantic_masks(semantic, n_masked, generator) if semantic is not None else m_r
             score = score + alpha_s * m_s.double()
-        tie = torch.rand(score.shape, device=device, dtype=score.dtype, generator=gen)
+        tie = torch.rand(score.shape, device=n_masked.device, dtype=score.dtype, generator=generator)
         score = score + 1e-6 * tie  # tie-breaker below any α step that matters
-        return Masks(top_k_mask(score, n_masked), visible)
+        return top_k_mask(score, n_masked)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cfmae_cli.config import Config, MaskingConfig
-from cfmae_cli.masking import (MaskGenerator, largest_remainder, object_patches, schedule,
+from cfmae_cli.masking import (MaskGenerator, blend_masks, largest_remainder, object_patches, schedule,
                                semantic_patch_classes)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -214,3 +214,110 @@ def test_semantic_weights_of_zero_still_mask_exactly_n() -> None:
         region = cls[b] == 0
         for m in range(3):  # class 0 takes min(n, |class 0|) masked patches, the others the rest
             assert int(m_s[b, m, region].sum()) == min(int(n[b, m]), int(region.sum()))
+
+
+def half_object_maps(batch: int, device: str = "cpu") -> torch.Tensor:
+    """56x56 instance maps whose top half is one object: 98 of the 196 patches are object patches."""
+    inst = torch.zeros(batch, 56, 56, dtype=torch.long, device=device)
+    inst[:, :28] = 1
+    return inst
+
+
+def object_share(mask: torch.Tensor, is_obj: torch.Tensor) -> float:
+    return float((mask & is_obj.unsqueeze(1)).sum() / mask.sum())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_curriculum_blends_the_object_share_moves_linearly_with_alpha_i(device: str) -> None:
+    """Eq. 11 with α_I = t and the rest random: over many samples the share of object patches among the masked
+    ones moves linearly from the random share (t = 0) to the instance-guided share (t = 1). The literal
+    top-n of the weighted binary masks instead stays at one end and jumps at t = 0.5."""
+    batch, ts = 2048, [i / 8 for i in range(9)]
+    inst = half_object_maps(batch, device)
+    is_obj = object_patches(inst, 14, 16, 0.005, None)
+
+    def shares(mix: str) -> list[float]:
+        gen = vitb_generator(num_visible=196, mix=mix)  # n_m ≈ 131 on average: room for α_obj = 0.75
+        return [object_share(gen(t, 0.0, batch, torch.device(device), instance=inst, seed=7).mask, is_obj)
+                for t in ts]
+
+    blended = shares("quota")
+    masked = batch * (3 * 196 - 196)
+    tol = 4 * (0.25 / masked) ** 0.5  # four standard errors of a share measured over this many patches
+    lo, hi = blended[0], blended[-1]
+    assert hi - lo > 50 * tol  # the two strategies differ clearly: there is something to blend
+    for t, share in zip(ts, blended):
+        assert share == pytest.approx(lo + t * (hi - lo), abs=tol), t
+    switched = shares("score")
+    assert switched[0] == pytest.approx(lo) and switched[-1] == pytest.approx(hi)
+    assert switched[2] == pytest.approx(lo, abs=tol) and switched[6] == pytest.approx(hi, abs=tol)  # t = 1/4, 3/4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_pure_weight_gives_exactly_that_strategys_mask(device: str) -> None:
+    gen = vitb_generator()
+    inst, sem = blob_maps(16, device, seed=2)
+    n = torch.randint(0, 197, (16, 3), device=device)
+    dev = torch.device(device)
+
+    def seeded() -> torch.Generator:
+        return torch.Generator(device=dev).manual_seed(11)
+
+    assert torch.equal(gen.blend(0.0, 0.0, n, inst, sem, seeded()), gen.random_masks(n, seeded()))
+    assert torch.equal(gen.blend(1.0, 0.0, n, inst, sem, seeded()), gen.instance_masks(inst, n, seeded()))
+    assert torch.equal(gen.blend(0.0, 1.0, n, inst, sem, seeded()), gen.semantic_masks(sem, n, seeded()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_blend_draws_each_patch_with_the_probability_of_its_weights(device: str) -> None:
+    """One sample's three strategy masks, blended many times: the count is always n_m, a patch all three want
+    is always masked, one none wants never, and each patch is masked with probability Σ_s k_s·M_s / n_m."""
+    dev = torch.device(device)
+    gen = vitb_generator()
+    inst, sem = blob_maps(1, device, seed=6)
+    n = torch.tensor([[70, 120, 150]], device=device)
+    g = torch.Generator(device=dev).manual_seed(3)
+    masks = [gen.random_masks(n, g), gen.instance_masks(inst, n, g), gen.semantic_masks(sem, n, g)]
+    quotas = largest_remainder(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64, device=device).expand(1, 3, 3), n)
+    reps = 4000
+    out = blend_masks([m.expand(reps, 3, 196) for m in masks], quotas.expand(reps, 3, 3), g)
+    assert (out.sum(-1) == n).all()
+    weight = sum(q.unsqueeze(-1) * mk.long() for q, mk in zip(quotas.unbind(-1), masks))[0]  # (3, 196)
+    assert out[:, weight == n[0].unsqueeze(-1)].all() and not out[:, weight == 0].any()
+    freq = out.double().mean(0)
+    expected = weight.double() / n[0].double().unsqueeze(-1)
+    assert torch.allclose(freq, expected, atol=4 * (0.25 / reps) ** 0.5)
+    assert 0 < freq[weight == quotas[0, :, :1].expand(3, 196)].mean() < 1  # patches of M_R alone: sometimes
+
+
+def test_blend_counts_are_exact_at_the_edges() -> None:
+    gen = vitb_generator()
+    inst, sem = blob_maps(8, "cpu", seed=8)
+    n = torch.tensor([[0, 196, 1]] * 4 + [[195, 2, 97]] * 4)
+    for alphas in [(0.3, 0.5), (0.5, 0.0), (0.0, 0.5), (0.2, 0.2)]:
+        out = gen.blend(*alphas, n, inst, sem)
+        assert (out.sum(-1) == n).all(), alphas
+
+
+def test_score_mix_gives_the_masks_of_the_literal_formula_bit_for_bit() -> None:
+    """``masking.mix: score`` keeps the masks of the literal Eq. 11 (the only mix before the blend): digests of
+    the masks that code gave for these inputs and seed. At (0.2, 0.1) random dominates, and the literal
+    formula returns M_R itself, the same masks as (0, 0)."""
+    import hashlib
+
+    gen = vitb_generator(mix="score")
+    inst, sem = blob_maps(64, "cpu", seed=4)
+    digests = {(0.0, 0.0): "03717834a3028331", (1.0, 0.0): "ebd1c57926bbc020", (0.0, 1.0): "c10e9ab9b23f8442",
+               (0.3, 0.5): "41a78986644a1692", (0.5, 0.5): "801fd1f584c6742d", (0.2, 0.1): "03717834a3028331"}
+    for alphas, digest in digests.items():
+        mask = gen(*alphas, 64, torch.device("cpu"), instance=inst, semantic=sem, seed=123).mask
+        assert hashlib.sha256(mask.numpy().tobytes()).hexdigest()[:16] == digest, alphas
+
+
+def test_eq8_floor_is_exact_for_decimal_alphas() -> None:
+    """⌊α·n_m⌋ of Eq. 8 in exact arithmetic: 0.57 · 100 = 57 (floating point gives 56.99999… → 56)."""
+    gen = vitb_generator(alpha_obj=0.57)
+    inst = half_object_maps(1)
+    n = torch.tensor([[100, 50, 1]])
+    on_object = (gen.instance_masks(inst, n) & object_patches(inst, 14, 16, 0.005, None).unsqueeze(1)).sum(-1)
+    assert on_object[0].tolist() == [57, 28, 0]

@@ -76,6 +76,7 @@ def bench(
             entry["mfu"] = achieved / peak if peak else None
         if what in ("masks", "all") and name == preset:
             entry["masks_ms"] = time_masks(rig, mask_batch)
+            entry["masking_mix"] = cfg.masking.mix
         if what in ("data", "all") and name == preset:
             entry["data"] = time_data(cfg, data, counts, batch_size=16, batches=10)
         report["presets"][name] = entry
@@ -124,7 +125,9 @@ def _print(report: dict[str, Any], preset: str, presets: list[str], mask_batch: 
         console.print(f"step time {preset} / {presets[1]}: {ratio:.2f} (FLOP ratio {flops:.2f})", highlight=False)
     if "masks_ms" in main:
         masks = main["masks_ms"]
-        line = f"masks of a batch of {mask_batch}: random {masks['random']:.1f} ms, mixed {masks['mixed']:.1f} ms"
+        mix = report["presets"][preset].get("masking_mix", "quota")
+        line = (f"masks of a batch of {mask_batch}: random {masks['random']:.1f} ms, curriculum mix at 30 % "
+                f"({mix}) {masks['mixed']:.1f} ms (score mix {masks['score']:.1f} ms)")
         if "step" in main:
             step64 = main["step"]["ms_per_step"] * mask_batch / main["step"]["batch_size"]
             share = masks["mixed"] / step64

@@ -14,7 +14,7 @@ import typer
 from cfmae_cli.cli.common import console, is_terminal
 from cfmae_cli.cli.progress import TrainingView
 from cfmae_cli.config import (RESUMABLE_CHANGES, Config, config_diff, config_from_dict, deep_merge, dump_config,
-                              load_config, parse_override)
+                              load_config, parse_override, with_legacy_defaults)
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.train import distributed
 from cfmae_cli.train.checkpoint import checkpoint_path, load_checkpoint
@@ -52,7 +52,7 @@ def resumed_config(resume: Path, preset: Optional[str], overrides: list[str], sc
                    mode: Optional[str] = None) -> Any:
     """The run's own config; refused (exit 2, the keys listed) if the options given would change it."""
     path = checkpoint_path(resume)
-    saved = load_checkpoint(path, mmap=True)["config"]
+    saved = with_legacy_defaults(load_checkpoint(path, mmap=True)["config"], schema)
     base = load_config(preset, schema=schema, mode=mode).model_dump(mode="json") if preset else saved
     if mode is not None:
         base = deep_merge(base, {"mode": mode})

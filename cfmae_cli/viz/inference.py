@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cfmae_cli.config import Config, config_from_dict
+from cfmae_cli.config import Config, stored_config
 from cfmae_cli.data.layout import MANIFEST_NAME, UNLABELLED, map_path, read_manifest
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import CfmaeError
@@ -52,7 +52,7 @@ def load_pretrained(spec: str | Path | None, device: torch.device) -> Pretrained
     if "config" not in ckpt or "semantic_classes" not in ckpt or not any(k.startswith("decoder.") for k in state):
         raise CfmaeError(f"{path}: not a CFMAE pre-training checkpoint (no decoder in its weights); reconstruct "
                          f"and attention-map need one written by `cfmae pretrain`.")
-    cfg = config_from_dict(ckpt["config"], f"the config stored in {path}")
+    cfg = stored_config(ckpt["config"], f"the config stored in {path}")
     classes = list(ckpt["semantic_classes"])
     model = CFMAE(cfg, len(classes))
     try:
