@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -61,3 +63,72 @@ def test_dump_roundtrips(tmp_path) -> None:
     path = tmp_path / "mine.yaml"
     path.write_text("base: demo\ntrain:\n  epochs: 3\n")
     assert load_config(str(path)).train.epochs == 3
+
+
+def test_a_run_written_before_the_blend_resumes_with_the_score_mix(tmp_path: Path) -> None:
+    """A checkpoint whose config predates ``masking.mix`` (and ``model.train_pos_embed`` for fine-tuning) ran
+    with the literal score mix (a fixed position table): resuming it keeps that, and is not refused."""
+    from cfmae_cli.cli.training import resumed_config
+    from cfmae_cli.eval.config import FinetuneConfig
+    from cfmae_cli.train.checkpoint import save_checkpoint
+
+    old = load_config("demo").model_dump(mode="json")
+    del old["masking"]["mix"]
+    save_checkpoint(tmp_path / "pre/checkpoints/last.pt", {"model": {}, "config": old})
+    assert resumed_config(tmp_path / "pre", None, []).masking.mix == "score"
+    assert load_config("demo").masking.mix == "quota"
+    ft = load_config("ft-demo", schema=FinetuneConfig).model_dump(mode="json")
+    del ft["model"]["train_pos_embed"]
+    save_checkpoint(tmp_path / "ft/checkpoints/last.pt", {"model": {}, "config": ft})
+    assert resumed_config(tmp_path / "ft", None, [], FinetuneConfig).model.train_pos_embed is False
+
+
+# Each row of the paper's Tables 5 and 6 that is a preset: what it changes from vitb-400e, and nothing else.
+RANDOM = {"masking.order": ["random"], "masking.breakpoints": []}
+ABLATIONS = {
+    "vitb-400e-multimae": {**RANDOM, "data.modalities": ["rgb", "semantic"], "model.decoder.cascade": False},
+    "vitb-400e-parallel-rd": {**RANDOM, "model.decoder.cascade": False},
+    "vitb-400e-rd": RANDOM,
+    "vitb-400e-ig": {"masking.order": ["instance"], "masking.breakpoints": []},
+    "vitb-400e-sg": {"masking.order": ["semantic"], "masking.breakpoints": []},
+    "vitb-400e-order-ig-sg-rd": {"masking.order": ["instance", "semantic", "random"]},
+    "vitb-400e-order-rd-ig-sg": {"masking.order": ["random", "instance", "semantic"]},
+    "vitb-400e-parallel": {"model.decoder.cascade": False},
+    "vitb-400e-no-ca": {"model.decoder.cross_attention": False},
+    "vitb-400e-decoder-r-i-s": {"model.decoder.order": ["rgb", "instance", "semantic"]},
+    "vitb-400e-r": {**RANDOM, "data.modalities": ["rgb"]},
+    "vitb-400e-r-s": {**RANDOM, "data.modalities": ["rgb", "semantic"]},
+    "vitb-400e-r-i": {**RANDOM, "data.modalities": ["rgb", "instance"]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_ablation_presets_change_only_their_row(name: str) -> None:
+    """The preset differs from vitb-400e in exactly its row's keys, and the tiny version of it trains a step:
+    a masked forward and backward give a finite loss over its modalities."""
+    import torch
+
+    from cfmae_cli.config import config_diff
+    from cfmae_cli.masking import MaskGenerator, schedule
+    from cfmae_cli.model import CFMAE
+    from tests.conftest import TINY_OVERRIDES
+
+    base, cfg = load_config("vitb-400e").model_dump(mode="json"), load_config(name).model_dump(mode="json")
+    assert sorted(config_diff(base, cfg)) == sorted(ABLATIONS[name])
+    for key, value in ABLATIONS[name].items():
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
+    tiny = load_config(name, [o for o in TINY_OVERRIDES if not o.startswith("masking.")] + ["masking.num_visible=8"])
+    torch.manual_seed(0)
+    model = CFMAE(tiny, 3)
+    batch = {"rgb": torch.randn(2, 3, 32, 32), "instance": torch.randint(0, 4, (2, 16, 16)),
+             "semantic": torch.randint(0, 3, (2, 16, 16))}
+    masks = MaskGenerator(tiny.masking, tiny.data.modalities, model.grid, 3, tiny.model.num_instance_ids)
+    mask = masks(*schedule(0.3, tiny.masking.order, tiny.masking.breakpoints), 2, torch.device("cpu"),
+                 instance=batch["instance"] if "instance" in tiny.data.modalities else None,
+                 semantic=batch["semantic"] if "semantic" in tiny.data.modalities else None, seed=0).mask
+    out = model({m: batch[m] for m in tiny.data.modalities}, mask)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and set(out["losses"]) == set(tiny.data.modalities)

@@ -54,18 +54,82 @@ def _mae_state(model: CFMAE) -> dict[str, torch.Tensor]:
     return {**enc, "mask_token": torch.zeros(1, 1, 16), "decoder_embed.weight": torch.zeros(16, 32)}
 
 
-def _multimae_state(model: CFMAE) -> dict[str, torch.Tensor]:
-    enc = model.encoder.state_dict()
-    out = {"global_tokens": enc["cls_token"], "input_adapters.rgb.proj.weight": enc["patch_embed.proj.weight"],
-           "input_adapters.rgb.proj.bias": enc["patch_embed.proj.bias"]}
-    out.update({"encoder." + k.removeprefix("blocks."): v for k, v in enc.items() if k.startswith("blocks.")})
+def multimae_sincos(h: int, w: int, dim: int) -> torch.Tensor:
+    """MultiMAE's fixed table, written out after ``build_2d_sincos_posemb`` (EPFL-VILAB/MultiMAE,
+    multimae/multimae_utils.py): ``torch.meshgrid(grid_w, grid_h)`` ('ij'), channels [sin, cos] of the first
+    grid then of the second, then ``rearrange('b (h w) d -> b d h w')``. Shape (1, D, h, w)."""
+    grid_w, grid_h = torch.meshgrid(torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32),
+                                    indexing="ij")
+    quarter = dim // 4
+    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    out_w = torch.einsum("m,d->md", grid_w.flatten(), omega)
+    out_h = torch.einsum("m,d->md", grid_h.flatten(), omega)
+    flat = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)  # ((h w), d)
+    out = torch.empty(1, dim, h, w)
+    for k in range(h * w):  # '(h w) -> h w': flat index k is row k // w, column k % w
+        out[0, :, k // w, k % w] = flat[k]
     return out
+
+
+def _multimae_state(dim: int = 32, depth: int = 2, patch: int = 8, grid: int = 4, seed: int = 0
+                    ) -> dict[str, torch.Tensor]:
+    """A MultiMAE checkpoint's model dict in MultiMAE's own layout and formula, with random weights: blocks
+    ``encoder.{i}.*`` (the same parameters as timm's ``Block``), the RGB adapter's patch projection and
+    sin-cos table, global tokens, and an output adapter (dropped by the conversion)."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = [timm.models.vision_transformer.Block(dim, 2, qkv_bias=True) for _ in range(depth)]
+    out = {f"encoder.{i}.{k}": 0.2 * torch.randn(v.shape, generator=gen) + (1.0 if k.endswith("norm1.weight") or
+                                                                          k.endswith("norm2.weight") else 0.0)
+           for i, b in enumerate(blocks) for k, v in b.state_dict().items()}
+    out.update({"input_adapters.rgb.proj.weight": 0.1 * torch.randn(dim, 3, patch, patch, generator=gen),
+                "input_adapters.rgb.proj.bias": 0.1 * torch.randn(dim, generator=gen),
+                "input_adapters.rgb.pos_emb": multimae_sincos(grid, grid, dim),
+                "global_tokens": torch.randn(1, 1, dim, generator=gen),
+                "output_adapters.rgb.out_proj.weight": torch.randn(48, dim, generator=gen)})
+    return out
+
+
+def multimae_patch_tokens(state: dict[str, torch.Tensor], x: torch.Tensor, depth: int = 2) -> torch.Tensor:
+    """MultiMAE's encoder on RGB alone, as its forward does it: patch tokens row by row with the table added,
+    the global token after them, the blocks; returns the patch tokens (B, N, D) in row-major order."""
+    feat = torch.nn.functional.conv2d(x, state["input_adapters.rgb.proj.weight"], state["input_adapters.rgb.proj.bias"],
+                                      stride=state["input_adapters.rgb.proj.weight"].shape[-1])
+    pos = state["input_adapters.rgb.pos_emb"]
+    _, _, gh, gw = feat.shape
+    tokens = torch.stack([feat[:, :, r, c] + pos[:, :, r, c] for r in range(gh) for c in range(gw)], dim=1)
+    h = torch.cat([tokens, state["global_tokens"].expand(x.shape[0], -1, -1)], dim=1)
+    for i in range(depth):
+        block = timm.models.vision_transformer.Block(tokens.shape[-1], 2, qkv_bias=True)
+        block.load_state_dict({k.removeprefix(f"encoder.{i}."): v for k, v in state.items()
+                               if k.startswith(f"encoder.{i}.")})
+        h = block.eval()(h)
+    return h[:, : gh * gw]
+
+
+def test_multimae_weights_keep_the_positions_they_were_trained_with() -> None:
+    """A MultiMAE encoder loaded as the initial weights of a classifier computes MultiMAE's patch features:
+    MultiMAE's sin-cos halves are in the other order than ours (row first), so its own table must come along."""
+    from cfmae_cli.eval.classifier import ViTClassifier, arch_from_state, load_encoder_weights
+
+    state = _multimae_state()
+    assert detect_format(state) == "multimae"
+    converted = to_cfmae(state)
+    arch, _ = arch_from_state(converted)
+    model = ViTClassifier(arch.model_copy(update={"num_heads": 2}), 32, 5, ["rgb"]).eval()
+    load_encoder_weights(model, converted, "multimae.pth")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = model.encoder(model.encoder.patch_embed(x) + model.encoder.patch_pos)[:, 1:]  # avg pool: no norm
+        theirs = multimae_patch_tokens(state, x)
+    assert (ours - theirs).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("layout", ["mae", "multimae"])
 def test_init_from_mae_and_multimae_files(layout: str, tiny_data: Path, tmp_path: Path) -> None:
     source, _ = _ours(tmp_path)
-    state = _mae_state(source) if layout == "mae" else _multimae_state(source)
+    state = _mae_state(source) if layout == "mae" else _multimae_state()
+    if layout == "multimae":
+        source.load_state_dict(to_cfmae(state), strict=False)  # what the run must start from
     assert detect_format(state) == layout
     file = tmp_path / f"{layout}.pth"
     torch.save({"model": state}, file)
@@ -79,6 +143,10 @@ def test_init_from_mae_and_multimae_files(layout: str, tiny_data: Path, tmp_path
     trained = torch.load(out / "checkpoints/last.pt", weights_only=True)["model"]
     for key in ("encoder.blocks.0.attn.qkv.weight", "encoder.patch_embed.proj.weight", "encoder.cls_token"):
         assert torch.allclose(trained[key], source.state_dict()[key], atol=1e-6), key
+    if layout == "multimae":  # the pre-training encoder sees MultiMAE's table: patch (r, c) at row 1 + 4r + c
+        table = state["input_adapters.rgb.pos_emb"]
+        for r, c in [(0, 1), (1, 0), (2, 3)]:
+            assert torch.equal(trained["encoder.pos_embed"][0, 1 + 4 * r + c], table[0, :, r, c]), (r, c)
 
 
 def test_init_from_another_size_or_a_bad_file(tiny_data: Path, tmp_path: Path) -> None:

@@ -15,9 +15,10 @@ import yaml
 from typer.testing import CliRunner
 
 from cfmae_cli.cli import app
+from cfmae_cli.config import load_config
 from cfmae_cli.errors import DataError
 from cfmae_cli.eval.classifier import ViTClassifier, load_classifier
-from cfmae_cli.eval.config import AugConfig, EncoderArch, FtOptimConfig
+from cfmae_cli.eval.config import AugConfig, EncoderArch, FinetuneConfig, FtOptimConfig
 from cfmae_cli.eval.data import find_splits
 from cfmae_cli.eval.finetune import Mixer, layer_decay_groups
 from tests.conftest import make_dataset
@@ -74,7 +75,7 @@ def test_layer_decay_scales_follow_the_depth() -> None:
     assert set(scale) == {n for n, p in model.named_parameters() if p.requires_grad}
 
     def layer(name: str) -> int:
-        if name.startswith(("encoder.patch_embed", "encoder.cls_token", "adapters.")):
+        if name.startswith(("encoder.patch_embed", "encoder.cls_token", "encoder.pos_embed", "adapters.")):
             return 0
         if name.startswith("encoder.blocks."):
             return int(name.split(".")[2]) + 1
@@ -85,7 +86,46 @@ def test_layer_decay_scales_follow_the_depth() -> None:
         assert value == pytest.approx(decay ** (depth + 1 - layer(name))), name
     assert scale["head.weight"] == 1.0 and scale["encoder.patch_embed.proj.weight"] == pytest.approx(decay ** 4)
     assert wd["head.weight"] == 0.05 and wd["encoder.blocks.0.attn.qkv.weight"] == 0.05
-    assert wd["head.bias"] == wd["fc_norm.weight"] == wd["encoder.cls_token"] == 0.0
+    assert wd["head.bias"] == wd["fc_norm.weight"] == wd["encoder.cls_token"] == wd["encoder.pos_embed"] == 0.0
+
+
+def mae_interpolated(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """MAE's ``interpolate_pos_embed``, written out: the global-token row kept, the patch rows as a square image
+    resized bicubically (align_corners=False)."""
+    side = int((table.shape[1] - 1) ** 0.5)
+    square = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    square = torch.nn.functional.interpolate(square, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([table[:, :1], square.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+@pytest.mark.parametrize("kind", ["classification", "segmentation", "detection"])
+def test_the_position_table_is_fine_tuned_from_the_checkpoints(kind: str) -> None:
+    """MAE's protocol: the pre-trained table, resized bicubically to the fine-tuning grid, is a trained
+    parameter in layer 0 of the layer-wise decay (no weight decay) — for all three kinds of transfer."""
+    from cfmae_cli.eval.classifier import load_encoder_weights
+    from cfmae_cli.eval.detection import ViTMaskRCNN
+    from cfmae_cli.eval.segmentation import ViTSegmenter
+
+    arch = EncoderArch(patch_size=8, embed_dim=32, depth=2, num_heads=2, map_stride=2, map_embed_dim=8)
+    torch.manual_seed(0)
+    table = torch.randn(1, 1 + 4 * 4, 32)  # a learned-looking table of a 32 px pre-training (4 x 4 patches)
+    state = {"encoder.pos_embed": table, "encoder.patch_embed.proj.weight": torch.randn(32, 3, 8, 8),
+             "encoder.blocks.0.norm1.weight": torch.ones(32)}
+    if kind == "classification":
+        model, prefix = ViTClassifier(arch, 48, 5, ["rgb"]), "encoder."
+    elif kind == "segmentation":
+        model, prefix = ViTSegmenter(arch, 48, 5, [0, 0, 1, 1], channels=16), "encoder."
+    else:
+        cfg = load_config("ft-det-demo", ["data.img_size=48", "data.max_size=48", "model.fpn_channels=16"],
+                          FinetuneConfig)
+        model, prefix = ViTMaskRCNN(arch, cfg, 3), "backbone.encoder."
+    target = model.backbone if kind == "detection" else model
+    load_encoder_weights(target, state, "pretrained.pt")
+    assert torch.allclose(target.encoder.pos_embed, mae_interpolated(table, 6), atol=1e-6)  # 48 px: 6 x 6
+    groups = layer_decay_groups(model, FtOptimConfig(layer_decay=0.5, weight_decay=0.05))
+    (group,) = [g for g in groups if any(p is target.encoder.pos_embed for p in g["params"])]
+    assert group["lr_scale"] == pytest.approx(0.5 ** 3) and group["weight_decay"] == 0.0  # layer 0 of depth 2
+    assert target.encoder.pos_embed.requires_grad and prefix + "pos_embed" in model.no_weight_decay()
 
 
 def test_finetune_on_an_image_folder(tmp_path: Path) -> None:

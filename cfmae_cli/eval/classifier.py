@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
 from cfmae_cli.model.encoder import ViTEncoder
+from cfmae_cli.model.convert import fit_position_table
 from cfmae_cli.model.layers import MapAdapter, embed_tokens, init_weights
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,13 @@ class ViTClassifier(nn.Module):
     ``global_pool='avg'``: the mean of the patch tokens of every input modality, then ``fc_norm`` (MAE
     fine-tuning; the encoder's final norm is not used). ``'token'``: the global token after the final norm.
     ``linear=True``: a linear probe — a norm without affine parameters before the head (MAE), and the encoder
-    and adapters frozen (no gradients are computed through them).
+    and adapters frozen (no gradients are computed through them). ``train_pos_embed``: the position table is
+    trained (MAE fine-tuning; it is fixed in pre-training).
     """
 
     def __init__(self, arch: EncoderArch, img_size: int, num_classes: int, modalities: list[str],
                  num_semantic_classes: int = 0, global_pool: str = "avg", drop_path: float = 0.0,
-                 linear: bool = False, head_init_std: float = 2e-5):
+                 linear: bool = False, head_init_std: float = 2e-5, train_pos_embed: bool = True):
         super().__init__()
         self.modalities = list(modalities)
         self.global_pool = global_pool
@@ -51,6 +53,7 @@ class ViTClassifier(nn.Module):
             self.fc_norm = nn.Identity()
         init_weights(self)
         nn.init.normal_(self.encoder.cls_token, std=0.02)
+        self.encoder.pos_embed.requires_grad_(train_pos_embed)
         head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(head.weight, std=head_init_std)
         nn.init.zeros_(head.bias)
@@ -108,14 +111,15 @@ def arch_from_state(state: dict[str, Tensor]) -> tuple[EncoderArch, set[str]]:
 def load_encoder_weights(model: ViTClassifier, state: dict[str, Tensor], source: str | Path) -> None:
     """Copy the encoder and map-adapter tensors of ``state`` (our key names) into ``model``.
 
-    Decoders, reconstruction heads and classifier heads are left out; a position table of another size is
-    left out (ours is the fixed sin-cos table of the model's own size); any other shape difference is an error
-    naming the tensor. Adapters of a modality the checkpoint lacks start from random weights (logged).
+    Decoders, reconstruction heads and classifier heads are left out; a position table of another grid is
+    resized bicubically to the model's (MAE's rule for fine-tuning at another resolution); any other shape
+    difference is an error naming the tensor. Adapters of a modality the checkpoint lacks start from random
+    weights (logged).
     """
     own = model.state_dict()
     keep = {k: v for k, v in state.items() if k.startswith(("encoder.", "adapters.")) and k in own}
-    if "encoder.pos_embed" in keep and keep["encoder.pos_embed"].shape != own["encoder.pos_embed"].shape:
-        del keep["encoder.pos_embed"]
+    if "encoder.pos_embed" in keep:
+        keep["encoder.pos_embed"] = fit_position_table(keep["encoder.pos_embed"], own["encoder.pos_embed"], source)
     bad = [k for k, v in keep.items() if v.shape != own[k].shape]
     if bad:
         shown = "; ".join(f"{k}: {tuple(keep[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
@@ -134,7 +138,7 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu"
                     ) -> tuple[ViTClassifier, FinetuneConfig, list[str]]:
     """A ``cfmae finetune`` checkpoint (file or run folder) as an eval-mode classifier, its config and its
     class names."""
-    from cfmae_cli.config import config_from_dict
+    from cfmae_cli.config import stored_config
     from cfmae_cli.train.checkpoint import checkpoint_path, load_checkpoint
 
     file = checkpoint_path(path)
@@ -142,7 +146,7 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu"
     if ckpt.get("task") != "finetune":
         raise CfmaeError(f"{file}: a {ckpt.get('task', 'pretrain')} checkpoint, not a classifier; fine-tune it first "
                          f"with `cfmae finetune --checkpoint {path}`.")
-    cfg = config_from_dict(ckpt["config"], f"the config in {file}", FinetuneConfig)
+    cfg = stored_config(ckpt["config"], f"the config in {file}", FinetuneConfig)
     if cfg.kind != "classification":
         raise CfmaeError(f"{file}: a {cfg.kind} model, not an image classifier.")
     state = ckpt["model"]

@@ -6,7 +6,7 @@ changes (MAE's recipe: LARS, frozen encoder, no mixing), merged in by ``--mode l
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -80,6 +80,8 @@ class FtModelConfig(_Strict):
     global_pool: Literal["avg", "token"] = Field("avg", description="avg = mean of the patch tokens and a norm "
                                                  "(MAE fine-tuning); token = the global token")
     drop_path: float = Field(0.1, ge=0, lt=1)
+    train_pos_embed: bool = Field(True, description="train the position table (MAE), initialised from the "
+                                  "checkpoint's and resized bicubically to the grid; false = keep it fixed")
     head_init_std: float = Field(2e-5, gt=0, description="std of the head's truncated-normal init")
     out_indices: list[int] = Field([3, 5, 7, 11], min_length=4, max_length=4,
                                    description="segmentation: the blocks whose tokens feed the pyramid")
@@ -99,7 +101,8 @@ class FtOptimConfig(_Strict):
     name: Literal["adamw", "lars"] = Field("adamw", description="lars for linear probing (MAE)")
     schedule: Literal["cosine", "linear", "step"] = Field("cosine", description="decay after the warmup; step = "
                                                           "x0.1 at each of optim.milestones")
-    milestones: list[float] = Field([], description="step schedule: epochs at which the lr drops 10x")
+    milestones: list[float] = Field([], description="step schedule: the lr drops 10x once this many epochs are "
+                                    "done (MMDetection's step=[8, 11])")
     base_lr: float = Field(1e-3, gt=0, description="lr = base_lr * effective_batch / 256")
     lr: Optional[float] = Field(None, gt=0, description="absolute lr; overrides the scaling rule")
     layer_decay: float = Field(0.7, gt=0, le=1, description="layer-wise lr decay (1 = none)")
@@ -121,6 +124,7 @@ class FinetuneConfig(_Strict):
     """The fine-tuning config (``cfmae finetune``)."""
 
     TASK: ClassVar[str] = "finetune"
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"model.train_pos_embed": False}
     kind: Literal["classification", "segmentation", "detection"] = Field(
         "classification", description="what is trained: an image classifier, per-pixel classes, or Mask R-CNN")
     mode: Literal["full", "linear"] = Field("full", description="full fine-tuning, or a linear probe on the "

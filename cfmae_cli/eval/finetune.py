@@ -157,7 +157,7 @@ class FinetuneTask(Task):
         torch.manual_seed(cfg.train.seed)  # the same initial head on every rank
         self.model = ViTClassifier(arch, cfg.data.img_size, len(self.classes), self.modalities, c_sem,
                                    cfg.model.global_pool, cfg.model.drop_path, cfg.mode == "linear",
-                                   cfg.model.head_init_std)
+                                   cfg.model.head_init_std, cfg.model.train_pos_embed)
         if state is not None:
             load_encoder_weights(self.model, state, source)
         self.model.to(self.device)

@@ -86,7 +86,7 @@ class ViTSegmenter(nn.Module):
     """batch {rgb (B, 3, S, S)} → logits (B, classes, S, S)."""
 
     def __init__(self, arch: EncoderArch, img_size: int, num_classes: int, out_indices: list[int],
-                 channels: int = 512, drop_path: float = 0.0):
+                 channels: int = 512, drop_path: float = 0.0, train_pos_embed: bool = True):
         super().__init__()
         self.encoder = ViTEncoder(img_size, arch.patch_size, arch.embed_dim, arch.depth, arch.num_heads,
                                   arch.mlp_ratio, drop_path)
@@ -96,6 +96,7 @@ class ViTSegmenter(nn.Module):
         self.head = UperHead(arch.embed_dim, channels, num_classes)
         init_weights(self)
         nn.init.normal_(self.encoder.cls_token, std=0.02)
+        self.encoder.pos_embed.requires_grad_(train_pos_embed)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer-wise decay as for classification: stem 0, block i at i+1, pyramid and head last."""
@@ -183,7 +184,7 @@ class SegmentationTask(FinetuneTask):
         self.modalities = ["rgb"]
         torch.manual_seed(cfg.train.seed)
         model = ViTSegmenter(arch, cfg.data.img_size, self.num_classes, cfg.model.out_indices,
-                             cfg.model.head_channels, cfg.model.drop_path)
+                             cfg.model.head_channels, cfg.model.drop_path, cfg.model.train_pos_embed)
         if state is not None:
             load_encoder_weights(model, state, source)
         if info.distributed and info.device.type == "cuda":

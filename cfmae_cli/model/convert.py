@@ -5,11 +5,16 @@
   ``norm.*`` are the encoder; ``decoder_*`` and ``mask_token`` are dropped.
 * MultiMAE (EPFL-VILAB): ``encoder.{i}.*`` are the blocks, ``input_adapters.rgb.proj.*`` the patch
   embedding, ``global_tokens[:, :1]`` the global token; it has no final encoder norm (left at its init).
+  ``input_adapters.rgb.pos_emb`` (1, D, h, w) becomes ``pos_embed`` (1, 1 + h·w, D) with a zero global-token
+  row: MultiMAE's table is kept as it is, since its sin-cos halves are in the other order than ours (row
+  first, then column) and its blocks were trained with it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,9 @@ from torch import Tensor
 
 from cfmae_cli.config import Config
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.model.layers import fit_pos_embed
+
+log = logging.getLogger(__name__)
 
 
 def detect_format(state: dict[str, Tensor]) -> str:
@@ -47,9 +55,34 @@ def to_cfmae(state: dict[str, Tensor]) -> dict[str, Tensor]:
             out["encoder.blocks." + key.removeprefix("encoder.")] = value
         elif key.startswith("input_adapters.rgb.proj."):
             out["encoder.patch_embed.proj." + key.removeprefix("input_adapters.rgb.proj.")] = value
+        elif key == "input_adapters.rgb.pos_emb":
+            out["encoder.pos_embed"] = multimae_pos_table(value)
         elif key == "global_tokens":
             out["encoder.cls_token"] = value[:, :1]
     return out
+
+
+def multimae_pos_table(pos_emb: Tensor) -> Tensor:
+    """MultiMAE's (1, D, h, w) position table as ours: (1, 1 + h·w, D), patches in row-major order (as MultiMAE
+    flattens its patch grid), a zero row first for the global token (MultiMAE adds none to its global tokens)."""
+    if pos_emb.ndim != 4 or pos_emb.shape[0] != 1:
+        raise CfmaeError(f"input_adapters.rgb.pos_emb: expected MultiMAE's (1, D, h, w), got {tuple(pos_emb.shape)}")
+    patches = pos_emb.flatten(2).transpose(1, 2)
+    return torch.cat([patches.new_zeros(1, 1, patches.shape[2]), patches], dim=1)
+
+
+def fit_position_table(table: Tensor, own: Tensor, source: str | Path) -> Tensor:
+    """A checkpoint's position table resized to a model's grid (``own``, (1, 1 + N, D)); the resize is
+    logged. A table of another width is returned as it is, for the shape check that names it."""
+    if table.shape == own.shape or table.ndim != 3 or table.shape[-1] != own.shape[-1]:
+        return table
+    grid = math.isqrt(own.shape[1] - 1)
+    try:
+        fitted = fit_pos_embed(table, grid)
+    except ValueError as exc:
+        raise CfmaeError(f"{source}: encoder.pos_embed of shape {tuple(table.shape)}: {exc}") from None
+    log.info("%s: position table of %d rows resized to the %dx%d grid (bicubic)", source, table.shape[1], grid, grid)
+    return fitted
 
 
 def to_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -99,13 +132,13 @@ def load_any(path: Path) -> tuple[dict[str, Tensor], Config | None]:
 
 def weights_and_config(path: Path, raw: dict[str, Any]) -> tuple[dict[str, Tensor], Config | None]:
     """The state dict of a file's top-level dict (``read_file``), and our pre-training config when it has one."""
-    from cfmae_cli.config import config_from_dict
+    from cfmae_cli.config import stored_config
 
     state = raw.get("model", raw.get("state_dict", raw))
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CfmaeError(f"{path}: no state dict of tensors found (looked at 'model', 'state_dict' and the top level).")
     pretraining = isinstance(raw.get("config"), dict) and raw.get("task", "pretrain") == "pretrain"
-    cfg = config_from_dict(raw["config"], f"the config in {path}") if pretraining else None
+    cfg = stored_config(raw["config"], f"the config in {path}") if pretraining else None
     return state, cfg
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,6 +26,29 @@ def sincos_pos_embed(dim: int, grid: int) -> Tensor:
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
     return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+def fit_pos_embed(table: Tensor, grid: int) -> Tensor:
+    """A position table (1, R, D) of any grid as ours for a grid x grid model: (1, 1 + grid², D).
+
+    R = 1 + g² (a global-token row first, kept) or g² (none: a zero row is put first, as ours has). The g x g
+    patch rows are resized bicubically to grid x grid (``align_corners=False``), as MAE and timm interpolate a
+    pre-trained table for another resolution. Raises ``ValueError`` for a table of no square grid.
+    """
+    rows, dim = table.shape[1], table.shape[2]
+    for prefix in (1, 0):
+        side = math.isqrt(max(rows - prefix, 0))
+        if side * side == rows - prefix and side > 0:
+            break
+    else:
+        raise ValueError(f"a position table of {rows} rows is not 1 + g² or g² for a square grid g")
+    head = table[:, :1] if prefix else table.new_zeros(1, 1, dim)
+    patches = table[:, prefix:]
+    if side != grid:
+        square = patches.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
+        square = F.interpolate(square, size=(grid, grid), mode="bicubic", align_corners=False)
+        patches = square.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(table.dtype)
+    return torch.cat([head, patches], dim=1)
 
 
 class MapAdapter(nn.Module):

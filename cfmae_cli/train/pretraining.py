@@ -90,18 +90,19 @@ class PretrainTask(Task):
 
     def load_weights(self, path: str | Path) -> None:
         """``--init``: weights only, from our checkpoints or MAE / MultiMAE / timm ViT files (converted); tensors
-        load by name and must have this model's shapes; names that are not in the model are ignored and logged
-        (an unknown layout is refused). Optimizer, step and schedule start fresh."""
-        from cfmae_cli.model.convert import load_any, to_cfmae
+        load by name and must have this model's shapes (a position table of another grid is resized
+        bicubically); names that are not in the model are ignored and logged (an unknown layout is refused).
+        Optimizer, step and schedule start fresh."""
+        from cfmae_cli.model.convert import fit_position_table, load_any, to_cfmae
 
         try:
             state = to_cfmae(load_any(Path(path))[0])  # ours, or MAE / MultiMAE / timm weights converted
         except CfmaeError as exc:
             raise CfmaeError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
         own = self.model.state_dict()
-        if "encoder.pos_embed" in state and state["encoder.pos_embed"].shape != own["encoder.pos_embed"].shape:
-            del state["encoder.pos_embed"]  # fixed sin-cos: this model's own table fits its size
-            log.info("%s: position embedding of another size left out (ours is the fixed sin-cos table)", path)
+        if "encoder.pos_embed" in state:  # the table the blocks were trained with (MultiMAE's is not ours)
+            state["encoder.pos_embed"] = fit_position_table(state["encoder.pos_embed"], own["encoder.pos_embed"],
+                                                            path)
         bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         if bad:
             raise CfmaeError(f"{path}: {len(bad)} tensor(s) do not match this model's shapes "
