@@ -11,6 +11,7 @@ from PIL import Image
 
 from cfmae_cli.data.dataset import MultiGranularDataset, Skipped, collate
 from cfmae_cli.data.layout import list_samples, read_manifest, save_map, save_rgb
+from cfmae_cli.data.maps import resample_map
 from cfmae_cli.data.transforms import JointTransform, canonical_instance_ids
 from cfmae_cli.errors import DataError
 from tests.conftest import make_dataset
@@ -121,3 +122,66 @@ def test_collate_shapes(tmp_path: Path) -> None:
     assert batch["semantic"].shape == (6, 16, 16) and batch["label"].tolist() == [0, 0, 0, 1, 1, 1]
     inst = batch["instance"]
     assert ((inst < 16) | (inst == 255)).all()
+
+
+def bar_images(h: int, w: int, cols: tuple[int, int], rows: tuple[int, int]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An image with a vertical bar (red) on ``cols`` and a horizontal bar (green) on ``rows``, an instance map
+    with the vertical bar (id 1) and a semantic map with the horizontal one (class 1)."""
+    rgb = torch.zeros(3, h, w, dtype=torch.uint8)
+    rgb[0, :, cols[0]:cols[1]] = 255
+    rgb[1, rows[0]:rows[1], :] = 255
+    inst = torch.zeros(h, w, dtype=torch.long)
+    inst[:, cols[0]:cols[1]] = 1
+    sem = torch.zeros(h, w, dtype=torch.long)
+    sem[rows[0]:rows[1], :] = 1
+    return rgb, inst, sem
+
+
+def bar_centre(weights: torch.Tensor, axis: int) -> float | None:
+    """The centroid of a 2-D weight map along ``axis`` (1 = across the columns), as a fraction of the side."""
+    profile = weights.double().sum(1 - axis)
+    coord = (torch.arange(profile.numel(), dtype=torch.float64) + 0.5) / profile.numel()
+    return float((profile * coord).sum() / profile.sum()) if profile.sum() > 0 else None
+
+
+def mean_misalignment(pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], map_side: int
+                      ) -> tuple[float, float]:
+    """Mean signed offset, in map cells, between the bars' centres in the images and in the maps (x, y)."""
+    dx, dy = [], []
+    for img, inst, sem in pairs:
+        for out, image_bar, map_bar, axis in ((dx, img[0], inst == 1, 1), (dy, img[1], sem == 1, 0)):
+            a, b = bar_centre(image_bar, axis), bar_centre(map_bar, axis)
+            if a is not None and b is not None and bool((image_bar < 128).any()):  # the bar is in the crop
+                out.append((a - b) * map_side)
+    assert len(dx) > 100 and len(dy) > 100
+    return float(np.mean(dx)), float(np.mean(dy))
+
+
+def test_maps_stay_on_the_image_over_random_crops() -> None:
+    """A bar's centre in the cropped image and in the cropped map agree to within 0.1 map cell on average over
+    many random crops (nearest-neighbour at the cells' corners would shift the maps by ~0.5 cell right and
+    down). Maps at the image's size, and maps at half of it (as packed data keeps them)."""
+    rgb, inst, sem = bar_images(90, 120, (38, 62), (20, 44))
+    t = JointTransform(64, 4, 16, (0.2, 1.0), (0.75, 1.33), 0.0, (0.0,) * 3, (1.0,) * 3, normalize=False)
+    torch.manual_seed(0)
+    dx, dy = mean_misalignment([t(rgb, inst, sem) for _ in range(300)], 16)
+    assert abs(dx) < 0.1 and abs(dy) < 0.1, (dx, dy)
+    half = resample_map(inst, (45, 60)), resample_map(sem, (45, 60))  # exact: the bars' edges are even
+    assert half[0][0].nonzero().flatten().tolist() == list(range(19, 31))
+    dx, dy = mean_misalignment([t(rgb, *half) for _ in range(300)], 16)
+    assert abs(dx) < 0.1 and abs(dy) < 0.1, (dx, dy)
+
+
+def test_resample_map_is_torchvisions_nearest_exact_and_takes_fractional_boxes() -> None:
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    ids = torch.randint(0, 50, (1, 37, 53))
+    for box, size in [((0, 0, 37, 53), (16, 16)), ((5, 9, 20, 31), (13, 7)), ((3, 2, 30, 40), (64, 80))]:
+        want = TF.resized_crop(ids, *box, list(size), interpolation=InterpolationMode.NEAREST_EXACT)
+        assert torch.equal(resample_map(ids, size, box), want), box
+        assert np.array_equal(resample_map(ids.numpy(), size, box), want.numpy())
+    # a box given in half-size map pixels selects the same cells as the full-size box: a 2x map
+    big = ids.repeat_interleave(2, -2).repeat_interleave(2, -1)
+    assert torch.equal(resample_map(ids, (9, 9), (2.5, 4.5, 10.0, 15.5)), resample_map(big, (9, 9), (5, 9, 20, 31)))

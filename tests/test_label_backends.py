@@ -19,10 +19,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from cfmae_cli.data.maps import resample_map  # noqa: E402
 from cfmae_cli.errors import CfmaeError  # noqa: E402
 from cfmae_cli.labeling.coco_panoptic import COCO_PANOPTIC_CLASSES  # noqa: E402
 from cfmae_cli.labeling.models import (GroundedSamBackend, PanopticSemanticBackend, normalize_prompt,  # noqa: E402
-                                       paint_instances, prompt_for, resize_labels_nearest, resolve_model,
+                                       paint_instances, prompt_for, resolve_model,
                                        select_boxes, semantic_labels)
 
 from tiny_label_models import (make_grounding_dino, make_mask2former, make_oneformer, make_sam,  # noqa: E402
@@ -198,11 +199,11 @@ def test_semantic_labels_crops_before_resizing():
     assert torch.equal(labels, expected)
 
 
-def test_resize_labels_nearest_keeps_ids():
+def test_resample_map_keeps_ids():
     labels = torch.tensor([[3, 200], [200, 3]], dtype=torch.uint8)
-    out = resize_labels_nearest(labels, (5, 7))
+    out = resample_map(labels, (5, 7))
     assert out.shape == (5, 7) and out.dtype == torch.uint8 and set(out.unique().tolist()) == {3, 200}
-    assert torch.equal(resize_labels_nearest(out, (5, 7)), out)
+    assert torch.equal(resample_map(out, (5, 7)), out)
 
 
 # --- prompts and model specs ------------------------------------------------------------------------------------

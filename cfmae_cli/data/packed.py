@@ -1,9 +1,9 @@
 """A packed copy of a dataset for fast reading: ``cfmae pack DATA --out PACKED``.
 
 Each image is resized so that its short side is ``size`` (default 256), centre-cropped to a square and stored
-as a JPEG in a shard file of concatenated bytes; its maps are resized (nearest) to ``size / map_scale`` the
-same way and stored raw in NumPy arrays. Reading a sample is then one small JPEG decode (libjpeg-turbo, into
-a tensor) and two slices of memory-mapped arrays — no full-size JPEG, no PNG. The training transform
+as a JPEG in a shard file of concatenated bytes; its maps are sampled (centre-aligned nearest neighbour) over
+the same square at ``size / map_scale`` and stored raw in NumPy arrays. Reading a sample is then one small
+JPEG decode (libjpeg-turbo, into a tensor) and two slices of memory-mapped arrays — no full-size JPEG, no PNG. The training transform
 (random-resized crop and flip, joint for image and maps) runs on the square as it runs on the original.
 
 Layout: ``PACKED/cfmae-packed.json`` (format, sizes, classes, shards, what was skipped),
@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cfmae_cli.data.dataset import SeededDataset, Skipped, make_item
 from cfmae_cli.data.layout import UNLABELLED, Sample, atomic_write_text, list_samples, read_manifest
+from cfmae_cli.data.maps import resample_map
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import DataError
 
@@ -52,14 +53,26 @@ def is_packed(root: str | Path) -> bool:
     return (Path(root) / MANIFEST).is_file()
 
 
-def _square(im: Image.Image, side: int, resample: Image.Resampling) -> Image.Image:
-    """Resize so that the short side is ``side``, then take the centred ``side`` x ``side`` square."""
-    w, h = im.size
+def _square_geometry(w: int, h: int, side: int) -> tuple[tuple[int, int], tuple[int, int], tuple[float, ...]]:
+    """How a (w, h) image becomes its stored square: resized to ``(nw, nh)`` (short side ``side``), cropped
+    at ``(left, top)``; and that square as a box (top, left, height, width) in the original's pixels."""
     scale = side / min(w, h)
     nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
-    im = im.resize((nw, nh), resample)
     left, top = (nw - side) // 2, (nh - side) // 2
-    return im.crop((left, top, left + side, top + side))
+    return (nw, nh), (left, top), (top * h / nh, left * w / nw, side * h / nh, side * w / nw)
+
+
+def _square(im: Image.Image, side: int, resample: Image.Resampling) -> Image.Image:
+    """Resize so that the short side is ``side``, then take the centred ``side`` x ``side`` square."""
+    (nw, nh), (left, top), _ = _square_geometry(*im.size, side)
+    return im.resize((nw, nh), resample).crop((left, top, left + side, top + side))
+
+
+def _square_map(ids: np.ndarray, side: int, map_size: int) -> np.ndarray:
+    """The map of an image at the image's size → the ``map_size`` map of its stored ``side`` square: the
+    same square, sampled at its cells' centres, so that it lies on the stored image exactly."""
+    _, _, box = _square_geometry(ids.shape[1], ids.shape[0], side)
+    return resample_map(ids, (map_size, map_size), box)
 
 
 def _pack_shard(job: tuple[Path, int, list[Sample], int, int, int, int]) -> tuple[int, list[tuple[str, str]]]:
@@ -75,8 +88,8 @@ def _pack_shard(job: tuple[Path, int, list[Sample], int, int, int, int]) -> tupl
             with Image.open(sample.instance) as a, Image.open(sample.semantic) as b:
                 if a.size != rgb.size or b.size != rgb.size:
                     raise ValueError(f"map size {a.size} / {b.size} differs from the image's {rgb.size}")
-                ids = np.asarray(_square(a.convert("I"), map_size, Image.Resampling.NEAREST)).astype(np.int64)
-                cls = np.asarray(_square(b.convert("L"), map_size, Image.Resampling.NEAREST))
+                ids = _square_map(np.asarray(a.convert("I")).astype(np.int64), size, map_size)
+                cls = _square_map(np.asarray(b.convert("L")), size, map_size)
         except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             skipped.append((str(sample.rgb), f"{type(exc).__name__}: {exc}"))
             continue

@@ -1,8 +1,9 @@
 """Joint augmentation of RGB + instance + semantic maps, and canonical instance ids (DESIGN §4).
 
-One random-resized-crop and one flip draw apply to all three; the image is resized bilinearly (antialiased)
-to ``img_size``, the maps with nearest-neighbour to ``img_size / map_stride`` (torchvision ``transforms.v2``
-functionals on ``tv_tensors.Image`` / ``tv_tensors.Mask``).
+One random-resized-crop and one flip draw apply to all three; the image is resized bilinearly (antialiased,
+torchvision ``transforms.v2``) to ``img_size``, the maps from the same crop box with centre-aligned nearest
+neighbour (:func:`~cfmae_cli.data.maps.resample_map`) to ``img_size / map_stride``, so that a map cell holds the
+id under its centre and the maps stay on the image.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 from cfmae_cli.data.layout import UNLABELLED
+from cfmae_cli.data.maps import resample_map
 
 
 def canonical_instance_ids(ids: Tensor, num_ids: int) -> Tensor:
@@ -34,14 +36,11 @@ def canonical_instance_ids(ids: Tensor, num_ids: int) -> Tensor:
 
 
 def _scaled_box(top: int, left: int, height: int, width: int, h: int, w: int, size: torch.Size
-                ) -> tuple[int, int, int, int]:
-    """A crop box of an (h, w) image in the coordinates of a map of ``size`` (the same box when the map has
-    the image's size; packed data keeps its maps at a fraction of it)."""
-    mh, mw = size
-    if (mh, mw) == (h, w):
-        return top, left, height, width
-    fy, fx = mh / h, mw / w
-    return round(top * fy), round(left * fx), max(1, round(height * fy)), max(1, round(width * fx))
+                ) -> tuple[float, float, float, float]:
+    """A crop box of an (h, w) image in the pixels of a map of ``size``: the same box when the map has the
+    image's size, scaled (fractions kept) when it is smaller (packed data keeps its maps at a fraction)."""
+    fy, fx = size[0] / h, size[1] / w
+    return top * fy, left * fx, height * fy, width * fx
 
 
 class JointTransform:
@@ -66,7 +65,6 @@ class JointTransform:
     def __call__(self, rgb: Tensor, instance: Tensor | None,
                  semantic: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         image = tv_tensors.Image(rgb)
-        maps = [None if x is None else tv_tensors.Mask(x.long().unsqueeze(0)) for x in (instance, semantic)]
         h, w = rgb.shape[-2:]
         if self.train:
             top, left, ch, cw = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
@@ -76,14 +74,15 @@ class JointTransform:
             top, left, ch, cw = (h - min(h, w)) // 2, (w - min(h, w)) // 2, min(h, w), min(h, w)
         flip = self.train and bool(torch.rand(()) < self.hflip)
         image = TF.resized_crop(image, top, left, ch, cw, [self.img_size] * 2, antialias=True)
-        maps = [None if x is None else TF.resized_crop(x, *_scaled_box(top, left, ch, cw, h, w, x.shape[-2:]),
-                                                       [self.map_size] * 2) for x in maps]
+        maps = [None if x is None else resample_map(x.long(), (self.map_size,) * 2,
+                                                    _scaled_box(top, left, ch, cw, h, w, x.shape[-2:]))
+                for x in (instance, semantic)]
         if flip:
             image = TF.horizontal_flip(image)
-            maps = [None if x is None else TF.horizontal_flip(x) for x in maps]
+            maps = [None if x is None else x.flip(-1) for x in maps]
         if self.normalize:
             image = TF.normalize(TF.to_dtype(image, torch.float32, scale=True), self.mean, self.std)
-        inst, sem = (None if x is None else x.as_subclass(Tensor)[0] for x in maps)
+        inst, sem = maps
         if inst is not None:
             inst = canonical_instance_ids(inst, self.num_instance_ids)
         return image.as_subclass(Tensor), inst, sem

@@ -15,7 +15,8 @@ images: the same colour gets the same semantic class in every photo.
 
 The work happens on a copy of the image scaled so that its longer side is at most ``work_size``
 pixels (so the parameters mean the same thing at any resolution and large photos stay fast); the maps
-are scaled back to the input's exact height and width with nearest-neighbour sampling.
+are scaled back to the input's exact height and width with centre-aligned nearest-neighbour sampling
+(:func:`cfmae_cli.data.maps.resample_map`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from PIL import Image
 from scipy import ndimage
 from skimage.color import rgb2hsv
 from skimage.segmentation import felzenszwalb
+
+from cfmae_cli.data.maps import resample_map
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +135,8 @@ class ClassicalLabeller:
         work = _downscale(image, self.work_size)
         instance_small = self._instances(work)
         semantic_small = self._semantic(work)
-        instance = _resize_nearest(instance_small, height, width).astype(self.instance_dtype)
-        semantic = _resize_nearest(semantic_small, height, width).astype(np.uint8)
+        instance = resample_map(instance_small, (height, width)).astype(self.instance_dtype)
+        semantic = resample_map(semantic_small, (height, width)).astype(np.uint8)
         return instance, semantic
 
     # ------------------------------------------------------------------ instances
@@ -236,12 +239,3 @@ def _downscale(image: np.ndarray, max_side: int) -> np.ndarray:
     new_w = max(1, round(width * max_side / longer))
     return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BOX))
 
-
-def _resize_nearest(ids: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize of a 2-D id map to exactly ``(height, width)``."""
-    h, w = ids.shape
-    if (h, w) == (height, width):
-        return ids
-    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1)
-    return ids[rows[:, None], cols[None, :]]

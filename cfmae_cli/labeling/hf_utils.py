@@ -134,22 +134,6 @@ def normalize_prompt(prompt: str) -> str:
     return text if text.endswith(".") else f"{text} ."
 
 
-def resize_labels_nearest(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of an integer label map (h, w) → (H, W), any integer dtype, no blending.
-
-    Uses pixel-centre sampling (source index ``floor((i + 0.5) * h / H)``), so a label never moves by more
-    than half a source pixel and ids are never mixed.
-    """
-    h, w = labels.shape[-2:]
-    out_h, out_w = int(size[0]), int(size[1])
-    if (h, w) == (out_h, out_w):
-        return labels
-    dev = labels.device
-    rows = ((torch.arange(out_h, device=dev, dtype=torch.float64) + 0.5) * (h / out_h)).long().clamp_(0, h - 1)
-    cols = ((torch.arange(out_w, device=dev, dtype=torch.float64) + 0.5) * (w / out_w)).long().clamp_(0, w - 1)
-    return labels[..., rows[:, None], cols[None, :]]
-
-
 @contextlib.contextmanager
 def inference_context(device: torch.device, bf16: bool) -> Iterator[None]:
     """``torch.inference_mode`` plus bf16 autocast when asked for and on CUDA."""

@@ -14,10 +14,10 @@ Every loading problem is a :class:`~cfmae_cli.errors.CfmaeError` naming the opti
 from __future__ import annotations
 
 from cfmae_cli.labeling.grounded_sam import GroundedSamBackend, paint_instances, select_boxes
-from cfmae_cli.labeling.hf_utils import normalize_prompt, prompt_for, resize_labels_nearest, resolve_model
+from cfmae_cli.labeling.hf_utils import normalize_prompt, prompt_for, resolve_model
 from cfmae_cli.labeling.panoptic import PanopticSemanticBackend, semantic_labels, valid_size
 
 __all__ = [
     "GroundedSamBackend", "PanopticSemanticBackend", "normalize_prompt", "paint_instances", "prompt_for",
-    "resize_labels_nearest", "resolve_model", "select_boxes", "semantic_labels", "valid_size",
+    "resolve_model", "select_boxes", "semantic_labels", "valid_size",
 ]

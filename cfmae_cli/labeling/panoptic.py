@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.data.maps import resample_map
 from cfmae_cli.labeling.hf_utils import (as_rgb_array, chunks, inference_context, load_config_checked, load_or_fail,
-                                         resize_labels_nearest, resolve_model, transformers_module)
+                                         resolve_model, transformers_module)
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def semantic_labels(class_logits: torch.Tensor, mask_logits: torch.Tensor, input
     masks = masks[:, :hv, :wv].sigmoid()
     probs = class_logits.float().softmax(-1)[:, :-1]  # (Q, C)
     labels = torch.einsum("qc,qhw->chw", probs, masks).argmax(0)  # (hv, wv)
-    return resize_labels_nearest(labels, out_size)
+    return resample_map(labels, out_size)
 
 
 class PanopticSemanticBackend:

@@ -7,13 +7,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cfmae_cli.data.maps import resample_map
+
 
 def fit(image: np.ndarray, side: int, smooth: bool) -> np.ndarray:
-    """Scale an H×W×3 uint8 image to fit a side×side box (aspect kept); maps should use ``smooth=False``."""
+    """Scale an H×W×3 uint8 image to fit a side×side box (aspect kept): bilinear, or with ``smooth=False`` (maps
+    drawn in colour) centre-aligned nearest neighbour, so that a map's cells stay on the image's."""
     h, w = image.shape[:2]
     scale = side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR if smooth else Image.NEAREST))
+    if smooth:
+        return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    return np.ascontiguousarray(np.moveaxis(resample_map(np.moveaxis(image, -1, 0), (size[1], size[0])), 0, -1))
 
 
 def save_image_grid(rows: list[list[np.ndarray]], path: str | Path, columns: list[str], row_labels: list[str],
