@@ -106,3 +106,85 @@ def test_mask_rcnn_finetuning_on_the_dataset_layout(tmp_path: Path) -> None:
     epoch = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "epoch"][0]
     assert {"AP_box", "AP_mask", "AP50_box", "loss_mask", "loss_objectness"} <= set(epoch)
     assert 0 <= epoch["AP_box"] <= 100 and (out / "checkpoints/best.pt").is_file()
+
+
+def test_vitdet_pyramid_reads_the_last_block_before_the_final_norm() -> None:
+    """ViTDet's simple pyramid takes the last block's output as it is (its own LayerNorms follow)."""
+    arch = EncoderArch(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    torch.manual_seed(0)
+    backbone = ViTDetBackbone(arch, 64, channels=16).eval()
+    seen: dict[str, torch.Tensor] = {}
+    backbone.encoder.blocks[-1].register_forward_hook(lambda m, i, o: seen.update(block=o))
+    backbone.scales[2].register_forward_hook(lambda m, i, o: seen.update(level=i[0]))  # stride p: identity
+    with torch.no_grad():
+        backbone(torch.randn(2, 3, 64, 64))
+    tokens = seen["block"][:, 1:].transpose(1, 2).reshape(2, 32, 8, 8)
+    assert torch.equal(seen["level"], tokens)
+
+
+def test_instance_masks_are_resized_onto_the_image() -> None:
+    """Mask R-CNN's resize (short side drawn from data.min_size): the masks' bars sit where the image's are (to
+    within 0.1 of an output pixel on average); torchvision's own nearest resize shifts them by up to half."""
+    from tests.test_data import bar_images, bar_centre
+
+    t = FixedSizeTransform(128, (40, 57, 83, 110), 128, [0.0] * 3, [1.0] * 3)
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    dx, dy = [], []
+    for _ in range(40):
+        h, w = int(rng.integers(31, 70)), int(rng.integers(50, 90))
+        x0, y0 = int(rng.integers(5, w // 2)), int(rng.integers(5, h // 2))
+        rgb, inst, sem = bar_images(h, w, (x0, x0 + 9), (y0, y0 + 7))
+        target = {"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0]]), "labels": torch.tensor([1]),
+                  "masks": torch.stack([inst, sem]).to(torch.uint8)}
+        image, out = t.resize(rgb.float() / 255, target)
+        side = image.shape[-1], image.shape[-2]
+        dx.append((bar_centre(image[0], 1) - bar_centre(out["masks"][0], 1)) * side[0])
+        dy.append((bar_centre(image[1], 0) - bar_centre(out["masks"][1], 0)) * side[1])
+        assert out["masks"].shape[-2:] == image.shape[-2:]
+    assert abs(np.mean(dx)) < 0.1 and abs(np.mean(dy)) < 0.1, (np.mean(dx), np.mean(dy))
+
+
+def test_crowd_regions_are_not_training_targets_and_empty_images_are_skipped(tmp_path: Path) -> None:
+    """MMDetection's training targets: an ``iscrowd=1`` annotation is no target, and a training image left
+    without a usable annotation (only crowd, none, or only a degenerate box) is skipped and counted. The
+    evaluation keeps every image."""
+    (tmp_path / "img").mkdir()
+    images = []
+    for i in range(1, 5):
+        Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "img" / f"{i}.jpg")
+        images.append({"id": i, "file_name": f"{i}.jpg", "height": 20, "width": 30})
+    square = [[2, 2, 12, 2, 12, 12, 2, 12]]
+    crowd_rle = {"size": [20, 30], "counts": [45, 10, 545]}  # uncompressed RLE, as COCO stores crowds
+    coco = {"images": images, "categories": [{"id": 1, "name": "person"}], "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "iscrowd": 0, "area": 100,
+         "segmentation": square},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [15, 2, 10, 10], "iscrowd": 1, "area": 100,
+         "segmentation": crowd_rle},
+        {"id": 3, "image_id": 2, "category_id": 1, "bbox": [15, 2, 10, 10], "iscrowd": 1, "area": 100,
+         "segmentation": crowd_rle},  # image 2: a crowd only; image 3: nothing
+        {"id": 4, "image_id": 4, "category_id": 1, "bbox": [3, 3, 0, 4], "iscrowd": 0, "area": 0,
+         "segmentation": [[3, 3, 3, 7, 3, 3]]}]}  # image 4: a degenerate box only
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    train = CocoDetection(read_coco(tmp_path / "ann.json", tmp_path / "img"), train=True, hflip=0.0)
+    assert [im["id"] for im in train.images] == [1] and len(train) == 1
+    assert train.without_annotations == 3 and train.crowd == 2
+    assert train[(0, 0)]["target"]["boxes"].tolist() == [[2.0, 2.0, 12.0, 12.0]]
+    val = CocoDetection(read_coco(tmp_path / "ann.json", tmp_path / "img"), train=False)
+    assert len(val) == 4 and val.without_annotations == 0
+
+
+def test_the_1x_schedule_is_mmdetections() -> None:
+    """ft-det-vitb: 12 epochs, lr / 10 from the 9th epoch (1-based) and / 100 in the 12th (MMDetection's
+    step=[8, 11]); epoch 8 still trains at the full rate."""
+    from cfmae_cli.train.optim import lr_at
+
+    cfg = load_config("ft-det-vitb", schema=FinetuneConfig)
+    per_epoch, epochs = 100, cfg.train.epochs
+    assert epochs == 12 and cfg.optim.schedule == "step"
+
+    def lr_in(epoch: int) -> float:  # the lr of the first step of a 1-based epoch, after the warmup
+        return lr_at((epoch - 1) * per_epoch, epochs * per_epoch, 0, 1.0, 0.0, "step",
+                     tuple(m / epochs for m in cfg.optim.milestones))
+
+    assert [lr_in(e) for e in (1, 8, 9, 11, 12)] == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01])

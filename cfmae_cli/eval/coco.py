@@ -76,20 +76,27 @@ def clip_box(bbox: list[float], h: int, w: int) -> list[float]:
 class CocoDetection(Dataset):
     """Items: {'image': uint8 (3, H, W), 'target': {boxes (N, 4) xyxy, labels (N,) in 1..C, masks (N, H, W)
     uint8, image_id}} or a :class:`Skipped` record. Problems with annotations are counted in ``problems``:
-    unknown category ids and degenerate boxes are dropped, boxes are clipped to the image."""
+    unknown category ids and degenerate boxes are dropped, boxes are clipped to the image.
+
+    Targets are built as MMDetection builds them: crowd regions (``iscrowd=1``) are not targets (``crowd``
+    counts them; the evaluation keeps them, pycocotools ignores detections on them), and in training an
+    image with no usable annotation left is skipped (``without_annotations`` counts them).
+    """
 
     def __init__(self, coco: dict[str, Any], train: bool, hflip: float = 0.5, seed: int = 0):
         self.train, self.hflip, self.seed = train, hflip, seed
         self.label_of = {c["id"]: i + 1 for i, c in enumerate(coco["categories"])}
-        self.images = coco["images"]
-        self.annotations: dict[int, list[dict]] = {im["id"]: [] for im in self.images}
+        self.annotations: dict[int, list[dict]] = {im["id"]: [] for im in coco["images"]}
         self.problems = {"unknown_category": 0, "clipped_box": 0, "empty_box": 0, "unknown_image": 0}
-        size = {im["id"]: (im["height"], im["width"]) for im in self.images}
+        self.crowd = 0
+        size = {im["id"]: (im["height"], im["width"]) for im in coco["images"]}
         for ann in coco["annotations"]:  # counted here, once: items are loaded in worker processes
             if ann.get("image_id") not in self.annotations:
                 self.problems["unknown_image"] += 1
             elif ann.get("category_id") not in self.label_of:
                 self.problems["unknown_category"] += 1
+            elif ann.get("iscrowd", 0):
+                self.crowd += 1
             else:
                 h, w = size[ann["image_id"]]
                 x, y, bw, bh = ann["bbox"]
@@ -100,6 +107,8 @@ class CocoDetection(Dataset):
                 if box != [x, y, x + bw, y + bh]:
                     self.problems["clipped_box"] += 1
                 self.annotations[ann["image_id"]].append(ann)
+        self.images = [im for im in coco["images"] if not train or self.annotations[im["id"]]]
+        self.without_annotations = len(coco["images"]) - len(self.images)
 
     def __len__(self) -> int:
         return len(self.images)

@@ -1,7 +1,7 @@
 """Detection and instance segmentation transfer (the paper's Table 2): torchvision's Mask R-CNN on the ViT
 encoder with ViTDet's simple feature pyramid, box and mask AP (pycocotools) every epoch — a task of the engine.
 
-Backbone: the encoder's last block as a (B, D, S/p, S/p) map → strides p/4, p/2, p, 2p (transposed
+Backbone: the encoder's last block (before the final norm, as in ViTDet) as a (B, D, S/p, S/p) map → strides p/4, p/2, p, 2p (transposed
 convolutions, identity, max-pool), each to 256 channels by a 1x1 and a 3x3 convolution with LayerNorm, and a
 4p level for the RPN. The encoder's position table is fixed for ``data.img_size``, so every batch is padded
 to img_size x img_size (ViTDet pads to 1024); images are resized by Mask R-CNN's own transform first
@@ -26,6 +26,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from cfmae_cli.data.layout import read_manifest
+from cfmae_cli.data.maps import resample_map
 from cfmae_cli.errors import DataError
 from cfmae_cli.eval.classifier import load_encoder_weights
 from cfmae_cli.eval.coco import CocoDetection, coco_ap, coco_from_layout, coco_results, collate_detection, read_coco
@@ -43,12 +44,15 @@ LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "lo
 class ViTDetBackbone(nn.Module):
     """(B, 3, S, S) → OrderedDict of 256-channel maps '0'..'3' at strides p/4 … 2p and 'pool' at 4p."""
 
-    def __init__(self, arch: EncoderArch, img_size: int, drop_path: float = 0.0, channels: int = 256):
+    def __init__(self, arch: EncoderArch, img_size: int, drop_path: float = 0.0, channels: int = 256,
+                 train_pos_embed: bool = True):
         super().__init__()
         d = arch.embed_dim
         self.img_size = img_size
         self.encoder = ViTEncoder(img_size, arch.patch_size, arch.embed_dim, arch.depth, arch.num_heads,
                                   arch.mlp_ratio, drop_path)
+        self.encoder.norm = nn.Identity()  # ViTDet reads the last block; the pyramid's LayerNorms follow
+        self.encoder.pos_embed.requires_grad_(train_pos_embed)
         self.scales = nn.ModuleList([
             nn.Sequential(nn.ConvTranspose2d(d, d // 2, 2, 2), LayerNorm2d(d // 2), nn.GELU(),
                           nn.ConvTranspose2d(d // 2, d // 4, 2, 2)),
@@ -70,11 +74,20 @@ class ViTDetBackbone(nn.Module):
 
 class FixedSizeTransform(GeneralizedRCNNTransform):
     """Mask R-CNN's resize and normalisation, with every batch padded to ``size`` x ``size`` (the encoder's
-    fixed grid) instead of to the largest image."""
+    fixed grid) instead of to the largest image, and the instance masks resized with centre-aligned nearest
+    neighbour (torchvision's ``F.interpolate(mode='nearest')`` would shift them against the image)."""
 
     def __init__(self, size: int, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.size = size
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None
+               ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        masks = None if target is None else target.pop("masks", None)
+        image, target = super().resize(image, target)
+        if masks is not None and target is not None:
+            target["masks"] = resample_map(masks, image.shape[-2:])
+        return image, target
 
     def batch_images(self, images: list[Tensor], size_divisible: int = 32) -> Tensor:
         batch = images[0].new_zeros(len(images), 3, self.size, self.size)
@@ -92,7 +105,7 @@ class ViTMaskRCNN(MaskRCNN):
     def __init__(self, arch: EncoderArch, cfg: FinetuneConfig, num_classes: int):
         d = cfg.data
         c = cfg.model.fpn_channels
-        backbone = ViTDetBackbone(arch, d.img_size, cfg.model.drop_path, c)
+        backbone = ViTDetBackbone(arch, d.img_size, cfg.model.drop_path, c, cfg.model.train_pos_embed)
         anchors = AnchorGenerator(tuple((s,) for s in cfg.model.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
         train_n, test_n = cfg.model.rpn_proposals
         super().__init__(backbone, None, rpn_anchor_generator=anchors,
@@ -198,6 +211,8 @@ class DetectionTask(FinetuneTask):
         return [f"data {self.root}: {len(self.category_ids)} categories; {len(self.dataset)} train / "
                 f"{len(self.val_dataset)} val images; short side {d.min_size} (max {d.max_size}), padded to "
                 f"{d.img_size}",
+                f"training targets: {self.dataset.crowd} crowd annotation(s) left out, "
+                f"{self.dataset.without_annotations} train image(s) without a usable annotation skipped",
                 f"model: Mask R-CNN on ViT patch {arch.patch_size}, dim {arch.embed_dim}, depth {arch.depth} with a "
                 f"simple pyramid; anchors {self.cfg.model.anchor_sizes}; initial weights: {self.source}",
                 self.recipe()]
