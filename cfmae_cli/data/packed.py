@@ -3,8 +3,9 @@
 Each image is resized so that its short side is ``size`` (default 256), centre-cropped to a square and stored
 as a JPEG in a shard file of concatenated bytes; its maps are sampled (centre-aligned nearest neighbour) over
 the same square at ``size / map_scale`` and stored raw in NumPy arrays. Reading a sample is then one small
-JPEG decode (libjpeg-turbo, into a tensor) and two slices of memory-mapped arrays — no full-size JPEG, no PNG. The training transform
-(random-resized crop and flip, joint for image and maps) runs on the square as it runs on the original.
+JPEG decode (libjpeg-turbo, into a tensor) and two slices of memory-mapped arrays — no full-size JPEG, no PNG.
+The training transform (random-resized crop and flip, joint for image and maps) runs on the square as it runs
+on the original.
 
 Layout: ``PACKED/cfmae-packed.json`` (format, sizes, classes, shards, what was skipped),
 ``shard-NNNNN.jpg.bin`` + ``shard-NNNNN.offsets.npy`` (int64, count+1), ``shard-NNNNN.instance.npy`` (uint8, or

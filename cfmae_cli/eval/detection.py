@@ -1,11 +1,12 @@
 """Detection and instance segmentation transfer (the paper's Table 2): torchvision's Mask R-CNN on the ViT
 encoder with ViTDet's simple feature pyramid, box and mask AP (pycocotools) every epoch — a task of the engine.
 
-Backbone: the encoder's last block (before the final norm, as in ViTDet) as a (B, D, S/p, S/p) map → strides p/4, p/2, p, 2p (transposed
-convolutions, identity, max-pool), each to 256 channels by a 1x1 and a 3x3 convolution with LayerNorm, and a
-4p level for the RPN. The encoder's position table is fixed for ``data.img_size``, so every batch is padded
-to img_size x img_size (ViTDet pads to 1024); images are resized by Mask R-CNN's own transform first
-(``data.min_size`` short side, at most ``data.max_size``). Global attention in every block (ViTDet's
+Backbone: the encoder's last block (before the final norm, as in ViTDet) as a (B, D, S/p, S/p) map → strides
+p/4, p/2, p, 2p (transposed convolutions, identity, max-pool), each to 256 channels by a 1x1 and a 3x3
+convolution with LayerNorm, and a 4p level for the RPN. The encoder's position table has the grid of
+``data.img_size`` (the pre-trained one resized to it), so every batch is padded to img_size x img_size
+(ViTDet pads to 1024); images are resized by Mask R-CNN's own transform first (``data.min_size`` short side,
+at most ``data.max_size``). Global attention in every block (ViTDet's
 windowed attention is not used).
 """
 
