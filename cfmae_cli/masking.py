@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from cfmae_cli.config import MaskingConfig
-from cfmae_cli.data.layout import UNLABELLED
 from cfmae_cli.errors import ConfigError
+from cfmae_cli.formats import UNLABELLED
 
 
 def largest_remainder(weights: Tensor, total: Tensor) -> Tensor:

@@ -12,7 +12,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from cfmae_cli.data import demo, layout
+from cfmae_cli.data import layout
+from cfmae_cli.labeling import demo
 from cfmae_cli.labeling.classical import SEMANTIC_CLASSES, ClassicalLabeller, classify_colours
 
 

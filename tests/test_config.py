@@ -70,7 +70,7 @@ def test_a_run_written_before_the_blend_resumes_with_the_score_mix(tmp_path: Pat
     with the literal score mix (a fixed position table): resuming it keeps that, and is not refused."""
     from cfmae_cli.cli.training import resumed_config
     from cfmae_cli.eval.config import FinetuneConfig
-    from cfmae_cli.train.checkpoint import save_checkpoint
+    from cfmae_cli.checkpoints import save_checkpoint
 
     old = load_config("demo").model_dump(mode="json")
     del old["masking"]["mix"]

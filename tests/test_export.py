@@ -11,10 +11,10 @@ import timm
 import torch
 from typer.testing import CliRunner
 
+from cfmae_cli.checkpoints import save_checkpoint
 from cfmae_cli.cli import app
 from cfmae_cli.model import CFMAE
 from cfmae_cli.model.convert import detect_format, to_cfmae
-from cfmae_cli.train.checkpoint import save_checkpoint
 from tests.conftest import TINY_OVERRIDES, tiny_config
 
 runner = CliRunner()

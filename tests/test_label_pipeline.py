@@ -17,9 +17,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cfmae_cli.cli import app
-from cfmae_cli.data.demo import DEMO_PHOTOS, load_photo
 from cfmae_cli.data.layout import list_samples, read_manifest
 from cfmae_cli.labeling.classical import SEMANTIC_CLASSES
+from cfmae_cli.labeling.demo import DEMO_PHOTOS, load_photo
 from tests.conftest import TINY_OVERRIDES
 
 runner = CliRunner()

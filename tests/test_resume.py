@@ -15,9 +15,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cfmae_cli import checkpoints as ckpt_mod
+from cfmae_cli.checkpoints import CheckpointWriteError, save_checkpoint
 from cfmae_cli.cli import app
-from cfmae_cli.train import checkpoint as ckpt_mod
-from cfmae_cli.train.checkpoint import CheckpointWriteError, save_checkpoint
 from tests.conftest import make_dataset
 from tests.test_distributed import ROOT, cli, sets, steps
 

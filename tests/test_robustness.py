@@ -15,6 +15,7 @@ from skimage import data as skdata
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
+from cfmae_cli.checkpoints import save_checkpoint
 from cfmae_cli.cli import app
 from cfmae_cli.eval.classifier import ViTClassifier
 from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
@@ -22,7 +23,6 @@ from cfmae_cli.eval.models import EvalModel
 from cfmae_cli.eval.robustness import (CORRUPTIONS, SEVERITIES, alexnet_errors, evaluate_suite, find_splits,
                                        imagenet_synsets, subset_columns)
 from cfmae_cli.train import distributed
-from cfmae_cli.train.checkpoint import save_checkpoint
 
 runner = CliRunner()
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

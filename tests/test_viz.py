@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from cfmae_cli.checkpoints import save_checkpoint
 from cfmae_cli.cli import app
-from cfmae_cli.data.demo import load_photo
+from cfmae_cli.labeling.demo import load_photo
 from cfmae_cli.model import CFMAE
 from cfmae_cli.model.losses import normalise_patches, patchify_rgb
-from cfmae_cli.train.checkpoint import save_checkpoint
 from cfmae_cli.viz.attention import encoder_attention, keep_mass, rollout
 from cfmae_cli.viz.recon import rgb_prediction
 from tests.conftest import TINY_OVERRIDES, tiny_config

@@ -15,8 +15,8 @@ from rich.table import Table
 from cfmae_cli.bench import Rig, count_flops, peak_tflops, time_data, time_masks, time_step
 from cfmae_cli.cli.common import console, guarded
 from cfmae_cli.config import load_config
-from cfmae_cli.data.layout import atomic_write_text
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.formats import atomic_write_text
 
 WHAT = ("step", "masks", "data", "all")
 

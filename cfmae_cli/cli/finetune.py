@@ -8,13 +8,13 @@ from typing import Any, Optional
 
 import typer
 
+from cfmae_cli.checkpoints import checkpoint_path
 from cfmae_cli.cli.common import guarded
 from cfmae_cli.cli.training import dispatch, resumed_config, run_overrides
 from cfmae_cli.config import load_config
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.eval.config import FinetuneConfig
 from cfmae_cli.eval.finetune import finetune as run
-from cfmae_cli.train.checkpoint import checkpoint_path
 
 
 @guarded

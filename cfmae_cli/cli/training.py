@@ -11,13 +11,13 @@ from typing import Any, Callable, Optional
 import torch
 import typer
 
+from cfmae_cli.checkpoints import checkpoint_path, load_checkpoint
 from cfmae_cli.cli.common import console, is_terminal
 from cfmae_cli.cli.progress import TrainingView
 from cfmae_cli.config import (RESUMABLE_CHANGES, Config, config_diff, config_from_dict, deep_merge, dump_config,
                               load_config, parse_override, with_legacy_defaults)
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.train import distributed
-from cfmae_cli.train.checkpoint import checkpoint_path, load_checkpoint
 from cfmae_cli.train.engine import TrainingDiverged
 from cfmae_cli.train.faults import Preempted
 from cfmae_cli.train.rundir import new_run_dir

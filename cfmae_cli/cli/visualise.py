@@ -11,10 +11,22 @@ import torch
 import typer
 
 from cfmae_cli.cli.common import console, guarded
-from cfmae_cli.data.layout import UNLABELLED, atomic_write_text
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.viz.inference import (Pretrained, errors, image_maps, input_masks, load_image, load_pretrained,
+from cfmae_cli.formats import atomic_write_text, UNLABELLED
+from cfmae_cli.viz.inference import (Pretrained, dataset_maps, errors, input_masks, load_image, load_pretrained,
                                      prepare)
+
+
+def image_maps(path: Path, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    """Maps from the image's dataset folder, else from the classical labeller: (instance, semantic, class
+    names, where they came from)."""
+    found = dataset_maps(path)
+    if found is not None:
+        return (*found, "dataset")
+    from cfmae_cli.labeling.classical import SEMANTIC_CLASSES, ClassicalLabeller
+
+    instance, semantic = ClassicalLabeller().label(image)
+    return instance.astype(np.int64), semantic.astype(np.int64), list(SEMANTIC_CLASSES), "classical labeller"
 
 
 def _device(name: str) -> torch.device:

@@ -17,8 +17,9 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from cfmae_cli.data.layout import UNLABELLED, Sample
+from cfmae_cli.data.layout import Sample
 from cfmae_cli.data.transforms import JointTransform
+from cfmae_cli.formats import UNLABELLED
 from cfmae_cli.seeding import sample_rng
 
 

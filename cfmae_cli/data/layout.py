@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,10 @@ import numpy as np
 from PIL import Image
 
 from cfmae_cli.errors import DataError
+from cfmae_cli.formats import (DATASET_FORMAT_VERSION, IMAGE_EXTENSIONS, MANIFEST_NAME, UNLABELLED, atomic_write,
+                               atomic_write_text)
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read once, at import (os.umask is process-wide and not thread-safe)
-FILE_MODE = 0o666 & ~_UMASK  # temporary files are 0600; what we publish gets the usual mode
-MANIFEST_NAME = "cfmae-dataset.json"
-FORMAT_VERSION = 1
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAP_MODALITIES = ("instance", "semantic")
-UNLABELLED = 255
 
 
 @dataclass(frozen=True)
@@ -49,7 +43,7 @@ def write_manifest(root: str | Path, semantic_classes: list[str], labelling: dic
     """Write ``cfmae-dataset.json`` atomically. ``labelling`` says how the maps were made."""
     root = Path(root)
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format_version": DATASET_FORMAT_VERSION,
         "semantic_classes": list(semantic_classes),
         "num_semantic_classes": len(semantic_classes),
         "instance_dtype": instance_dtype,
@@ -81,8 +75,8 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     if count != len(classes):
         raise DataError(f"{path}: num_semantic_classes is {count} but semantic_classes lists {len(classes)} names.")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise DataError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION}).")
+    if version != DATASET_FORMAT_VERSION:
+        raise DataError(f"{path}: format_version {version!r} is not supported (expected {DATASET_FORMAT_VERSION}).")
     return manifest
 
 
@@ -162,27 +156,25 @@ def _atomic_save_image(image: Image.Image, path: Path, **params: Any) -> None:
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
     if fmt != "JPEG":
         params.pop("quality", None)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format=fmt, **params)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: image.save(fh, format=fmt, **params), binary=True)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file through a temporary file and a rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+COPYABLE_MODES = {"RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr", "1"}  # PIL's convert("RGB") reads these
+
+
+def read_image(path: Path) -> tuple[np.ndarray, bool]:
+    """→ (H×W×3 uint8 RGB, converted). ``converted`` is True for modes that a plain RGB reader would
+    misread (16-bit and float images): those are written to the dataset as 8-bit PNG."""
+    with Image.open(path) as im:
+        im.load()  # a truncated file fails here
+        if im.mode in COPYABLE_MODES:
+            return np.asarray(im.convert("RGB")), False
+        arr = np.asarray(im).astype(np.float64)
+    if arr.ndim == 3:
+        arr = arr[..., :3]
+    top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+    if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:  # float images: stretch to the range
+        arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-12) * 255.0
+        top = 255.0
+    arr = np.clip(np.round(arr * 255.0 / top), 0, 255).astype(np.uint8)
+    return (np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr), True

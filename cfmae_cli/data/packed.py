@@ -27,10 +27,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from cfmae_cli.data.dataset import SeededDataset, Skipped, make_item
-from cfmae_cli.data.layout import UNLABELLED, Sample, atomic_write_text, list_samples, read_manifest
+from cfmae_cli.data.layout import list_samples, read_manifest, Sample
 from cfmae_cli.data.maps import resample_map
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import DataError
+from cfmae_cli.formats import atomic_write_text, UNLABELLED
 
 MANIFEST = "cfmae-packed.json"
 FORMAT, VERSION = "cfmae-packed", 1

@@ -14,8 +14,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from cfmae_cli.data.layout import UNLABELLED
 from cfmae_cli.data.maps import resample_map
+from cfmae_cli.formats import UNLABELLED
 
 
 def canonical_instance_ids(ids: Tensor, num_ids: int) -> Tensor:

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
-from cfmae_cli.model.encoder import ViTEncoder
 from cfmae_cli.model.convert import fit_position_table
+from cfmae_cli.model.encoder import ViTEncoder
 from cfmae_cli.model.layers import MapAdapter, embed_tokens, init_weights
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu"
     """A ``cfmae finetune`` checkpoint (file or run folder) as an eval-mode classifier, its config and its
     class names."""
     from cfmae_cli.config import stored_config
-    from cfmae_cli.train.checkpoint import checkpoint_path, load_checkpoint
+    from cfmae_cli.checkpoints import checkpoint_path, load_checkpoint
 
     file = checkpoint_path(path)
     ckpt = load_checkpoint(file)

@@ -34,7 +34,7 @@ from cfmae_cli.eval.coco import CocoDetection, coco_ap, coco_from_layout, coco_r
 from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
 from cfmae_cli.eval.data import find_splits
 from cfmae_cli.eval.evaluate import shard_loader
-from cfmae_cli.eval.finetune import FinetuneTask
+from cfmae_cli.eval.task import FinetuneTask
 from cfmae_cli.model.encoder import ViTEncoder
 from cfmae_cli.train import distributed
 from cfmae_cli.train.engine import StepContext

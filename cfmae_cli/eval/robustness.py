@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from cfmae_cli.data.dataset import Skipped, collate
-from cfmae_cli.data.layout import IMAGE_EXTENSIONS
 from cfmae_cli.errors import DataError
+from cfmae_cli.formats import IMAGE_EXTENSIONS
 from cfmae_cli.train import distributed
 
 log = logging.getLogger(__name__)
@@ -346,7 +346,7 @@ def run_robustness(checkpoint: str | None, model_name: str | None, root: Path, d
 
 
 def _write_results(run_dir: Path, results: dict[str, Any], bad: list[Skipped]) -> None:
-    from cfmae_cli.data.layout import atomic_write_text
+    from cfmae_cli.formats import atomic_write_text
 
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(run_dir / "results.csv", "dataset,metric,value\n" + "".join(

@@ -19,14 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cfmae_cli.data.dataset import MultiGranularDataset
-from cfmae_cli.data.layout import UNLABELLED, Sample, read_manifest
+from cfmae_cli.data.layout import read_manifest, Sample
 from cfmae_cli.data.transforms import JointTransform, normalize_on_device
 from cfmae_cli.errors import DataError
 from cfmae_cli.eval.classifier import load_encoder_weights
 from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
 from cfmae_cli.eval.data import find_splits
 from cfmae_cli.eval.evaluate import shard_loader
-from cfmae_cli.eval.finetune import FinetuneTask
+from cfmae_cli.eval.task import FinetuneTask
+from cfmae_cli.formats import UNLABELLED
 from cfmae_cli.model.encoder import ViTEncoder
 from cfmae_cli.model.layers import init_weights
 from cfmae_cli.train import distributed

@@ -22,19 +22,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from cfmae_cli import __version__
-from cfmae_cli.data.layout import (IMAGE_EXTENSIONS, MANIFEST_NAME, atomic_write_text, map_path, save_map, save_rgb,
-                                   write_manifest)
+from cfmae_cli.data.layout import map_path, read_image, save_map, save_rgb, write_manifest
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.formats import atomic_write_text, IMAGE_EXTENSIONS, MANIFEST_NAME
 from cfmae_cli.labeling.base import InstanceBackend, SemanticBackend, label_batch
 
 log = logging.getLogger(__name__)
 ERRORS_NAME = "label-errors.jsonl"
 FLAT = "_flat"  # sidecar name for images without a class folder
-COPYABLE_MODES = {"RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr", "1"}  # PIL's convert("RGB") reads these
 
 
 @dataclass(frozen=True)
@@ -75,24 +73,6 @@ def list_sources(src: Path, limit: int | None = None) -> tuple[list[SourceImage]
     if not images:
         raise CfmaeError(f"{src}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}).")
     return images[:limit] if limit else images, problems
-
-
-def read_image(path: Path) -> tuple[np.ndarray, bool]:
-    """→ (H×W×3 uint8 RGB, converted). ``converted`` is True for modes that a plain RGB reader would
-    misread (16-bit and float images): those are written to the dataset as 8-bit PNG."""
-    with Image.open(path) as im:
-        im.load()  # a truncated file fails here
-        if im.mode in COPYABLE_MODES:
-            return np.asarray(im.convert("RGB")), False
-        arr = np.asarray(im).astype(np.float64)
-    if arr.ndim == 3:
-        arr = arr[..., :3]
-    top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-    if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:  # float images: stretch to the range
-        arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-12) * 255.0
-        top = 255.0
-    arr = np.clip(np.round(arr * 255.0 / top), 0, 255).astype(np.uint8)
-    return (np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr), True
 
 
 class _Sources(Dataset):

@@ -108,7 +108,7 @@ def timm_config(cfg: Config, source: str) -> dict[str, Any]:
 
 def read_file(path: Path) -> tuple[Path, dict[str, Any]]:
     """(the file, its top-level dict) of a checkpoint, a run folder or a state-dict file; clear errors."""
-    from cfmae_cli.train.checkpoint import checkpoint_path
+    from cfmae_cli.checkpoints import checkpoint_path
 
     path = checkpoint_path(path)
     if not path.is_file():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import Mlp
 
-from cfmae_cli.data.layout import UNLABELLED
+from cfmae_cli.formats import UNLABELLED
 
 
 def sincos_pos_embed(dim: int, grid: int) -> Tensor:

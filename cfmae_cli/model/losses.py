@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cfmae_cli.data.layout import UNLABELLED
+from cfmae_cli.formats import UNLABELLED
 
 
 def patchify_rgb(images: Tensor, patch: int) -> Tensor:

@@ -26,13 +26,13 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from cfmae_cli.checkpoints import (checkpoint_path, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint,
+                                   set_rng_state)
 from cfmae_cli.config import dump_config
 from cfmae_cli.data.dataset import Skipped, collate
 from cfmae_cli.errors import CfmaeError, DataError
 from cfmae_cli.seeding import mix_seed
 from cfmae_cli.train import distributed
-from cfmae_cli.train.checkpoint import (checkpoint_path, load_checkpoint, prune_checkpoints, rng_state,
-                                        save_checkpoint, set_rng_state)
 from cfmae_cli.train.faults import Preempted, StopRequest, ignore_stop_signals
 from cfmae_cli.train.optim import lr_at
 from cfmae_cli.train.plots import plot_losses

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cfmae_cli.data.layout import atomic_write_text
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.formats import atomic_write_text
 
 
 def new_run_dir(command: str, name: str, out: str | Path | None = None, base: str | Path = "runs") -> Path:

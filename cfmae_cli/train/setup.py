@@ -31,7 +31,7 @@ def dataset_root(cfg: Config) -> Path:
     """The configured data folder, or the built-in demo data (built and cached on first use)."""
     if cfg.data.root is not None:
         return Path(cfg.data.root)
-    from cfmae_cli.data.demo import build_demo_dataset, default_demo_root
+    from cfmae_cli.labeling.demo import build_demo_dataset, default_demo_root
 
     root = build_demo_dataset(default_demo_root(), crops_per_photo=cfg.data.demo_crops_per_photo,
                               size=cfg.data.demo_size, seed=0)

@@ -14,25 +14,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cfmae_cli.checkpoints import checkpoint_path, load_checkpoint, newest_checkpoint
 from cfmae_cli.config import Config, stored_config
-from cfmae_cli.data.layout import MANIFEST_NAME, UNLABELLED, map_path, read_manifest
+from cfmae_cli.data.layout import map_path, read_image, read_manifest
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.formats import MANIFEST_NAME, UNLABELLED
 from cfmae_cli.masking import MaskGenerator, schedule
 from cfmae_cli.model import CFMAE
-from cfmae_cli.train.checkpoint import checkpoint_path, load_checkpoint
 
 log = logging.getLogger(__name__)
 STRATEGIES = {"random": (0.0, 0.0), "instance": (1.0, 0.0), "semantic": (0.0, 1.0)}
-
-
-def newest_checkpoint(base: Path = Path("runs/pretrain")) -> Path:
-    """The newest ``runs/pretrain/*/checkpoints/last.pt``; exit 2 with a hint when there is none."""
-    found = sorted(base.glob("*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise CfmaeError(f"no pre-training run under {base}/ (looked for */checkpoints/last.pt). Run "
-                         f"`cfmae pretrain` first, or pass --checkpoint CKPT|RUN.")
-    return found[-1]
 
 
 @dataclass
@@ -66,8 +58,6 @@ def load_image(path: Path, size: int) -> tuple[np.ndarray, list[str]]:
     """H×W×3 uint8 and notes for the user (conversions, resizing); unreadable → exit 2 naming the file."""
     from PIL import Image
 
-    from cfmae_cli.labeling.pipeline import read_image
-
     try:
         with Image.open(path) as im:
             mode = im.mode
@@ -97,18 +87,6 @@ def dataset_maps(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
                 maps = [np.asarray(Image.open(f)).astype(np.int64) for f in files]
                 return maps[0], maps[1], read_manifest(root)["semantic_classes"]
     return None
-
-
-def image_maps(path: Path, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str], str]:
-    """Maps from the image's dataset folder, else from the classical labeller: (instance, semantic, class
-    names, where they came from)."""
-    found = dataset_maps(path)
-    if found is not None:
-        return (*found, "dataset")
-    from cfmae_cli.labeling.classical import SEMANTIC_CLASSES, ClassicalLabeller
-
-    instance, semantic = ClassicalLabeller().label(image)
-    return instance.astype(np.int64), semantic.astype(np.int64), list(SEMANTIC_CLASSES), "classical labeller"
 
 
 def prepare(net: Pretrained, images: list[np.ndarray], maps: list[tuple[np.ndarray, np.ndarray]],

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cfmae_cli.data.layout import UNLABELLED
+from cfmae_cli.formats import UNLABELLED
 from cfmae_cli.model.losses import patchify_map, patchify_rgb, unpatchify_rgb
 from cfmae_cli.viz.grid import fit, save_image_grid
 

@@ -1,18 +1,18 @@
-"""Checkpoints (DESIGN §5.2): plain data that loads with ``torch.load(weights_only=True)``, written atomically."""
+"""Checkpoint files (DESIGN §5.2): plain data that loads with ``torch.load(weights_only=True)``, written
+atomically; where a run keeps them; the RNG states they carry. Below the model and training layers, so that
+both read and write checkpoints without importing each other."""
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cfmae_cli.data.layout import FILE_MODE
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.formats import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -46,41 +46,16 @@ def _as_tuple(x: Any) -> Any:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` (plus the format version) to a temporary file in the same folder, then rename it
-    over ``path``: a crash or a full disk never leaves a broken checkpoint behind."""
+    """Write ``state`` (plus the format version) to a temporary file in the same folder, fsync it, then rename
+    it over ``path``: a crash, a power loss or a full disk never leaves a broken checkpoint behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
+        return atomic_write(path, lambda fh: torch.save({"format_version": FORMAT_VERSION, **state}, fh),
+                            binary=True, durable=True)
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, CfmaeError):
+            raise
         raise CheckpointWriteError(path, exc) from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"format_version": FORMAT_VERSION, **state}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())  # on disk before it replaces the old file (power loss, node crash)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, CfmaeError):
-            raise CheckpointWriteError(path, exc) from None
-        raise
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class CheckpointWriteError(CfmaeError):
@@ -118,6 +93,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION or "model" not in ckpt:
         raise CfmaeError(f"{path}: not a cfmae checkpoint of format version {FORMAT_VERSION}.{_offer(path)}")
     return ckpt
+
+
+def newest_checkpoint(base: Path = Path("runs/pretrain")) -> Path:
+    """The newest ``runs/pretrain/*/checkpoints/last.pt``; exit 2 with a hint when there is none."""
+    found = sorted(base.glob("*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise CfmaeError(f"no pre-training run under {base}/ (looked for */checkpoints/last.pt). Run "
+                         f"`cfmae pretrain` first, or pass --checkpoint CKPT|RUN.")
+    return found[-1]
 
 
 def periodic_checkpoints(folder: Path) -> list[Path]:

@@ -1,0 +1,128 @@
+"""Image classification as a task of the engine: the paper's Table 8 recipe, a linear probe, or multi-granular
+input (the † setting).
+
+Mixup / cutmix from timm's ``Mixup`` (its parameters), ``cutmix_bbox_and_lam`` and ``mixup_target``; the
+loss is timm's ``SoftTargetCrossEntropy``. Every epoch ends with an evaluation on val/; ``best.pt`` follows
+the best top-1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from timm.data.mixup import Mixup, cutmix_bbox_and_lam, mixup_target
+from timm.loss import SoftTargetCrossEntropy
+from torch import Tensor, nn
+
+from cfmae_cli.errors import DataError
+from cfmae_cli.eval.classifier import ViTClassifier, load_encoder_weights
+from cfmae_cli.eval.config import AugConfig, FinetuneConfig
+from cfmae_cli.eval.data import build_datasets
+from cfmae_cli.eval.evaluate import evaluate, shard_loader
+from cfmae_cli.eval.task import FinetuneTask
+from cfmae_cli.seeding import seeded
+from cfmae_cli.train import distributed
+from cfmae_cli.train.engine import StepContext
+
+
+class Mixer:
+    """Mixup / CutMix of a batch with soft targets (label smoothing included), drawn from ``seed``.
+
+    With maps as input (multi-granular fine-tuning) a CutMix box is pasted into the maps too (at their
+    stride), and under mixup each map comes whole from the image with the larger weight.
+    """
+
+    def __init__(self, aug: AugConfig, num_classes: int, map_stride: int):
+        self.num_classes, self.smoothing, self.stride = num_classes, aug.label_smoothing, map_stride
+        self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mix_prob,
+                           switch_prob=aug.switch_prob, mode="batch", label_smoothing=aug.label_smoothing,
+                           num_classes=num_classes) if aug.mixup > 0 or aug.cutmix > 0 else None
+
+    def __call__(self, inputs: dict[str, Tensor], labels: Tensor, seed: int) -> tuple[dict[str, Tensor], Tensor]:
+        lam, box = 1.0, None
+        if self.mixup is not None:
+            with seeded(seed):
+                lam, use_cutmix = self.mixup._params_per_batch()
+                if use_cutmix and lam != 1.0:
+                    box, lam = cutmix_bbox_and_lam(inputs["rgb"].shape, lam, ratio_minmax=self.mixup.cutmix_minmax,
+                                                   correct_lam=self.mixup.correct_lam)
+        if lam != 1.0 or box is not None:
+            inputs = {name: self.mix(name, x, lam, box) for name, x in inputs.items()}
+        return inputs, mixup_target(labels, self.num_classes, lam, self.smoothing)
+
+    def mix(self, name: str, x: Tensor, lam: float, box: tuple[int, int, int, int] | None) -> Tensor:
+        other = x.flip(0)
+        if box is not None:
+            s = 1 if name == "rgb" else self.stride
+            yl, yh, xl, xh = (v // s for v in box)
+            x = x.clone()
+            x[..., yl:yh, xl:xh] = other[..., yl:yh, xl:xh]
+            return x
+        if name == "rgb":
+            return x * lam + other * (1.0 - lam)
+        return x if lam >= 0.5 else other
+
+
+class ClassificationTask(FinetuneTask):
+    """Fine-tuning or linear probing of an image classifier; val top-1 / top-5 every epoch."""
+
+    def __init__(self, cfg: FinetuneConfig, info: distributed.DistInfo, state: dict[str, Tensor] | None,
+                 source: str):
+        arch = self.setup(cfg, info, source)
+        data = build_datasets(cfg, arch, self.root)
+        self.dataset, self.val_dataset, self.classes = data["train"], data["val"], data["classes"]
+        c_sem = data["num_semantic_classes"]
+        if state is not None and "semantic" in cfg.data.modalities and "adapters.semantic.embed.weight" in state:
+            had = state["adapters.semantic.embed.weight"].shape[0] - 1
+            if had != c_sem:
+                raise DataError(f"{self.root}: its manifest has {c_sem} semantic classes, the checkpoint was "
+                                f"pre-trained with {had}; fine-tune on data labelled with the same classes.")
+        self.modalities = list(cfg.data.modalities)
+        torch.manual_seed(cfg.train.seed)  # the same initial head on every rank
+        self.model = ViTClassifier(arch, cfg.data.img_size, len(self.classes), self.modalities, c_sem,
+                                   cfg.model.global_pool, cfg.model.drop_path, cfg.mode == "linear",
+                                   cfg.model.head_init_std, cfg.model.train_pos_embed)
+        if state is not None:
+            load_encoder_weights(self.model, state, source)
+        self.model.to(self.device)
+        self.mixer = Mixer(cfg.aug, len(self.classes), arch.map_stride)
+        self.criterion = SoftTargetCrossEntropy()
+        self.names = ["loss"]
+        self.bf16 = self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+        self.val_loader = shard_loader(self.val_dataset, cfg.train.batch_size, cfg.data.num_workers, info)
+        self.best: dict[str, Any] = {"top1": -math.inf, "top5": -math.inf, "epoch": 0}
+        self.improved = False
+
+    def forward(self, net: nn.Module, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, Tensor]:
+        inputs, target = self.mixer({m: batch[m] for m in self.modalities}, batch["label"], ctx.seed)
+        loss = self.criterion(net(inputs).float(), target)
+        return loss, loss.detach().reshape(1)
+
+    def end_epoch(self, done: int, summary: dict[str, Any]) -> dict[str, Any]:
+        metrics, skipped = evaluate(self.model, self.val_loader, self.info, self.bf16)
+        bad = sum(distributed.gather(len(skipped), self.info))
+        if metrics["val_images"] == 0:
+            raise DataError(f"{self.root}: no image of the val split could be read.")
+        self.improved = metrics["top1"] > self.best["top1"]
+        if self.improved:
+            self.best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": done}
+        return {**metrics, "val_skipped": bad, "best_top1": self.best["top1"], "best_epoch": self.best["epoch"]}
+
+    def summary_line(self, summary: dict[str, Any]) -> str:
+        return (f"val top-1 {summary['top1']:.2f} top-5 {summary['top5']:.2f} (best {summary['best_top1']:.2f} "
+                f"at epoch {summary['best_epoch']}) ")
+
+    def describe(self, plan: dict[str, Any]) -> list[str]:
+        cfg, arch = self.cfg, self.cfg.model.encoder
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return [f"data {self.root}: {len(self.classes)} classes; {len(self.dataset)} train / "
+                f"{len(self.val_dataset)} val images; input {' + '.join(self.modalities)}",
+                f"model: ViT patch {arch.patch_size}, dim {arch.embed_dim}, depth {arch.depth}, {arch.num_heads} "
+                f"heads; {cfg.model.global_pool} pooling; {cfg.mode} ({trainable:,} trainable parameters); "
+                f"initial weights: {self.source}",
+                f"{self.recipe()}, mixup {cfg.aug.mixup}, cutmix {cfg.aug.cutmix}, label smoothing "
+                f"{cfg.aug.label_smoothing}, "
+                + (f"RandAugment {cfg.aug.auto_augment}, random erasing {cfg.aug.reprob}" if self.modalities == ["rgb"]
+                   else "joint crop + flip of image and maps (no RandAugment, no erasing)")]

@@ -1,0 +1,71 @@
+"""What the three kinds of fine-tuning share, over the engine's :class:`~cfmae_cli.train.engine.Task`: config,
+process and data folder, the layer-wise decay optimizer, the recipe line, and the best-checkpoint bookkeeping.
+
+Layer-wise lr decay and weight decay come from timm's ``param_groups_layer_decay`` (the engine applies each
+group's ``lr_scale``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.optim import Lars, param_groups_layer_decay
+from torch import nn
+
+from cfmae_cli.eval.config import EncoderArch, FinetuneConfig, FtOptimConfig
+from cfmae_cli.train import distributed
+from cfmae_cli.train.engine import Task
+from cfmae_cli.train.setup import dataset_root
+
+
+def layer_decay_groups(model: nn.Module, optim: FtOptimConfig) -> list[dict[str, Any]]:
+    """timm's layer-wise decay groups over the trainable parameters: ``lr_scale`` = decay^(depth+1-layer) with
+    the patch embedding, tokens and map adapters at layer 0, block i at i+1, the norms and head at depth+1
+    (scale 1); no weight decay on biases, norms and tokens."""
+    return param_groups_layer_decay(model, weight_decay=optim.weight_decay,
+                                    no_weight_decay_list=model.no_weight_decay(), layer_decay=optim.layer_decay)
+
+
+class FinetuneTask(Task):
+    """The base of the classification, segmentation and detection tasks. A subclass calls :meth:`setup`
+    first in its ``__init__``, builds its data and model, and sets ``best`` (its best validation numbers)."""
+
+    command = "finetune"
+    improved = False
+    best: dict[str, Any]
+    classes: list[str]
+
+    def setup(self, cfg: FinetuneConfig, info: distributed.DistInfo, source: str) -> EncoderArch:
+        """What every fine-tuning task starts with: config, process, threads, the data folder (rank 0's
+        choice); returns the encoder's architecture."""
+        self.cfg, self.info, self.device, self.source = cfg, info, info.device, source
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        assert cfg.model.encoder is not None, "initial_weights() fills model.encoder"
+        self.root = Path(distributed.broadcast(str(dataset_root(cfg)) if info.is_main else None, info))
+        return cfg.model.encoder
+
+    def build_optimizer(self, lr: float, device: torch.device) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        groups = layer_decay_groups(self.model, o)
+        if o.name == "lars":
+            return Lars(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), fused=device.type == "cuda")
+
+    def extra_checkpoints(self, summary: dict[str, Any]) -> list[str]:
+        return ["best.pt"] if self.improved else []
+
+    def recipe(self) -> str:
+        """The optimizer line of :meth:`describe`, shared by the three kinds of fine-tuning."""
+        o = self.cfg.optim
+        return (f"recipe: {o.name}, {o.schedule} schedule, layer decay {o.layer_decay}, weight decay "
+                f"{o.weight_decay}, drop path {self.cfg.model.drop_path}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"task": "finetune", "kind": self.cfg.kind, "classes": self.classes, "best": self.best,
+                "init": self.source}
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self.best = dict(ckpt.get("best", self.best))
