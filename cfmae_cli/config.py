@@ -112,6 +112,23 @@ class ModelConfig(_Strict):
         return self
 
 
+class EncoderArch(_Strict):
+    """The encoder's architecture (a pre-training config's model section, without the decoder)."""
+
+    patch_size: int = Field(16, ge=1)
+    embed_dim: int = Field(768, ge=8)
+    depth: int = Field(12, ge=1)
+    num_heads: int = Field(12, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    map_stride: int = Field(4, ge=1)
+    map_embed_dim: int = Field(64, ge=1)
+    num_instance_ids: int = Field(16, ge=2, le=255)
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> "EncoderArch":
+        return cls(**{k: getattr(model, k) for k in cls.model_fields})
+
+
 class MaskingConfig(_Strict):
     num_visible: int = Field(98, ge=1, description="visible tokens over all modalities (588/6 for ViT-B)")
     dirichlet_alpha: float = Field(1.0, gt=0, description="concentration of the per-modality budget draw")

@@ -13,11 +13,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cfmae_cli.cli import app
-from cfmae_cli.config import load_config
+from cfmae_cli.config import EncoderArch, load_config
 from cfmae_cli.data.layout import list_samples
 from cfmae_cli.errors import DataError
 from cfmae_cli.eval.coco import CocoDetection, coco_ap, coco_from_layout, read_coco
-from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
+from cfmae_cli.eval.config import FinetuneConfig
 from cfmae_cli.eval.detection import FixedSizeTransform, ViTDetBackbone, ViTMaskRCNN
 from tests.conftest import SEM_CLASSES, make_dataset
 from tests.test_export import _ours
@@ -99,7 +99,7 @@ def test_mask_rcnn_finetuning_on_the_dataset_layout(tmp_path: Path) -> None:
     sets = ["data.img_size=48", "data.min_size=[40]", "data.max_size=48", "data.num_workers=0",
             "optim.effective_batch=2", "train.batch_size=2", "train.epochs=1", "train.log_every=1",
             "model.fpn_channels=16", "model.rois_per_image=16", "model.detections_per_image=10",
-            "model.anchor_sizes=[4,8,16,32,64]", "optim.milestones=[]"]
+            "model.anchor_sizes=[4,8,16,32,64]", "optim.milestones=[]", "data.min_instance_area=0.0"]
     result = runner.invoke(app, ["finetune", "--task", "detection", "--checkpoint", str(ckpt), "--data",
                                  str(tmp_path / "data"), "--out", str(out), *[x for s in sets for x in ("--set", s)]])
     assert result.exit_code == 0, result.output

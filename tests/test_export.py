@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from cfmae_cli.checkpoints import save_checkpoint
 from cfmae_cli.cli import app
+from cfmae_cli.config import load_config
 from cfmae_cli.model import CFMAE
 from cfmae_cli.model.convert import detect_format, to_cfmae
 from tests.conftest import TINY_OVERRIDES, tiny_config
@@ -47,6 +48,29 @@ def test_exported_encoder_gives_the_same_features_in_timm(tmp_path: Path) -> Non
     with torch.no_grad():
         theirs = timm_model.forward_features(x)
     assert (ours - theirs).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("size, name", [(["model.embed_dim=384", "model.depth=12", "model.num_heads=6",
+                                           "model.patch_size=16", "model.map_stride=4", "data.img_size=64",
+                                           "masking.num_visible=8"],
+                                          "vit_small_patch16_224"),
+                                         ([], "vit_tiny_patch16_224")])
+def test_export_names_the_timm_architecture_of_its_size(size: list[str], name: str, tmp_path: Path) -> None:
+    """A ViT-S-sized encoder is exported as timm's vit_small_patch16_224; the demo's width 128 (no standard
+    size) as the nearest, tiny; timm builds either from the name and model_args and loads it strictly."""
+    cfg = load_config("demo", size)
+    model = CFMAE(cfg, 3)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": cfg.model_dump(mode="json"),
+                           "semantic_classes": ["a", "b", "c"]})
+    result = runner.invoke(app, ["export", str(path), "--out", str(tmp_path / "export")])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "export/config.json").read_text())
+    assert config["architecture"] == name and f"timm.create_model('{name}'" in result.output
+    timm_model = timm.create_model(config["architecture"], pretrained=True, num_classes=0,
+                                   pretrained_cfg_overlay=dict(file=str(tmp_path / "export/model.safetensors")),
+                                   **config["model_args"])
+    assert timm_model.embed_dim == cfg.model.embed_dim and len(timm_model.blocks) == cfg.model.depth
 
 
 def _mae_state(model: CFMAE) -> dict[str, torch.Tensor]:
@@ -109,7 +133,8 @@ def multimae_patch_tokens(state: dict[str, torch.Tensor], x: torch.Tensor, depth
 def test_multimae_weights_keep_the_positions_they_were_trained_with() -> None:
     """A MultiMAE encoder loaded as the initial weights of a classifier computes MultiMAE's patch features:
     MultiMAE's sin-cos halves are in the other order than ours (row first), so its own table must come along."""
-    from cfmae_cli.eval.classifier import ViTClassifier, arch_from_state, load_encoder_weights
+    from cfmae_cli.eval.classifier import ViTClassifier, load_encoder_weights
+    from cfmae_cli.model.weights import arch_from_state
 
     state = _multimae_state()
     assert detect_format(state) == "multimae"

@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 
 from cfmae_cli.checkpoints import save_checkpoint
 from cfmae_cli.cli import app
+from cfmae_cli.config import EncoderArch
 from cfmae_cli.eval.classifier import ViTClassifier
-from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
+from cfmae_cli.eval.config import FinetuneConfig
 from cfmae_cli.eval.models import EvalModel
 from cfmae_cli.eval.robustness import (CORRUPTIONS, SEVERITIES, alexnet_errors, evaluate_suite, find_splits,
                                        imagenet_synsets, subset_columns)

@@ -15,8 +15,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cfmae_cli.cli import app
+from cfmae_cli.config import EncoderArch
 from cfmae_cli.errors import DataError
-from cfmae_cli.eval.config import EncoderArch, FinetuneConfig, FtOptimConfig
+from cfmae_cli.eval.config import FinetuneConfig, FtOptimConfig
 from cfmae_cli.eval.segmentation import ViTSegmenter, confusion, segmentation_datasets, segmentation_metrics
 from cfmae_cli.eval.task import layer_decay_groups
 from cfmae_cli.formats import UNLABELLED

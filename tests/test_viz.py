@@ -28,7 +28,7 @@ def test_fused_attention_weights_equal_the_explicit_softmax() -> None:
     blocks = model.encoder.blocks
     assert all(b.attn.fused_attn for b in blocks)  # SDPA stays on
     x = torch.randn(2, 9, model.encoder.cls_token.shape[-1])
-    ours = encoder_attention(blocks, x)
+    _, ours = encoder_attention(blocks, lambda: blocks(x))
     # explicit softmax(QK^T / sqrt(d)) from the block's own weights, layer by layer
     h = x
     for block, weights in zip(blocks, ours):

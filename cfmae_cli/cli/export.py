@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from cfmae_cli.cli.common import console, guarded
-from cfmae_cli.model.convert import export_timm
+from cfmae_cli.model.export import export_timm
 
 
 @guarded
@@ -28,6 +28,6 @@ def export(
     config = json.loads((folder / "config.json").read_text())
     console.print(f"wrote {folder / 'model.safetensors'} and {folder / 'config.json'}", highlight=False)
     classes = config["num_classes"]
-    console.print(f"timm.create_model('vit_base_patch16_224', pretrained=True, num_classes={classes}, "
+    console.print(f"timm.create_model('{config['architecture']}', pretrained=True, num_classes={classes}, "
                   f"pretrained_cfg_overlay=dict(file='{folder / 'model.safetensors'}', num_classes={classes}), "
                   f"**{config['model_args']})", highlight=False, markup=False)

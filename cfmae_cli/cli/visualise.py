@@ -159,12 +159,7 @@ def attention_map(
     for m in inputs:
         mask[:, names.index(m)] = False
     visible = n * len(inputs)
-    with torch.no_grad():
-        tokens = model.tokenize(batch)
-        keep = model.keep_indices(mask, visible)
-        x = tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        glob = (model.encoder.cls_token + model.encoder.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        layers = encoder_attention(model.encoder.blocks, torch.cat([glob, x], dim=1))
+    (_, keep), layers = encoder_attention(model.encoder.blocks, lambda: model.encode(batch, mask, visible))
     per_token = patch_maps(layers, method, layer)  # (B, H, V)
     per_patch = torch.zeros(*per_token.shape[:2], n, device=per_token.device)
     per_patch.scatter_add_(2, (keep % n).unsqueeze(1).expand_as(per_token), per_token)  # modalities summed

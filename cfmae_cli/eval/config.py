@@ -10,7 +10,7 @@ from typing import Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from cfmae_cli.config import ImageDataConfig, Modality, ModelConfig, RunConfig, _Strict
+from cfmae_cli.config import EncoderArch, ImageDataConfig, Modality, RunConfig, _Strict
 
 
 class FtDataConfig(ImageDataConfig):
@@ -52,23 +52,6 @@ class AugConfig(_Strict):
     mix_prob: float = Field(1.0, ge=0, le=1, description="probability of mixing a batch")
     switch_prob: float = Field(0.5, ge=0, le=1, description="probability of cutmix instead of mixup")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-
-
-class EncoderArch(_Strict):
-    """The encoder's architecture (a pre-training config's model section, without the decoder)."""
-
-    patch_size: int = Field(16, ge=1)
-    embed_dim: int = Field(768, ge=8)
-    depth: int = Field(12, ge=1)
-    num_heads: int = Field(12, ge=1)
-    mlp_ratio: float = Field(4.0, gt=0)
-    map_stride: int = Field(4, ge=1)
-    map_embed_dim: int = Field(64, ge=1)
-    num_instance_ids: int = Field(16, ge=2, le=255)
-
-    @classmethod
-    def of(cls, model: ModelConfig) -> "EncoderArch":
-        return cls(**{k: getattr(model, k) for k in cls.model_fields})
 
 
 class FtModelConfig(_Strict):

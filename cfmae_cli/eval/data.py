@@ -18,11 +18,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
 from torch.utils.data import Dataset
 
+from cfmae_cli.config import EncoderArch
 from cfmae_cli.data.dataset import MultiGranularDataset, Skipped
 from cfmae_cli.data.layout import list_samples, read_manifest, Sample
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import DataError
-from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
+from cfmae_cli.eval.config import FinetuneConfig
 from cfmae_cli.formats import IMAGE_EXTENSIONS
 from cfmae_cli.seeding import mix_seed, seeded
 

@@ -26,16 +26,17 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from cfmae_cli.config import EncoderArch
 from cfmae_cli.data.layout import read_manifest
 from cfmae_cli.data.maps import resample_map
 from cfmae_cli.errors import DataError
 from cfmae_cli.eval.classifier import load_encoder_weights
 from cfmae_cli.eval.coco import CocoDetection, coco_ap, coco_from_layout, coco_results, collate_detection, read_coco
-from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
+from cfmae_cli.eval.config import FinetuneConfig
 from cfmae_cli.eval.data import find_splits
 from cfmae_cli.eval.evaluate import shard_loader
 from cfmae_cli.eval.task import FinetuneTask
-from cfmae_cli.model.encoder import ViTEncoder
+from cfmae_cli.model.encoder import build_encoder
 from cfmae_cli.train import distributed
 from cfmae_cli.train.engine import StepContext
 
@@ -50,9 +51,7 @@ class ViTDetBackbone(nn.Module):
         super().__init__()
         d = arch.embed_dim
         self.img_size = img_size
-        self.encoder = ViTEncoder(img_size, arch.patch_size, arch.embed_dim, arch.depth, arch.num_heads,
-                                  arch.mlp_ratio, drop_path)
-        self.encoder.norm = nn.Identity()  # ViTDet reads the last block; the pyramid's LayerNorms follow
+        self.encoder = build_encoder(arch, img_size, drop_path, final_norm=False)  # ViTDet: the last block as is
         self.encoder.pos_embed.requires_grad_(train_pos_embed)
         self.scales = nn.ModuleList([
             nn.Sequential(nn.ConvTranspose2d(d, d // 2, 2, 2), LayerNorm2d(d // 2), nn.GELU(),
@@ -65,9 +64,7 @@ class ViTDetBackbone(nn.Module):
         self.out_channels = channels
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        enc, g = self.encoder, self.encoder.grid
-        tokens = enc(enc.patch_embed(x) + enc.patch_pos)[:, 1:]
-        top = tokens.transpose(1, 2).reshape(x.shape[0], -1, g, g)
+        top = self.encoder.block_maps(x, [len(self.encoder.blocks) - 1])[0]
         feats = OrderedDict((str(i), out(scale(top))) for i, (scale, out) in enumerate(zip(self.scales, self.outputs)))
         feats["pool"] = nn.functional.max_pool2d(feats["3"], 1, 2)
         return feats
@@ -144,8 +141,14 @@ def detection_data(cfg: FinetuneConfig, root: Path) -> dict[str, Any]:
     missing = [im["file_name"] for im in train["images"] + val["images"] if not Path(im["file_name"]).is_file()]
     if missing:
         raise DataError(f"{root}: {len(missing)} annotated image(s) not found (e.g. {missing[0]}).")
-    return {"train": CocoDetection(train, True, cfg.aug.hflip, cfg.train.seed), "val": CocoDetection(val, False),
-            "val_coco": val, "categories": [c["id"] for c in train["categories"]]}
+    train_set = CocoDetection(train, True, cfg.aug.hflip, cfg.train.seed)
+    if len(train_set) == 0:
+        raise DataError(f"{root}: none of the {train_set.without_annotations} training images has a usable "
+                        f"annotation (not a crowd region, a box of at least a pixel, a known category; on the "
+                        f"dataset layout, objects of at least data.min_instance_area = {cfg.data.min_instance_area} "
+                        f"of the image).")
+    return {"train": train_set, "val": CocoDetection(val, False), "val_coco": val,
+            "categories": [c["id"] for c in train["categories"]]}
 
 
 class DetectionTask(FinetuneTask):

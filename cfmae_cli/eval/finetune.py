@@ -8,14 +8,13 @@ from typing import Any, Callable
 
 from torch import Tensor
 
-from cfmae_cli.config import config_from_dict, load_config
+from cfmae_cli.config import EncoderArch, config_from_dict, load_config
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.eval.classification import ClassificationTask
-from cfmae_cli.eval.classifier import arch_from_state
-from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
+from cfmae_cli.eval.config import FinetuneConfig
 from cfmae_cli.eval.detection import DetectionTask
 from cfmae_cli.eval.segmentation import SegmentationTask
-from cfmae_cli.model.convert import detect_format, read_file, to_cfmae, weights_and_config
+from cfmae_cli.model.weights import read_weights
 from cfmae_cli.train.engine import Progress, run_task
 from cfmae_cli.train.setup import resolve_device
 
@@ -48,20 +47,9 @@ def initial_weights(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict[str, Tens
         arch = cfg.model.encoder or EncoderArch.of(load_config(cfg.model.arch).model)
         state, source = None, "random"
     else:
-        file, top = read_file(Path(init))
-        raw, own = weights_and_config(file, top)
-        stored = (top.get("config") or {}).get("model", {}).get("encoder") if top.get("task") == "finetune" else None
-        fmt = detect_format(raw)
-        try:
-            state = to_cfmae(raw)
-            if own is not None or stored:  # ours: the architecture is written down
-                arch, seen = EncoderArch.of(own.model) if own is not None else EncoderArch(**stored), \
-                    set(EncoderArch.model_fields)
-            else:
-                arch, seen = arch_from_state(state)
-        except CfmaeError as exc:
-            raise CfmaeError(f"{init}: {exc}") from None
-        source = f"{init} ({fmt} format)"
+        weights = read_weights(init)
+        state, source = weights.state, f"{init} ({weights.layout} format)"
+        arch, seen = weights.encoder_arch()
         wanted = cfg.model.encoder
         if wanted is not None:  # what the file does not show (a foreign file's head count, …) the config decides
             arch = wanted.model_copy(update={k: getattr(arch, k) for k in seen})

@@ -18,17 +18,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cfmae_cli.config import EncoderArch
 from cfmae_cli.data.dataset import MultiGranularDataset
 from cfmae_cli.data.layout import read_manifest, Sample
 from cfmae_cli.data.transforms import JointTransform, normalize_on_device
 from cfmae_cli.errors import DataError
 from cfmae_cli.eval.classifier import load_encoder_weights
-from cfmae_cli.eval.config import EncoderArch, FinetuneConfig
+from cfmae_cli.eval.config import FinetuneConfig
 from cfmae_cli.eval.data import find_splits
 from cfmae_cli.eval.evaluate import shard_loader
 from cfmae_cli.eval.task import FinetuneTask
 from cfmae_cli.formats import UNLABELLED
-from cfmae_cli.model.encoder import ViTEncoder
+from cfmae_cli.model.encoder import build_encoder
 from cfmae_cli.model.layers import init_weights
 from cfmae_cli.train import distributed
 from cfmae_cli.train.engine import StepContext
@@ -89,9 +90,7 @@ class ViTSegmenter(nn.Module):
     def __init__(self, arch: EncoderArch, img_size: int, num_classes: int, out_indices: list[int],
                  channels: int = 512, drop_path: float = 0.0, train_pos_embed: bool = True):
         super().__init__()
-        self.encoder = ViTEncoder(img_size, arch.patch_size, arch.embed_dim, arch.depth, arch.num_heads,
-                                  arch.mlp_ratio, drop_path)
-        self.encoder.norm = nn.Identity()  # the pyramid reads intermediate blocks; no final norm is used
+        self.encoder = build_encoder(arch, img_size, drop_path, final_norm=False)  # the pyramid reads blocks
         self.out_indices = list(out_indices)
         self.pyramid = SimplePyramid(arch.embed_dim)
         self.head = UperHead(arch.embed_dim, channels, num_classes)
@@ -108,16 +107,7 @@ class ViTSegmenter(nn.Module):
 
     def features(self, x: Tensor) -> list[Tensor]:
         """The patch tokens after the blocks of ``out_indices``, each (B, D, S/p, S/p)."""
-        enc = self.encoder
-        tokens = enc.patch_embed(x) + enc.patch_pos
-        h = torch.cat([(enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1), tokens], dim=1)
-        g = enc.grid
-        feats: dict[int, Tensor] = {}
-        for i, block in enumerate(enc.blocks[: max(self.out_indices) + 1]):
-            h = block(h)
-            if i in self.out_indices:
-                feats[i] = h[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, g, g)
-        return [feats[i] for i in self.out_indices]
+        return self.encoder.block_maps(x, self.out_indices)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         x = batch["rgb"]

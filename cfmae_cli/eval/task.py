@@ -14,7 +14,8 @@ import torch
 from timm.optim import Lars, param_groups_layer_decay
 from torch import nn
 
-from cfmae_cli.eval.config import EncoderArch, FinetuneConfig, FtOptimConfig
+from cfmae_cli.config import EncoderArch
+from cfmae_cli.eval.config import FinetuneConfig, FtOptimConfig
 from cfmae_cli.train import distributed
 from cfmae_cli.train.engine import Task
 from cfmae_cli.train.setup import dataset_root

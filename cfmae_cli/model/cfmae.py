@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cfmae_cli.config import Config
+from cfmae_cli.config import Config, EncoderArch
 from cfmae_cli.model.decoder import CFMAEDecoder
-from cfmae_cli.model.encoder import ViTEncoder
+from cfmae_cli.model.encoder import build_encoder
 from cfmae_cli.model.layers import MapAdapter, embed_tokens, init_weights
 from cfmae_cli.model.losses import map_loss, rgb_loss
 
@@ -30,8 +30,7 @@ class CFMAE(nn.Module):
         self.cells = (m.patch_size // m.map_stride) ** 2
         self.num_visible = cfg.masking.num_visible
         self.classes = {"semantic": num_semantic_classes, "instance": m.num_instance_ids}
-        self.encoder = ViTEncoder(cfg.data.img_size, m.patch_size, m.embed_dim, m.depth, m.num_heads,
-                                  m.mlp_ratio, m.drop_path)
+        self.encoder = build_encoder(EncoderArch.of(m), cfg.data.img_size, m.drop_path)
         self.grid = self.encoder.grid
         self.adapters = nn.ModuleDict({
             name: MapAdapter(self.classes[name], m.embed_dim, m.map_embed_dim, m.patch_size // m.map_stride)

@@ -1,47 +1,104 @@
-"""The shared ViT encoder (Eq. 1), laid out key for key like timm's ``VisionTransformer``.
+"""The shared ViT encoder (Eq. 1): timm's ``VisionTransformer``, key for key, built by one factory.
 
 Parameters: ``patch_embed.proj`` (the RGB adapter), ``cls_token`` (the global token), ``pos_embed``
-(1, 1+N, D; fixed 2-D sin-cos, zeros for the global token, not trained), ``blocks.*`` (timm ``Block``),
-``norm``. With D=768, depth 12, 12 heads this is timm's ``vit_base_patch16_224`` without its head.
+(1, 1+N, D; fixed 2-D sin-cos with a zero row for the global token, not trained in pre-training), ``blocks.*``
+(timm ``Block``), ``norm``. :func:`build_encoder` makes every encoder of the package (pre-training,
+classification, segmentation, detection, figures) from a named architecture and overrides; a ViT-B is timm's
+``vit_base_patch16_224`` without its head.
+
+Two forwards: :meth:`ViTEncoder.forward` takes the tokens that are already embedded (the visible tokens of
+pre-training, of every input modality, with positions) and puts the global token first; timm's
+``forward_intermediates`` takes an image and gives the outputs of chosen blocks (the dense heads).
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-from timm.layers import PatchEmbed
-from timm.models.vision_transformer import Block
 
+from cfmae_cli.config import EncoderArch
 from cfmae_cli.model.layers import sincos_pos_embed
 
+#: width, depth, heads of the standard sizes (timm's vit_<size>_patch16_224 and friends) and of the demo
+SIZES: dict[str, tuple[int, int, int]] = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
+                                          "large": (1024, 24, 16), "huge": (1280, 32, 16), "demo": (128, 4, 4)}
 
-class ViTEncoder(nn.Module):
+
+class ViTEncoder(VisionTransformer):
+    """timm's ``VisionTransformer`` with the global token, our fixed sin-cos positions and no head.
+
+    timm's own initialisation is skipped (the models apply MAE's, :func:`~cfmae_cli.model.layers.init_weights`)
+    and so is its learned position table, so that building one draws exactly what the layers draw.
+    ``final_norm=False`` leaves the final norm out (the dense heads read the blocks).
+    """
+
     def __init__(self, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0):
-        super().__init__()
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=3, embed_dim=embed_dim)
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0, final_norm: bool = True):
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=3, num_classes=0, global_pool="token",
+                         embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
+                         class_token=True, pos_embed="none", drop_path_rate=drop_path, weight_init="skip",
+                         norm_layer=partial(nn.LayerNorm, eps=1e-6), final_norm=final_norm)
         self.grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         pos = torch.cat([torch.zeros(1, embed_dim), sincos_pos_embed(embed_dim, self.grid)]).unsqueeze(0)
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
-        rates = torch.linspace(0, drop_path, depth).tolist()
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rates[i],
-                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
-            for i in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
     @property
     def patch_pos(self) -> Tensor:
         """(1, N, D) position embedding of the patches (shared by every modality)."""
         return self.pos_embed[:, 1:]
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """(B, V, D) visible tokens with positions added → (B, 1+V, D), the global token first."""
+    def forward(self, tokens: Tensor) -> Tensor:  # type: ignore[override]
+        """(B, V, D) embedded tokens with positions added → (B, 1+V, D), the global token first, final norm."""
         glob = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        x = torch.cat([glob, tokens], dim=1)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return self.norm(self.blocks(torch.cat([glob, tokens], dim=1)))
+
+    def block_maps(self, images: Tensor, indices: list[int]) -> list[Tensor]:
+        """The patch tokens after the blocks of ``indices`` (no final norm) as (B, D, S/p, S/p) maps, in the
+        order given (an index may repeat); timm's ``forward_intermediates``."""
+        unique = sorted(set(indices))
+        maps = self.forward_intermediates(images, indices=unique, norm=False, output_fmt="NCHW",
+                                          intermediates_only=True)
+        return [maps[unique.index(i)] for i in indices]
+
+
+def architecture(name: str) -> dict[str, Any]:
+    """``vit_<size>_patch<p>`` (tiny, small, base, large, huge) or ``demo`` → patch_size, embed_dim, depth,
+    num_heads."""
+    size, _, patch = name.removeprefix("vit_").partition("_patch")
+    if name == "demo":
+        size, patch = "demo", "8"
+    if size not in SIZES or not patch.isdigit():
+        raise ValueError(f"unknown architecture {name!r}: vit_<tiny|small|base|large|huge>_patch<p> or demo")
+    dim, depth, heads = SIZES[size]
+    return {"patch_size": int(patch), "embed_dim": dim, "depth": depth, "num_heads": heads}
+
+
+def build_encoder(arch: str | EncoderArch, img_size: int, drop_path: float = 0.0, final_norm: bool = True,
+                  **overrides: Any) -> ViTEncoder:
+    """The encoder of every model: a named architecture (:func:`architecture`) or an :class:`EncoderArch`,
+    with ``overrides`` (any of patch_size, embed_dim, depth, num_heads, mlp_ratio) on top."""
+    fields = architecture(arch) if isinstance(arch, str) else \
+        {k: getattr(arch, k) for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")}
+    fields.update(overrides)
+    return ViTEncoder(img_size, drop_path=drop_path, final_norm=final_norm, **fields)
+
+
+def timm_name(patch_size: int, embed_dim: int, depth: int, num_heads: int, img_size: int) -> str:
+    """The timm architecture of this shape: ``vit_<size>_patch<p>_<img>`` when timm has it, else the same size at
+    224 or at patch 16. A shape of no standard size is named after the nearest standard width (the
+    ``model_args`` of an export carry the exact shape either way)."""
+    import timm
+
+    size = next((s for s, shape in SIZES.items() if shape == (embed_dim, depth, num_heads) and s != "demo"), None)
+    if size is None:
+        size = min((s for s in SIZES if s != "demo"), key=lambda s: abs(SIZES[s][0] - embed_dim))
+    for name in (f"vit_{size}_patch{patch_size}_{img_size}", f"vit_{size}_patch{patch_size}_224",
+                 f"vit_{size}_patch16_224"):
+        if timm.is_model(name):
+            return name
+    return "vit_base_patch16_224"

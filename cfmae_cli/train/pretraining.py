@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import Skipped, collate
 from cfmae_cli.data.transforms import normalize_on_device
-from cfmae_cli.errors import CfmaeError
 from cfmae_cli.masking import MaskGenerator, schedule
 from cfmae_cli.model import CFMAE
 from cfmae_cli.seeding import mix_seed
@@ -93,23 +92,13 @@ class PretrainTask(Task):
         load by name and must have this model's shapes (a position table of another grid is resized
         bicubically); names that are not in the model are ignored and logged (an unknown layout is refused).
         Optimizer, step and schedule start fresh."""
-        from cfmae_cli.model.convert import fit_position_table, load_any, to_cfmae
+        from cfmae_cli.model.weights import load_weights, read_weights
 
-        try:
-            state = to_cfmae(load_any(Path(path))[0])  # ours, or MAE / MultiMAE / timm weights converted
-        except CfmaeError as exc:
-            raise CfmaeError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
-        own = self.model.state_dict()
-        if "encoder.pos_embed" in state:  # the table the blocks were trained with (MultiMAE's is not ours)
-            state["encoder.pos_embed"] = fit_position_table(state["encoder.pos_embed"], own["encoder.pos_embed"],
-                                                            path)
-        bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-        if bad:
-            raise CfmaeError(f"{path}: {len(bad)} tensor(s) do not match this model's shapes "
-                             f"(e.g. {bad[0]}: {tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})")
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        log.info("initialised from %s (%d tensors; %d missing, %d unused)", path, len(state) - len(unexpected),
-                 len(missing), len(unexpected))
+        w = read_weights(path)
+        done = load_weights(self.model, w.state, w.source, fix="weights of another architecture: --init needs a "
+                            "checkpoint of this model's size (set the preset's model section to the file's)")
+        log.info("initialised from %s (%d tensors; %d missing, %d unused)", w.source, len(done.loaded),
+                 len(done.missing), len(done.unused))
 
     def plot_reconstructions(self, epoch: int, alpha_i: float, alpha_s: float, run_dir: Path) -> None:
         """The fixed first images of the dataset (centred square, no augmentation), masked with a fixed seed."""

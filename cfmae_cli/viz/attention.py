@@ -9,6 +9,8 @@ renormalise the rows, multiply across layers).
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -22,21 +24,19 @@ def weights_from_qkv(qkv: Tensor, attn: nn.Module) -> Tensor:
 
 
 @torch.no_grad()
-def encoder_attention(blocks: nn.ModuleList, tokens: Tensor) -> list[Tensor]:
-    """Run ``tokens`` (B, L, D) through the blocks (fused attention as configured) and return every layer's
-    attention weights, each (B, heads, L, L)."""
+def encoder_attention(blocks: nn.Module, run: Callable[[], Any]) -> tuple[Any, list[Tensor]]:
+    """Call ``run()`` (a forward through ``blocks``, fused attention as configured) and return what it
+    returns with every block's attention weights, each (B, heads, L, L), in the order the blocks ran."""
     captured: list[Tensor] = []
     handles = [block.attn.qkv.register_forward_hook(
         lambda module, args, out, attn=block.attn: captured.append(weights_from_qkv(out, attn)))
         for block in blocks]
     try:
-        x = tokens
-        for block in blocks:
-            x = block(x)
+        out = run()
     finally:
         for handle in handles:
             handle.remove()
-    return captured
+    return out, captured
 
 
 def rollout(layers: list[Tensor]) -> Tensor:

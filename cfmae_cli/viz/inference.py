@@ -14,14 +14,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cfmae_cli.checkpoints import checkpoint_path, load_checkpoint, newest_checkpoint
-from cfmae_cli.config import Config, stored_config
+from cfmae_cli.checkpoints import newest_checkpoint
+from cfmae_cli.config import Config
 from cfmae_cli.data.layout import map_path, read_image, read_manifest
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import MANIFEST_NAME, UNLABELLED
 from cfmae_cli.masking import MaskGenerator, schedule
 from cfmae_cli.model import CFMAE
+from cfmae_cli.model.weights import load_weights, read_weights
 
 log = logging.getLogger(__name__)
 STRATEGIES = {"random": (0.0, 0.0), "instance": (1.0, 0.0), "semantic": (0.0, 1.0)}
@@ -38,20 +39,15 @@ class Pretrained:
 
 def load_pretrained(spec: str | Path | None, device: torch.device) -> Pretrained:
     """A CFMAE pre-training checkpoint (file or run folder; default: the newest run), ready for inference."""
-    path = checkpoint_path(spec) if spec is not None else newest_checkpoint()
-    ckpt = load_checkpoint(path, map_location="cpu")
-    state = ckpt["model"]
-    if "config" not in ckpt or "semantic_classes" not in ckpt or not any(k.startswith("decoder.") for k in state):
-        raise CfmaeError(f"{path}: not a CFMAE pre-training checkpoint (no decoder in its weights); reconstruct "
+    w = read_weights(spec if spec is not None else newest_checkpoint())
+    cfg = w.pretrain_config()
+    if cfg is None or "semantic_classes" not in w.top or not any(k.startswith("decoder.") for k in w.state):
+        raise CfmaeError(f"{w.path}: not a CFMAE pre-training checkpoint (no decoder in its weights); reconstruct "
                          f"and attention-map need one written by `cfmae pretrain`.")
-    cfg = stored_config(ckpt["config"], f"the config stored in {path}")
-    classes = list(ckpt["semantic_classes"])
+    classes = list(w.top["semantic_classes"])
     model = CFMAE(cfg, len(classes))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CfmaeError(f"{path}: its weights do not fit the model its config describes ({exc}).") from None
-    return Pretrained(model.to(device).eval(), cfg, classes, ckpt, path)
+    load_weights(model, w.state, w.source, strict=True, fix="not the model its config describes")
+    return Pretrained(model.to(device).eval(), cfg, classes, w.top, w.path)
 
 
 def load_image(path: Path, size: int) -> tuple[np.ndarray, list[str]]:
