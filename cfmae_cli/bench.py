@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from cfmae_cli import modalities as table
 from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import collate
 from cfmae_cli.masking import MaskGenerator, schedule
@@ -87,8 +88,8 @@ class Rig:
     def mask(self, batch: dict[str, Tensor], step: int, progress: float = 0.3) -> Tensor:
         alpha_i, alpha_s = schedule(progress, self.cfg.masking.order, self.cfg.masking.breakpoints)
         with torch.no_grad():
-            return self.masks(alpha_i, alpha_s, batch["rgb"].shape[0], self.device, instance=batch.get("instance"),
-                              semantic=batch.get("semantic"), seed=step).mask
+            return self.masks(alpha_i, alpha_s, batch["rgb"].shape[0], self.device, seed=step,
+                              **table.guide_maps(batch, self.cfg.data.modalities)).mask
 
     def forward(self, batch: dict[str, Tensor], mask: Tensor) -> Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):

@@ -10,16 +10,23 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cfmae_cli import modalities as table
 from cfmae_cli.errors import ConfigError
 
-Modality = Literal["rgb", "instance", "semantic"]
+
+def _known_modality(name: str) -> str:
+    if name not in table.TABLE:
+        raise ValueError(f"unknown modality {name!r} (known: {', '.join(table.names())})")
+    return name
+
+
+Modality = Annotated[str, AfterValidator(_known_modality)]  # a name of the table of modalities
 Strategy = Literal["semantic", "instance", "random"]
-MODALITIES: tuple[str, ...] = ("rgb", "instance", "semantic")
 PRESET_DIR = Path(__file__).parent / "presets"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,16 +59,22 @@ class DataConfig(ImageDataConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
-        if len(set(self.modalities)) != len(self.modalities):
-            raise ValueError("data.modalities: each modality at most once")
-        if "rgb" not in self.modalities:
-            raise ValueError("data.modalities: must include rgb (the encoder's patch embedding is the RGB adapter; "
-                             "the paper's ablations are RGB, R+S, R+I, R+I+S)")
+        check_inputs(self.modalities)
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError("data.crop_scale: need 0 < low <= high <= 1")
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             raise ValueError("data.crop_ratio: need 0 < low <= high")
         return self
+
+
+def check_inputs(modalities: list[str], key: str = "data.modalities") -> None:
+    """Each modality once, and the one of the encoder's patch embedding among them."""
+    if len(set(modalities)) != len(modalities):
+        raise ValueError(f"{key}: each modality at most once")
+    first = table.embedding_modality()
+    if first not in modalities:
+        raise ValueError(f"{key}: must include {first} (the encoder's patch embedding reads it; the paper's "
+                         f"ablations are RGB, R+S, R+I, R+I+S)")
 
 
 class DecoderConfig(_Strict):
@@ -77,8 +90,8 @@ class DecoderConfig(_Strict):
     def _check(self) -> "DecoderConfig":
         if self.dim % self.num_heads:
             raise ValueError(f"model.decoder.dim: {self.dim} is not divisible by num_heads={self.num_heads}")
-        if sorted(self.order) != sorted(MODALITIES):
-            raise ValueError("model.decoder.order: must list rgb, instance and semantic once each")
+        if len(set(self.order)) != len(self.order):
+            raise ValueError("model.decoder.order: each modality at most once")
         return self
 
 
@@ -218,6 +231,10 @@ class Config(_Strict):
         if self.masking.num_visible >= total:
             raise ValueError(f"masking.num_visible: {self.masking.num_visible} leaves nothing masked out of "
                              f"{total} tokens")
+        missing = [m for m in self.data.modalities if m not in self.model.decoder.order]
+        if missing:
+            raise ValueError(f"model.decoder.order: {self.model.decoder.order} has no place for "
+                             f"{', '.join(missing)} of data.modalities; list every input modality")
         return self
 
     @property

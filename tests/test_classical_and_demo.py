@@ -151,8 +151,8 @@ def test_demo_layout(small_demo):
         assert sample.rgb.parent.name == classes[sample.label]
         assert sample.rgb.stem.startswith(classes[sample.label] + "_")
         rgb = np.asarray(Image.open(sample.rgb))
-        inst = np.asarray(Image.open(sample.instance))
-        sem = np.asarray(Image.open(sample.semantic))
+        inst = np.asarray(Image.open(sample.maps["instance"]))
+        sem = np.asarray(Image.open(sample.maps["semantic"]))
         assert rgb.shape == (48, 48, 3)
         assert inst.shape == sem.shape == (48, 48)
         assert sem.max() < len(SEMANTIC_CLASSES)

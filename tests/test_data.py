@@ -17,6 +17,13 @@ from cfmae_cli.errors import DataError
 from tests.conftest import make_dataset
 
 
+def joint(t: JointTransform, rgb: torch.Tensor, inst: torch.Tensor, sem: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The transform of an image and its instance and semantic maps, as (image, instance, semantic)."""
+    img, maps = t(rgb, {"instance": inst, "semantic": sem})
+    return img, maps["instance"], maps["semantic"]
+
+
 def test_canonical_ids_rank_by_area_and_cut_at_k() -> None:
     ids = torch.tensor([[0, 9, 9, 9],
                         [4, 4, 0, 7],
@@ -38,7 +45,7 @@ def test_joint_transform_keeps_rgb_and_maps_aligned() -> None:
     t = JointTransform(64, 4, 16, (0.2, 1.0), (0.75, 1.33), 0.5, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     torch.manual_seed(0)
     for _ in range(20):
-        img, ins, sem = t(rgb, inst.clone(), inst.clone())
+        img, ins, sem = joint(t, rgb, inst.clone(), inst.clone())
         assert img.shape == (3, 64, 64) and ins.shape == (16, 16) and sem is not None
         red = img[0, 2::4, 2::4]  # pixel in the middle of every map cell
         raw = torch.round(red * 255 / 100).long()
@@ -53,9 +60,9 @@ def test_uint8_from_the_loader_normalised_on_the_device_is_the_same_image() -> N
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     args = (32, 4, 16, (0.2, 1.0), (0.75, 1.33), 0.5, mean, std)
     torch.manual_seed(3)
-    floats = JointTransform(*args)(rgb, None, None)[0]
+    floats = JointTransform(*args)(rgb, {})[0]
     torch.manual_seed(3)
-    raw = JointTransform(*args, normalize=False)(rgb, None, None)[0]
+    raw = JointTransform(*args, normalize=False)(rgb, {})[0]
     assert raw.dtype == torch.uint8  # a quarter of the bytes through the loader
     assert torch.allclose(normalize_on_device(raw[None], mean, std)[0], floats, atol=1e-5)
     assert normalize_on_device(floats, mean, std) is floats  # already normalised: left alone
@@ -165,11 +172,11 @@ def test_maps_stay_on_the_image_over_random_crops() -> None:
     rgb, inst, sem = bar_images(90, 120, (38, 62), (20, 44))
     t = JointTransform(64, 4, 16, (0.2, 1.0), (0.75, 1.33), 0.0, (0.0,) * 3, (1.0,) * 3, normalize=False)
     torch.manual_seed(0)
-    dx, dy = mean_misalignment([t(rgb, inst, sem) for _ in range(300)], 16)
+    dx, dy = mean_misalignment([joint(t, rgb, inst, sem) for _ in range(300)], 16)
     assert abs(dx) < 0.1 and abs(dy) < 0.1, (dx, dy)
     half = resample_map(inst, (45, 60)), resample_map(sem, (45, 60))  # exact: the bars' edges are even
     assert half[0][0].nonzero().flatten().tolist() == list(range(19, 31))
-    dx, dy = mean_misalignment([t(rgb, *half) for _ in range(300)], 16)
+    dx, dy = mean_misalignment([joint(t, rgb, *half) for _ in range(300)], 16)
     assert abs(dx) < 0.1 and abs(dy) < 0.1, (dx, dy)
 
 

@@ -274,8 +274,8 @@ def test_label_command_with_tiny_grounded_sam_and_mask2former(models, tmp_path):
     assert classes == ["golden_retriever", "n01440764"] and len(samples) == 2
     for s in samples:
         size = Image.open(s.rgb).size
-        assert Image.open(s.instance).size == size == Image.open(s.semantic).size
-        assert np.asarray(Image.open(s.semantic)).max() < 133
+        assert Image.open(s.maps["instance"]).size == size == Image.open(s.maps["semantic"]).size
+        assert np.asarray(Image.open(s.maps["semantic"])).max() < 133
     manifest = read_manifest(data)
     assert manifest["semantic_classes"] == COCO_PANOPTIC_CLASSES and manifest["num_semantic_classes"] == 133
     meta = json.loads((data / "meta" / "n01440764.jsonl").read_text())

@@ -51,8 +51,8 @@ def test_classical_labelling_writes_a_dataset_that_pretrain_trains_on(tmp_path: 
     assert len(samples) == 8 and classes == list(DEMO_PHOTOS[:4])
     for s in samples:  # maps have the RGB image's size
         size = Image.open(s.rgb).size
-        assert Image.open(s.instance).size == size == Image.open(s.semantic).size
-        assert np.asarray(Image.open(s.semantic)).max() < len(SEMANTIC_CLASSES)
+        assert Image.open(s.maps["instance"]).size == size == Image.open(s.maps["semantic"]).size
+        assert np.asarray(Image.open(s.maps["semantic"])).max() < len(SEMANTIC_CLASSES)
     manifest = read_manifest(data)
     assert manifest["semantic_classes"] == SEMANTIC_CLASSES and manifest["counts"]["images"] == 8
     assert manifest["labelling"]["instance"]["backend"] == "classical"

@@ -96,7 +96,7 @@ def test_packed_maps_stay_on_the_packed_image() -> None:
     from PIL import Image
 
     from cfmae_cli.data.packed import _square, _square_map
-    from tests.test_data import bar_images, mean_misalignment
+    from tests.test_data import bar_images, joint, mean_misalignment
 
     rng = np.random.default_rng(0)
     t = JointTransform(32, 2, 16, (0.3, 1.0), (0.75, 1.33), 0.0, (0.0,) * 3, (1.0,) * 3, normalize=False)
@@ -109,6 +109,6 @@ def test_packed_maps_stay_on_the_packed_image() -> None:
         image = _square(Image.fromarray(rgb.permute(1, 2, 0).numpy()), 64, Image.Resampling.BICUBIC)
         stored = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
         maps = [torch.from_numpy(_square_map(m.numpy(), 64, 32)) for m in (inst, sem)]
-        pairs += [t(stored, *maps) for _ in range(5)]
+        pairs += [joint(t, stored, *maps) for _ in range(5)]
     dx, dy = mean_misalignment(pairs, 16)
     assert abs(dx) < 0.1 and abs(dy) < 0.1, (dx, dy)

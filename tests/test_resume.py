@@ -172,7 +172,7 @@ def test_keep_last_k_and_observability_files(data: Path, tmp_path: Path) -> None
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data: Path, tmp_path: Path, monkeypatch) -> None:
-    import cfmae_cli.model.cfmae as model_mod
+    import cfmae_cli.model.losses as model_mod
 
     calls = {"n": 0}
     real = model_mod.rgb_loss

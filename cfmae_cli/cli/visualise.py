@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import typer
 
+from cfmae_cli import modalities as table
 from cfmae_cli.cli.common import console, guarded
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import atomic_write_text, UNLABELLED
@@ -17,16 +18,20 @@ from cfmae_cli.viz.inference import (Pretrained, dataset_maps, errors, input_mas
                                      prepare)
 
 
-def image_maps(path: Path, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str], str]:
-    """Maps from the image's dataset folder, else from the classical labeller: (instance, semantic, class
-    names, where they came from)."""
-    found = dataset_maps(path)
+def image_maps(path: Path, image: np.ndarray, names: list[str]) -> tuple[dict[str, np.ndarray], list[str], str]:
+    """The maps of ``names`` from the image's dataset folder, else from the classical labeller (which makes
+    instance and semantic maps): (maps, semantic class names, where they came from)."""
+    found = dataset_maps(path, names)
     if found is not None:
         return (*found, "dataset")
     from cfmae_cli.labeling.classical import SEMANTIC_CLASSES, ClassicalLabeller
 
-    instance, semantic = ClassicalLabeller().label(image)
-    return instance.astype(np.int64), semantic.astype(np.int64), list(SEMANTIC_CLASSES), "classical labeller"
+    labelled = dict(zip(("instance", "semantic"), ClassicalLabeller().label(image)))
+    lacking = [m for m in names if m not in labelled]
+    if lacking:
+        raise CfmaeError(f"{path}: the checkpoint reads {', '.join(lacking)} maps too; give an image of a dataset "
+                         f"folder that has them (the classical labeller makes instance and semantic maps).")
+    return {m: labelled[m].astype(np.int64) for m in names}, list(SEMANTIC_CLASSES), "classical labeller"
 
 
 def _device(name: str) -> torch.device:
@@ -45,27 +50,41 @@ def _inputs(text: str, net: Pretrained) -> list[str]:
 
 
 def _load(paths: list[Path], net: Pretrained, need_maps: bool) -> tuple[list[np.ndarray], list, dict[str, bool]]:
-    """Images (with notes printed) and their maps; maps whose classes differ from the checkpoint's are
-    replaced by 'unlabelled' and marked as no reference."""
-    images, maps, ok = [], [], {"semantic": True}
+    """Images (with notes printed) and the maps of the checkpoint's modalities; a map of the dataset's classes
+    (semantic) whose classes differ from the checkpoint's is replaced by 'unlabelled' and marked as no
+    reference (``ok[name]`` False)."""
+    names = table.maps_of(net.model.modalities)
+    by_manifest = [m for m in names if table.get(m).classes == "manifest"]
+    images, maps, ok = [], [], {m: True for m in by_manifest}
     for path in paths:
         if not path.is_file():
             raise CfmaeError(f"{path}: image not found.")
         image, notes = load_image(path, net.cfg.data.img_size)
         for note in notes:
             console.print(f"note: {note}", highlight=False)
+        h, w = image.shape[:2]
         if need_maps:
-            instance, semantic, classes, source = image_maps(path, image)
-            if classes != net.classes:
-                ok["semantic"] = False
-                console.print(f"note: {path.name}: its semantic map ({source}, {len(classes)} classes) does not use "
-                              f"the checkpoint's {len(net.classes)} classes; it is not shown or used", highlight=False)
-                semantic = np.full_like(semantic, UNLABELLED)
-        else:
-            instance = semantic = np.zeros(image.shape[:2], np.int64)
+            found, classes, source = image_maps(path, image, names)
+            for m in by_manifest:
+                if classes != net.classes:
+                    ok[m] = False
+                    console.print(f"note: {path.name}: its {m} map ({source}, {len(classes)} classes) does not use "
+                                  f"the checkpoint's {len(net.classes)} classes; it is not shown or used",
+                                  highlight=False)
+                    found[m] = np.full_like(found[m], UNLABELLED)
+        else:  # nothing of the maps is shown: blanks of their shapes
+            found = {m: np.zeros(image.shape[:2], np.int64) if table.get(m).kind == "ids" else
+                     np.zeros((table.get(m).channels, h, w), np.uint8) for m in names}
         images.append(image)
-        maps.append((instance, semantic))
+        maps.append(found)
     return images, maps, ok
+
+
+def _refuse_foreign_classes(inputs: list[str], ok: dict[str, bool]) -> None:
+    for m in inputs:
+        if not ok.get(m, True):
+            raise CfmaeError(f"--modality includes {m}, but the {m} maps do not use the checkpoint's classes; use "
+                             f"images from a dataset labelled like the training data.")
 
 
 @guarded
@@ -94,9 +113,7 @@ def reconstruct(
     net = load_pretrained(checkpoint, _device(device))
     inputs = _inputs(modality, net)
     pixels, maps, ok = _load(images, net, need_maps=True)
-    if "semantic" in inputs and not ok["semantic"]:
-        raise CfmaeError("--modality includes semantic, but the semantic maps do not use the checkpoint's classes; "
-                         "use images from a dataset labelled like the training data.")
+    _refuse_foreign_classes(inputs, ok)
     batch = prepare(net, pixels, maps, net.model.encoder.cls_token.device)
     mask, visible = input_masks(net, inputs, masking, num_visible, batch, seed)
     with torch.no_grad():
@@ -104,13 +121,14 @@ def reconstruct(
     from cfmae_cli.viz.recon import map_prediction, palette, reconstruction_panels, save_grid
 
     model, cfg = net.model, net.cfg
-    panels = reconstruction_panels(batch, mask, pred, model.modalities, model.classes, model.patch,
+    panels = reconstruction_panels(batch, mask, pred, model.modalities, model.classes, model.patches,
                                    cfg.model.norm_pix_loss, cfg.data.mean, cfg.data.std)
     legend = []
-    if "semantic" in model.modalities:
-        i = model.modalities.index("semantic")
-        ids = map_prediction(pred["semantic"], batch["semantic"], mask[:, i], len(net.classes))
-        present = sorted(set(torch.unique(ids).tolist()) | set(torch.unique(batch["semantic"]).tolist()))
+    named = [m for m in model.modalities if table.get(m).classes == "manifest"]  # maps of the dataset's classes
+    if named:
+        i, name = model.modalities.index(named[0]), named[0]
+        ids = map_prediction(pred[name], batch[name], mask[:, i], len(net.classes))
+        present = sorted(set(torch.unique(ids).tolist()) | set(torch.unique(batch[name]).tolist()))
         colours = palette()
         legend = [(net.classes[c], tuple(colours[c])) for c in present if c < len(net.classes)]
     out = out or Path(f"{images[0].stem}-reconstruct.png")
@@ -146,16 +164,16 @@ def attention_map(
     if not -depth <= layer < depth:
         raise CfmaeError(f"--layer {layer}: the encoder has {depth} blocks (0..{depth - 1}, or -1 for the last).")
     inputs = _inputs(modality, net)
-    pixels, maps, ok = _load(images, net, need_maps=inputs != ["rgb"])
-    if "semantic" in inputs and not ok["semantic"]:
-        raise CfmaeError("--modality includes semantic, but the semantic maps do not use the checkpoint's classes.")
+    pixels, maps, ok = _load(images, net, need_maps=bool(table.maps_of(inputs)))
+    _refuse_foreign_classes(inputs, ok)
     batch = prepare(net, pixels, maps, model.encoder.cls_token.device)
     from cfmae_cli.viz.attention import encoder_attention, patch_maps
     from cfmae_cli.viz.grid import save_image_grid
     from cfmae_cli.viz.recon import rgb_pixels
 
     n, names = model.grid ** 2, model.modalities
-    mask = torch.ones(len(pixels), len(names), n, dtype=torch.bool, device=batch["rgb"].device)
+    image = batch[table.embedding_modality()]
+    mask = torch.ones(len(pixels), len(names), n, dtype=torch.bool, device=image.device)
     for m in inputs:
         mask[:, names.index(m)] = False
     visible = n * len(inputs)
@@ -175,7 +193,7 @@ def attention_map(
     from cfmae_cli.viz.grid import fit
 
     rgb = [fit(x, max(x.shape[0], 160), smooth=True)  # small models' images are drawn larger
-           for x in rgb_pixels(batch["rgb"], net.cfg.data.mean, net.cfg.data.std)]
+           for x in rgb_pixels(image, net.cfg.data.mean, net.cfg.data.std)]
     rows = [[rgb[k]] + [_overlay(rgb[k], per_patch[k, h], model.grid) for h in range(per_patch.shape[1])]
             for k in range(len(pixels))]
     out = out or Path(f"{images[0].stem}-attention-{method}.png")

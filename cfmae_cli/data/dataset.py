@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from cfmae_cli import modalities as table
 from cfmae_cli.data.layout import Sample
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.formats import UNLABELLED
@@ -33,11 +34,16 @@ class Skipped:
     reason: str
 
 
-def _read_map(path, expect_size: tuple[int, int]) -> Tensor:
+def read_map(path, expect_size: tuple[int, int], modality: table.Modality) -> Tensor:
+    """An image's map of ``modality`` at the image's size: ids (h, w) long, or an image (channels, h, w) uint8."""
     with Image.open(path) as im:
         if im.size != expect_size:
             raise BadSample(f"{path}: map size {im.size[0]}x{im.size[1]} differs from the image's "
                             f"{expect_size[0]}x{expect_size[1]}")
+        if modality.kind == "image":
+            mode = "RGB" if modality.channels == 3 else "L"
+            arr = np.asarray(im.convert(mode)).reshape(im.size[1], im.size[0], modality.channels)
+            return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
         arr = np.asarray(im)
     if arr.ndim != 2:
         raise BadSample(f"{path}: a map must be a single-channel PNG of ids, got shape {arr.shape}")
@@ -73,8 +79,9 @@ class SeededDataset(Dataset):
 
 
 class MultiGranularDataset(SeededDataset):
-    """Items are dicts: ``rgb`` (3, S, S) float, ``instance``/``semantic`` (S/s, S/s) long (when used),
-    ``label`` (class folder index) — or a :class:`Skipped` record."""
+    """Items are dicts: ``rgb`` (3, S, S), each map of ``modalities`` (ids (S/s, S/s) long, as the table of
+    modalities says), ``label`` (class folder index) — or a :class:`Skipped` record. ``reduce_zero_label``
+    (ADE20K): 0 = 'other' of the manifest-class map becomes unlabelled, k becomes k-1."""
 
     def __init__(self, samples: list[Sample], transform: JointTransform, modalities: list[str],
                  num_semantic_classes: int, seed: int = 0, reduce_zero_label: bool = False):
@@ -101,16 +108,19 @@ class MultiGranularDataset(SeededDataset):
         with Image.open(sample.rgb) as im:
             size = im.size
             rgb = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
-        inst = _read_map(sample.instance, size) if "instance" in self.modalities else None
-        sem = _read_map(sample.semantic, size) if "semantic" in self.modalities else None
-        if sem is not None:
-            if self.reduce_zero_label:
-                sem = torch.where(sem == 0, torch.full_like(sem, UNLABELLED), sem - 1)
-            bad = (sem >= self.num_semantic_classes) & (sem != UNLABELLED)
-            if bool(bad.any()):
-                raise BadSample(f"{sample.semantic}: semantic id {int(sem[bad].max())} is not below the "
-                                f"{self.num_semantic_classes} classes of the manifest and is not {UNLABELLED}")
-        return make_item(*self.transform(rgb, inst, sem), sample.label)
+        maps = {}
+        for name in self.modalities:
+            spec = table.get(name)
+            x = read_map(sample.maps[name], size, spec)
+            if spec.classes == "manifest":  # ids of the dataset's semantic classes
+                if self.reduce_zero_label:
+                    x = torch.where(x == 0, torch.full_like(x, UNLABELLED), x - 1)
+                bad = (x >= self.num_semantic_classes) & (x != UNLABELLED)
+                if bool(bad.any()):
+                    raise BadSample(f"{sample.maps[name]}: {name} id {int(x[bad].max())} is not below the "
+                                    f"{self.num_semantic_classes} classes of the manifest and is not {UNLABELLED}")
+            maps[name] = x
+        return make_item(*self.transform(rgb, maps), sample.label)
 
     def skipped(self, index: int, exc: Exception) -> Skipped | None:
         if isinstance(exc, BadSample):
@@ -120,14 +130,9 @@ class MultiGranularDataset(SeededDataset):
         return None
 
 
-def make_item(rgb: Tensor, inst: Tensor | None, sem: Tensor | None, label: int) -> dict[str, Any]:
-    """A dataset item: rgb, label and the maps that are there."""
-    item: dict[str, Any] = {"rgb": rgb, "label": label}
-    if inst is not None:
-        item["instance"] = inst
-    if sem is not None:
-        item["semantic"] = sem
-    return item
+def make_item(rgb: Tensor, maps: dict[str, Tensor], label: int) -> dict[str, Any]:
+    """A dataset item: rgb, the maps, label."""
+    return {"rgb": rgb, **maps, "label": label}
 
 
 def collate(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:

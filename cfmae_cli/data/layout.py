@@ -21,21 +21,26 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cfmae_cli import modalities as table
 from cfmae_cli.errors import DataError
 from cfmae_cli.formats import (DATASET_FORMAT_VERSION, IMAGE_EXTENSIONS, MANIFEST_NAME, UNLABELLED, atomic_write,
                                atomic_write_text)
 
-MAP_MODALITIES = ("instance", "semantic")
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One image and its two maps. ``label`` is the index of its class folder (0 when flat)."""
+    """One image and its maps, by modality (``DATA/<modality>/…``). ``label`` is the index of its class folder (0
+    when flat)."""
 
     rgb: Path
-    instance: Path
-    semantic: Path
+    maps: dict[str, Path]
     label: int
+
+
+def id_maps() -> list[str]:
+    """The modalities of the table that are maps of ids (the ones ``cfmae label`` makes)."""
+    return [m.name for m in table.TABLE.values() if m.kind == "ids"]
 
 
 def write_manifest(root: str | Path, semantic_classes: list[str], labelling: dict[str, Any],
@@ -81,19 +86,20 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
 
 
 def map_path(root: Path, modality: str, class_dir: str, stem: str) -> Path:
-    """Path of the instance or semantic map of an image."""
+    """Path of an image's map of ``modality`` (``DATA/<modality>/<class>/<stem>.png``)."""
     return root / modality / class_dir / f"{stem}.png"
 
 
-def list_samples(root: str | Path, maps: tuple[str, ...] | list[str] = MAP_MODALITIES
+def list_samples(root: str | Path, maps: tuple[str, ...] | list[str] | None = None
                  ) -> tuple[list[Sample], list[str]]:
     """List every image under ``DATA/rgb`` with its maps. Returns (samples, class folder names).
 
-    ``maps`` names the maps every image must have (an RGB-only run needs none). Raises :class:`DataError`
+    ``maps`` names the maps every image must have (an RGB-only run needs none; default: the id maps). Raises :class:`DataError`
     for a missing or empty ``rgb/`` folder and for images without their maps (the message lists the first
     few and how many there are).
     """
     root = Path(root)
+    maps = id_maps() if maps is None else list(maps)
     rgb_root = root / "rgb"
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found.")
@@ -116,8 +122,7 @@ def list_samples(root: str | Path, maps: tuple[str, ...] | list[str] = MAP_MODAL
                 missing.append(f"{Path(entry.path)} (no {' and no '.join(lacking)} map: expected "
                                f"{map_path(root, lacking[0], class_dir, stem)})")
                 continue
-            samples.append(Sample(Path(entry.path), map_path(root, "instance", class_dir, stem),
-                                  map_path(root, "semantic", class_dir, stem), label))
+            samples.append(Sample(Path(entry.path), {m: map_path(root, m, class_dir, stem) for m in maps}, label))
     if missing:
         shown = "\n  ".join(missing[:5])
         more = f"\n  … and {len(missing) - 5} more" if len(missing) > 5 else ""

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from cfmae_cli import modalities as table
 from cfmae_cli.data.dataset import SeededDataset, Skipped, make_item
-from cfmae_cli.data.layout import list_samples, read_manifest, Sample
+from cfmae_cli.data.layout import id_maps, list_samples, read_manifest, Sample
 from cfmae_cli.data.maps import resample_map
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import DataError
@@ -80,29 +81,34 @@ def _square_map(ids: np.ndarray, side: int, map_size: int) -> np.ndarray:
 def _pack_shard(job: tuple[Path, int, list[Sample], int, int, int, int]) -> tuple[int, list[tuple[str, str]]]:
     """Write one shard; returns (images written, [(file, why skipped)])."""
     out, k, samples, size, map_size, quality, classes = job
+    names = list(samples[0].maps) if samples else []
     blobs, labels, skipped = [], [], []
-    inst = np.zeros((len(samples), map_size, map_size), np.uint16)
-    sem = np.zeros((len(samples), map_size, map_size), np.uint8)
+    arrays = {name: np.zeros((len(samples), map_size, map_size), np.uint16) for name in names}
+    manifest_ids = [n for n in names if table.get(n).classes == "manifest"]
     for sample in samples:
         try:
             with Image.open(sample.rgb) as im:
                 rgb = im.convert("RGB")
-            with Image.open(sample.instance) as a, Image.open(sample.semantic) as b:
-                if a.size != rgb.size or b.size != rgb.size:
-                    raise ValueError(f"map size {a.size} / {b.size} differs from the image's {rgb.size}")
-                ids = _square_map(np.asarray(a.convert("I")).astype(np.int64), size, map_size)
-                cls = _square_map(np.asarray(b.convert("L")), size, map_size)
+            maps = {}
+            for name, path in sample.maps.items():
+                with Image.open(path) as m:
+                    if m.size != rgb.size:
+                        raise ValueError(f"{name} map size {m.size} differs from the image's {rgb.size}")
+                    maps[name] = _square_map(np.asarray(m.convert("I")).astype(np.int64), size, map_size)
         except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             skipped.append((str(sample.rgb), f"{type(exc).__name__}: {exc}"))
             continue
-        if ((cls >= classes) & (cls != UNLABELLED)).any() or ids.max(initial=0) > np.iinfo(np.uint16).max:
-            skipped.append((str(sample.rgb), f"ids out of range (semantic < {classes} or 255, instance < 65536)"))
+        if any(((maps[n] >= classes) & (maps[n] != UNLABELLED)).any() for n in manifest_ids) or \
+                any(ids.max(initial=0) > np.iinfo(np.uint16).max for ids in maps.values()):
+            skipped.append((str(sample.rgb), f"ids out of range ({', '.join(manifest_ids)} < {classes} or 255, "
+                                             f"other maps < 65536)"))
             continue
         buf = io.BytesIO()
         _square(rgb, size, Image.Resampling.BICUBIC).save(buf, "JPEG", quality=quality)
         n = len(blobs)
         blobs.append(buf.getvalue())
-        inst[n], sem[n] = ids, cls
+        for name in names:
+            arrays[name][n] = maps[name]
         labels.append(sample.label)
     n = len(blobs)
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
@@ -110,9 +116,9 @@ def _pack_shard(job: tuple[Path, int, list[Sample], int, int, int, int]) -> tupl
     with open(f"{stem}.jpg.bin.tmp", "wb") as fh:
         fh.write(b"".join(blobs))
     os.replace(f"{stem}.jpg.bin.tmp", f"{stem}.jpg.bin")
-    inst = inst[:n] if inst[:n].max(initial=0) > 255 else inst[:n].astype(np.uint8)  # most images: < 256 ids
-    for name, array in (("offsets", offsets), ("instance", inst), ("semantic", sem[:n]),
-                        ("labels", np.array(labels, np.int32))):
+    stored = {name: a[:n] if a[:n].max(initial=0) > 255 else a[:n].astype(np.uint8)  # most maps: < 256 ids
+              for name, a in arrays.items()}
+    for name, array in (("offsets", offsets), *stored.items(), ("labels", np.array(labels, np.int32))):
         with open(f"{stem}.{name}.npy.tmp", "wb") as fh:
             np.save(fh, array)
         os.replace(f"{stem}.{name}.npy.tmp", f"{stem}.{name}.npy")
@@ -128,7 +134,7 @@ def pack_dataset(src: Path, out: Path, size: int = 256, map_scale: int = 2, shar
     if size % map_scale:
         raise DataError(f"--size {size} is not divisible by --map-scale {map_scale}.")
     source = read_manifest(src)
-    samples, classes = list_samples(src, maps=["instance", "semantic"])
+    samples, classes = list_samples(src, maps=id_maps())
     out.mkdir(parents=True, exist_ok=True)
     c_sem = int(source["num_semantic_classes"])
     jobs = [(out, k, samples[i:i + shard_size], size, size // map_scale, quality, c_sem)
@@ -141,7 +147,7 @@ def pack_dataset(src: Path, out: Path, size: int = 256, map_scale: int = 2, shar
             if on_shard is not None:
                 on_shard(len(counts))
     manifest = {"format": FORMAT, "version": VERSION, "images": sum(counts), "size": size,
-                "map_size": size // map_scale, "quality": quality, "class_folders": classes,
+                "map_size": size // map_scale, "quality": quality, "class_folders": classes, "maps": id_maps(),
                 "semantic_classes": source["semantic_classes"], "num_semantic_classes": c_sem,
                 "source": str(src.resolve()), "source_manifest": source, "shards": counts,
                 "skipped": [{"file": f, "reason": r} for f, r in skipped]}
@@ -166,6 +172,12 @@ class PackedDataset(SeededDataset):
     def __init__(self, root: Path, transform: JointTransform, modalities: list[str], seed: int = 0):
         self.root, self.transform, self.modalities, self.seed = Path(root), transform, list(modalities), seed
         manifest = read_packed_manifest(self.root)
+        self.packed = list(manifest.get("maps", ["instance", "semantic"]))  # (packs written before the key)
+        lacking = [m for m in self.modalities if m not in self.packed]
+        if lacking:
+            raise DataError(f"{self.root}: a packed dataset of the maps {', '.join(self.packed)}; data.modalities "
+                            f"asks for {', '.join(lacking)} too: train from the folder layout, or pack data with "
+                            f"those maps.")
         self.num_semantic_classes = manifest["num_semantic_classes"]
         self.index = np.array([(k, j) for k, n in enumerate(manifest["shards"]) for j in range(n)], np.int64)
         self._open: dict[int, dict[str, Any]] = {}  # per process: shards are mapped on first use
@@ -179,7 +191,7 @@ class PackedDataset(SeededDataset):
             self._open[k] = {"bytes": np.memmap(f"{stem}.jpg.bin", np.uint8, mode="r")
                              if os.path.getsize(f"{stem}.jpg.bin") else np.zeros(0, np.uint8),
                              **{name: np.load(f"{stem}.{name}.npy", mmap_mode="r")
-                                for name in ("offsets", "instance", "semantic", "labels")}}
+                                for name in ("offsets", *self.packed, "labels")}}
         return self._open[k]
 
     def with_transform(self, train: bool) -> "PackedDataset":
@@ -193,9 +205,8 @@ class PackedDataset(SeededDataset):
         k, j = (int(v) for v in self.index[i])
         s = self.shard(k)
         rgb = decode(np.array(s["bytes"][s["offsets"][j]:s["offsets"][j + 1]]))
-        inst = torch.from_numpy(s["instance"][j].astype(np.int64)) if "instance" in self.modalities else None
-        sem = torch.from_numpy(s["semantic"][j].astype(np.int64)) if "semantic" in self.modalities else None
-        return make_item(*self.transform(rgb, inst, sem), int(s["labels"][j]))
+        maps = {name: torch.from_numpy(s[name][j].astype(np.int64)) for name in self.modalities}
+        return make_item(*self.transform(rgb, maps), int(s["labels"][j]))
 
     def skipped(self, index: int, exc: Exception) -> Skipped | None:
         if not isinstance(exc, RuntimeError):  # a damaged JPEG in a shard

@@ -14,6 +14,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
+from cfmae_cli import modalities as table
 from cfmae_cli.data.maps import resample_map
 from cfmae_cli.formats import UNLABELLED
 
@@ -44,11 +45,13 @@ def _scaled_box(top: int, left: int, height: int, width: int, h: int, w: int, si
 
 
 class JointTransform:
-    """(rgb uint8 (3, H, W), instance (H, W), semantic (H, W) or None) → augmented, resized tensors.
+    """(rgb uint8 (3, H, W), {modality: map}) → augmented, resized tensors, the same crop and flip for all.
 
     Returns rgb float (3, S, S) normalised with ``mean``/``std`` — or, with ``normalize=False``, uint8 (3, S, S)
-    for :func:`normalize_on_device` (a quarter of the bytes through the loader and to the GPU) — and maps long
-    (S/s, S/s); the instance map in canonical ids. ``train=False`` takes the centred square of the image, resized (no randomness).
+    for :func:`normalize_on_device` (a quarter of the bytes through the loader and to the GPU) — and the maps
+    as the table of modalities says: id maps long (S/s, S/s) at the cells' centres, canonical ids where the
+    entry asks (instance); image maps uint8 (C, S', S') resampled like the image. ``train=False`` takes the
+    centred square of the image, resized (no randomness).
     """
 
     def __init__(self, img_size: int, map_stride: int, num_instance_ids: int, scale: tuple[float, float],
@@ -62,8 +65,7 @@ class JointTransform:
         self.scale, self.ratio, self.hflip, self.train = scale, ratio, hflip, train
         self.mean, self.std = list(mean), list(std)
 
-    def __call__(self, rgb: Tensor, instance: Tensor | None,
-                 semantic: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def __call__(self, rgb: Tensor, maps: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         image = tv_tensors.Image(rgb)
         h, w = rgb.shape[-2:]
         if self.train:
@@ -74,18 +76,23 @@ class JointTransform:
             top, left, ch, cw = (h - min(h, w)) // 2, (w - min(h, w)) // 2, min(h, w), min(h, w)
         flip = self.train and bool(torch.rand(()) < self.hflip)
         image = TF.resized_crop(image, top, left, ch, cw, [self.img_size] * 2, antialias=True)
-        maps = [None if x is None else resample_map(x.long(), (self.map_size,) * 2,
-                                                    _scaled_box(top, left, ch, cw, h, w, x.shape[-2:]))
-                for x in (instance, semantic)]
+        out = {}
+        for name, x in maps.items():
+            spec = table.get(name)
+            side = self.map_size if spec.at_map_stride else self.img_size
+            if spec.kind == "ids":
+                x = resample_map(x.long(), (side, side), _scaled_box(top, left, ch, cw, h, w, x.shape[-2:]))
+            else:  # an image of the image's size: the image's own resampling
+                x = TF.resized_crop(tv_tensors.Image(x), top, left, ch, cw, [side] * 2,
+                                    antialias=True).as_subclass(Tensor)
+            out[name] = x.flip(-1) if flip else x
+            if spec.canonical:
+                out[name] = canonical_instance_ids(out[name], self.num_instance_ids)
         if flip:
             image = TF.horizontal_flip(image)
-            maps = [None if x is None else x.flip(-1) for x in maps]
         if self.normalize:
             image = TF.normalize(TF.to_dtype(image, torch.float32, scale=True), self.mean, self.std)
-        inst, sem = maps
-        if inst is not None:
-            inst = canonical_instance_ids(inst, self.num_instance_ids)
-        return image.as_subclass(Tensor), inst, sem
+        return image.as_subclass(Tensor), out
 
 
 def normalize_on_device(rgb: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
@@ -96,3 +103,17 @@ def normalize_on_device(rgb: Tensor, mean: tuple[float, ...], std: tuple[float, 
     m = torch.tensor(mean, device=rgb.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
     s = torch.tensor(std, device=rgb.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
     return (rgb.float() - m) / s
+
+
+def inputs_on_device(batch: dict[str, Tensor], modalities: list[str], mean: tuple[float, ...],
+                     std: tuple[float, ...]) -> dict[str, Tensor]:
+    """The batch's modalities as the model reads them: images as float (normalised with ``mean`` / ``std`` where
+    the table of modalities says, else scaled to [0, 1]), id maps as they are."""
+    out = {}
+    for name in modalities:
+        x, spec = batch[name], table.get(name)
+        if spec.kind == "image":
+            x = normalize_on_device(x, mean, std) if spec.normalise else (x.float() / 255 if x.dtype == torch.uint8
+                                                                         else x)
+        out[name] = x
+    return out

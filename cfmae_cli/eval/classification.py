@@ -16,6 +16,8 @@ from timm.data.mixup import Mixup, cutmix_bbox_and_lam, mixup_target
 from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 
+from cfmae_cli import modalities as table
+from cfmae_cli.data.transforms import inputs_on_device
 from cfmae_cli.errors import DataError
 from cfmae_cli.eval.classifier import ViTClassifier, load_encoder_weights
 from cfmae_cli.eval.config import AugConfig, FinetuneConfig
@@ -53,16 +55,16 @@ class Mixer:
         return inputs, mixup_target(labels, self.num_classes, lam, self.smoothing)
 
     def mix(self, name: str, x: Tensor, lam: float, box: tuple[int, int, int, int] | None) -> Tensor:
-        other = x.flip(0)
+        other, spec = x.flip(0), table.get(name)
         if box is not None:
-            s = 1 if name == "rgb" else self.stride
+            s = self.stride if spec.at_map_stride else 1
             yl, yh, xl, xh = (v // s for v in box)
             x = x.clone()
             x[..., yl:yh, xl:xh] = other[..., yl:yh, xl:xh]
             return x
-        if name == "rgb":
+        if spec.kind == "image":
             return x * lam + other * (1.0 - lam)
-        return x if lam >= 0.5 else other
+        return x if lam >= 0.5 else other  # a blend of two id maps means nothing
 
 
 class ClassificationTask(FinetuneTask):
@@ -74,11 +76,13 @@ class ClassificationTask(FinetuneTask):
         data = build_datasets(cfg, arch, self.root)
         self.dataset, self.val_dataset, self.classes = data["train"], data["val"], data["classes"]
         c_sem = data["num_semantic_classes"]
-        if state is not None and "semantic" in cfg.data.modalities and "adapters.semantic.embed.weight" in state:
-            had = state["adapters.semantic.embed.weight"].shape[0] - 1
+        for name in (m for m in cfg.data.modalities if table.get(m).classes == "manifest"):
+            key = f"adapters.{name}.embed.weight"
+            had = state[key].shape[0] - 1 if state is not None and key in state else c_sem
             if had != c_sem:
                 raise DataError(f"{self.root}: its manifest has {c_sem} semantic classes, the checkpoint was "
-                                f"pre-trained with {had}; fine-tune on data labelled with the same classes.")
+                                f"pre-trained with {had} ({name} maps); fine-tune on data labelled with the same "
+                                f"classes.")
         self.modalities = list(cfg.data.modalities)
         torch.manual_seed(cfg.train.seed)  # the same initial head on every rank
         self.model = ViTClassifier(arch, cfg.data.img_size, len(self.classes), self.modalities, c_sem,
@@ -95,13 +99,16 @@ class ClassificationTask(FinetuneTask):
         self.best: dict[str, Any] = {"top1": -math.inf, "top5": -math.inf, "epoch": 0}
         self.improved = False
 
+    def inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return inputs_on_device(batch, self.modalities, self.cfg.data.mean, self.cfg.data.std)
+
     def forward(self, net: nn.Module, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, Tensor]:
-        inputs, target = self.mixer({m: batch[m] for m in self.modalities}, batch["label"], ctx.seed)
+        inputs, target = self.mixer(self.inputs(batch), batch["label"], ctx.seed)
         loss = self.criterion(net(inputs).float(), target)
         return loss, loss.detach().reshape(1)
 
     def end_epoch(self, done: int, summary: dict[str, Any]) -> dict[str, Any]:
-        metrics, skipped = evaluate(self.model, self.val_loader, self.info, self.bf16)
+        metrics, skipped = evaluate(self.model, self.val_loader, self.info, self.bf16, self.inputs)
         bad = sum(distributed.gather(len(skipped), self.info))
         if metrics["val_images"] == 0:
             raise DataError(f"{self.root}: no image of the val split could be read.")
@@ -124,5 +131,6 @@ class ClassificationTask(FinetuneTask):
                 f"initial weights: {self.source}",
                 f"{self.recipe()}, mixup {cfg.aug.mixup}, cutmix {cfg.aug.cutmix}, label smoothing "
                 f"{cfg.aug.label_smoothing}, "
-                + (f"RandAugment {cfg.aug.auto_augment}, random erasing {cfg.aug.reprob}" if self.modalities == ["rgb"]
+                + (f"RandAugment {cfg.aug.auto_augment}, random erasing {cfg.aug.reprob}"
+                   if not table.maps_of(self.modalities)
                    else "joint crop + flip of image and maps (no RandAugment, no erasing)")]

@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from cfmae_cli import modalities as table
 from cfmae_cli.config import EncoderArch
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.eval.config import FinetuneConfig
 from cfmae_cli.model.encoder import build_encoder
-from cfmae_cli.model.layers import MapAdapter, embed_tokens, init_weights
+from cfmae_cli.model.layers import embed_tokens, init_weights, map_adapters
 from cfmae_cli.model.weights import load_weights, read_weights
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,10 @@ class ViTClassifier(nn.Module):
         self.linear = linear
         # average pooling: fc_norm after the pooling replaces the encoder's final norm (MAE)
         self.encoder = build_encoder(arch, img_size, drop_path, final_norm=global_pool != "avg")
-        classes = {"semantic": num_semantic_classes, "instance": arch.num_instance_ids}
-        self.adapters = nn.ModuleDict({
-            name: MapAdapter(classes[name], arch.embed_dim, arch.map_embed_dim, arch.patch_size // arch.map_stride)
-            for name in self.modalities if name != "rgb"})
+        classes = {name: table.num_classes(table.get(name), num_semantic_classes, arch.num_instance_ids)
+                   for name in self.modalities}
+        self.adapters = map_adapters(self.modalities, arch.embed_dim, arch.map_embed_dim, arch.patch_size,
+                                     arch.map_stride, classes)
         dim = arch.embed_dim
         self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if global_pool == "avg" else nn.Identity()
         init_weights(self)
@@ -112,7 +113,8 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu"
     if cfg.kind != "classification":
         raise CfmaeError(f"{w.path}: a {cfg.kind} model, not an image classifier.")
     state = w.state
-    c_sem = state["adapters.semantic.embed.weight"].shape[0] - 1 if "adapters.semantic.embed.weight" in state else 0
+    named = [f"adapters.{m}.embed.weight" for m in cfg.data.modalities if table.get(m).classes == "manifest"]
+    c_sem = state[named[0]].shape[0] - 1 if named and named[0] in state else 0
     model = ViTClassifier(cfg.model.encoder, cfg.data.img_size, len(w.top["classes"]), cfg.data.modalities, c_sem,
                           cfg.model.global_pool, linear=cfg.mode == "linear")
     load_weights(model, state, w.source, strict=True)

@@ -36,7 +36,7 @@ def coco_from_layout(samples: list[Sample], semantic_classes: list[str], min_are
     are left out."""
     images, annotations = [], []
     for image_id, sample in enumerate(samples, start=1):
-        with Image.open(sample.instance) as a, Image.open(sample.semantic) as b:
+        with Image.open(sample.maps["instance"]) as a, Image.open(sample.maps["semantic"]) as b:
             ids, sem = np.asarray(a).astype(np.int64), np.asarray(b).astype(np.int64)
         h, w = ids.shape
         images.append({"id": image_id, "file_name": str(sample.rgb), "height": h, "width": w})

@@ -10,7 +10,8 @@ from typing import Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from cfmae_cli.config import EncoderArch, ImageDataConfig, Modality, RunConfig, _Strict
+from cfmae_cli import modalities as table
+from cfmae_cli.config import EncoderArch, ImageDataConfig, Modality, RunConfig, _Strict, check_inputs
 
 
 class FtDataConfig(ImageDataConfig):
@@ -33,8 +34,7 @@ class FtDataConfig(ImageDataConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "FtDataConfig":
-        if len(set(self.modalities)) != len(self.modalities) or "rgb" not in self.modalities:
-            raise ValueError("data.modalities: rgb, optionally with instance and/or semantic, each once")
+        check_inputs(self.modalities)
         return self
 
 
@@ -121,13 +121,14 @@ class FinetuneConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":
         enc = self.model.encoder
-        if self.kind == "detection" and (self.mode == "linear" or self.data.modalities != ["rgb"]):
+        image_only = self.data.modalities == [table.embedding_modality()]
+        if self.kind == "detection" and (self.mode == "linear" or not image_only):
             raise ValueError("kind: detection fine-tunes the whole encoder on RGB (mode full, modalities [rgb])")
         if self.kind == "detection" and self.data.max_size > self.data.img_size:
             raise ValueError(f"data.max_size: {self.data.max_size} exceeds data.img_size {self.data.img_size}, the "
                              f"padded input of the encoder")
         if self.kind == "segmentation":
-            if self.mode == "linear" or self.data.modalities != ["rgb"]:
+            if self.mode == "linear" or not image_only:
                 raise ValueError("kind: segmentation fine-tunes the whole encoder on RGB (mode full, modalities [rgb])")
             if self.train.batch_size < 2:
                 raise ValueError("train.batch_size: segmentation needs at least 2 images per device (BatchNorm)")

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
 from torch.utils.data import Dataset
 
+from cfmae_cli import modalities as table
 from cfmae_cli.config import EncoderArch
 from cfmae_cli.data.dataset import MultiGranularDataset, Skipped
 from cfmae_cli.data.layout import list_samples, read_manifest, Sample
@@ -83,7 +84,7 @@ def list_split(folder: Path, maps: list[str]) -> tuple[list[Sample], list[str]]:
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found.")
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
-    samples = [Sample(Path(e.path), Path(), Path(), label)
+    samples = [Sample(Path(e.path), {}, label)
                for label, name in enumerate(classes)
                for e in sorted(os.scandir(folder / name), key=lambda e: e.name)
                if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
@@ -131,7 +132,7 @@ def find_splits(root: Path, val_fraction: float | None, maps: list[str]
 def build_datasets(cfg: FinetuneConfig, arch: EncoderArch, root: Path) -> dict[str, Any]:
     """{'train', 'val' datasets, 'classes', 'num_semantic_classes'} for this config."""
     d, aug = cfg.data, cfg.aug
-    maps = [m for m in d.modalities if m != "rgb"]
+    maps = table.maps_of(d.modalities)
     train, val, classes, meta = find_splits(root, d.val_fraction, maps)
     if maps:
         c_sem = int(read_manifest(meta)["num_semantic_classes"])

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from cfmae_cli.data.dataset import Skipped, collate
@@ -24,9 +24,11 @@ def shard_loader(dataset: Dataset, batch_size: int, workers: int, info: distribu
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, info: distributed.DistInfo, bf16: bool = False
+def evaluate(model: nn.Module, loader: DataLoader, info: distributed.DistInfo, bf16: bool = False,
+             prepare: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
              ) -> tuple[dict[str, Any], list[Skipped]]:
-    """Mean cross-entropy and top-1 / top-5 accuracy (in %) over every readable image of every rank's loader.
+    """Mean cross-entropy and top-1 / top-5 accuracy (in %) over every readable image of every rank's loader;
+    ``prepare`` turns a batch on the device into the model's inputs.
 
     Returns ({'val_loss', 'top1', 'top5', 'val_images'}, the items this rank could not read).
     """
@@ -42,6 +44,7 @@ def evaluate(model: nn.Module, loader: DataLoader, info: distributed.DistInfo, b
         labels = batch["label"].to(device, non_blocking=True)
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()
                   if torch.is_tensor(v) and k != "label"}
+        inputs = prepare(inputs) if prepare is not None else inputs
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(inputs)
         logits = logits.float()

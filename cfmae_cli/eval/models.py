@@ -14,6 +14,7 @@ from timm.data import create_transform
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
+from cfmae_cli import modalities as table
 from cfmae_cli.errors import CfmaeError
 
 Interp = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}
@@ -67,7 +68,7 @@ def _ours(path: Path, device: torch.device) -> EvalModel:
     from cfmae_cli.eval.classifier import load_classifier
 
     model, cfg, classes = load_classifier(path, device)
-    if cfg.data.modalities != ["rgb"]:
+    if table.maps_of(cfg.data.modalities):
         raise CfmaeError(f"{path}: this classifier reads {' + '.join(cfg.data.modalities)}; the ImageNet variants "
                          f"have no instance or semantic maps. Evaluate a classifier fine-tuned on RGB.")
     d = cfg.data

@@ -147,7 +147,7 @@ def segmentation_datasets(cfg: FinetuneConfig, root: Path) -> dict[str, Any]:
             if missing or not pairs:
                 raise DataError(f"{root}: ADE20K layout, but {len(missing) or 'no'} annotation(s) missing in "
                                 f"annotations/{split} (e.g. {missing[0] if missing else 'no images in images/' + split}).")
-            splits.append([Sample(p, Path(), a, 0) for p, a in pairs])
+            splits.append([Sample(p, {"semantic": a}, 0) for p, a in pairs])
         train, val, classes, reduce = splits[0], splits[1], d.num_classes or ADE20K_CLASSES, True
     else:
         train, val, _, meta = find_splits(root, d.val_fraction, ["semantic"])

@@ -7,11 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cfmae_cli import modalities as table
 from cfmae_cli.config import Config, EncoderArch
 from cfmae_cli.model.decoder import CFMAEDecoder
 from cfmae_cli.model.encoder import build_encoder
-from cfmae_cli.model.layers import MapAdapter, embed_tokens, init_weights
-from cfmae_cli.model.losses import map_loss, rgb_loss
+from cfmae_cli.model.layers import embed_tokens, init_weights, map_adapters, patch_side
+from cfmae_cli.model.losses import modality_loss
 
 
 class CFMAE(nn.Module):
@@ -26,21 +27,24 @@ class CFMAE(nn.Module):
         m = cfg.model
         self.cfg = cfg
         self.modalities = list(cfg.data.modalities)
-        self.patch = m.patch_size
-        self.cells = (m.patch_size // m.map_stride) ** 2
         self.num_visible = cfg.masking.num_visible
-        self.classes = {"semantic": num_semantic_classes, "instance": m.num_instance_ids}
+        self.classes = {name: table.num_classes(table.get(name), num_semantic_classes, m.num_instance_ids)
+                        for name in self.modalities if table.get(name).kind == "ids"}
+        self.patches = {name: patch_side(name, m.patch_size, m.map_stride) for name in self.modalities}
         self.encoder = build_encoder(EncoderArch.of(m), cfg.data.img_size, m.drop_path)
         self.grid = self.encoder.grid
-        self.adapters = nn.ModuleDict({
-            name: MapAdapter(self.classes[name], m.embed_dim, m.map_embed_dim, m.patch_size // m.map_stride)
-            for name in self.modalities if name != "rgb"})
+        self.adapters = map_adapters(self.modalities, m.embed_dim, m.map_embed_dim, m.patch_size, m.map_stride,
+                                     self.classes)
         self.decoder = CFMAEDecoder(m.decoder, m.embed_dim, self.modalities, self.grid)
-        out_dims = {"rgb": m.patch_size ** 2 * 3, **{k: self.cells * c for k, c in self.classes.items()}}
         self.heads = nn.ModuleDict({
-            name: nn.Sequential(nn.LayerNorm(m.decoder.dim, eps=1e-6), nn.Linear(m.decoder.dim, out_dims[name]))
+            name: nn.Sequential(nn.LayerNorm(m.decoder.dim, eps=1e-6), nn.Linear(m.decoder.dim, self.head_dim(name)))
             for name in self.modalities})
         self._init_weights()
+
+    def head_dim(self, name: str) -> int:
+        """Values predicted per token (Eq. 3): the patch's pixels × channels (image) or cells × ids (id map)."""
+        spec, side = table.get(name), self.patches[name]
+        return side * side * (self.classes[name] if spec.kind == "ids" else spec.channels)
 
     def _init_weights(self) -> None:
         init_weights(self)
@@ -83,11 +87,8 @@ class CFMAE(nn.Module):
 
     def losses(self, pred: dict[str, Tensor], batch: dict[str, Tensor], mask: Tensor) -> dict[str, Any]:
         weights = self.cfg.model.loss_weights
-        losses = {}
-        for i, name in enumerate(self.modalities):
-            if name == "rgb":
-                losses[name] = rgb_loss(pred[name], batch[name], mask[:, i], self.patch, self.cfg.model.norm_pix_loss)
-            else:
-                losses[name] = map_loss(pred[name], batch[name], mask[:, i], self.classes[name])
+        losses = {name: modality_loss(table.get(name), pred[name], batch[name], mask[:, i], self.patches[name],
+                                      self.classes.get(name, 0), self.cfg.model.norm_pix_loss)
+                  for i, name in enumerate(self.modalities)}
         total = sum(weights.get(name, 1.0) * value for name, value in losses.items())
         return {"loss": total, "losses": losses}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cfmae_cli import modalities as table
 from cfmae_cli.config import Config
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.model.encoder import timm_name
@@ -101,7 +102,7 @@ def timm_classifier(cfg: dict[str, Any], state: dict[str, Tensor], classes: list
     if cfg.get("kind", "classification") != "classification":
         raise CfmaeError(f"{path}: a {cfg['kind']} model; timm's VisionTransformer holds classifiers. Export the "
                          f"encoder of its pre-training checkpoint instead.")
-    if cfg["data"]["modalities"] != ["rgb"]:
+    if table.maps_of(cfg["data"]["modalities"]):
         raise CfmaeError(f"{path}: this classifier reads {' + '.join(cfg['data']['modalities'])}; timm's "
                          f"VisionTransformer takes RGB only. Export its pre-training checkpoint's encoder instead.")
     enc, pool = cfg["model"]["encoder"], cfg["model"]["global_pool"]

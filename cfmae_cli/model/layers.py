@@ -1,4 +1,5 @@
-"""Small building blocks: 2-D sin-cos position embeddings, map input adapters, cross-attention."""
+"""Small building blocks: 2-D sin-cos position embeddings, the input adapters of the modalities' kinds,
+cross-attention."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import Mlp
 
+from cfmae_cli import modalities as table
 from cfmae_cli.formats import UNLABELLED
+from cfmae_cli.modalities import Modality
 
 
 def sincos_pos_embed(dim: int, grid: int) -> Tensor:
@@ -69,6 +72,27 @@ class MapAdapter(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class PixelAdapter(nn.Module):
+    """An image modality other than the encoder's own (e.g. a grey-level map) → tokens: Conv2d(C, D, k=s=patch).
+
+    Input (B, C, h, w) float; output (B, N, D)."""
+
+    def __init__(self, channels: int, embed_dim: int, patch: int):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, embed_dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def make_adapter(modality: Modality, embed_dim: int, pixel_dim: int, patch: int, classes: int) -> nn.Module:
+    """The input adapter of a map modality, by its kind: ids → :class:`MapAdapter`, image → :class:`PixelAdapter`.
+    ``patch`` is the side of a patch in the modality's own pixels."""
+    if modality.kind == "ids":
+        return MapAdapter(classes, embed_dim, pixel_dim, patch)
+    return PixelAdapter(modality.channels, embed_dim, patch)
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of queries (B, Nq, d) over a context (B, Nk, d) with SDPA."""
 
@@ -106,14 +130,30 @@ class CrossBlock(nn.Module):
 
 def embed_tokens(encoder: nn.Module, adapters: nn.ModuleDict, modalities: list[str], batch: dict[str, Tensor]
                  ) -> Tensor:
-    """All patch tokens of ``modalities`` with positions: (B, M·N, D), in the order given. RGB goes through the
-    encoder's patch embedding, maps through their adapters; one position table is shared by all."""
+    """All patch tokens of ``modalities`` with positions: (B, M·N, D), in the order given. The modality of the
+    patch embedding (RGB) goes through the encoder's own, the others through their adapters; one position
+    table is shared by all."""
     pos = encoder.patch_pos
     parts = []
     for name in modalities:
-        tokens = encoder.patch_embed(batch[name]) if name == "rgb" else adapters[name](batch[name])
-        parts.append(tokens + pos)
+        adapter = encoder.patch_embed if table.get(name).patch_embedding else adapters[name]
+        parts.append(adapter(batch[name]) + pos)
     return torch.cat(parts, dim=1)
+
+
+def map_adapters(modalities: list[str], embed_dim: int, pixel_dim: int, patch_size: int, map_stride: int,
+                 classes: dict[str, int]) -> nn.ModuleDict:
+    """The adapters of the map modalities of ``modalities`` (their patch side from the table: patch_size, or
+    patch_size / map_stride at the map stride)."""
+    return nn.ModuleDict({
+        name: make_adapter(table.get(name), embed_dim, pixel_dim, patch_side(name, patch_size, map_stride),
+                           classes.get(name, 0))
+        for name in table.maps_of(modalities)})
+
+
+def patch_side(name: str, patch_size: int, map_stride: int) -> int:
+    """The side of a patch of modality ``name`` in its own pixels."""
+    return patch_size // map_stride if table.get(name).at_map_stride else patch_size
 
 
 def init_weights(model: nn.Module) -> None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from cfmae_cli.formats import UNLABELLED
+from cfmae_cli.modalities import Modality
 
 
 def patchify_rgb(images: Tensor, patch: int) -> Tensor:
-    """(B, 3, H, W) → (B, N, patch·patch·3), pixels row-major inside a patch, channels last."""
+    """(B, C, H, W) → (B, N, patch·patch·C), pixels row-major inside a patch, channels last."""
     b, c, h, w = images.shape
     g_h, g_w = h // patch, w // patch
     x = images.reshape(b, c, g_h, patch, g_w, patch).permute(0, 2, 4, 3, 5, 1)
@@ -18,11 +21,11 @@ def patchify_rgb(images: Tensor, patch: int) -> Tensor:
 
 
 def unpatchify_rgb(patches: Tensor, patch: int) -> Tensor:
-    """Inverse of :func:`patchify_rgb` for a square grid: (B, N, p·p·3) → (B, 3, H, W)."""
-    b, n, _ = patches.shape
-    g = int(round(n ** 0.5))
-    x = patches.reshape(b, g, g, patch, patch, 3).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(b, 3, g * patch, g * patch)
+    """Inverse of :func:`patchify_rgb` for a square grid: (B, N, p·p·C) → (B, C, H, W)."""
+    b, n, values = patches.shape
+    g, c = int(round(n ** 0.5)), values // (patch * patch)
+    x = patches.reshape(b, g, g, patch, patch, c).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, c, g * patch, g * patch)
 
 
 def patchify_map(ids: Tensor, grid: int) -> Tensor:
@@ -44,13 +47,30 @@ def _masked_mean(values: Tensor, weight: Tensor) -> Tensor:
     return (values * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def rgb_loss(pred: Tensor, images: Tensor, mask: Tensor, patch: int, norm_pix: bool) -> Tensor:
-    """MSE over masked patches. pred (B, N, p·p·3), images (B, 3, H, W), mask (B, N) bool."""
+def mse_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Mean squared error over the masked patches: pred, target (B, N, P), mask (B, N) bool."""
+    per_token = (pred.float() - target).pow(2).mean(-1)
+    return _masked_mean(per_token, mask.float())
+
+
+def rgb_loss(pred: Tensor, images: Tensor, mask: Tensor, patch: int, norm_pix: bool,
+             loss: Callable[[Tensor, Tensor, Tensor], Tensor] = mse_loss) -> Tensor:
+    """An image modality's loss over masked patches (MSE unless ``loss`` is given), in fp32. pred (B, N,
+    p·p·C), images (B, C, H, W), mask (B, N) bool; ``norm_pix``: MAE's per-patch normalised target."""
     target = patchify_rgb(images, patch).float()
     if norm_pix:
         target = normalise_patches(target)
-    per_token = (pred.float() - target).pow(2).mean(-1)
-    return _masked_mean(per_token, mask.float())
+    return loss(pred, target, mask)
+
+
+def modality_loss(modality: Modality, pred: Tensor, x: Tensor, mask: Tensor, patch: int, classes: int,
+                  norm_pix: bool) -> Tensor:
+    """The loss of one modality over its masked patches (Eq. 5), by the table's entry: an image's regression
+    (its own ``loss``, else MSE; MAE's norm-pix target where the entry and ``model.norm_pix_loss`` say), an id
+    map's cross-entropy. ``patch`` is the side of a patch in the modality's pixels."""
+    if modality.kind == "ids":
+        return map_loss(pred, x, mask, classes)
+    return rgb_loss(pred, x, mask, patch, norm_pix and modality.norm_pix, modality.loss or mse_loss)
 
 
 def map_loss(logits: Tensor, ids: Tensor, mask: Tensor, num_classes: int) -> Tensor:

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+from cfmae_cli import modalities as table
 from cfmae_cli.checkpoints import FORMAT_VERSION, checkpoint_path
 from cfmae_cli.config import Config, EncoderArch, stored_config
 from cfmae_cli.errors import CfmaeError
@@ -147,11 +148,11 @@ def arch_from_state(state: dict[str, Tensor]) -> tuple[EncoderArch, set[str]]:
     depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.blocks."))
     values = {"patch_size": patch, "embed_dim": dim, "depth": depth, "num_heads": max(dim // 64, 1),
               "mlp_ratio": fc1.shape[0] / dim}
-    for name in ("instance", "semantic"):
+    for name, spec in table.TABLE.items():  # id-map adapters show the map fields
         embed, conv = state.get(f"adapters.{name}.embed.weight"), state.get(f"adapters.{name}.proj.weight")
-        if embed is not None and conv is not None:
+        if spec.kind == "ids" and embed is not None and conv is not None:
             values.update(map_embed_dim=embed.shape[1], map_stride=patch // conv.shape[-1])
-            if name == "instance":
+            if spec.classes == "instance_ids":
                 values["num_instance_ids"] = embed.shape[0] - 1
     return EncoderArch(**values), set(values) - {"num_heads"}
 

@@ -9,9 +9,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from cfmae_cli import modalities as table
 from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import Skipped, collate
-from cfmae_cli.data.transforms import normalize_on_device
+from cfmae_cli.data.transforms import inputs_on_device
 from cfmae_cli.masking import MaskGenerator, schedule
 from cfmae_cli.model import CFMAE
 from cfmae_cli.seeding import mix_seed
@@ -63,14 +64,19 @@ class PretrainTask(Task):
         alpha_i, alpha_s = self.alphas(ctx.progress)
         return {"alpha_i": alpha_i, "alpha_s": alpha_s}
 
-    def forward(self, net: nn.Module, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, Tensor]:
-        alpha_i, alpha_s = self.alphas(ctx.progress)
-        batch = {**batch, "rgb": normalize_on_device(batch["rgb"], self.cfg.data.mean, self.cfg.data.std)}
-        n = batch["rgb"].shape[0]
+    def inputs_and_mask(self, batch: dict[str, Tensor], alphas: tuple[float, float], seed: int
+                        ) -> tuple[dict[str, Tensor], Tensor]:
+        """The model's inputs (images as float, on the device) and the masks (Eq. 11) of a batch at the
+        curriculum's (α_I, α_S); the masking strategies read their guide maps as the table of modalities says."""
+        inputs = inputs_on_device(batch, self.modalities, self.cfg.data.mean, self.cfg.data.std)
+        n = inputs[self.modalities[0]].shape[0]
         with torch.no_grad():
-            mask = self.masks(alpha_i, alpha_s, n, self.device, instance=batch.get("instance"),
-                              semantic=batch.get("semantic"), seed=ctx.seed).mask
-        out = net({m: batch[m] for m in self.modalities}, mask)
+            mask = self.masks(*alphas, n, self.device, seed=seed, **table.guide_maps(inputs, self.modalities)).mask
+        return inputs, mask
+
+    def forward(self, net: nn.Module, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, Tensor]:
+        inputs, mask = self.inputs_and_mask(batch, self.alphas(ctx.progress), ctx.seed)
+        out = net(inputs, mask)
         values = torch.stack([out["loss"].detach()] + [out["losses"][m].detach() for m in self.modalities])
         return out["loss"], values
 
@@ -108,15 +114,12 @@ class PretrainTask(Task):
         if not items:
             return
         batch = {m: v.to(self.device) for m, v in collate(items).items() if m in self.modalities}
-        batch["rgb"] = normalize_on_device(batch["rgb"], self.cfg.data.mean, self.cfg.data.std)
-        n = len(items)
-        mask = self.masks(alpha_i, alpha_s, n, self.device, instance=batch.get("instance"),
-                          semantic=batch.get("semantic"), seed=mix_seed(self.cfg.train.seed, 2 ** 20)).mask
+        batch, mask = self.inputs_and_mask(batch, (alpha_i, alpha_s), mix_seed(self.cfg.train.seed, 2 ** 20))
         self.model.eval()
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             pred = self.model(batch, mask)["pred"]
         self.model.train()
-        panels = reconstruction_panels(batch, mask, pred, self.modalities, self.model.classes, self.model.patch,
+        panels = reconstruction_panels(batch, mask, pred, self.modalities, self.model.classes, self.model.patches,
                                        self.cfg.model.norm_pix_loss, self.cfg.data.mean, self.cfg.data.std)
         save_grid(panels, run_dir / "plots" / f"recon-epoch-{epoch:04d}.png",
                   f"epoch {epoch}  alpha_I {alpha_i:.2f}  alpha_S {alpha_s:.2f}")

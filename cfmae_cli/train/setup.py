@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from cfmae_cli import modalities as table
 from cfmae_cli.config import Config, batch_plan, derived
 from cfmae_cli.data.dataset import MultiGranularDataset
 from cfmae_cli.data.layout import list_samples, read_manifest
@@ -47,7 +48,7 @@ def build_dataset(cfg: Config, root: Path, train: bool = True
     d = cfg.data
     transform = JointTransform(d.img_size, cfg.model.map_stride, cfg.model.num_instance_ids, d.crop_scale,
                                d.crop_ratio, d.hflip, d.mean, d.std, train=train, normalize=False)
-    maps = [m for m in cfg.data.modalities if m != "rgb"]
+    maps = table.maps_of(cfg.data.modalities)
     if is_packed(root):
         return PackedDataset(root, transform, maps, cfg.train.seed), read_packed_manifest(root)
     manifest = read_manifest(root)

@@ -12,12 +12,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
+from cfmae_cli import modalities as table
 from cfmae_cli.checkpoints import newest_checkpoint
 from cfmae_cli.config import Config
+from cfmae_cli.data.dataset import read_map
 from cfmae_cli.data.layout import map_path, read_image, read_manifest
-from cfmae_cli.data.transforms import JointTransform
+from cfmae_cli.data.transforms import JointTransform, inputs_on_device
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import MANIFEST_NAME, UNLABELLED
 from cfmae_cli.masking import MaskGenerator, schedule
@@ -52,8 +55,6 @@ def load_pretrained(spec: str | Path | None, device: torch.device) -> Pretrained
 
 def load_image(path: Path, size: int) -> tuple[np.ndarray, list[str]]:
     """H×W×3 uint8 and notes for the user (conversions, resizing); unreadable → exit 2 naming the file."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             mode = im.mode
@@ -69,33 +70,34 @@ def load_image(path: Path, size: int) -> tuple[np.ndarray, list[str]]:
     return image, notes
 
 
-def dataset_maps(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
-    """The image's maps and class names when it lies in ``DATA/rgb/`` of a labelled dataset."""
-    from PIL import Image
-
+def dataset_maps(path: Path, names: list[str]) -> tuple[dict[str, np.ndarray], list[str]] | None:
+    """The image's maps of ``names`` and the semantic class names when it lies in ``DATA/rgb/`` of a labelled
+    dataset that has them all."""
     path = path.resolve()
     for root in path.parents:
         if (root / MANIFEST_NAME).is_file() and (root / "rgb") in path.parents:
             rel = path.relative_to(root / "rgb")
             cls = str(rel.parent) if str(rel.parent) != "." else ""
-            files = [map_path(root, m, cls, path.stem) for m in ("instance", "semantic")]
-            if all(f.is_file() for f in files):
-                maps = [np.asarray(Image.open(f)).astype(np.int64) for f in files]
-                return maps[0], maps[1], read_manifest(root)["semantic_classes"]
+            files = {m: map_path(root, m, cls, path.stem) for m in names}
+            if all(f.is_file() for f in files.values()):
+                size = Image.open(path).size
+                maps = {m: read_map(f, size, table.get(m)).numpy() for m, f in files.items()}
+                return maps, read_manifest(root)["semantic_classes"]
     return None
 
 
-def prepare(net: Pretrained, images: list[np.ndarray], maps: list[tuple[np.ndarray, np.ndarray]],
+def prepare(net: Pretrained, images: list[np.ndarray], maps: list[dict[str, np.ndarray]],
             device: torch.device) -> dict[str, Tensor]:
-    """Centre square, resized: rgb (B, 3, S, S) normalised, instance / semantic (B, S/s, S/s) long."""
+    """Centre square, resized: rgb (B, 3, S, S) normalised, each map as the training reader gives it."""
     d = net.cfg.data
     t = JointTransform(d.img_size, net.cfg.model.map_stride, net.cfg.model.num_instance_ids, d.crop_scale,
                        d.crop_ratio, 0.0, d.mean, d.std, train=False)
-    out = [t(torch.from_numpy(np.array(im)).permute(2, 0, 1), torch.from_numpy(np.array(ins)),
-             torch.from_numpy(np.array(sem))) for im, (ins, sem) in zip(images, maps)]
-    return {"rgb": torch.stack([o[0] for o in out]).to(device),
-            "instance": torch.stack([o[1] for o in out]).to(device),
-            "semantic": torch.stack([o[2] for o in out]).to(device)}
+    out = [t(torch.from_numpy(np.array(im)).permute(2, 0, 1), {m: torch.from_numpy(np.array(x)) for m, x in mp.items()})
+           for im, mp in zip(images, maps)]
+    batch = {"rgb": torch.stack([o[0] for o in out])}
+    batch.update({m: torch.stack([o[1][m] for o in out]) for m in out[0][1]})
+    batch = inputs_on_device(batch, list(batch), d.mean, d.std)  # (rgb comes normalised already)
+    return {m: x.to(device) for m, x in batch.items()}
 
 
 def input_masks(net: Pretrained, inputs: list[str], strategy: str, num_visible: int | None, batch: dict[str, Tensor],
@@ -104,7 +106,7 @@ def input_masks(net: Pretrained, inputs: list[str], strategy: str, num_visible: 
     input: all of its tokens visible by default), the other modalities fully masked. Returns (mask, V)."""
     model, cfg = net.model, net.cfg
     n, names = model.grid ** 2, model.modalities
-    b = batch["rgb"].shape[0]
+    b, device = len(next(iter(batch.values()))), next(iter(batch.values())).device
     visible = num_visible or (n if len(inputs) == 1 else cfg.masking.num_visible)
     if not 1 <= visible <= n * len(inputs):
         raise CfmaeError(f"--num-visible {visible}: must lie in 1..{n * len(inputs)} for {len(inputs)} input(s)")
@@ -113,7 +115,7 @@ def input_masks(net: Pretrained, inputs: list[str], strategy: str, num_visible: 
         alpha_i, alpha_s = schedule(done, cfg.masking.order, cfg.masking.breakpoints)
     else:
         alpha_i, alpha_s = STRATEGIES[strategy]
-    mask = torch.ones(b, len(names), n, dtype=torch.bool, device=batch["rgb"].device)
+    mask = torch.ones(b, len(names), n, dtype=torch.bool, device=device)
     if visible == n * len(inputs):
         for m in inputs:
             mask[:, names.index(m)] = False
@@ -123,8 +125,7 @@ def input_masks(net: Pretrained, inputs: list[str], strategy: str, num_visible: 
                          f"{n * len(inputs)} shows every input token")
     masking = cfg.masking.model_copy(update={"num_visible": visible})
     gen = MaskGenerator(masking, inputs, model.grid, len(net.classes), cfg.model.num_instance_ids)
-    sub = gen(alpha_i, alpha_s, b, batch["rgb"].device, instance=batch.get("instance"),
-              semantic=batch.get("semantic"), seed=seed).mask
+    sub = gen(alpha_i, alpha_s, b, device, seed=seed, **table.guide_maps(batch, inputs)).mask
     for j, m in enumerate(inputs):
         mask[:, names.index(m)] = sub[:, j]
     return mask, visible
@@ -132,27 +133,27 @@ def input_masks(net: Pretrained, inputs: list[str], strategy: str, num_visible: 
 
 def errors(net: Pretrained, batch: dict[str, Tensor], mask: Tensor, pred: dict[str, Tensor],
            reference_ok: dict[str, bool]) -> list[dict[str, dict[str, float]]]:
-    """Per image and modality, on the masked patches: RGB MSE in [0, 1] pixels; maps pixel accuracy and mIoU
-    (classes present in the reference or the prediction, id 255 ignored)."""
+    """Per image and modality, on the masked patches: images the MSE in [0, 1] pixels; id maps the pixel
+    accuracy and mIoU (classes present in the reference or the prediction, id 255 ignored)."""
     from cfmae_cli.model.losses import patchify_map, patchify_rgb
     from cfmae_cli.viz.recon import map_prediction, rgb_prediction
 
     model, cfg = net.model, net.cfg
-    out: list[dict[str, dict[str, float]]] = [{} for _ in range(batch["rgb"].shape[0])]
-    std = torch.tensor(cfg.data.std, device=mask.device).view(1, 3, 1, 1)
+    out: list[dict[str, dict[str, float]]] = [{} for _ in range(len(mask))]
     for i, name in enumerate(model.modalities):
-        m = mask[:, i]
+        m, spec, x, side = mask[:, i], table.get(name), batch[name], model.patches[name]
         if not reference_ok.get(name, True) or not bool(m.any()):
             continue
-        if name == "rgb":
-            image = rgb_prediction(pred["rgb"], batch["rgb"], m, model.patch, cfg.model.norm_pix_loss)
-            diff = patchify_rgb((image - batch["rgb"]) * std, model.patch).pow(2).mean(-1)  # pixels in [0, 1]
+        if spec.kind == "image":
+            image = rgb_prediction(pred[name], x, m, side, cfg.model.norm_pix_loss and spec.norm_pix)
+            scale = torch.tensor(cfg.data.std, device=mask.device).view(1, 3, 1, 1) if spec.normalise else 1.0
+            diff = patchify_rgb((image - x) * scale, side).pow(2).mean(-1)  # pixels in [0, 1]
             for k in range(len(out)):
-                out[k]["rgb"] = {"mse": float(diff[k][m[k]].mean())}
+                out[k][name] = {"mse": float(diff[k][m[k]].mean())}
             continue
-        ids = map_prediction(pred[name], batch[name], m, model.classes[name])
+        ids = map_prediction(pred[name], x, m, model.classes[name])
         grid = model.grid
-        p_cells, r_cells = patchify_map(ids, grid), patchify_map(batch[name], grid)
+        p_cells, r_cells = patchify_map(ids, grid), patchify_map(x, grid)
         for k in range(len(out)):
             p, r = p_cells[k][m[k]].flatten(), r_cells[k][m[k]].flatten()
             valid = r != UNLABELLED

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cfmae_cli import modalities as table
 from cfmae_cli.formats import UNLABELLED
+from cfmae_cli.modalities import Modality
 from cfmae_cli.model.losses import patchify_map, patchify_rgb, unpatchify_rgb
 from cfmae_cli.viz.grid import fit, save_image_grid
 
@@ -73,23 +75,34 @@ def _grey_out(pixels: np.ndarray, mask: Tensor, grid: int) -> np.ndarray:
     return out
 
 
+def image_pixels(images: Tensor, modality: Modality, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """An image modality as the model reads it (B, C, H, W) → uint8 (B, H, W, 3): de-normalised where the table
+    says it is normalised, else values in [0, 1]; one channel drawn grey."""
+    if modality.normalise:
+        return rgb_pixels(images, mean, std)
+    x = (images.float().cpu().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    return x.repeat(3, axis=-1) if x.shape[-1] == 1 else x
+
+
 def reconstruction_panels(batch: dict[str, Tensor], mask: Tensor, pred: dict[str, Tensor], modalities: list[str],
-                          classes: dict[str, int], patch: int, norm_pix: bool, mean: tuple[float, ...],
+                          classes: dict[str, int], patches: dict[str, int], norm_pix: bool, mean: tuple[float, ...],
                           std: tuple[float, ...]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per modality: (masked input, prediction, reference) as uint8 (B, S, S, 3) arrays at image size."""
-    size = batch["rgb"].shape[-1] if "rgb" in batch else None
+    """Per modality: (masked input, prediction, reference) as uint8 (B, S, S, 3) arrays at image size; images
+    as pixels, id maps in the palette (the table of modalities says which)."""
+    first = table.embedding_modality()
+    size = batch[first].shape[-1] if first in batch else None
     colours = palette()
     panels = {}
     for i, name in enumerate(modalities):
-        m = mask[:, i]
+        m, spec, x = mask[:, i], table.get(name), batch[name]
         grid = int(round(m.shape[1] ** 0.5))
-        if name == "rgb":
-            ref = rgb_pixels(batch["rgb"], mean, std)
-            out = rgb_pixels(rgb_prediction(pred["rgb"], batch["rgb"], m, patch, norm_pix), mean, std)
+        if spec.kind == "image":
+            ref = image_pixels(x, spec, mean, std)
+            guess = rgb_prediction(pred[name], x, m, patches[name], norm_pix and spec.norm_pix)
+            out = image_pixels(guess, spec, mean, std)
         else:
-            ids = batch[name]
-            ref = colours[ids.clamp(0, 255).cpu().numpy()]
-            out = colours[map_prediction(pred[name], ids, m, classes[name]).clamp(0, 255).cpu().numpy()]
+            ref = colours[x.clamp(0, 255).cpu().numpy()]
+            out = colours[map_prediction(pred[name], x, m, classes[name]).clamp(0, 255).cpu().numpy()]
         side = max(size or ref.shape[1], MIN_SIDE)
         masked = _grey_out(ref, m, grid)
         panels[name] = tuple(np.stack([fit(im, side, smooth=False) for im in x]) for x in (masked, out, ref))
