@@ -26,6 +26,7 @@ from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import collate
 from cfmae_cli.masking import MaskGenerator, schedule
 from cfmae_cli.model import CFMAE
+from cfmae_cli.train import distributed
 from cfmae_cli.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class Rig:
         self.optimizer = build_optimizer(self.model, cfg.optim, 1e-4, device)
         self.masks = MaskGenerator(cfg.masking, cfg.data.modalities, self.model.grid, classes,
                                    cfg.model.num_instance_ids)
-        self.bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+        self.bf16 = distributed.uses_bf16(cfg.train.precision, device)
         self.g = torch.Generator(device=device).manual_seed(0)
         self.size, self.map_size = cfg.data.img_size, cfg.data.img_size // cfg.model.map_stride
 

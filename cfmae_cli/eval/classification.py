@@ -94,7 +94,7 @@ class ClassificationTask(FinetuneTask):
         self.mixer = Mixer(cfg.aug, len(self.classes), arch.map_stride)
         self.criterion = SoftTargetCrossEntropy()
         self.names = ["loss"]
-        self.bf16 = self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+        self.bf16 = info.bf16  # decided once, by the engine (train.precision)
         self.val_loader = shard_loader(self.val_dataset, cfg.train.batch_size, cfg.data.num_workers, info)
         self.best: dict[str, Any] = {"top1": -math.inf, "top5": -math.inf, "epoch": 0}
         self.improved = False

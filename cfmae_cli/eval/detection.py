@@ -169,7 +169,7 @@ class DetectionTask(FinetuneTask):
             load_encoder_weights(model.backbone, state, source)
         self.model = model.to(self.device)
         self.names = ["loss", *LOSSES]
-        self.bf16 = self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+        self.bf16 = info.bf16  # decided once, by the engine (train.precision)
         self.val_loader = shard_loader(self.val_dataset, cfg.train.batch_size, cfg.data.num_workers, info,
                                        collate_detection)
         self.best: dict[str, Any] = {"AP_box": -math.inf, "epoch": 0}

@@ -328,7 +328,7 @@ def run_robustness(checkpoint: str | None, model_name: str | None, root: Path, d
                  ", ".join(NAMES[k] for k in datasets), root, info.world)
         if on_start is not None and info.is_main:
             on_start(total)
-        bf16 = info.device.type == "cuda"
+        bf16 = distributed.uses_bf16("auto", info.device)
         results, skipped = evaluate_suite(model.forward, splits, model.resize_transform(), model.as_is_transform(),
                                           batch_size=batch_size, workers=workers, info=info, bf16=bf16,
                                           on_batch=on_batch if info.is_main else None)

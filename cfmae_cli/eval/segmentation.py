@@ -182,7 +182,7 @@ class SegmentationTask(FinetuneTask):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
         self.names = ["loss"]
-        self.bf16 = self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+        self.bf16 = info.bf16  # decided once, by the engine (train.precision)
         self.val_loader = shard_loader(self.val_dataset, cfg.train.batch_size, cfg.data.num_workers, info)
         self.best: dict[str, Any] = {"mIoU": -math.inf, "epoch": 0}
         self.improved = False

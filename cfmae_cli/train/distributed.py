@@ -28,6 +28,7 @@ class DistInfo:
     local_rank: int
     device: torch.device
     control: Any = None  # a gloo group for CPU-side flags (no GPU stream sync), 24 h timeout
+    bf16: bool = False  # autocast to bf16 (decided once per run: :func:`uses_bf16`)
 
     @property
     def is_main(self) -> bool:
@@ -36,6 +37,11 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world > 1
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a run autocasts to bf16: on a GPU, unless ``train.precision`` is fp32."""
+    return device.type == "cuda" and precision in ("auto", "bf16")
 
 
 def under_launcher() -> bool:

@@ -11,10 +11,10 @@ averages gradients; rank 0 alone writes files and reports progress.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,17 +26,19 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from cfmae_cli.checkpoints import (checkpoint_path, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint,
+from cfmae_cli.checkpoints import (load_checkpoint, prune_checkpoints, rng_state, save_checkpoint,
                                    set_rng_state)
 from cfmae_cli.config import dump_config
-from cfmae_cli.data.dataset import Skipped, collate
-from cfmae_cli.errors import CfmaeError, DataError
+from cfmae_cli.data.dataset import collate
+from cfmae_cli.errors import DataError
 from cfmae_cli.seeding import mix_seed
 from cfmae_cli.train import distributed
 from cfmae_cli.train.faults import Preempted, StopRequest, ignore_stop_signals
+from cfmae_cli.train.ledger import BadFiles
+from cfmae_cli.train.meters import Meters
 from cfmae_cli.train.optim import lr_at
 from cfmae_cli.train.plots import plot_losses
-from cfmae_cli.train.rundir import MetricsWriter, attach_log_file, new_run_dir, read_metrics
+from cfmae_cli.train.rundir import MetricsWriter, RunFolder, read_metrics
 from cfmae_cli.train.sampler import ChunkedSampler, chunk_id
 from cfmae_cli.train.setup import describe_schedule, make_plan
 
@@ -128,47 +130,22 @@ def run_task(cfg: Any, make_task: Callable[[distributed.DistInfo], Task], device
     """Train ``make_task(info)`` into a new run folder (``out`` or ``runs/<command>/<name>[-k]``), or continue
     the run of the checkpoint ``resume`` exactly. ``prepare(task)`` runs before training (e.g. ``--init``).
 
-    In a process group (torchrun), every rank calls this; rank 0 creates the folder and writes the files.
+    In a process group (torchrun), every rank calls this; rank 0 creates the folder and writes the files. The
+    bf16 decision is made here, once (``info.bf16``), for the engine and the task.
     """
     info = distributed.init(device)
+    info = dataclasses.replace(info, bf16=distributed.uses_bf16(cfg.train.precision, info.device))
     try:
-        if resume is not None:
-            ckpt_file = checkpoint_path(resume)
-            run_dir = ckpt_file.parent.parent
-        else:
-            ckpt_file = None
-            run_dir = Path(distributed.broadcast(str(new_run_dir(command, name, out)) if info.is_main else None,
-                                                 info))
-        handler = attach_log_file(run_dir) if info.is_main else None
-        try:
-            try:
-                engine = Engine(cfg, make_task(info), run_dir, info, on_progress or (lambda p: None))
-                if ckpt_file is not None:
-                    engine.restore(load_checkpoint(ckpt_file))
+        with RunFolder(command, name, out, resume, info) as folder:
+            with folder.refused_leaves_nothing():
+                engine = Engine(cfg, make_task(info), folder.path, info, on_progress or (lambda p: None))
+                if folder.checkpoint is not None:
+                    engine.restore(load_checkpoint(folder.checkpoint))
                 elif prepare is not None:
                     prepare(engine.task)
-            except CfmaeError:
-                if info.is_main and resume is None:  # refused before training: leave nothing behind
-                    _remove_run_dir(run_dir, handler)
-                    handler = None
-                raise
             return engine.fit()
-        finally:
-            if handler is not None:
-                logging.getLogger("cfmae_cli").removeHandler(handler)
-                handler.close()
     finally:
         distributed.shutdown()
-
-
-def _remove_run_dir(run_dir: Path, handler: logging.Handler | None) -> None:
-    """A run refused on bad input before training leaves no folder behind."""
-    if handler is not None:
-        logging.getLogger("cfmae_cli").removeHandler(handler)
-        handler.close()
-    for path in sorted(run_dir.rglob("*"), reverse=True):
-        path.unlink() if path.is_file() else path.rmdir()
-    run_dir.rmdir()
 
 
 class Engine:
@@ -202,11 +179,11 @@ class Engine:
         if cfg.train.compile:  # the forward and loss as one graph (docs/performance.md); weights stay self.model's
             self.net = torch.compile(self.net)
         self.optimizer = task.build_optimizer(self.plan["lr"], self.device)
-        self.bf16 = self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
         self.names = list(task.names)
         self.step = self.epoch = self.start_micro = 0
         self.partial: dict[str, Any] | None = None
-        self.skipped: dict[str, Skipped] = {}  # by path: a file that stays broken counts once
+        self.bad = BadFiles(run_dir, len(self.dataset), cfg.data.max_bad_fraction, info,
+                            str(getattr(task, "root", "the data")))
         _seed_rank(cfg.train.seed, info.rank)
 
     # -- state ---------------------------------------------------------------------------------------------
@@ -227,7 +204,7 @@ class Engine:
             state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scaler": {},
                      "epoch": epoch_done, "next_step": next_step, "step": self.step, "partial": partial,
                      "rng": rng, "config": self.cfg.model_dump(mode="json"), "world_size": self.info.world,
-                     "metrics": summary, "skipped": [[s.path, s.reason] for s in self.skipped.values()],
+                     "metrics": summary, "skipped": self.bad.state(),
                      **self.task.state_dict()}
             folder = self.run_dir / "checkpoints"
             save_checkpoint(folder / "last.pt", state)
@@ -246,7 +223,7 @@ class Engine:
         self.step, self.epoch = ckpt["step"], ckpt["epoch"]
         self.start_micro = ckpt["next_step"] * self.accum
         self.partial = ckpt.get("partial")
-        self.skipped = {path: Skipped(path, reason) for path, reason in ckpt.get("skipped", [])}
+        self.bad.restore(ckpt.get("skipped", []))
         if len(ckpt["rng"]) == self.info.world:
             set_rng_state(ckpt["rng"][self.info.rank])
         else:
@@ -261,7 +238,7 @@ class Engine:
         if main:
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
             log.info("%s: %d training images; %s%s", self.task.command, len(self.dataset), self.device,
-                     " (bf16)" if self.bf16 else "")
+                     " (bf16)" if self.info.bf16 else "")
             for line in describe_schedule(self.plan, cfg) + self.task.describe(self.plan):
                 log.info("%s", line)
         resumed = self.step > 0 or self.epoch > 0
@@ -277,13 +254,13 @@ class Engine:
         finally:
             if self.metrics is not None:
                 self.metrics.close()
-            self.write_skipped()
+            self.bad.write()
         epochs = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r["type"] == "epoch"] if main else []
         return {"run_dir": str(self.run_dir), "epochs": cfg.train.epochs, "steps": self.step,
                 "first_epoch_loss": epochs[0]["loss"] if epochs else math.nan,
                 "last_epoch_loss": epochs[-1]["loss"] if epochs else math.nan,
                 "last_epoch": epochs[-1] if epochs else {},
-                "img_per_s": summary.get("img_per_s", math.nan), "skipped_files": len(self.skipped),
+                "img_per_s": summary.get("img_per_s", math.nan), "skipped_files": len(self.bad),
                 "data": str(getattr(self.task, "root", ""))}
 
     def context(self, epoch: int, micro: int) -> StepContext:
@@ -295,102 +272,87 @@ class Engine:
                                     chunk_id(a, self.info.world, self.info.rank)))
 
     def run_epoch(self, epoch: int, stop: StopRequest) -> dict[str, Any]:
-        cfg, info, accum = self.cfg, self.info, self.accum
+        """One epoch from ``start_micro``: accumulate, step, log, and stop with the other ranks on a signal."""
+        info, accum = self.info, self.accum
         self.net.train()
         self.sampler.set_epoch(epoch, self.start_micro)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # gpu_mem_gib is the peak of this epoch
-        k = len(self.names)
-        part = self.partial or {"sums": [0.0] * k, "batches": 0, "images": 0, "seconds": 0.0}
-        epoch_sum = torch.tensor(part["sums"], device=self.device) * part["batches"]
-        epoch_batches, epoch_images = part["batches"], part["images"]
-        window_sum = torch.zeros(k, device=self.device)
-        window_batches = window_images = 0
-        window_start = time.perf_counter()
-        start = window_start - part["seconds"]  # the epoch's time includes what ran before a stop
-        lr, last_inputs, ctx = 0.0, None, self.context(epoch, self.start_micro)
+        meters = Meters(len(self.names), self.device, self.partial)
+        lr, ctx = 0.0, self.context(epoch, self.start_micro)
         for j, batch in enumerate(self.loader):
             micro = self.start_micro + j
-            a = micro % accum
-            ctx = self.context(epoch, micro)
-            if a == 0:
-                lr = lr_at(self.step, self.plan["total_steps"], self.plan["warmup_steps"], self.plan["lr"],
-                           cfg.optim.min_lr, getattr(cfg.optim, "schedule", "cosine"),
-                           tuple(m / cfg.train.epochs for m in getattr(cfg.optim, "milestones", ())))
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-            if batch["skipped"]:
-                self.skipped.update((s.path, s) for s in batch["skipped"])
-                if not info.distributed:
-                    self.check_bad()  # with several ranks: decided together at the end of the step
-            weight = 1.0
-            if batch["size"] == 0:  # a wholly unreadable batch: repeat the last one with weight 0 (keeps DDP in step)
-                if last_inputs is None:
-                    raise DataError(f"every image of a batch in {getattr(self.task, 'root', 'the data')} is "
-                                    f"unreadable; see bad_files.txt")
-                inputs, weight = last_inputs, 0.0
-            else:
-                inputs = {m: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                          for m, v in batch.items() if m not in ("skipped", "size")}
-                last_inputs = inputs
-            sync = contextlib.nullcontext() if a == accum - 1 or not self.ddp else self.net.no_sync()
-            with sync:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            ctx, steps = self.context(epoch, micro), micro % accum == accum - 1
+            if micro % accum == 0:
+                lr = self.set_lr()
+            self.bad.add(batch["skipped"])
+            inputs, weight = self.bad.inputs(batch, self.to_device)
+            with contextlib.nullcontext() if steps or not self.ddp else self.net.no_sync():
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=info.bf16):
                     loss, values = self.task.forward(self.net, inputs, ctx)
                 (loss * (weight / accum)).backward()
             if weight:
-                epoch_sum += values
-                window_sum += values
-                epoch_batches, window_batches = epoch_batches + 1, window_batches + 1
-                epoch_images, window_images = epoch_images + batch["size"], window_images + batch["size"]
-            if a == accum - 1:
-                if cfg.optim.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
+                meters.add(values, batch["size"])
+            if steps:
+                self.optimizer_step()
                 last = micro == self.micro_per_epoch - 1
-                if self.step % cfg.train.log_every == 0 or last:
-                    now = time.perf_counter()
-                    avg = distributed.all_reduce_mean(window_sum / max(window_batches, 1), info).tolist()
-                    self.check_finite(avg)
-                    rate = window_images / max(now - window_start, 1e-9)
-                    self.log_record({"type": "step", "epoch": epoch + 1,
-                                     "epoch_float": epoch + (micro + 1) / self.micro_per_epoch, "step": self.step,
-                                     **dict(zip(self.names, avg)), "lr": lr, **self.task.step_values(ctx),
-                                     "img_per_s": rate * info.world, "img_per_s_per_device": rate})
-                    window_sum.zero_()
-                    window_batches = window_images = 0
-                    window_start = now
-                if info.distributed and distributed.any_rank(len(self.skipped) > self.bad_limit, info):
-                    self.merge_skipped()
-                    self.check_bad()  # every rank raises the same error
+                if self.step % self.cfg.train.log_every == 0 or last:
+                    self.log_step(epoch, micro, meters, lr, ctx)
+                self.bad.check_all()
                 if not last and distributed.any_rank(stop.signum is not None, info):
-                    sums = (epoch_sum / max(epoch_batches, 1)).tolist()
-                    self.check_finite(distributed.all_reduce_mean(torch.tensor(sums, device=self.device),
-                                                                  info).tolist())  # never save NaN weights
-                    partial = {"sums": sums, "batches": epoch_batches, "images": epoch_images,
-                               "seconds": time.perf_counter() - start}
-                    self.save(epoch, (micro + 1) // accum, partial, {}, periodic=False)
-                    raise Preempted(stop.signum or 15, self.step, str(self.run_dir / "checkpoints" / "last.pt"))
+                    self.preempt(epoch, micro, meters, stop)
             if info.is_main:
                 self.progress.epoch, self.progress.batch, self.progress.step = epoch + 1, micro + 1, self.step
                 self.progress.images += batch["size"] * info.world
                 self.on_progress(self.progress)
-        return self.end_epoch(epoch, epoch_sum / max(epoch_batches, 1), epoch_images, time.perf_counter() - start,
-                              lr, ctx)
+        return self.end_epoch(epoch, meters, lr, ctx)
 
-    def end_epoch(self, epoch: int, mean: Tensor, images: int, seconds: float, lr: float,
-                  ctx: StepContext) -> dict[str, Any]:
-        avg = distributed.all_reduce_mean(mean, self.info).tolist()
+    def set_lr(self) -> float:
+        """The scheduled lr of this optimizer step, scaled by each group's ``lr_scale`` (layer-wise decay)."""
+        cfg = self.cfg
+        lr = lr_at(self.step, self.plan["total_steps"], self.plan["warmup_steps"], self.plan["lr"], cfg.optim.min_lr,
+                   getattr(cfg.optim, "schedule", "cosine"),
+                   tuple(m / cfg.train.epochs for m in getattr(cfg.optim, "milestones", ())))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def optimizer_step(self) -> None:
+        if self.cfg.optim.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def log_step(self, epoch: int, micro: int, meters: Meters, lr: float, ctx: StepContext) -> None:
+        """The step record: the window's means over all ranks (checked finite), lr, img/s."""
+        window, rate = meters.window()
+        avg = distributed.all_reduce_mean(window, self.info).tolist()
         self.check_finite(avg)
-        self.merge_skipped()
-        self.check_bad()
-        rate = images / max(seconds, 1e-9)
+        self.log_record({"type": "step", "epoch": epoch + 1, "epoch_float": epoch + (micro + 1) / self.micro_per_epoch,
+                         "step": self.step, **dict(zip(self.names, avg)), "lr": lr, **self.task.step_values(ctx),
+                         "img_per_s": rate * self.info.world, "img_per_s_per_device": rate})
+
+    def preempt(self, epoch: int, micro: int, meters: Meters, stop: StopRequest) -> None:
+        """A signal asked the run to stop: save where it is (never NaN weights) and leave."""
+        self.check_finite(distributed.all_reduce_mean(meters.epoch_mean(), self.info).tolist())
+        self.save(epoch, (micro + 1) // self.accum, meters.partial(), {}, periodic=False)
+        raise Preempted(stop.signum or 15, self.step, str(self.run_dir / "checkpoints" / "last.pt"))
+
+    def end_epoch(self, epoch: int, meters: Meters, lr: float, ctx: StepContext) -> dict[str, Any]:
+        avg = distributed.all_reduce_mean(meters.epoch_mean(), self.info).tolist()
+        self.check_finite(avg)
+        self.bad.merge()
+        self.bad.check()
+        seconds = meters.seconds()
+        rate = meters.epoch_images / max(seconds, 1e-9)
         done = epoch + 1
         summary = {"type": "epoch", "epoch": done, "step": self.step, **dict(zip(self.names, avg)),
                    **self.task.step_values(ctx), "lr": lr, "img_per_s": rate * self.info.world,
-                   "img_per_s_per_device": rate, "seconds": seconds, "skipped_files": len(self.skipped)}
+                   "img_per_s_per_device": rate, "seconds": seconds, "skipped_files": len(self.bad)}
         if self.device.type == "cuda":
             summary["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         summary.update(self.task.end_epoch(done, summary))
@@ -415,29 +377,6 @@ class Engine:
             self.metrics.write(record)
             if record["type"] == "step":
                 self.progress.values = record
-
-    @property
-    def bad_limit(self) -> float:
-        return self.cfg.data.max_bad_fraction * len(self.dataset)
-
-    def merge_skipped(self) -> None:
-        """Bad files seen by any rank, once each, on every rank (a collective: all ranks call it)."""
-        for part in distributed.gather(self.skipped, self.info):
-            self.skipped.update(part)
-
-    def check_bad(self) -> None:
-        limit = self.bad_limit
-        if len(self.skipped) > limit:
-            self.write_skipped()
-            shown = "\n  ".join(f"{s.path}: {s.reason}" for s in list(self.skipped.values())[:5])
-            raise DataError(f"{len(self.skipped)} of {len(self.dataset)} images could not be used, more than "
-                            f"data.max_bad_fraction allows ({limit:.0f}):\n  {shown}\n"
-                            f"Full list: {self.run_dir / 'bad_files.txt'}")
-
-    def write_skipped(self) -> None:
-        if self.skipped and self.info.is_main:
-            (self.run_dir / "bad_files.txt").write_text("".join(f"{s.path}\t{s.reason}\n"
-                                                                for s in self.skipped.values()))
 
     def check_finite(self, values: list[float]) -> None:
         if all(math.isfinite(v) for v in values):

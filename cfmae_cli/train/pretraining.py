@@ -52,7 +52,7 @@ class PretrainTask(Task):
                                    cfg.model.num_instance_ids)
         self.modalities = list(cfg.data.modalities)
         self.names = ["loss"] + [f"loss_{m}" for m in self.modalities]
-        self.bf16 = self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+        self.bf16 = info.bf16  # decided once, by the engine (train.precision)
 
     def build_optimizer(self, lr: float, device: torch.device) -> torch.optim.AdamW:
         return build_optimizer(self.model, self.cfg.optim, lr, device)

@@ -2,13 +2,59 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from cfmae_cli.checkpoints import checkpoint_path
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.train import distributed
 from cfmae_cli.formats import atomic_write_text
+
+
+class RunFolder:
+    """The folder of a run, for its whole life: a new one (rank 0 makes it, every rank learns its path) or the
+    folder of the checkpoint ``resume``; ``log.txt`` receives the log while it is open; a new run refused on bad
+    input before training (:meth:`refused_leaves_nothing`) leaves no folder behind."""
+
+    def __init__(self, command: str, name: str, out: str | Path | None, resume: str | Path | None,
+                 info: distributed.DistInfo):
+        self.info, self.new = info, resume is None
+        self.checkpoint = None if resume is None else checkpoint_path(resume)
+        if self.checkpoint is not None:
+            self.path = self.checkpoint.parent.parent
+        else:
+            made = str(new_run_dir(command, name, out)) if info.is_main else None
+            self.path = Path(distributed.broadcast(made, info))
+        self.handler: logging.Handler | None = None
+
+    def __enter__(self) -> "RunFolder":
+        self.handler = attach_log_file(self.path) if self.info.is_main else None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach_log()
+
+    def detach_log(self) -> None:
+        if self.handler is not None:
+            logging.getLogger("cfmae_cli").removeHandler(self.handler)
+            self.handler.close()
+            self.handler = None
+
+    @contextlib.contextmanager
+    def refused_leaves_nothing(self) -> Iterator[None]:
+        """Inside: the run is set up; a :class:`CfmaeError` (bad input) removes a new run's folder and goes on."""
+        try:
+            yield
+        except CfmaeError:
+            if self.info.is_main and self.new:
+                self.detach_log()
+                for path in sorted(self.path.rglob("*"), reverse=True):
+                    path.unlink() if path.is_file() else path.rmdir()
+                self.path.rmdir()
+            raise
 
 
 def new_run_dir(command: str, name: str, out: str | Path | None = None, base: str | Path = "runs") -> Path:
