@@ -8,9 +8,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cfmae_cli"
 
-# Lowest first. A module belongs to the layer of the longest prefix that names it.
+# Lowest first. A module belongs to the layer of the longest prefix that names it (the package itself,
+# ``cfmae_cli``, only by name: a new top-level module must be placed here).
 LAYERS = [
-    ["cfmae_cli", "cfmae_cli.errors", "cfmae_cli.formats", "cfmae_cli.seeding", "cfmae_cli.checkpoints"],
+    ["cfmae_cli", "cfmae_cli.errors", "cfmae_cli.formats", "cfmae_cli.seeding", "cfmae_cli.checkpoints",
+     "cfmae_cli.modalities"],
     ["cfmae_cli.config"],
     ["cfmae_cli.data", "cfmae_cli.masking", "cfmae_cli.model"],
     ["cfmae_cli.viz"],
@@ -37,7 +39,8 @@ def layer_of(module: str) -> int:
     best, level = -1, None
     for i, prefixes in enumerate(LAYERS):
         for prefix in prefixes:
-            if under(module, prefix) and len(prefix) > best:
+            named = module == prefix if prefix == "cfmae_cli" else under(module, prefix)
+            if named and len(prefix) > best:
                 best, level = len(prefix), i
     assert level is not None, f"{module} is in no layer: add it to LAYERS"
     return level
