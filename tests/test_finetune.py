@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 from cfmae_cli.cli import app
 from cfmae_cli.config import EncoderArch, load_config
+from cfmae_cli.data.splits import find_splits
 from cfmae_cli.errors import DataError
 from cfmae_cli.eval.classification import Mixer
 from cfmae_cli.eval.classifier import ViTClassifier, load_classifier
 from cfmae_cli.eval.config import AugConfig, FinetuneConfig, FtOptimConfig
-from cfmae_cli.eval.data import find_splits
 from cfmae_cli.eval.task import layer_decay_groups
 from tests.conftest import make_dataset
 from tests.test_export import _mae_state, _ours

@@ -9,8 +9,6 @@ decides, so the split never changes). Items are the dicts of :mod:`cfmae_cli.dat
 from __future__ import annotations
 
 import contextlib
-import os
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +19,10 @@ from torch.utils.data import Dataset
 from cfmae_cli import modalities as table
 from cfmae_cli.config import EncoderArch
 from cfmae_cli.data.dataset import MultiGranularDataset, Skipped
-from cfmae_cli.data.layout import list_samples, read_manifest, Sample
+from cfmae_cli.data.layout import read_manifest, Sample
+from cfmae_cli.data.splits import find_splits
 from cfmae_cli.data.transforms import JointTransform
-from cfmae_cli.errors import DataError
 from cfmae_cli.eval.config import FinetuneConfig
-from cfmae_cli.formats import IMAGE_EXTENSIONS
 from cfmae_cli.seeding import mix_seed, seeded
 
 
@@ -71,62 +68,6 @@ def pillow_safe(transform: Any) -> Any:
             if "Posterize" in getattr(op, "name", ""):
                 op.aug_fn = _posterize
     return transform
-
-
-def list_split(folder: Path, maps: list[str]) -> tuple[list[Sample], list[str]]:
-    """Samples and class names of one split (the dataset layout, or an ImageFolder for RGB-only input)."""
-    if (folder / "rgb").is_dir():
-        return list_samples(folder, maps)
-    if maps:
-        raise DataError(f"{folder}: multi-granular fine-tuning reads {', '.join(maps)} maps, so the split must have "
-                        f"the dataset layout (rgb/, instance/, semantic/; docs/dataset-format.md). Label the images "
-                        f"with `cfmae label`, or fine-tune on RGB only (--modalities rgb).")
-    if not folder.is_dir():
-        raise DataError(f"{folder}: folder not found.")
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
-    samples = [Sample(Path(e.path), {}, label)
-               for label, name in enumerate(classes)
-               for e in sorted(os.scandir(folder / name), key=lambda e: e.name)
-               if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
-    if not samples:
-        raise DataError(f"{folder}: no images in class folders (expected {folder}/<class>/<image>, extensions "
-                        f"{', '.join(IMAGE_EXTENSIONS)}).")
-    return samples, classes
-
-
-def _held_out(sample: Sample, fraction: float) -> bool:
-    key = f"{sample.rgb.parent.name}/{sample.rgb.stem}".encode()
-    return zlib.crc32(key) % 10_000 < fraction * 10_000
-
-
-def find_splits(root: Path, val_fraction: float | None, maps: list[str]
-                ) -> tuple[list[Sample], list[Sample], list[str], Path]:
-    """(train samples, val samples, class names, the folder whose manifest describes the maps)."""
-    if not root.is_dir():
-        raise DataError(f"{root}: data folder not found.")
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        train, classes = list_split(root / "train", maps)
-        val, val_classes = list_split(root / "val", maps)
-        if val_classes != classes:
-            only_train = sorted(set(classes) - set(val_classes))
-            only_val = sorted(set(val_classes) - set(classes))
-            raise DataError(f"{root}: train/ and val/ have different class folders (only in train: "
-                            f"{only_train[:5] or 'none'}; only in val: {only_val[:5] or 'none'}).")
-        meta = root / "train"
-    elif val_fraction:
-        samples, classes = list_split(root, maps)
-        val = [s for s in samples if _held_out(s, val_fraction)]
-        train = [s for s in samples if not _held_out(s, val_fraction)]
-        meta = root
-    else:
-        raise DataError(f"{root}: no train/ and val/ folders. Expected ROOT/train/<class>/<image> and "
-                        f"ROOT/val/<class>/<image> (or the dataset layout in each), or hold out a share of one folder "
-                        f"with --set data.val_fraction=0.1.")
-    if len(classes) < 2:
-        raise DataError(f"{root}: classification needs at least two class folders, found {len(classes)}.")
-    if not train or not val:
-        raise DataError(f"{root}: the {'train' if not train else 'val'} split is empty.")
-    return train, val, classes, meta
 
 
 def build_datasets(cfg: FinetuneConfig, arch: EncoderArch, root: Path) -> dict[str, Any]:

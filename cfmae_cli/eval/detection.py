@@ -29,11 +29,11 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from cfmae_cli.config import EncoderArch
 from cfmae_cli.data.layout import read_manifest
 from cfmae_cli.data.maps import resample_map
+from cfmae_cli.data.splits import find_splits
 from cfmae_cli.errors import DataError
 from cfmae_cli.eval.classifier import load_encoder_weights
 from cfmae_cli.eval.coco import CocoDetection, coco_ap, coco_from_layout, coco_results, collate_detection, read_coco
 from cfmae_cli.eval.config import FinetuneConfig
-from cfmae_cli.eval.data import find_splits
 from cfmae_cli.eval.evaluate import shard_loader
 from cfmae_cli.eval.task import FinetuneTask
 from cfmae_cli.model.encoder import build_encoder

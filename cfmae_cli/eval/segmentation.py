@@ -21,11 +21,11 @@ from torch import Tensor, nn
 from cfmae_cli.config import EncoderArch
 from cfmae_cli.data.dataset import MultiGranularDataset
 from cfmae_cli.data.layout import read_manifest, Sample
+from cfmae_cli.data.splits import find_splits
 from cfmae_cli.data.transforms import JointTransform, normalize_on_device
 from cfmae_cli.errors import DataError
 from cfmae_cli.eval.classifier import load_encoder_weights
 from cfmae_cli.eval.config import FinetuneConfig
-from cfmae_cli.eval.data import find_splits
 from cfmae_cli.eval.evaluate import shard_loader
 from cfmae_cli.eval.task import FinetuneTask
 from cfmae_cli.formats import UNLABELLED

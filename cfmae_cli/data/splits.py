@@ -1,0 +1,79 @@
+"""Labelled splits of an image folder: an ImageFolder (``<class>/<image>``) or the dataset layout, ``train/`` and
+``val/`` side by side or a fixed share of each class held out by a hash of its file name (the same split on
+every machine, seed and run; it does not shift when files are added)."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+from cfmae_cli.data.layout import Sample, list_samples
+from cfmae_cli.errors import DataError
+from cfmae_cli.formats import IMAGE_EXTENSIONS
+
+
+def list_split(folder: Path, maps: list[str]) -> tuple[list[Sample], list[str]]:
+    """Samples and class names of one split (the dataset layout, or an ImageFolder for RGB-only input)."""
+    if (folder / "rgb").is_dir():
+        return list_samples(folder, maps)
+    if maps:
+        raise DataError(f"{folder}: multi-granular fine-tuning reads {', '.join(maps)} maps, so the split must have "
+                        f"the dataset layout (rgb/, instance/, semantic/; docs/dataset-format.md). Label the images "
+                        f"with `cfmae label`, or fine-tune on RGB only (--modalities rgb).")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found.")
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    samples = [Sample(Path(e.path), {}, label)
+               for label, name in enumerate(classes)
+               for e in sorted(os.scandir(folder / name), key=lambda e: e.name)
+               if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
+    if not samples:
+        raise DataError(f"{folder}: no images in class folders (expected {folder}/<class>/<image>, extensions "
+                        f"{', '.join(IMAGE_EXTENSIONS)}).")
+    return samples, classes
+
+
+def held_out(sample: Sample, fraction: float) -> bool:
+    """Whether ``sample`` is in the held-out share ``fraction`` of its class (CRC32 of ``<class>/<stem>``)."""
+    key = f"{sample.rgb.parent.name}/{sample.rgb.stem}".encode()
+    return zlib.crc32(key) % 10_000 < fraction * 10_000
+
+
+def spread(samples: list[Sample], count: int) -> list[Sample]:
+    """At most ``count`` samples, taken evenly from the list (sorted by class, then file: every class keeps its
+    share)."""
+    if len(samples) <= count:
+        return samples
+    step = len(samples) / count
+    return [samples[int(i * step)] for i in range(count)]
+
+
+def find_splits(root: Path, val_fraction: float | None, maps: list[str]
+                ) -> tuple[list[Sample], list[Sample], list[str], Path]:
+    """(train samples, val samples, class names, the folder whose manifest describes the maps)."""
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found.")
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train, classes = list_split(root / "train", maps)
+        val, val_classes = list_split(root / "val", maps)
+        if val_classes != classes:
+            only_train = sorted(set(classes) - set(val_classes))
+            only_val = sorted(set(val_classes) - set(classes))
+            raise DataError(f"{root}: train/ and val/ have different class folders (only in train: "
+                            f"{only_train[:5] or 'none'}; only in val: {only_val[:5] or 'none'}).")
+        meta = root / "train"
+    elif val_fraction:
+        samples, classes = list_split(root, maps)
+        val = [s for s in samples if held_out(s, val_fraction)]
+        train = [s for s in samples if not held_out(s, val_fraction)]
+        meta = root
+    else:
+        raise DataError(f"{root}: no train/ and val/ folders. Expected ROOT/train/<class>/<image> and "
+                        f"ROOT/val/<class>/<image> (or the dataset layout in each), or hold out a share of one folder "
+                        f"with --set data.val_fraction=0.1.")
+    if len(classes) < 2:
+        raise DataError(f"{root}: classification needs at least two class folders, found {len(classes)}.")
+    if not train or not val:
+        raise DataError(f"{root}: the {'train' if not train else 'val'} split is empty.")
+    return train, val, classes, meta
