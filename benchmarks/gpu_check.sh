@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The device checks of one GPU session, in one go (about 6-8 minutes on an H100/H200): the CUDA tests
-# (mask invariants, bf16 forward), a one-GPU engine run, and the three benchmarks' tables.
+# The device checks of one GPU session, in one go (about 7-9 minutes on an H100/H200): the CUDA tests
+# (mask invariants, bf16 forward), a one-GPU engine run (with the k-NN monitor), and the benchmarks' tables.
 # Run from the repository root on the GPU machine, with this package importable (PYTHONPATH=.) and its
 # dependencies present; the lent machines' image lacks pydantic: carry its wheels (benchmarks/README.md).
 set -uo pipefail
@@ -9,7 +9,7 @@ OUT="${OUT:-/tmp/gpu-check}"; mkdir -p "$OUT"
 python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name(0))"
 echo "== CUDA tests =="
 python3 -m pytest -q -p no:cacheprovider tests/test_masking.py tests/test_model.py 2>&1 | tail -3
-echo "== engine on one GPU: tiny synthetic dataset, bf16, 3 epochs =="
+echo "== engine on one GPU: tiny synthetic dataset, bf16, 3 epochs, the k-NN monitor on a quarter held out =="
 python3 - <<'PY'
 from pathlib import Path
 import sys
@@ -19,10 +19,13 @@ make_dataset(Path("/tmp/gpu-data"), n_per_class=32)
 Path("/tmp/gpu-sets").write_text(" ".join(f"--set {x}" for x in TINY_OVERRIDES if "num_workers" not in x))
 PY
 python3 -m cfmae_cli pretrain --gpus 1 --data /tmp/gpu-data --out "$OUT/run" --epochs 3 $(cat /tmp/gpu-sets) \
-    --set train.batch_size=16 --set optim.effective_batch=16 2>&1 | tail -4
+    --set train.batch_size=16 --set optim.effective_batch=16 --set train.monitor.val_fraction=0.25 \
+    --set train.monitor.every=1 2>&1 | tail -4
 echo "== masks vs step (ViT-B) =="
 python3 benchmarks/bench_masking.py --device cuda 2>&1 | tail -16
 echo "== vitb-400e pre-training throughput, 300 steps, batch 256 =="
 python3 benchmarks/bench_pretrain.py --steps 300 --batch 256 2>&1 | tail -12
+echo "== the k-NN monitor vs an epoch (demo on the GPU; ViT-B forward timed) =="
+python3 benchmarks/bench_monitor.py --device cuda --epochs 2 2>&1 | tail -8
 echo "== labelling stages, full-size random-weight models =="
 python3 benchmarks/bench_label.py --full-size --device cuda --images 32 2>&1 | tail -12

@@ -201,9 +201,28 @@ class RunConfig(_Strict):
                           "masks and the optimizer stay eager")
 
 
+class MonitorConfig(_Strict):
+    """The k-NN monitor of pre-training (docs/monitoring.md)."""
+
+    enabled: Optional[bool] = Field(None, description="null = on when there are labels: monitor.data, two or "
+                                    "more class folders in the data, or the built-in demo data")
+    every: int = Field(10, ge=1, description="epochs between measurements (and after the last; epoch 0 always)")
+    data: Optional[str] = Field(None, description="labelled ImageFolder with train/ and val/ (e.g. ImageNet's); "
+                                "null = the pre-training data's class folders, with val_fraction held out (the "
+                                "built-in demo data: close-ups of its photographs, docs/monitoring.md)")
+    val_fraction: float = Field(0.01, gt=0, lt=1, description="share of each class held out of pre-training as "
+                                "the monitor's val set (by a hash of the file name)")
+    train_images: int = Field(20000, ge=1, description="most labelled train images in the k-NN bank")
+    val_images: int = Field(10000, ge=1, description="most val images scored")
+    k: int = Field(20, ge=1, description="neighbours (DINO's 20)")
+    temperature: float = Field(0.07, gt=0, description="weight exp(similarity / T) (DINO's 0.07)")
+    batch_size: int = Field(256, ge=1, description="images per forward when embedding")
+
+
 class TrainConfig(RunConfig):
     plot_every: int = Field(20, ge=1, description="epochs between reconstruction grids in plots/")
     plot_samples: int = Field(2, ge=1, le=16, description="images of the fixed batch shown in the grids")
+    monitor: MonitorConfig = MonitorConfig()
 
 
 class Config(_Strict):
@@ -211,7 +230,7 @@ class Config(_Strict):
 
     TASK: ClassVar[str] = "pretrain"
     # keys added since runs were first written, with the value that reproduces a run that predates them
-    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"masking.mix": "score"}
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"masking.mix": "score", "train.monitor.enabled": False}
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     masking: MaskingConfig = MaskingConfig()

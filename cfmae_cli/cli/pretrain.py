@@ -32,16 +32,24 @@ def pretrain(
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue a run exactly: its folder or one of "
                                           "its checkpoints"),
     init: Optional[Path] = typer.Option(None, "--init", help="start a new run from a checkpoint's weights only"),
+    monitor_data: Optional[Path] = typer.Option(None, "--monitor-data", help="labelled ImageFolder (train/ and "
+                                                "val/, e.g. ImageNet's) for the k-NN monitor (docs/monitoring.md); "
+                                                "default: a held-out share of the data's class folders"),
 ) -> None:
     """Pre-train a ViT with CFMAE.
 
     Example, the demo (tiny ViT on built-in data, a few CPU minutes): cfmae pretrain
 
     Example, the paper's ViT-B on 8 GPUs: cfmae pretrain --preset vitb-400e --gpus 8 --data /data/in1k-cfmae
+    --monitor-data /data/imagenet
 
     Example, continue after a preemption: cfmae pretrain --resume runs/pretrain/vitb-400e
     """
     overrides = run_overrides(set_, data, epochs, seed, gpus, procs, resume, out)
+    if monitor_data is not None:
+        if not monitor_data.is_dir():
+            raise CfmaeError(f"--monitor-data {monitor_data}: folder not found.")
+        overrides.append(f"train.monitor.data={monitor_data.resolve()}")
     if resume is not None and init is not None:
         raise CfmaeError("--resume continues a run with its own weights; it takes no --init (use --init CKPT to "
                          "start a new run from weights).")

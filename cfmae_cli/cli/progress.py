@@ -10,14 +10,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cfmae_cli.train.engine import Progress as EngineProgress
 
 
-def _summary(values: dict[str, Any]) -> str:
+def _summary(values: dict[str, Any], monitor: dict[str, Any] | None = None) -> str:
     if not values:
         return ""
     losses = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in values.items() if k.startswith("loss_"))
     extra = "".join(f"{label} {values[key]:.2f} " for key, label in (("alpha_i", "α_I"), ("alpha_s", "α_S"))
                     if key in values)
     losses = f" [{losses}]" if losses else ""
-    return f"loss {values['loss']:.4f}{losses} {extra}lr {values['lr']:.2e} {values['img_per_s']:.0f} img/s"
+    knn = f"k-NN {monitor['knn_top1_avg']:.1f}% (ep {monitor['epoch']}) " if monitor and "knn_top1_avg" in monitor \
+        else ""
+    return f"loss {values['loss']:.4f}{losses} {extra}{knn}lr {values['lr']:.2e} {values['img_per_s']:.0f} img/s"
 
 
 class TrainingView:
@@ -50,9 +52,9 @@ class TrainingView:
             if self.task is None:
                 self.task = self.progress.add_task("train", total=total, epoch="", info="")
             self.progress.update(self.task, completed=done, epoch=f"{state.epoch}/{state.epochs}",
-                                 info=_summary(state.values))
+                                 info=_summary(state.values, state.monitor))
         elif state.values and state.values.get("step") != self._last_step_logged:
             self._last_step_logged = state.values.get("step")
             self.console.print(f"epoch {state.epoch}/{state.epochs} step {state.step} "
-                               f"({100 * done / total:.0f}%) {_summary(state.values)}", highlight=False, markup=False,
-                               soft_wrap=True)
+                               f"({100 * done / total:.0f}%) {_summary(state.values, state.monitor)}",
+                               highlight=False, markup=False, soft_wrap=True)

@@ -8,6 +8,11 @@ from :class:`cfmae_cli.labeling.classical.ClassicalLabeller`. Each photograph is
     ROOT/semantic/<photo>/<photo>_<i:03d>.png   (size, size) uint8 ids into SEMANTIC_CLASSES
     ROOT/cfmae-dataset.json
 
+Beside it, :func:`build_demo_monitor_set` writes the k-NN monitor's labelled images for the demo: close-ups of
+the same photographs (docs/monitoring.md says why close-ups)::
+
+    MONITOR/train/<photo>/<photo>_<i:03d>.jpg   MONITOR/val/<photo>/<photo>_<i:03d>.jpg   MONITOR/cfmae-monitor.json
+
 A build goes to a temporary sibling folder that is renamed into place at the end, so an interrupted
 build never leaves a half dataset at ``ROOT``. A second call with the same recipe returns at once.
 """
@@ -17,9 +22,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -38,18 +44,27 @@ DEMO_PHOTOS: tuple[str, ...] = (
 )
 #: Version of the recipe; part of the default folder name so that a changed recipe uses a new folder.
 DEMO_VERSION = 1
-_MIN_SCALE, _MAX_SCALE = 0.3, 1.0
+#: A crop's side as a share of the photo's shorter side: the dataset's crops, and the monitor's close-ups.
+CROP_SCALE, CLOSE_UP_SCALE = (0.3, 1.0), (0.1, 0.2)
+MONITOR_RECIPE_NAME = "cfmae-monitor.json"
+
+
+def _cache() -> Path:
+    if os.environ.get("CFMAE_CACHE"):
+        return Path(os.environ["CFMAE_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "cfmae"
+    return Path.home() / ".cache" / "cfmae"
 
 
 def default_demo_root() -> Path:
     """``$CFMAE_CACHE/demo-v1``, else ``$XDG_CACHE_HOME/cfmae/demo-v1``, else ``~/.cache/cfmae/demo-v1``."""
-    if os.environ.get("CFMAE_CACHE"):
-        base = Path(os.environ["CFMAE_CACHE"]).expanduser()
-    elif os.environ.get("XDG_CACHE_HOME"):
-        base = Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "cfmae"
-    else:
-        base = Path.home() / ".cache" / "cfmae"
-    return base / f"demo-v{DEMO_VERSION}"
+    return _cache() / f"demo-v{DEMO_VERSION}"
+
+
+def default_monitor_root() -> Path:
+    """``demo-monitor-v1`` beside :func:`default_demo_root`."""
+    return _cache() / f"demo-monitor-v{DEMO_VERSION}"
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -67,14 +82,15 @@ def load_photo(name: str) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3].astype(np.uint8))
 
 
-def random_crop(photo: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+def random_crop(photo: np.ndarray, rng: np.random.Generator, size: int,
+                scale: tuple[float, float] = CROP_SCALE) -> np.ndarray:
     """A random square crop of ``photo`` resized to ``(size, size, 3)`` uint8.
 
-    The side is a uniform fraction in [0.3, 1.0] of the photo's shorter side, the position is uniform
+    The side is a uniform fraction in ``scale`` of the photo's shorter side, the position is uniform
     and the crop is flipped left-right with probability 1/2.
     """
     height, width = photo.shape[:2]
-    side = max(1, int(round(rng.uniform(_MIN_SCALE, _MAX_SCALE) * min(height, width))))
+    side = max(1, int(round(rng.uniform(*scale) * min(height, width))))
     top = int(rng.integers(0, height - side + 1))
     left = int(rng.integers(0, width - side + 1))
     crop = photo[top:top + side, left:left + side]
@@ -103,10 +119,31 @@ def build_demo_dataset(root: Path | str | None = None, crops_per_photo: int = 48
         raise DataError(f"size must be at least 16 pixels, got {size}.")
     root = Path(root).expanduser() if root is not None else default_demo_root()
     recipe = {"crops_per_photo": int(crops_per_photo), "size": int(size), "seed": int(seed)}
-    if _is_built(root, recipe):
-        logger.info("demo dataset already at %s", root)
-        return root
+    return _build(root, lambda folder: _write_dataset(folder, recipe), lambda folder: _is_built(folder, recipe),
+                  f"demo dataset ({len(DEMO_PHOTOS) * crops_per_photo} images of {size} px)")
 
+
+def build_demo_monitor_set(root: Path | str | None = None, train_per_photo: int = 40, val_per_photo: int = 20,
+                           size: int = 128, seed: int = 1) -> Path:
+    """Build (or reuse) the k-NN monitor's labelled images for the demo data and return their root folder: an
+    ImageFolder (``train/`` and ``val/``, one class per photograph) of close-ups, squares of 0.1-0.2 of the
+    photograph's shorter side (the dataset's crops take 0.3-1.0). Seeded apart from the dataset's crops."""
+    if train_per_photo < 1 or val_per_photo < 1:
+        raise DataError(f"the monitor set needs at least one image per photo and split, got {train_per_photo} "
+                        f"and {val_per_photo}.")
+    root = Path(root).expanduser() if root is not None else default_monitor_root()
+    recipe = {"train_per_photo": int(train_per_photo), "val_per_photo": int(val_per_photo), "size": int(size),
+              "seed": int(seed), "scale": list(CLOSE_UP_SCALE)}
+    return _build(root, lambda folder: _write_monitor_set(folder, recipe),
+                  lambda folder: _monitor_recipe(folder) == recipe,
+                  f"demo monitor set ({len(DEMO_PHOTOS) * (train_per_photo + val_per_photo)} close-ups)")
+
+
+def _build(root: Path, write: Callable[[Path], None], is_built: Callable[[Path], bool], what: str) -> Path:
+    """``write`` into a temporary sibling of ``root``, then rename it into place; nothing when already built."""
+    if is_built(root):
+        logger.info("%s already at %s", what, root)
+        return root
     root.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(root)
     tmp = root.parent / f"{root.name}.tmp-{os.getpid()}"
@@ -114,13 +151,12 @@ def build_demo_dataset(root: Path | str | None = None, crops_per_photo: int = 48
         shutil.rmtree(tmp)
     start = time.perf_counter()
     try:
-        _write_dataset(tmp, recipe)
-        _move_into_place(tmp, root, recipe)
+        write(tmp)
+        _move_into_place(tmp, root, is_built)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("demo dataset (%d images of %d px) written to %s in %.1f s",
-                len(DEMO_PHOTOS) * crops_per_photo, size, root, time.perf_counter() - start)
+    logger.info("%s written to %s in %.1f s", what, root, time.perf_counter() - start)
     return root
 
 
@@ -154,6 +190,28 @@ def _write_dataset(folder: Path, recipe: dict[str, int]) -> None:
                           instance_dtype=labeller.instance_dtype)
 
 
+def _write_monitor_set(folder: Path, recipe: dict[str, Any]) -> None:
+    splits = (("train", recipe["train_per_photo"]), ("val", recipe["val_per_photo"]))
+    for number, (split, count) in enumerate(splits):
+        for index, name in enumerate(DEMO_PHOTOS):
+            photo = load_photo(name)
+            rng = np.random.default_rng([recipe["seed"], number, index])
+            for i in range(count):
+                rgb = random_crop(photo, rng, recipe["size"], tuple(recipe["scale"]))
+                layout.save_rgb(folder / split / name / f"{name}_{i:03d}.jpg", rgb, quality=95)
+    (folder / MONITOR_RECIPE_NAME).write_text(json.dumps({"recipe": recipe, "photos": list(DEMO_PHOTOS),
+                                                          "tool": f"cfmae {__version__}"}, indent=1))
+
+
+def _monitor_recipe(root: Path) -> dict[str, Any] | None:
+    """The recipe a complete monitor set at ``root`` was made with (None: none there, or other photographs)."""
+    try:
+        stored = json.loads((root / MONITOR_RECIPE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return stored.get("recipe") if isinstance(stored, dict) and stored.get("photos") == list(DEMO_PHOTOS) else None
+
+
 def _is_built(root: Path, recipe: dict[str, int]) -> bool:
     """Whether ``root`` holds a complete demo dataset made with ``recipe``."""
     if not (root / layout.MANIFEST_NAME).is_file():
@@ -167,11 +225,11 @@ def _is_built(root: Path, recipe: dict[str, int]) -> bool:
             and labelling.get("photos") == list(DEMO_PHOTOS))
 
 
-def _move_into_place(tmp: Path, root: Path, recipe: dict[str, int]) -> None:
-    """Rename ``tmp`` to ``root``; an existing ``root`` (other recipe, no manifest) is replaced."""
+def _move_into_place(tmp: Path, root: Path, is_built: Callable[[Path], bool]) -> None:
+    """Rename ``tmp`` to ``root``; an existing ``root`` (another recipe, incomplete) is replaced."""
     old = root.parent / f"{root.name}.old-{os.getpid()}"
     if root.exists() or root.is_symlink():
-        if _is_built(root, recipe):  # another process finished the same build meanwhile
+        if is_built(root):  # another process finished the same build meanwhile
             shutil.rmtree(tmp)
             return
         if old.exists():
@@ -180,7 +238,7 @@ def _move_into_place(tmp: Path, root: Path, recipe: dict[str, int]) -> None:
     try:
         os.replace(tmp, root)
     except OSError:
-        if _is_built(root, recipe):
+        if is_built(root):
             shutil.rmtree(tmp)
         else:
             raise

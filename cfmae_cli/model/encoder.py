@@ -6,9 +6,10 @@ Parameters: ``patch_embed.proj`` (the RGB adapter), ``cls_token`` (the global to
 classification, segmentation, detection, figures) from a named architecture and overrides; a ViT-B is timm's
 ``vit_base_patch16_224`` without its head.
 
-Two forwards: :meth:`ViTEncoder.forward` takes the tokens that are already embedded (the visible tokens of
-pre-training, of every input modality, with positions) and puts the global token first; timm's
-``forward_intermediates`` takes an image and gives the outputs of chosen blocks (the dense heads).
+Forwards: :meth:`ViTEncoder.forward` takes the tokens that are already embedded (the visible tokens of
+pre-training, of every input modality, with positions) and puts the global token first;
+:meth:`ViTEncoder.forward_image` does the same for a whole RGB image; timm's ``forward_intermediates`` takes an
+image and gives the outputs of chosen blocks (the dense heads).
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ class ViTEncoder(VisionTransformer):
         """(B, V, D) embedded tokens with positions added → (B, 1+V, D), the global token first, final norm."""
         glob = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         return self.norm(self.blocks(torch.cat([glob, tokens], dim=1)))
+
+    def forward_image(self, images: Tensor) -> Tensor:
+        """(B, 3, S, S) normalised images, every patch visible → (B, 1+N, D), the global token first (fine-tuning's
+        input on RGB alone; the k-NN monitor and the attention statistics read it)."""
+        return self(self.patch_embed(images) + self.patch_pos)
 
     def block_maps(self, images: Tensor, indices: list[int]) -> list[Tensor]:
         """The patch tokens after the blocks of ``indices`` (no final norm) as (B, D, S/p, S/p) maps, in the

@@ -60,6 +60,7 @@ class Progress:
     step: int = 0
     images: int = 0
     values: dict[str, float] = field(default_factory=dict)
+    monitor: dict[str, float] = field(default_factory=dict)  # the last k-NN monitor record
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,15 @@ class Task:
     def end_epoch(self, done: int, summary: dict[str, Any]) -> dict[str, Any]:
         """Called on every rank after each epoch (a collective point); returns numbers for the epoch record."""
         return {}
+
+    def monitor_values(self, done: int) -> dict[str, float] | None:
+        """Called on every rank before the first epoch of a new run (``done`` 0) and after each epoch: the
+        numbers of a monitor that is due (a ``monitor`` record), or None."""
+        return None
+
+    def monitor_line(self, record: dict[str, Any]) -> str:
+        """A monitor record for the epoch's log line (ending in a space)."""
+        return ""
 
     def extra_checkpoints(self, summary: dict[str, Any]) -> list[str]:
         """Names of further files (beside last.pt) that should hold this epoch's checkpoint, e.g. best.pt."""
@@ -247,6 +257,8 @@ class Engine:
         self.progress = Progress(epochs=cfg.train.epochs, batches=self.micro_per_epoch, step=self.step)
         summary: dict[str, Any] = {}
         try:
+            if not resumed:
+                self.monitor(0)
             with StopRequest() as stop:
                 for epoch in range(self.epoch, cfg.train.epochs):
                     summary = self.run_epoch(epoch, stop)
@@ -358,11 +370,13 @@ class Engine:
         summary.update(self.task.end_epoch(done, summary))
         self.net.train()
         self.log_record(summary)
+        monitor = self.monitor(done)
         if self.info.is_main:
             parts = ", ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in zip(self.names[1:], avg[1:]))
-            log.info("epoch %d/%d  loss %.4f  %s %s lr %.3g  %.1f img/s (%.1f per device)%s",
+            log.info("epoch %d/%d  loss %.4f  %s %s%slr %.3g  %.1f img/s (%.1f per device)%s",
                      done, self.cfg.train.epochs, avg[0], f"({parts}) " if parts else "",
-                     self.task.summary_line(summary), lr, summary["img_per_s"], rate,
+                     self.task.summary_line(summary), self.task.monitor_line(monitor) if monitor else "", lr,
+                     summary["img_per_s"], rate,
                      f"  peak GPU memory {summary['gpu_mem_gib']:.2f} GiB" if "gpu_mem_gib" in summary else "")
         self.save(done, 0, None, summary, periodic=done % self.cfg.train.save_every == 0,
                   also=self.task.extra_checkpoints(summary))
@@ -372,6 +386,19 @@ class Engine:
         return summary
 
     # -- helpers ---------------------------------------------------------------------------------------------
+    def monitor(self, done: int) -> dict[str, Any] | None:
+        """The task's monitor after ``done`` epochs, when due: a ``monitor`` record (and the progress line's)."""
+        values = self.task.monitor_values(done)
+        if values is None:
+            return None
+        record = {"type": "monitor", "epoch": done, "step": self.step, **values}
+        self.log_record(record)
+        if self.info.is_main:
+            self.progress.monitor = record
+            if done == 0:
+                log.info("before training: %s", self.task.monitor_line(record))
+        return record
+
     def log_record(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.write(record)

@@ -12,14 +12,17 @@ from torch import Tensor, nn
 from cfmae_cli import modalities as table
 from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import Skipped, collate
+from cfmae_cli.data.layout import list_samples
+from cfmae_cli.data.packed import is_packed
 from cfmae_cli.data.transforms import inputs_on_device
 from cfmae_cli.masking import MaskGenerator, schedule
 from cfmae_cli.model import CFMAE
 from cfmae_cli.seeding import mix_seed
 from cfmae_cli.train import distributed
 from cfmae_cli.train.engine import Progress, StepContext, Task, run_task
+from cfmae_cli.train.monitor import KnnMonitor, monitor_samples
 from cfmae_cli.train.optim import build_optimizer
-from cfmae_cli.train.setup import build_dataset, dataset_root, describe_tokens, resolve_device
+from cfmae_cli.train.setup import build_dataset, dataset_root, describe_tokens, monitor_root, resolve_device
 from cfmae_cli.viz.recon import reconstruction_panels, save_grid
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,12 @@ class PretrainTask(Task):
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.root = Path(distributed.broadcast(str(dataset_root(cfg)) if info.is_main else None, info))
-        self.dataset, manifest = build_dataset(cfg, self.root)
+        labelled = distributed.broadcast(monitor_root(cfg) if info.is_main else None, info)
+        samples, classes = (None, []) if is_packed(self.root) else \
+            list_samples(self.root, maps=table.maps_of(cfg.data.modalities))
+        picked = monitor_samples(cfg, labelled, samples, classes)
+        self.dataset, manifest = build_dataset(cfg, self.root, samples=picked[0] if picked else samples)
+        self.monitor = KnnMonitor(cfg, *picked[1:], info) if picked else None
         self.semantic_classes = list(manifest["semantic_classes"])
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.model = CFMAE(cfg, len(self.semantic_classes)).to(self.device)
@@ -81,7 +89,19 @@ class PretrainTask(Task):
         return out["loss"], values
 
     def describe(self, plan: dict[str, Any]) -> list[str]:
-        return [f"data {self.root}: {len(self.semantic_classes)} semantic classes"] + describe_tokens(plan)
+        monitor = [self.monitor.describe()] if self.monitor is not None else []
+        return [f"data {self.root}: {len(self.semantic_classes)} semantic classes"] + describe_tokens(plan) + monitor
+
+    def monitor_values(self, done: int) -> dict[str, float] | None:
+        """The k-NN monitor after ``done`` epochs, when one is due (epoch 0, every ``every``, the last)."""
+        m, epochs = self.cfg.train.monitor, self.cfg.train.epochs
+        if self.monitor is None or not (done == 0 or done % m.every == 0 or done == epochs):
+            return None
+        return self.monitor(self.model.encoder)
+
+    def monitor_line(self, record: dict[str, Any]) -> str:
+        return (f"k-NN top-1 {record['knn_top1_avg']:.1f} % (token {record['knn_top1_token']:.1f} %, "
+                f"{record['monitor_seconds']:.1f} s) ")
 
     def summary_line(self, summary: dict[str, Any]) -> str:
         return f"α_I {summary['alpha_i']:.2f} α_S {summary['alpha_s']:.2f} "

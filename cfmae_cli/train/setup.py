@@ -11,7 +11,7 @@ import torch
 from cfmae_cli import modalities as table
 from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import MultiGranularDataset
-from cfmae_cli.data.layout import list_samples, read_manifest
+from cfmae_cli.data.layout import Sample, list_samples, read_manifest
 from cfmae_cli.data.packed import PackedDataset, is_packed, read_packed_manifest
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import CfmaeError, ConfigError
@@ -40,11 +40,26 @@ def dataset_root(cfg: Config) -> Path:
     return Path(root)
 
 
-def build_dataset(cfg: Config, root: Path, train: bool = True
+def monitor_root(cfg: Config) -> Path | None:
+    """The k-NN monitor's own labelled folder: ``train.monitor.data``, or for the built-in demo data its
+    close-ups (built and cached on first use); None: the monitor holds out a share of the data (or is off)."""
+    m = cfg.train.monitor
+    if m.enabled is False:
+        return None
+    if m.data is not None:
+        return Path(m.data)
+    if cfg.data.root is not None:
+        return None
+    from cfmae_cli.labeling.demo import build_demo_monitor_set, default_monitor_root
+
+    return build_demo_monitor_set(default_monitor_root(), size=cfg.data.demo_size)
+
+
+def build_dataset(cfg: Config, root: Path, train: bool = True, samples: list[Sample] | None = None
                   ) -> tuple[MultiGranularDataset | PackedDataset, dict[str, Any]]:
-    """The dataset of ``root`` (the folder layout, or a folder written by ``cfmae pack``) for this config, and
-    its manifest (which gives C_sem). RGB comes out as uint8: the task normalises it on the device
-    (:func:`normalize_on_device`)."""
+    """The dataset of ``root`` (the folder layout — all its samples or ``samples`` — or a folder written by
+    ``cfmae pack``) for this config, and its manifest (which gives C_sem). RGB comes out as uint8: the task
+    normalises it on the device (:func:`normalize_on_device`)."""
     d = cfg.data
     transform = JointTransform(d.img_size, cfg.model.map_stride, cfg.model.num_instance_ids, d.crop_scale,
                                d.crop_ratio, d.hflip, d.mean, d.std, train=train, normalize=False)
@@ -52,7 +67,8 @@ def build_dataset(cfg: Config, root: Path, train: bool = True
     if is_packed(root):
         return PackedDataset(root, transform, maps, cfg.train.seed), read_packed_manifest(root)
     manifest = read_manifest(root)
-    samples, _ = list_samples(root, maps=maps)
+    if samples is None:
+        samples, _ = list_samples(root, maps=maps)
     dataset = MultiGranularDataset(samples, transform, maps, manifest["num_semantic_classes"], cfg.train.seed)
     return dataset, manifest
 

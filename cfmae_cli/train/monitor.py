@@ -1,0 +1,194 @@
+"""The k-NN monitor of pre-training: how well the encoder's features separate labelled images while it trains
+(DINO's weighted k-NN classifier; docs/monitoring.md).
+
+Both sets are embedded by the encoder on RGB alone, as fine-tuning reads it (the centred square of the image at
+``data.img_size``, every patch visible): the global token and the average of the patch tokens (after the final
+norm), each L2-normalised. A val image's classes are voted for by its k most similar bank images (cosine),
+each with weight exp(similarity / T); top-1 and top-5 are the share of val images whose class is first / in
+the first five. Deterministic (evaluation mode, fixed batches): a resumed run measures what an unbroken one
+does, and so do N processes, each embedding every N-th batch of the same fixed batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from cfmae_cli.config import Config
+from cfmae_cli.data.dataset import MultiGranularDataset, Skipped, collate
+from cfmae_cli.data.layout import Sample
+from cfmae_cli.data.splits import held_out, list_split, spread
+from cfmae_cli.data.transforms import JointTransform, normalize_on_device
+from cfmae_cli.errors import DataError
+from cfmae_cli.train import distributed
+
+log = logging.getLogger(__name__)
+POOLS = ("token", "avg")
+
+
+def knn_accuracy(bank: Tensor, bank_labels: Tensor, queries: Tensor, labels: Tensor, k: int = 20,
+                 temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> tuple[float, float]:
+    """Weighted k-NN top-1 and top-5 accuracy in % (DINO): ``bank`` (M, D) and ``queries`` (Q, D) L2-normalised
+    features, their labels (M,), (Q,) long. Top-5 counts only classes that got a vote (with k < 5 neighbours of
+    few classes, the rest of the five would be ties at zero)."""
+    classes = int(num_classes or int(torch.cat([bank_labels, labels]).max()) + 1)
+    k = min(k, bank.shape[0])
+    top1 = top5 = 0
+    for i in range(0, queries.shape[0], chunk):
+        sim = queries[i:i + chunk] @ bank.T  # cosine: both sides are unit vectors
+        weights, index = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], classes, device=sim.device, dtype=sim.dtype)
+        votes.scatter_add_(1, bank_labels[index], (weights / temperature).exp())
+        best, order = votes.topk(min(5, classes), dim=1)
+        hit = (order == labels[i:i + chunk].unsqueeze(1)) & (best > 0)  # a class no neighbour voted for is no guess
+        top1 += int(hit[:, 0].sum())
+        top5 += int(hit.any(1).sum())
+    n = max(queries.shape[0], 1)
+    return 100.0 * top1 / n, 100.0 * top5 / n
+
+
+def monitor_samples(cfg: Config, labelled: Path | None, samples: list[Sample] | None, classes: list[str]
+                    ) -> tuple[list[Sample] | None, list[Sample], list[Sample], int] | None:
+    """(the pre-training samples, the k-NN bank, the val set, the number of classes), or None when the monitor is
+    off (``train.monitor.enabled`` false; or null and no labels, or a held-out share with no image in it).
+
+    ``labelled``: the monitor's own ImageFolder (``train.monitor.data``, or the demo's close-ups); its
+    ``train/`` is the bank and its ``val/`` the val set. Otherwise ``val_fraction`` of each class of the
+    pre-training data is held out of pre-training (by a hash of the file name) and the bank is the rest.
+    ``samples`` None: packed data, whose file names are gone (only a labelled folder can serve it)."""
+    m = cfg.train.monitor
+    if m.enabled is False:
+        return None
+    if labelled is not None:
+        if not (labelled / "train").is_dir() or not (labelled / "val").is_dir():
+            raise DataError(f"{labelled}: the k-NN monitor's data (train.monitor.data, --monitor-data) needs "
+                            f"train/<class>/<image> and val/<class>/<image>.")
+        bank, bank_classes = list_split(labelled / "train", [])
+        val, val_classes = list_split(labelled / "val", [])
+        if val_classes != bank_classes:
+            raise DataError(f"{labelled}: train/ and val/ have different class folders.")
+        if len(bank_classes) < 2:
+            raise DataError(f"{labelled}: the k-NN monitor needs two or more class folders.")
+        return samples, spread(bank, m.train_images), spread(val, m.val_images), len(bank_classes)
+    if m.enabled is None and (samples is None or len(classes) < 2):
+        return None
+    if samples is None:
+        raise DataError("train.monitor.enabled: packed data holds no file names to hold a val share out of; give "
+                        "the monitor its own labelled images with --monitor-data (train/ and val/).")
+    if len(classes) < 2:
+        raise DataError("train.monitor.enabled: the k-NN monitor needs labels: two or more class folders in the "
+                        "data, or --monitor-data.")
+    val = [s for s in samples if held_out(s, m.val_fraction)]
+    kept = [s for s in samples if not held_out(s, m.val_fraction)]
+    if not val or not kept:
+        why = (f"train.monitor.val_fraction: {m.val_fraction} of {len(samples)} images leaves {len(val)} to score "
+               f"and {len(kept)} to pre-train on")
+        if m.enabled is None:
+            log.info("k-NN monitor off: %s", why)
+            return None
+        raise DataError(f"{why}; raise or lower it, or give the monitor its own images (--monitor-data)")
+    return kept, spread(kept, m.train_images), spread(val, m.val_images), len(classes)
+
+
+class _Fixed(Dataset):
+    """Batches of a dataset fixed once (index ranges); item i is batch i. Rank r loads batches r, r+N, …"""
+
+    def __init__(self, dataset: Dataset, batch: int):
+        self.dataset, self.batch = dataset, batch
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        items = [self.dataset[j] for j in range(i * self.batch, min((i + 1) * self.batch, len(self.dataset)))]
+        return collate(items) | {"index": torch.arange(i * self.batch, i * self.batch + len(items))[
+            [k for k, x in enumerate(items) if not isinstance(x, Skipped)]]}
+
+
+class KnnMonitor:
+    """Embeds the bank and the val set with the encoder and scores the val set; every rank calls it."""
+
+    def __init__(self, cfg: Config, bank: list[Sample], val: list[Sample], num_classes: int,
+                 info: distributed.DistInfo):
+        d, m = cfg.data, cfg.train.monitor
+        self.cfg, self.info, self.num_classes = cfg, info, num_classes
+        t = JointTransform(d.img_size, cfg.model.map_stride, cfg.model.num_instance_ids, d.crop_scale, d.crop_ratio,
+                           0.0, d.mean, d.std, train=False, normalize=False)
+        self.sets = {name: _Fixed(MultiGranularDataset(samples, t, [], 1), m.batch_size)
+                     for name, samples in (("bank", bank), ("val", val))}
+        self.sizes = {"bank": len(bank), "val": len(val)}
+
+    def describe(self) -> str:
+        m = self.cfg.train.monitor
+        return (f"k-NN monitor: {self.sizes['bank']} bank / {self.sizes['val']} val images, {self.num_classes} "
+                f"classes, k {m.k}, T {m.temperature}, every {m.every} epochs")
+
+    @torch.no_grad()
+    def embed(self, encoder: nn.Module, name: str) -> tuple[dict[str, Tensor], Tensor]:
+        """({pool: (n, D) unit features}, labels (n,)) of one set, in index order, on every rank."""
+        device, info = self.info.device, self.info
+        loader = DataLoader(self.sets[name], batch_size=None, sampler=range(info.rank, len(self.sets[name]),
+                                                                             info.world),
+                            num_workers=self.cfg.data.num_workers,
+                            generator=torch.Generator().manual_seed(0))  # draws nothing from the run's RNG
+        feats: dict[str, list[Tensor]] = {p: [] for p in POOLS}
+        labels, index = [], []
+        for batch in loader:
+            if batch["size"] == 0:
+                continue
+            rgb = normalize_on_device(batch["rgb"].to(device), self.cfg.data.mean, self.cfg.data.std)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=info.bf16):
+                x = encoder.forward_image(rgb).float()
+            feats["token"].append(F.normalize(x[:, 0], dim=-1))
+            feats["avg"].append(F.normalize(x[:, 1:].mean(1), dim=-1))
+            labels.append(batch["label"].to(device))
+            index.append(batch["index"].to(device))
+        dim = encoder.embed_dim
+        local = {p: torch.cat(v) if v else torch.zeros(0, dim, device=device) for p, v in feats.items()}
+        lab = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+        idx = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=device)
+        if info.distributed:
+            local, lab, idx = _gather(local, lab, idx, info)
+        order = idx.argsort()
+        return {p: v[order] for p, v in local.items()}, lab[order]
+
+    def __call__(self, encoder: nn.Module) -> dict[str, float]:
+        """{knn_top1_token, knn_top5_token, knn_top1_avg, knn_top5_avg, monitor_seconds}."""
+        start = time.perf_counter()
+        was_training = encoder.training
+        encoder.eval()
+        bank, bank_labels = self.embed(encoder, "bank")
+        val, labels = self.embed(encoder, "val")
+        encoder.train(was_training)
+        m, out = self.cfg.train.monitor, {}
+        for pool in POOLS:
+            top1, top5 = knn_accuracy(bank[pool], bank_labels, val[pool], labels, m.k, m.temperature,
+                                      self.num_classes)
+            out.update({f"knn_top1_{pool}": top1, f"knn_top5_{pool}": top5})
+        return out | {"monitor_seconds": time.perf_counter() - start}
+
+
+def _gather(feats: dict[str, Tensor], labels: Tensor, index: Tensor, info: distributed.DistInfo
+            ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Every rank's rows on every rank (padded to the longest for ``all_gather``, then trimmed)."""
+    n = torch.tensor([labels.shape[0]], device=labels.device)
+    sizes = [torch.zeros_like(n) for _ in range(info.world)]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+
+    def gathered(x: Tensor) -> Tensor:
+        padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        padded[: x.shape[0]] = x
+        parts = [torch.zeros_like(padded) for _ in range(info.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+    return {p: gathered(v) for p, v in feats.items()}, gathered(labels), gathered(index)
