@@ -142,20 +142,49 @@ def reconstruct(
 
 @guarded
 def attention_map(
-    images: list[Path] = typer.Argument(..., help="image file(s)"),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint or run folder (default: the "
-                                              "newest pre-training run)"),
+    images: Optional[list[Path]] = typer.Argument(None, help="image file(s) (none with --stats)"),
+    checkpoint: Optional[list[str]] = typer.Option(None, "--checkpoint", help="checkpoint or run folder (default: "
+                                                   "the newest pre-training run); with --stats repeatable, any "
+                                                   "weights file, or 'random'"),
     method: str = typer.Option("cls", "--method", help="cls (global token, DINO) | mean (received) | rollout"),
     layer: int = typer.Option(-1, "--layer", help="encoder block for cls / mean (-1 = the last)"),
     head: str = typer.Option("all", "--head", help="a head index, mean, or all (one panel per head)"),
     modality: str = typer.Option("rgb", "--modality", help="input modalities (all their tokens visible)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="grid PNG"),
+    out: Optional[Path] = typer.Option(None, "--out", help="grid PNG; with --stats the JSON (default "
+                                       "attention-stats.json)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    stats: Optional[Path] = typer.Option(None, "--stats", help="a labelled dataset folder (rgb/, instance/, "
+                                         "semantic/): attention statistics over its images, one column per model"),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="with --stats: a timm model name (repeatable), "
+                                              "each with its --weights"),
+    weights: Optional[list[Path]] = typer.Option(None, "--weights", help="with --stats: the local weights file of "
+                                                 "each --model, in order"),
+    max_images: int = typer.Option(1000, "--images", min=1, help="with --stats: at most this many images, spread "
+                                   "evenly over the classes"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="with --stats: images per forward"),
+    seed: int = typer.Option(0, "--seed", help="with --stats: seed of 'random' and of the bootstrap"),
 ) -> None:
-    """Encoder attention over the image (paper Fig. 1), computed with fused attention left on.
+    """Encoder attention over the image (paper Fig. 1), computed with fused attention left on; with --stats, as
+    numbers over a dataset (object share, region and spatial entropy, docs/visualisation.md).
 
     Example: cfmae attention-map photo.jpg --method rollout
+
+    Example: cfmae attention-map --stats DATA --checkpoint runs/pretrain/demo --checkpoint random --model
+    vit_base_patch16_224.mae --weights mae_pretrain_vit_base.pth
     """
+    checkpoints, models, weights = list(checkpoint or []), list(model or []), list(weights or [])
+    if stats is not None:
+        if images:
+            raise CfmaeError("--stats measures a dataset folder; give no image files with it.")
+        return _attention_stats(stats, checkpoints, models, weights, max_images, batch_size, seed, out, device)
+    if not images:
+        raise CfmaeError("attention-map: give image file(s), or --stats DATA for statistics over a dataset.")
+    if models or weights:
+        raise CfmaeError("--model / --weights go with --stats (the figures draw cfmae pre-training checkpoints).")
+    if len(checkpoints) > 1 or "random" in checkpoints:
+        raise CfmaeError("--checkpoint: one pre-training checkpoint for the figures (several, and 'random', go "
+                         "with --stats).")
+    checkpoint = checkpoints[0] if checkpoints else None
     if method not in ("cls", "mean", "rollout"):
         raise CfmaeError(f"--method {method}: choose cls, mean or rollout.")
     net = load_pretrained(checkpoint, _device(device))
@@ -200,6 +229,79 @@ def attention_map(
     where = "" if method == "rollout" else f", layer {layer % depth}"
     save_image_grid(rows, out, ["image"] + titles, [p.name[-28:] for p in images],
                     f"{net.path}: {method} attention{where}, input {'+'.join(inputs)}")
+    console.print(f"wrote {out}", highlight=False)
+
+
+def _attention_stats(root: Path, checkpoints: list[str], models: list[str], weights: list[Path], max_images: int,
+                     batch_size: int, seed: int, out: Optional[Path], device_name: str) -> None:
+    """``attention-map --stats``: the statistics of every model over the dataset, a table and a JSON."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cfmae_cli.checkpoints import newest_checkpoint
+    from cfmae_cli.data.layout import list_samples, read_manifest
+    from cfmae_cli.data.splits import spread
+    from cfmae_cli.viz import attention_stats as st
+
+    if len(models) != len(weights):
+        raise CfmaeError(f"--model / --weights: {len(models)} model name(s) and {len(weights)} weights file(s); "
+                         f"give each --model its --weights, in order.")
+    if not (root / "rgb").is_dir():
+        raise CfmaeError(f"{root}: no rgb/ folder; --stats reads a labelled dataset (rgb/, instance/, semantic/; "
+                         f"docs/dataset-format.md).")
+    if not (root / "instance").is_dir():
+        raise CfmaeError(f"{root}: no instance/ folder; --stats needs each image's instance map (its object pixels). "
+                         f"Label the images with `cfmae label` (docs/labelling.md).")
+    semantic = (root / "semantic").is_dir()
+    samples, _ = list_samples(root, maps=["instance", "semantic"] if semantic else ["instance"])
+    samples = spread(samples, max_images)
+    classes = int(read_manifest(root)["num_semantic_classes"]) if semantic else None
+    device = _device(device_name)
+    if not checkpoints and not models:
+        checkpoints = [str(newest_checkpoint())]
+    subjects: list[st.Subject | None] = []
+    template = None
+    for spec in checkpoints:
+        if spec == "random":
+            subjects.append(None)
+            continue
+        subject, found = st.ours(spec, device)
+        template = template or found
+        subjects.append(subject)
+    template = template or st.demo_template(classes or 0)
+    subjects = [s or st.random_init(template, device, seed) for s in subjects]
+    subjects += [st.timm_subject(name, file, device) for name, file in zip(models, weights)]
+    names: list[str] = []
+    for subject in subjects:  # unique column names
+        base, k = subject.name, 2
+        while subject.name in names:
+            subject.name, k = f"{base} ({k})", k + 1
+        names.append(subject.name)
+    results = {}
+    for subject in subjects:
+        console.print(f"{subject.name}: {subject.description}; {subject.img_size} px, {subject.grid}x{subject.grid} "
+                      f"patches", highlight=False)
+        values = st.measure(subject, samples, classes, batch_size, device)
+        results[subject.name] = {key: st.summarise(v, seed) for key, v in values.items()}
+    rows = [(key, label) for key, label in st.STATS if key in results[names[0]]]
+    view = Table(title=f"attention statistics over {len(samples)} images of {root} (mean [95 % bootstrap interval])")
+    view.add_column("statistic", no_wrap=True)
+    for name in names:
+        view.add_column(name, justify="right", no_wrap=True)
+    for key, label in rows:
+        cells = [results[name][key] for name in names]
+        view.add_row(label, *[f"{c['mean']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]" if c["mean"] is not None
+                              else "-" for c in cells])
+    Console(width=max(console.width, 52 + 26 * len(names))).print(view)  # never cut the intervals off
+    if not semantic:
+        console.print(f"note: {root} has no semantic/ folder: no region entropy.", highlight=False)
+    report = {"data": str(root), "images": len(samples), "cells_per_patch": st.CELLS, "seed": seed,
+              "models": [{"name": s.name, "description": s.description, "img_size": s.img_size,
+                          "patch_size": s.patch_size} for s in subjects],
+              "statistics": {key: {"label": label, **{name: results[name][key] for name in names}}
+                             for key, label in rows}}
+    out = out or Path("attention-stats.json")
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {out}", highlight=False)
 
 

@@ -86,48 +86,27 @@ def _from_timm(module: nn.Module, description: str, classes: list[str] | None, d
                      description, classes, getattr(module, "num_classes", None))
 
 
-def _timm_module(name: str, source: str, state: dict[str, Tensor], **kwargs: Any) -> nn.Module:
-    """timm's model ``name`` (built by timm, with its default preprocessing unless ``pretrained_cfg`` is given)
-    holding ``state`` — read by the one door for weights, adapted by the model's own ``checkpoint_filter_fn``
-    as timm does (position tables, key renames), loaded with strict key matching."""
-    import sys
-
-    import timm
-
-    try:
-        module = timm.create_model(name, pretrained=False, **kwargs)
-    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        raise CfmaeError(f"{source}: timm cannot build {name} ({str(exc).splitlines()[0]})") from None
-    filter_fn = getattr(sys.modules[type(module).__module__], "checkpoint_filter_fn", None)
-    try:
-        module.load_state_dict(filter_fn(state, module) if filter_fn is not None else state)
-    except RuntimeError as exc:
-        raise CfmaeError(f"{source}: not weights of timm's {name} ({str(exc).splitlines()[0]}); give the file of "
-                         f"that model, or the name of the model the file holds") from None
-    return module
-
-
 def _timm_folder(path: Path, device: torch.device) -> EvalModel:
-    from cfmae_cli.model.weights import read_state
+    from cfmae_cli.model.weights import read_state, timm_model
 
     _, state, config, _ = read_state(path)
     classes = int(config.get("num_classes", 0))
     if classes == 0:
         raise CfmaeError(f"{path}: an exported encoder without a classifier head; fine-tune it (`cfmae finetune`) "
                          f"and export the fine-tuned checkpoint.")
-    module = _timm_module(config["architecture"], str(path), state, num_classes=classes,
-                          pretrained_cfg_overlay={**config.get("pretrained_cfg", {}), "num_classes": classes},
-                          **config.get("model_args", {}))
+    module = timm_model(config["architecture"], str(path), state, num_classes=classes,
+                        pretrained_cfg_overlay={**config.get("pretrained_cfg", {}), "num_classes": classes},
+                        **config.get("model_args", {}))
     return _from_timm(module, f"timm folder {path} ({config['architecture']}, {classes} classes)",
                       config.get("label_names"), device)
 
 
 def _timm_by_name(name: str, weights: str | None, device: torch.device) -> EvalModel:
-    from cfmae_cli.model.weights import read_state
+    from cfmae_cli.model.weights import read_state, timm_model
 
     if weights is None or not Path(weights).is_file():
         raise CfmaeError(f"--model {name}: give its weights as a local file with --checkpoint FILE (nothing is "
                          f"downloaded).")
     file, state, _, _ = read_state(weights)
-    module = _timm_module(name, f"--model {name} --checkpoint {file}", state)
+    module = timm_model(name, f"--model {name} --checkpoint {file}", state)
     return _from_timm(module, f"timm {name} with {weights}", None, device)

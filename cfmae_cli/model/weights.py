@@ -6,7 +6,8 @@ folder written by ``cfmae export`` — and converts it to our key names (``conve
 :func:`load_weights` puts such a state into a module: the position table is fitted to the module's grid
 (one policy, :func:`fit_position_table`), and tensors of the wrong shape stop with a message that names them
 and the fix. :meth:`Weights.encoder_arch` reads the encoder's architecture off the file (its config, or the
-tensor shapes).
+tensor shapes). :func:`timm_model` builds a timm architecture by name and fills it from a file's state dict
+(the baselines of ``eval-robustness`` and ``attention-map --stats``).
 """
 
 from __future__ import annotations
@@ -206,3 +207,30 @@ def load_weights(module: nn.Module, state: dict[str, Tensor], source: str | Path
     module.load_state_dict(keep, strict=False)
     unused = sorted(k for k in state if k.startswith(prefixes) and k not in own)
     return Loaded(sorted(keep), missing, unused)
+
+
+def timm_model(name: str, source: str, state: dict[str, Tensor], extra_ok: bool = False, **kwargs: Any
+               ) -> nn.Module:
+    """timm's model ``name`` (built by timm, with its default preprocessing unless ``pretrained_cfg`` is given)
+    holding ``state`` — read by the one door for weights, adapted by the model's own ``checkpoint_filter_fn``
+    as timm does (position tables, key renames), loaded with strict key matching; ``extra_ok``: tensors the
+    model has no place for (an MAE file's decoder) are left out, but every tensor of the model must be there."""
+    import sys
+
+    import timm
+
+    try:
+        module = timm.create_model(name, pretrained=False, **kwargs)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise CfmaeError(f"{source}: timm cannot build {name} ({str(exc).splitlines()[0]})") from None
+    filter_fn = getattr(sys.modules[type(module).__module__], "checkpoint_filter_fn", None)
+    try:
+        state = filter_fn(state, module) if filter_fn is not None else state
+        if extra_ok:
+            own = module.state_dict()
+            state = {k: v for k, v in state.items() if k in own}
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CfmaeError(f"{source}: not weights of timm's {name} ({str(exc).splitlines()[0]}); give the file of "
+                         f"that model, or the name of the model the file holds") from None
+    return module

@@ -1,0 +1,259 @@
+"""Attention drift as numbers (``cfmae attention-map --stats``): where a ViT's global token looks, over a labelled
+dataset, for several encoders side by side (ours, a random initialisation, timm baselines such as MAE or DINO).
+
+Every encoder sees each image the same way: the centred square, resized to its own input size (bilinear,
+antialiased), normalised with its own mean and std, every patch visible, RGB alone. Its global token's
+attention to the patches is read in the last block (the mean over heads) and from the rollout over all
+blocks (:func:`~cfmae_cli.viz.attention.rollout`); both are renormalised over the patches (the global and
+other prefix tokens left out). With ``a_p`` that attention on patch p and the image's maps resampled to
+``CELLS`` × ``CELLS`` cells per patch (at the cells' centres, :func:`~cfmae_cli.data.maps.resample_map`), per
+image:
+
+- object share: ``sum_p a_p f_p``, f_p the share of patch p's cells on an object (instance id not 0 / 255);
+  uniform attention gives the object pixel share, ``mean_p f_p``, reported beside it;
+- region entropy: the entropy (bits) of the attention mass per semantic region, ``m_c = sum_p a_p g_pc``
+  (g_pc the share of patch p's labelled cells in class c, renormalised over c); uniform attention gives the
+  entropy of the regions' areas, reported beside it;
+- spatial entropy: ``-sum_p a_p log a_p / log N``, 1 for uniform attention, 0 for one patch.
+
+Means over the images with a 95 % percentile bootstrap interval (seeded; images resampled).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor, nn
+
+from cfmae_cli import modalities as table
+from cfmae_cli.config import Config, EncoderArch
+from cfmae_cli.data.dataset import read_map
+from cfmae_cli.data.layout import Sample, read_image
+from cfmae_cli.data.maps import resample_map
+from cfmae_cli.errors import CfmaeError
+from cfmae_cli.formats import UNLABELLED
+from cfmae_cli.model.encoder import build_encoder
+from cfmae_cli.model.layers import init_weights
+from cfmae_cli.model.weights import load_weights, read_state, read_weights, timm_model
+from cfmae_cli.viz.attention import encoder_attention, rollout
+
+CELLS = 4  # map cells per patch side
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+#: (key, row label) in table order
+STATS: list[tuple[str, str]] = [
+    ("object_share_last", "object share, last block (mean of heads)"),
+    ("object_share_rollout", "object share, rollout"),
+    ("object_pixel_share", "object pixel share (= uniform attention)"),
+    ("object_excess_last", "object share - pixel share, last block"),
+    ("region_entropy_last", "semantic-region entropy, last block (bits)"),
+    ("region_entropy_uniform", "semantic-area entropy (= uniform attention, bits)"),
+    ("spatial_entropy_last", "spatial entropy, last block (1 = uniform)"),
+    ("spatial_entropy_rollout", "spatial entropy, rollout (1 = uniform)"),
+]
+
+
+@dataclass
+class Subject:
+    """One encoder to measure: ``run(images)`` (normalised (B, 3, S, S)) runs its ``blocks``; the patch tokens
+    follow ``prefix`` tokens, the global token first."""
+
+    name: str
+    description: str
+    blocks: nn.Module
+    run: Callable[[Tensor], Any]
+    img_size: int
+    patch_size: int
+    prefix: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+
+def ours(spec: str | Path, device: torch.device, name: str | None = None) -> tuple[Subject, dict[str, Any]]:
+    """A cfmae checkpoint or run folder (pre-training or fine-tuning), an MAE / MultiMAE / timm file or an exported
+    folder — read by the one door for weights into our encoder. Returns the subject and what ``random`` copies
+    (the architecture, input size, normalisation, and a pre-training config when there is one)."""
+    w = read_weights(spec)
+    arch, _ = w.encoder_arch()
+    stored = w.top.get("config") if isinstance(w.top.get("config"), dict) else {}
+    data = stored.get("data", {}) if w.layout.startswith("cfmae") else {}
+    pretrained = (w.top.get("pretrained_cfg") or {}) if w.layout == "exported" else {}
+    pos = w.state.get("encoder.pos_embed")
+    side = math.isqrt(pos.shape[1] - 1) * arch.patch_size if pos is not None and pos.ndim == 3 else 224
+    img_size = int(data.get("img_size", (pretrained.get("input_size") or (3, side, side))[-1]))
+    mean = tuple(data.get("mean", pretrained.get("mean", IMAGENET_MEAN)))
+    std = tuple(data.get("std", pretrained.get("std", IMAGENET_STD)))
+    holder = nn.Module()
+    holder.encoder = build_encoder(arch, img_size)
+    load_weights(holder, w.state, w.source, only=("encoder.",), strict=True, fix="not a ViT encoder of this shape")
+    template = {"arch": arch, "img_size": img_size, "mean": mean, "std": std, "config": w.pretrain_config(),
+                "classes": len(w.top.get("semantic_classes", []))}
+    return _our_subject(name or label_of(spec), w.source, holder.encoder, device, mean, std), template
+
+
+def random_init(template: dict[str, Any], device: torch.device, seed: int) -> Subject:
+    """A randomly initialised encoder of ``template``'s architecture: for a pre-training checkpoint, exactly the
+    encoder its run started from with ``train.seed = seed`` (the k-NN monitor's epoch 0)."""
+    from cfmae_cli.model import CFMAE
+
+    torch.manual_seed(seed)
+    cfg: Config | None = template.get("config")
+    if cfg is not None:
+        encoder = CFMAE(cfg, template["classes"]).encoder
+    else:
+        encoder = build_encoder(template["arch"], template["img_size"])
+        init_weights(encoder)
+        nn.init.normal_(encoder.cls_token, std=0.02)
+    return _our_subject("random", f"random initialisation (seed {seed}) of the same architecture", encoder, device,
+                        template["mean"], template["std"])
+
+
+def demo_template(semantic_classes: int) -> dict[str, Any]:
+    """``random`` with no checkpoint to copy: the demo preset's model for data of ``semantic_classes`` classes."""
+    from cfmae_cli.config import load_config
+
+    cfg = load_config("demo")
+    return {"arch": EncoderArch.of(cfg.model), "img_size": cfg.data.img_size, "mean": tuple(cfg.data.mean),
+            "std": tuple(cfg.data.std), "config": cfg, "classes": semantic_classes}
+
+
+def _our_subject(name: str, description: str, encoder: nn.Module, device: torch.device, mean: tuple[float, ...],
+                 std: tuple[float, ...]) -> Subject:
+    encoder = encoder.to(device).eval()
+    patch = int(encoder.patch_embed.patch_size[0])
+    return Subject(name, description, encoder.blocks, encoder.forward_image, encoder.grid * patch, patch, 1,
+                   tuple(mean), tuple(std))
+
+
+def timm_subject(model: str, weights: Path, device: torch.device) -> Subject:
+    """timm's ``model`` with the state dict of ``weights`` (a local file; nothing is downloaded)."""
+    if not Path(weights).is_file():
+        raise CfmaeError(f"--weights {weights}: file not found (give --model NAME a local weights file).")
+    file, state, _, _ = read_state(weights)
+    module = timm_model(model, f"--model {model} --weights {file}", state, extra_ok=True, num_classes=0)
+    if getattr(module, "cls_token", None) is None or not hasattr(module, "blocks"):
+        raise CfmaeError(f"--model {model}: not a ViT with a global (class) token; the statistics read its "
+                         f"attention.")
+    pc: dict[str, Any] = dict(getattr(module, "pretrained_cfg", {}) or {})
+    size = int(pc.get("input_size", (3, 224, 224))[-1])
+    patch = int(module.patch_embed.patch_size[0])
+    module = module.to(device).eval()
+    return Subject(model, f"timm {model} with {file}", module.blocks, module.forward_features, size, patch,
+                   int(getattr(module, "num_prefix_tokens", 1)), tuple(pc.get("mean", IMAGENET_MEAN)),
+                   tuple(pc.get("std", IMAGENET_STD)))
+
+
+def label_of(spec: str | Path) -> str:
+    """A short column name: the run folder's name (``run/checkpoints/last.pt`` → ``run``, other files of a run
+    ``run/epoch-0010``), else the file's stem."""
+    path = Path(spec)
+    if path.is_dir():
+        return path.name
+    if path.parent.name == "checkpoints":
+        run = path.parent.parent.name
+        return run if path.stem == "last" else f"{run}/{path.stem}"
+    return path.stem
+
+
+# -- the maps -------------------------------------------------------------------------------------------------
+def patch_fractions(ids: Tensor, grid: int, classes: int | None = None) -> Tensor:
+    """(h, w) ids, already the centred square → per patch (row-major): with ``classes`` None the share of its
+    cells on an object (id not 0, not 255), (N,); else the share of its labelled cells in each class, (N, C),
+    rows of unlabelled patches all zero."""
+    cells = resample_map(ids, (grid * CELLS, grid * CELLS)).reshape(grid, CELLS, grid, CELLS).permute(0, 2, 1, 3)
+    cells = cells.reshape(grid * grid, CELLS * CELLS)
+    if classes is None:
+        return ((cells != 0) & (cells != UNLABELLED)).float().mean(1)
+    labelled = cells != UNLABELLED
+    counts = torch.zeros(grid * grid, classes)
+    counts.scatter_add_(1, cells.clamp(0, classes - 1) * labelled, labelled.float())
+    return counts / labelled.sum(1, keepdim=True).clamp_min(1)
+
+
+def centre_square(x: Tensor) -> Tensor:
+    h, w = x.shape[-2:]
+    side = min(h, w)
+    return x[..., (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+
+
+def read_item(sample: Sample, semantic: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(rgb uint8 (3, s, s), instance (s, s), semantic (s, s) or None): the centred square of the image and maps."""
+    image, _ = read_image(sample.rgb)
+    rgb = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    size = (rgb.shape[-1], rgb.shape[-2])
+    inst = read_map(sample.maps["instance"], size, table.get("instance"))
+    sem = read_map(sample.maps["semantic"], size, table.get("semantic")) if semantic else None
+    return centre_square(rgb), centre_square(inst), None if sem is None else centre_square(sem)
+
+
+# -- the numbers ----------------------------------------------------------------------------------------------
+def entropy_bits(p: Tensor) -> Tensor:
+    """(…, K) distributions → (…,) entropy in bits (0 log 0 = 0)."""
+    return -(p * torch.log2(p.clamp_min(1e-30))).sum(-1)
+
+
+def image_stats(layers: list[Tensor], prefix: int, objects: Tensor, regions: Tensor | None) -> dict[str, Tensor]:
+    """Per-image statistics (module docstring) from every block's attention (B, heads, L, L), the objects' share
+    per patch (B, N) and the regions' (B, N, C) or None."""
+    def on_patches(row: Tensor) -> Tensor:
+        row = row[:, prefix:].float()
+        return row / row.sum(-1, keepdim=True)
+
+    last = on_patches(layers[-1].mean(1)[:, 0])
+    roll = on_patches(rollout(layers)[:, 0])
+    n = last.shape[-1]
+    out = {"object_share_last": (last * objects).sum(-1), "object_share_rollout": (roll * objects).sum(-1),
+           "object_pixel_share": objects.mean(-1),
+           "spatial_entropy_last": entropy_bits(last) / math.log2(n),
+           "spatial_entropy_rollout": entropy_bits(roll) / math.log2(n)}
+    out["object_excess_last"] = out["object_share_last"] - out["object_pixel_share"]
+    if regions is not None:
+        def spread_over(weights: Tensor) -> Tensor:
+            mass = torch.einsum("bn,bnc->bc", weights, regions)
+            total = mass.sum(-1, keepdim=True)
+            return torch.where(total > 0, entropy_bits(mass / total.clamp_min(1e-30)).unsqueeze(-1), torch.nan)[:, 0]
+
+        out["region_entropy_last"] = spread_over(last)
+        out["region_entropy_uniform"] = spread_over(torch.full_like(last, 1 / n))
+    return out
+
+
+@torch.no_grad()
+def measure(subject: Subject, samples: list[Sample], semantic_classes: int | None, batch_size: int = 32,
+            device: torch.device = torch.device("cpu")) -> dict[str, np.ndarray]:
+    """{statistic: (images,) values} of one subject (NaN where an image has no labelled semantic cell)."""
+    values: dict[str, list[Tensor]] = {}
+    mean = torch.tensor(subject.mean).view(1, 3, 1, 1)
+    std = torch.tensor(subject.std).view(1, 3, 1, 1)
+    for start in range(0, len(samples), batch_size):
+        items = [read_item(s, semantic_classes is not None) for s in samples[start:start + batch_size]]
+        rgb = torch.stack([TF.resize(x[0], [subject.img_size] * 2, antialias=True) for x in items]).float() / 255
+        objects = torch.stack([patch_fractions(x[1], subject.grid) for x in items])
+        regions = None if semantic_classes is None else \
+            torch.stack([patch_fractions(x[2], subject.grid, semantic_classes) for x in items])
+        images = ((rgb - mean) / std).to(device)
+        _, layers = encoder_attention(subject.blocks, lambda: subject.run(images))
+        stats = image_stats([a.cpu() for a in layers], subject.prefix, objects, regions)
+        for key, v in stats.items():
+            values.setdefault(key, []).append(v)
+    return {k: torch.cat(v).double().numpy() for k, v in values.items()}
+
+
+def summarise(values: np.ndarray, seed: int = 0, resamples: int = 2000) -> dict[str, Any]:
+    """Mean over the images (NaNs left out) with a 95 % percentile bootstrap interval."""
+    v = values[~np.isnan(values)]
+    if v.size == 0:
+        return {"mean": None, "ci95": None, "images": 0}
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(resamples, v.size))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(v.mean()), "ci95": [float(lo), float(hi)], "images": int(v.size)}
