@@ -64,15 +64,49 @@ class CheckpointWriteError(CfmaeError):
     exit_code = 1
 
     def __init__(self, path: Path, exc: BaseException):
-        kept = f"the previous {path.name} is intact" if path.exists() else "no earlier file was replaced"
-        super().__init__(f"{path}: could not write the checkpoint ({type(exc).__name__}: {exc}); {kept}. "
-                         f"Free disk space and continue with --resume {path.parent.parent}.")
+        run = path.parent.parent
+        if path.exists():
+            then = f"the previous {path.name} is intact. Free disk space and continue with --resume {run}"
+        else:
+            then = f"no earlier file was replaced. Free disk space and run the same command again (with --out {run})"
+        super().__init__(f"{path}: could not write the checkpoint ({type(exc).__name__}: {exc}); {then}.")
 
 
 def checkpoint_path(path: str | Path) -> Path:
     """A run folder means its ``checkpoints/last.pt``; a file means itself."""
     path = Path(path)
     return path / "checkpoints" / "last.pt" if path.is_dir() else path
+
+
+def read_torch_file(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` of an existing file, with one clear :class:`CfmaeError` for each way
+    a file can fail to be a checkpoint: empty, not written by ``torch.save`` at all, damaged (cut off,
+    corrupt), or holding Python objects besides tensors (refused, as loading those runs code; never the advice
+    to turn that check off). ``mmap`` maps the tensors (cheap for the config alone) where the format allows."""
+    size = path.stat().st_size
+    if size == 0:
+        raise CfmaeError(f"{path}: the file is empty (0 bytes): cut off while it was written, or not a checkpoint.")
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    zipped = head == b"PK\x03\x04"  # torch.save's format since 1.6; older files are a pickle (0x80, protocol)
+    if not zipped and head[:1] != b"\x80":
+        raise CfmaeError(f"{path}: not a file written by torch.save ({size:,} bytes that are neither its zip format "
+                         f"nor a pickle); give a cfmae checkpoint, a .pth / .pt state dict or a .safetensors file.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipped)
+    except Exception as exc:  # noqa: BLE001 - every unpickling failure becomes one message
+        text = str(exc)
+        if "Unsupported global" in text:
+            raise CfmaeError(f"{path}: holds Python objects besides tensors, which are not loaded (unpickling them "
+                             f"runs code). Re-save the weights alone, e.g. torch.save(ckpt['model'], "
+                             f"'weights.pt').") from None
+        if "WeightsUnpickler error:" in text:  # torch's advice around it (to load unsafely) is never repeated
+            text = text.split("WeightsUnpickler error:", 1)[1]
+        elif "Weights only load failed" in text:
+            text = type(exc).__name__
+        reason = (text.strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:160]
+        raise CfmaeError(f"{path}: the file is damaged: cut off or corrupt ({size:,} bytes; torch: {reason})."
+                         ) from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False
@@ -86,10 +120,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not path.is_file():
         raise CfmaeError(f"{path}: checkpoint not found.")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint of ours"
-        raise CfmaeError(f"{path}: not a readable cfmae checkpoint ({type(exc).__name__}: {exc}).{_offer(path)}"
-                         ) from None
+        ckpt = read_torch_file(path, map_location, mmap)
+    except CfmaeError as exc:
+        raise CfmaeError(f"{exc}{_offer(path)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION or "model" not in ckpt:
         raise CfmaeError(f"{path}: not a cfmae checkpoint of format version {FORMAT_VERSION}.{_offer(path)}")
     return ckpt

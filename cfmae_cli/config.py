@@ -311,9 +311,12 @@ def _preset_dict(name_or_path: str, seen: tuple[str, ...] = (), keep_task: bool 
     if not path.is_file():
         raise ConfigError(f"{path}: preset file not found.")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: not readable as YAML ({exc}).") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the preset file is empty; it would silently be the defaults. Give what it changes, "
+                          f"e.g. 'base: vitb-400e' and the sections it sets (docs/presets.md).")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a preset must be a mapping of sections (data, model, masking, optim, train).")
     raw.pop("description", None)

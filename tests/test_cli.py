@@ -96,7 +96,8 @@ def test_bad_input_exits_2_with_one_clear_message(tiny_data: Path, tmp_path: Pat
     existing = tmp_path / "full"
     (existing / "checkpoints").mkdir(parents=True)
     (existing / "checkpoints" / "last.pt").write_bytes(b"keep me")
-    assert "the run folder exists and is not empty" in _bad(["pretrain", "--out", str(existing)])
+    assert f"holds a run; continue it with `cfmae pretrain --resume {existing}`" in \
+        _bad(["pretrain", "--out", str(existing)])
     assert (existing / "checkpoints" / "last.pt").read_bytes() == b"keep me"
 
 

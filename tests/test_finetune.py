@@ -239,7 +239,7 @@ def test_another_size_and_broken_files_are_refused(tmp_path: Path) -> None:
     broken.write_bytes(b"\x80\x02garbage")
     code, text = finetune("--checkpoint", str(broken), "--data", str(data), "--out", str(tmp_path / "r3"),
                           *ft_sets())
-    assert code == 2 and f"{broken}: not a readable checkpoint" in text and not (tmp_path / "r3").exists()
+    assert code == 2 and f"{broken}: the file is damaged" in text and not (tmp_path / "r3").exists()
     code, text = finetune("--checkpoint", str(tmp_path / "nope.pt"), "--data", str(data), *ft_sets())
     assert code == 2 and "nope.pt: no such file" in text
     code, text = finetune("--checkpoint", "random", "--data", str(data / "train"), "--out", str(tmp_path / "r4"),

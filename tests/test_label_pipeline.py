@@ -130,7 +130,7 @@ def test_empty_folder_and_bad_options_exit_2(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     for args, message in [
         (["label", str(tmp_path / "empty"), "--out", str(tmp_path / "d")], "no images found"),
-        (["label", str(tmp_path / "nope"), "--out", str(tmp_path / "d")], "source folder not found"),
+        (["label", str(tmp_path / "nope"), "--out", str(tmp_path / "d")], "nope: folder not found"),
         (["label", str(tmp_path / "empty"), "--out", str(tmp_path / "d"), "--instance", "sam"],
          "--instance sam: choose classical or grounded-sam"),
         (["label", str(tmp_path / "empty"), "--out", str(tmp_path / "d"), "--instance", "grounded-sam"],

@@ -104,7 +104,7 @@ def test_truncated_checkpoint_names_the_file_and_offers_the_periodic_one(data: P
     last.write_bytes(last.read_bytes()[:1000])
     result = runner.invoke(app, ["pretrain", "--resume", str(out)])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert f"{last}: not a readable cfmae checkpoint" in result.output
+    assert f"{last}: the file is damaged: cut off or corrupt" in result.output
     assert f"continue from it with --resume {out / 'checkpoints' / 'epoch-0002.pt'}" in result.output
     result = runner.invoke(app, ["pretrain", "--resume", str(out / "checkpoints" / "epoch-0002.pt")])
     assert result.exit_code == 0, result.output
@@ -180,13 +180,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data: Path, tm
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] > 2 else loss  # epoch 1 = 2 micro-batches are fine
+        return loss * float("nan") if calls["n"] > 3 else loss  # steps 1-3 are fine: last.pt (step 2) is good
 
     monkeypatch.setattr(model_mod, "rgb_loss", poisoned)
     out = tmp_path / "run"
     result = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(out), "--epochs", "3", *sets()])
     assert result.exit_code == 1
-    assert "non-finite loss at step 3" in result.output and "rgb nan" in result.output
+    assert "non-finite loss at step 4" in result.output and "rgb nan" in result.output
+    assert f"The last good checkpoint is {out / 'checkpoints' / 'last.pt'} (step 2)" in " ".join(result.output.split())
     assert torch.load(out / "checkpoints/last.pt", weights_only=True)["epoch"] == 1
 
 

@@ -16,7 +16,7 @@ from cfmae_cli.bench import Rig, count_flops, peak_tflops, time_data, time_masks
 from cfmae_cli.cli.common import console, guarded
 from cfmae_cli.config import load_config
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.formats import atomic_write_text
+from cfmae_cli.formats import atomic_write_text, check_output, software
 
 WHAT = ("step", "masks", "data", "all")
 
@@ -54,6 +54,7 @@ def bench(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CfmaeError("--device cuda: no GPU is visible.")
     gpu = dev.type == "cuda"
+    path = check_output(out or Path("runs/bench") / f"{preset}-{dev.type}.json", [p for p in [data] if p])
     batch_size = batch_size or (256 if gpu else 4)
     steps = steps or (30 if gpu else 2)
     warmup = warmup if warmup is not None else (10 if gpu else 1)
@@ -61,8 +62,8 @@ def bench(
     presets = [preset] + ([compare] if compare != "none" and what in ("step", "all") else [])
     machine = torch.cuda.get_device_name(dev) if gpu else f"CPU ({platform.processor() or platform.machine()}, " \
                                                            f"{os.cpu_count()} cores)"
-    report: dict[str, Any] = {"device": machine, "torch": torch.__version__, "batch_size": batch_size,
-                              "compiled": compile_model, "presets": {}}
+    report: dict[str, Any] = {"tool": software(), "device": machine, "torch": torch.__version__,
+                              "batch_size": batch_size, "compiled": compile_model, "presets": {}}
     peak = peak_tflops(dev)
     for name in presets:
         cfg = load_config(name)
@@ -82,7 +83,6 @@ def bench(
         report["presets"][name] = entry
         del rig
     _print(report, preset, presets, mask_batch, peak)
-    path = out or Path("runs/bench") / f"{preset}-{dev.type}.json"
     atomic_write_text(path, json.dumps(report, indent=2) + "\n")
     console.print(f"JSON: {path}", highlight=False)
 

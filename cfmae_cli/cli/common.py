@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -11,6 +12,7 @@ from typing import Any, Callable
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from cfmae_cli.errors import CfmaeError
 
@@ -49,6 +51,19 @@ class _CurrentStderr(logging.StreamHandler):
         pass
 
 
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for a file system refusal of the user's machine (no permission, read-only, full), naming the
+    path and what to do."""
+    path = exc.filename or "a file"
+    fix = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (quota)",
+           errno.EROFS: "choose a writable place (--out, or CFMAE_CACHE for the cache)"}.get(
+        exc.errno, "check its permissions, or choose a writable place (--out, or CFMAE_CACHE for the cache)")
+    return f"{path}: {exc.strerror or exc}; {fix}."
+
+
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn :class:`CfmaeError` into one clear message and exit code 2; other failures into exit 1 with a
     hint (``--verbose`` shows the traceback)."""
@@ -62,15 +77,21 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except CfmaeError as exc:
             if STATE["verbose"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            if STATE["verbose"] or exc.errno not in USER_OS_ERRORS:
+                raise
+            err_console.print(f"[bold red]error:[/] {escape(os_error_line(exc))}", markup=True, highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - the last line of defence of a command-line tool
             if STATE["verbose"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}\n"
+            err_console.print(f"[bold red]error:[/] {escape(f'{type(exc).__name__}: {exc}')}\n"
                               f"(rerun with `cfmae --verbose …` for the traceback)", highlight=False,
                               soft_wrap=True)
             raise typer.Exit(1) from None

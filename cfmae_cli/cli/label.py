@@ -13,7 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cfmae_cli.cli.common import console, guarded, is_terminal, launch_workers
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.labeling.base import ClassicalBackend
-from cfmae_cli.labeling.pipeline import LabelProgress, finalize, label_folder
+from cfmae_cli.formats import need_folder
+from cfmae_cli.labeling.pipeline import claim_dataset, LabelProgress, finalize, label_folder
 from cfmae_cli.train import distributed
 
 SUGGEST = {"--detector-model": "IDEA-Research/grounding-dino-base",
@@ -95,14 +96,20 @@ def label(
         raise CfmaeError(f"--semantic {semantic}: choose classical, mask2former or oneformer.")
     if rgb not in ("copy", "symlink", "hardlink"):
         raise CfmaeError(f"--rgb {rgb}: choose copy, symlink or hardlink.")
-    if not src.is_dir():
-        raise CfmaeError(f"{src}: source folder not found.")
+    need_folder(src, "source")
     if gpus and gpus > torch.cuda.device_count():
         raise CfmaeError(f"--gpus {gpus}: torch sees {torch.cuda.device_count()} GPU(s) on this machine.")
     if procs > 1 and gpus != 0:
         raise CfmaeError(f"--procs {procs}: CPU processes need --gpus 0 (with GPUs, --gpus N starts one process "
                          f"per GPU).")
     world = gpus if gpus else procs
+    settings = {"source": str(src.resolve()), "instance": instance, "semantic": semantic, "rgb": rgb,
+                **({"detector_model": detector_model, "segmenter_model": segmenter_model,
+                    "box_threshold": box_threshold, "threshold_floor": threshold_floor}
+                   if instance == "grounded-sam" else {}),
+                **({"semantic_model": semantic_model} if semantic != "classical" else {})}
+    if not distributed.under_launcher() and claim_dataset(src, out, settings):
+        console.print(f"{out}: resuming the labelling of {src} recorded there", highlight=False)
     if world > 1 and not distributed.under_launcher():
         args = ["label", str(src), "--out", str(out), "--instance", instance, "--semantic", semantic,
                 "--gpus", str(gpus), "--batch-size", str(batch_size), "--workers", str(workers), "--rgb", rgb,
@@ -116,13 +123,13 @@ def label(
     info = distributed.init(torch.device("cuda" if use_cuda else "cpu"))
     try:
         _run(src, out, info, instance, semantic, detector_model, segmenter_model, semantic_model, batch_size,
-             workers, limit, rgb, preview, box_threshold, threshold_floor)
+             workers, limit, rgb, preview, box_threshold, threshold_floor, settings)
     finally:
         distributed.shutdown()
 
 
 def _run(src, out, info, instance, semantic, detector_model, segmenter_model, semantic_model, batch_size, workers,
-         limit, rgb, preview, box_threshold, threshold_floor) -> None:
+         limit, rgb, preview, box_threshold, threshold_floor, settings) -> None:
     inst, sem = build_backends(instance, semantic, detector_model, segmenter_model, semantic_model, info.device,
                                batch_size, box_threshold, threshold_floor)
     if instance == "grounded-sam":
@@ -145,12 +152,12 @@ def _run(src, out, info, instance, semantic, detector_model, segmenter_model, se
 
         result = label_folder(src, out, inst, sem, prompt_for=prompt_for, batch_size=batch_size,
                               workers=workers, limit=limit, rgb_mode=rgb, rank=info.rank, world=info.world,
-                              on_progress=update)
+                              on_progress=update, settings=settings)
     if info.distributed:
         torch.distributed.barrier(group=info.control)  # gloo, 24 h: ranks may finish far apart
     if not info.is_main:
         return
-    counts = finalize(out, result["images"], inst, sem, src)
+    counts = finalize(out, result["images"], inst, sem, src, settings)
     console.print(f"labelled {result['labelled']} image(s) now, {result['skipped_done']} were already done; "
                   f"dataset: {counts['images']} image(s) in {counts['classes']} class folder(s)"
                   + (f", {counts['errors']} unreadable (listed in {out / 'label-errors.jsonl'})" if counts["errors"]

@@ -10,6 +10,7 @@ from rich.progress import Progress
 
 from cfmae_cli.cli.common import console, guarded, is_terminal
 from cfmae_cli.data.packed import pack_dataset
+from cfmae_cli.formats import list_folder, need_folder
 
 
 @guarded
@@ -27,7 +28,13 @@ def pack(
 
     Example: cfmae pack /data/in1k-cfmae --out /fast/in1k-packed && cfmae pretrain --data /fast/in1k-packed
     """
-    shards = -(-sum(1 for _ in (data / "rgb").rglob("*")) // shard_size) if (data / "rgb").is_dir() else None
+    need_folder(data, "DATA")
+    rgb = data / "rgb"
+    if rgb.is_dir():
+        top = list_folder(rgb)
+        shards = -(-(len(top.files) + sum(len(list_folder(rgb / d).files) for d in top.dirs)) // shard_size)
+    else:
+        shards = None
     with Progress(console=console, disable=not is_terminal()) as bar:
         task = bar.add_task("shards", total=shards)
         manifest = pack_dataset(data, out, size, map_scale, shard_size, quality, workers,

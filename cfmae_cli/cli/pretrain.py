@@ -12,6 +12,7 @@ from cfmae_cli.cli.common import console, guarded
 from cfmae_cli.cli.training import dispatch, resumed_config, run_overrides
 from cfmae_cli.config import Config, load_config
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.formats import need_folder
 from cfmae_cli.train.pretraining import pretrain as run
 from cfmae_cli.train.setup import build_dataset, dataset_root, describe_plan, make_plan
 
@@ -47,8 +48,7 @@ def pretrain(
     """
     overrides = run_overrides(set_, data, epochs, seed, gpus, procs, resume, out)
     if monitor_data is not None:
-        if not monitor_data.is_dir():
-            raise CfmaeError(f"--monitor-data {monitor_data}: folder not found.")
+        need_folder(monitor_data, "--monitor-data")
         overrides.append(f"train.monitor.data={monitor_data.resolve()}")
     if resume is not None and init is not None:
         raise CfmaeError("--resume continues a run with its own weights; it takes no --init (use --init CKPT to "

@@ -17,11 +17,12 @@ from cfmae_cli.cli.progress import TrainingView
 from cfmae_cli.config import (RESUMABLE_CHANGES, Config, config_diff, config_from_dict, deep_merge, dump_config,
                               load_config, parse_override, with_legacy_defaults)
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.formats import need_folder
 from cfmae_cli.train import distributed
 from cfmae_cli.train.engine import TrainingDiverged
 from cfmae_cli.train.faults import Preempted
 from cfmae_cli.train.rundir import new_run_dir
-from cfmae_cli.train.setup import dataset_root
+from cfmae_cli.train.setup import batch_plan, dataset_root
 
 Runner = Callable[..., dict[str, Any]]
 
@@ -31,8 +32,7 @@ def run_overrides(set_: list[str], data: Optional[Path], epochs: Optional[int], 
     """The ``--set`` list with the shortcut options added; refuses combinations that make no sense."""
     overrides = list(set_)
     if data is not None:
-        if not data.is_dir():
-            raise CfmaeError(f"--data {data}: folder not found.")
+        need_folder(data, "--data")
         overrides.append(f"data.root={data.resolve()}")
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
@@ -52,7 +52,13 @@ def resumed_config(resume: Path, preset: Optional[str], overrides: list[str], sc
                    mode: Optional[str] = None) -> Any:
     """The run's own config; refused (exit 2, the keys listed) if the options given would change it."""
     path = checkpoint_path(resume)
-    saved = with_legacy_defaults(load_checkpoint(path, mmap=True)["config"], schema)
+    ckpt = load_checkpoint(path, mmap=True)
+    task = ckpt.get("task")  # (a file without it predates the key: not checked)
+    if task is not None and task != schema.TASK:
+        run = path.parent.parent if path.parent.name == "checkpoints" else path
+        raise CfmaeError(f"--resume {resume}: a run of `cfmae {task}`, not of `cfmae {schema.TASK}`; continue it "
+                         f"with `cfmae {task} --resume {run}`.")
+    saved = with_legacy_defaults(ckpt["config"], schema)
     base = load_config(preset, schema=schema, mode=mode).model_dump(mode="json") if preset else saved
     if mode is not None:
         base = deep_merge(base, {"mode": mode})
@@ -110,7 +116,9 @@ def train_here(command: str, run: Runner, done: Callable[[dict[str, Any]], str],
 
 def launch(command: str, cfg: Any, out: Optional[Path], name: str, resume: Optional[Path], extra_args: list[str],
            world: int, gpus: Optional[int], procs: int) -> None:
-    """Start ``world`` local workers through torch.distributed.run with the resolved config in a file."""
+    """Start ``world`` local workers through torch.distributed.run with the resolved config in a file (checked
+    here first, so that a config the workers would refuse is said once, without the launcher's noise)."""
+    batch_plan(cfg.optim, cfg.train, world)
     if cfg.data.root is None:  # build the demo data once, before the workers look for it
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": str(dataset_root(cfg))})})
     fd, config_file = tempfile.mkstemp(prefix="cfmae-launch-", suffix=".yaml")

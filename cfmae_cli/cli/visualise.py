@@ -13,7 +13,7 @@ import typer
 from cfmae_cli import modalities as table
 from cfmae_cli.cli.common import console, guarded
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.formats import atomic_write_text, UNLABELLED
+from cfmae_cli.formats import atomic_write_text, check_output, software, UNLABELLED
 from cfmae_cli.viz.inference import (Pretrained, dataset_maps, errors, input_masks, load_image, load_pretrained,
                                      prepare)
 
@@ -21,7 +21,7 @@ from cfmae_cli.viz.inference import (Pretrained, dataset_maps, errors, input_mas
 def image_maps(path: Path, image: np.ndarray, names: list[str]) -> tuple[dict[str, np.ndarray], list[str], str]:
     """The maps of ``names`` from the image's dataset folder, else from the classical labeller (which makes
     instance and semantic maps): (maps, semantic class names, where they came from)."""
-    found = dataset_maps(path, names)
+    found = dataset_maps(path, names, (image.shape[1], image.shape[0]))
     if found is not None:
         return (*found, "dataset")
     from cfmae_cli.labeling.classical import SEMANTIC_CLASSES, ClassicalLabeller
@@ -87,6 +87,15 @@ def _refuse_foreign_classes(inputs: list[str], ok: dict[str, bool]) -> None:
                              f"images from a dataset labelled like the training data.")
 
 
+def _outputs(out: Path, images: list[Path], checkpoint: Optional[str | Path], *beside: str) -> Path:
+    """``out`` (and the files ``beside`` it, by suffix) if writing them replaces no input and no file of the
+    user's (:func:`check_output`)."""
+    inputs = [*images, *([Path(checkpoint)] if checkpoint not in (None, "random") else [])]
+    for path in (out, *(out.with_suffix(suffix) for suffix in beside)):
+        check_output(path, inputs)
+    return out
+
+
 @guarded
 def reconstruct(
     images: list[Path] = typer.Argument(..., help="image file(s); maps come from their dataset folder if they "
@@ -110,6 +119,7 @@ def reconstruct(
     """
     if masking not in ("random", "semantic", "instance", "progressive"):
         raise CfmaeError(f"--masking {masking}: choose random, semantic, instance or progressive.")
+    out = _outputs(out or Path(f"{images[0].stem}-reconstruct.png"), images, checkpoint, ".json")
     net = load_pretrained(checkpoint, _device(device))
     inputs = _inputs(modality, net)
     pixels, maps, ok = _load(images, net, need_maps=True)
@@ -131,9 +141,9 @@ def reconstruct(
         present = sorted(set(torch.unique(ids).tolist()) | set(torch.unique(batch[name]).tolist()))
         colours = palette()
         legend = [(net.classes[c], tuple(colours[c])) for c in present if c < len(net.classes)]
-    out = out or Path(f"{images[0].stem}-reconstruct.png")
     save_grid(panels, out, f"{net.path}: input {'+'.join(inputs)}, masking {masking}, {visible} visible", legend)
-    report = {"checkpoint": str(net.path), "inputs": inputs, "masking": masking, "num_visible": visible, "seed": seed,
+    report = {"tool": software(), "checkpoint": str(net.path), "inputs": inputs, "masking": masking,
+              "num_visible": visible, "seed": seed,
               "images": [{"image": str(p), "errors": e}
                          for p, e in zip(images, errors(net, batch, mask, pred, ok))]}
     atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
@@ -187,6 +197,7 @@ def attention_map(
     checkpoint = checkpoints[0] if checkpoints else None
     if method not in ("cls", "mean", "rollout"):
         raise CfmaeError(f"--method {method}: choose cls, mean or rollout.")
+    out = _outputs(out or Path(f"{images[0].stem}-attention-{method}.png"), images, checkpoint)
     net = load_pretrained(checkpoint, _device(device))
     model = net.model
     depth = len(model.encoder.blocks)
@@ -225,7 +236,6 @@ def attention_map(
            for x in rgb_pixels(image, net.cfg.data.mean, net.cfg.data.std)]
     rows = [[rgb[k]] + [_overlay(rgb[k], per_patch[k, h], model.grid) for h in range(per_patch.shape[1])]
             for k in range(len(pixels))]
-    out = out or Path(f"{images[0].stem}-attention-{method}.png")
     where = "" if method == "rollout" else f", layer {layer % depth}"
     save_image_grid(rows, out, ["image"] + titles, [p.name[-28:] for p in images],
                     f"{net.path}: {method} attention{where}, input {'+'.join(inputs)}")
@@ -246,6 +256,7 @@ def _attention_stats(root: Path, checkpoints: list[str], models: list[str], weig
     if len(models) != len(weights):
         raise CfmaeError(f"--model / --weights: {len(models)} model name(s) and {len(weights)} weights file(s); "
                          f"give each --model its --weights, in order.")
+    out = check_output(out or Path("attention-stats.json"), [*weights, *(Path(c) for c in checkpoints)])
     if not (root / "rgb").is_dir():
         raise CfmaeError(f"{root}: no rgb/ folder; --stats reads a labelled dataset (rgb/, instance/, semantic/; "
                          f"docs/dataset-format.md).")
@@ -295,12 +306,11 @@ def _attention_stats(root: Path, checkpoints: list[str], models: list[str], weig
     Console(width=max(console.width, 52 + 26 * len(names))).print(view)  # never cut the intervals off
     if not semantic:
         console.print(f"note: {root} has no semantic/ folder: no region entropy.", highlight=False)
-    report = {"data": str(root), "images": len(samples), "cells_per_patch": st.CELLS, "seed": seed,
+    report = {"tool": software(), "data": str(root), "images": len(samples), "cells_per_patch": st.CELLS, "seed": seed,
               "models": [{"name": s.name, "description": s.description, "img_size": s.img_size,
                           "patch_size": s.patch_size} for s in subjects],
               "statistics": {key: {"label": label, **{name: results[name][key] for name in names}}
                              for key, label in rows}}
-    out = out or Path("attention-stats.json")
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {out}", highlight=False)
 

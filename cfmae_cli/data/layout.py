@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from PIL import Image
 from cfmae_cli import modalities as table
 from cfmae_cli.errors import DataError
 from cfmae_cli.formats import (DATASET_FORMAT_VERSION, IMAGE_EXTENSIONS, MANIFEST_NAME, UNLABELLED, atomic_write,
-                               atomic_write_text)
+                               atomic_write_text, list_folder, need_folder)
 
 
 
@@ -101,28 +102,26 @@ def list_samples(root: str | Path, maps: tuple[str, ...] | list[str] | None = No
     root = Path(root)
     maps = id_maps() if maps is None else list(maps)
     rgb_root = root / "rgb"
-    if not root.is_dir():
-        raise DataError(f"{root}: data folder not found.")
+    need_folder(root)
     if not rgb_root.is_dir():
         raise DataError(f"{rgb_root}: no 'rgb' folder. Expected DATA/rgb, DATA/instance, DATA/semantic "
                         f"(see docs/dataset-format.md).")
-    entries = sorted(os.scandir(rgb_root), key=lambda e: e.name)
-    class_dirs = [e.name for e in entries if e.is_dir()]
+    class_dirs = list_folder(rgb_root).dirs
     groups = [(c, rgb_root / c) for c in class_dirs] if class_dirs else [("", rgb_root)]
     samples: list[Sample] = []
     missing: list[str] = []
     for label, (class_dir, folder) in enumerate(groups):
         existing = {m: _pngs(root / m / class_dir) for m in maps}
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            stem, ext = os.path.splitext(entry.name)
-            if not entry.is_file() or ext.lower() not in IMAGE_EXTENSIONS:
+        for name in list_folder(folder).files:
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_EXTENSIONS:
                 continue
             lacking = [m for m in maps if stem not in existing[m]]
             if lacking:
-                missing.append(f"{Path(entry.path)} (no {' and no '.join(lacking)} map: expected "
+                missing.append(f"{folder / name} (no {' and no '.join(lacking)} map: expected "
                                f"{map_path(root, lacking[0], class_dir, stem)})")
                 continue
-            samples.append(Sample(Path(entry.path), {m: map_path(root, m, class_dir, stem) for m in maps}, label))
+            samples.append(Sample(folder / name, {m: map_path(root, m, class_dir, stem) for m in maps}, label))
     if missing:
         shown = "\n  ".join(missing[:5])
         more = f"\n  … and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -136,7 +135,7 @@ def list_samples(root: str | Path, maps: tuple[str, ...] | list[str] | None = No
 def _pngs(folder: Path) -> set[str]:
     if not folder.is_dir():
         return set()
-    return {e.name[:-4] for e in os.scandir(folder) if e.name.lower().endswith(".png")}
+    return {name[:-4] for name in list_folder(folder).files if name.lower().endswith(".png")}
 
 
 def save_map(path: str | Path, ids: np.ndarray) -> None:
@@ -167,13 +166,30 @@ def _atomic_save_image(image: Image.Image, path: Path, **params: Any) -> None:
 COPYABLE_MODES = {"RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr", "1"}  # PIL's convert("RGB") reads these
 
 
-def read_image(path: Path) -> tuple[np.ndarray, bool]:
+MAX_PIXELS = 178_956_970  # larger images are refused (179 MP, the size at which PIL itself refuses one by default)
+
+
+def read_image(path: Path, short_side: int | None = None) -> tuple[np.ndarray, bool]:
     """→ (H×W×3 uint8 RGB, converted). ``converted`` is True for modes that a plain RGB reader would
-    misread (16-bit and float images): those are written to the dataset as 8-bit PNG."""
-    with Image.open(path) as im:
+    misread (16-bit and float images): those are written to the dataset as 8-bit PNG. ``short_side``: the image
+    may be read smaller, its short side at least this (JPEG decoded at 1/2 to 1/8 scale, others reduced by an
+    integer factor), which keeps a huge photo cheap. Images above :data:`MAX_PIXELS` are refused (ValueError)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
+        im = Image.open(path)
+    with im:
+        w, h = im.size
+        if w * h > MAX_PIXELS:
+            raise ValueError(f"{w}x{h} = {w * h / 1e6:.0f} MP, above the {MAX_PIXELS / 1e6:.0f} MP cfmae reads; "
+                             f"downscale it first")
+        factor = max(1, min(w, h) // short_side) if short_side else 1
+        if factor > 1 and im.format == "JPEG":
+            im.draft(im.mode, (w // factor, h // factor))  # decodes at a power-of-two scale, at least this size
         im.load()  # a truncated file fails here
+        by = min(im.size) // short_side if factor > 1 else 1
         if im.mode in COPYABLE_MODES:
-            return np.asarray(im.convert("RGB")), False
+            rgb = im.convert("RGB")
+            return np.asarray(rgb.reduce(by) if by > 1 else rgb), False
         arr = np.asarray(im).astype(np.float64)
     if arr.ndim == 3:
         arr = arr[..., :3]
@@ -182,4 +198,5 @@ def read_image(path: Path) -> tuple[np.ndarray, bool]:
         arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-12) * 255.0
         top = 255.0
     arr = np.clip(np.round(arr * 255.0 / top), 0, 255).astype(np.uint8)
-    return (np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr), True
+    rgb = np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr
+    return (np.asarray(Image.fromarray(rgb).reduce(by)) if by > 1 else rgb), True

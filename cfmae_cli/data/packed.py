@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -32,10 +33,12 @@ from cfmae_cli.data.layout import id_maps, list_samples, read_manifest, Sample
 from cfmae_cli.data.maps import resample_map
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import DataError
-from cfmae_cli.formats import atomic_write_text, UNLABELLED
+from cfmae_cli.formats import atomic_write, atomic_write_text, UNLABELLED
 
 MANIFEST = "cfmae-packed.json"
+INCOMPLETE = ".cfmae-pack-incomplete"  # there while `cfmae pack` writes the folder
 FORMAT, VERSION = "cfmae-packed", 1
+log = logging.getLogger(__name__)
 
 
 try:  # libjpeg-turbo straight into a CHW tensor; deprecated in torchvision 0.29 in favour of TorchCodec
@@ -113,46 +116,102 @@ def _pack_shard(job: tuple[Path, int, list[Sample], int, int, int, int]) -> tupl
     n = len(blobs)
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
     stem = out / f"shard-{k:05d}"
-    with open(f"{stem}.jpg.bin.tmp", "wb") as fh:
-        fh.write(b"".join(blobs))
-    os.replace(f"{stem}.jpg.bin.tmp", f"{stem}.jpg.bin")
+    _publish(Path(f"{stem}.jpg.bin"), lambda fh: fh.write(b"".join(blobs)))
     stored = {name: a[:n] if a[:n].max(initial=0) > 255 else a[:n].astype(np.uint8)  # most maps: < 256 ids
               for name, a in arrays.items()}
     for name, array in (("offsets", offsets), *stored.items(), ("labels", np.array(labels, np.int32))):
-        with open(f"{stem}.{name}.npy.tmp", "wb") as fh:
-            np.save(fh, array)
-        os.replace(f"{stem}.{name}.npy.tmp", f"{stem}.{name}.npy")
+        _publish(Path(f"{stem}.{name}.npy"), lambda fh, a=array: np.save(fh, a))
     return n, skipped
+
+
+def _publish(path: Path, write: Callable[[Any], Any]) -> None:
+    """One shard file, atomically; a failure names the file (a write error alone does not)."""
+    try:
+        atomic_write(path, write, binary=True)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
 
 
 def pack_dataset(src: Path, out: Path, size: int = 256, map_scale: int = 2, shard_size: int = 4096,
                  quality: int = 95, workers: int = 1, on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Pack the dataset at ``src`` (docs/dataset-format.md, with both maps) into ``out``; returns its manifest.
     The manifest is written last: a folder without it is not a packed dataset (an interrupted run)."""
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out}: exists and is not empty; choose an empty or new --out.")
     if size % map_scale:
         raise DataError(f"--size {size} is not divisible by --map-scale {map_scale}.")
     source = read_manifest(src)
     samples, classes = list_samples(src, maps=id_maps())
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out)
     c_sem = int(source["num_semantic_classes"])
     jobs = [(out, k, samples[i:i + shard_size], size, size // map_scale, quality, c_sem)
             for k, i in enumerate(range(0, len(samples), shard_size))]
     counts, skipped = [], []
-    with ProcessPoolExecutor(max_workers=max(workers, 1)) as pool:
-        for n, bad in pool.map(_pack_shard, jobs):
-            counts.append(n)
-            skipped += bad
-            if on_shard is not None:
-                on_shard(len(counts))
-    manifest = {"format": FORMAT, "version": VERSION, "images": sum(counts), "size": size,
-                "map_size": size // map_scale, "quality": quality, "class_folders": classes, "maps": id_maps(),
-                "semantic_classes": source["semantic_classes"], "num_semantic_classes": c_sem,
-                "source": str(src.resolve()), "source_manifest": source, "shards": counts,
-                "skipped": [{"file": f, "reason": r} for f, r in skipped]}
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    try:
+        with ProcessPoolExecutor(max_workers=max(workers, 1)) as pool:
+            for n, bad in pool.map(_pack_shard, jobs):
+                counts.append(n)
+                skipped += bad
+                if on_shard is not None:
+                    on_shard(len(counts))
+        manifest = {"format": FORMAT, "version": VERSION, "images": sum(counts), "size": size,
+                    "map_size": size // map_scale, "quality": quality, "class_folders": classes, "maps": id_maps(),
+                    "semantic_classes": source["semantic_classes"], "num_semantic_classes": c_sem,
+                    "source": str(src.resolve()), "source_manifest": source, "shards": counts,
+                    "skipped": [{"file": f, "reason": r} for f, r in skipped]}
+        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    except OSError as exc:  # a full disk, a lost mount: nothing half-made is left to block the rerun
+        _clear(out)
+        where = exc.filename or out
+        raise DataError(f"{where}: could not be written ({exc.strerror or exc}); the partial pack in {out} was "
+                        f"removed. Free space (or fix the folder) and run `cfmae pack` again.") from None
+    (out / INCOMPLETE).unlink()
     return manifest
+
+
+def _claim(out: Path) -> None:
+    """Make ``out`` the pack's: a new or empty folder, or one that an interrupted pack left (marked by
+    :data:`INCOMPLETE`, cleared); with the mark in it until the manifest is written."""
+    if out.is_file():
+        raise DataError(f"--out {out}: a file, not a folder; choose a new or empty folder.")
+    if out.exists() and any(out.iterdir()):
+        if not (out / INCOMPLETE).is_file():
+            raise DataError(f"{out}: exists and is not empty; choose an empty or new --out.")
+        log.info("%s: clearing what an interrupted `cfmae pack` left", out)
+        _clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INCOMPLETE).write_text("cfmae pack is writing this folder; a folder with this file is incomplete\n")
+
+
+def _clear(out: Path) -> None:
+    """Remove what a pack wrote in ``out`` (its shard files, temporaries, manifest, mark)."""
+    for path in out.iterdir():
+        if path.name.startswith(("shard-", ".shard-")) or path.name in (MANIFEST, INCOMPLETE):
+            path.unlink(missing_ok=True)
+
+
+def check_packed(root: Path, manifest: dict[str, Any], maps: list[str]) -> None:
+    """Every shard file the manifest promises is there, and its sizes agree with it (images per shard, bytes
+    of the JPEG file): a missing or cut-off shard stops here, naming the file, not in a loader worker."""
+    for k, n in enumerate(manifest["shards"]):
+        stem = root / f"shard-{k:05d}"
+        files = {name: Path(f"{stem}.{name}.npy") for name in ("offsets", *maps, "labels")}
+        for path in (Path(f"{stem}.jpg.bin"), *files.values()):
+            if not path.is_file():
+                raise DataError(f"{path}: missing (shard {k} of {len(manifest['shards'])} of the packed data); the "
+                                f"pack is incomplete: pack the data again (cfmae pack {manifest.get('source', 'DATA')} "
+                                f"--out NEW).")
+        try:
+            arrays = {name: np.load(path, mmap_mode="r") for name, path in files.items()}
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{stem}.*.npy: not readable ({exc}); pack the data again.") from None
+        want = {"offsets": n + 1, **{name: n for name in (*maps, "labels")}}
+        wrong = [f"{files[name].name} has {len(arrays[name])} rows, not {rows}" for name, rows in want.items()
+                 if len(arrays[name]) != rows]
+        if not wrong and int(arrays["offsets"][-1]) != os.path.getsize(f"{stem}.jpg.bin"):
+            wrong.append(f"{stem.name}.jpg.bin has {os.path.getsize(f'{stem}.jpg.bin'):,} bytes, its offsets say "
+                         f"{int(arrays['offsets'][-1]):,}")
+        if wrong:
+            raise DataError(f"{root}: shard {k} does not match the manifest ({'; '.join(wrong)}); the pack is damaged: "
+                            f"pack the data again.")
 
 
 def read_packed_manifest(root: Path) -> dict[str, Any]:
@@ -178,6 +237,7 @@ class PackedDataset(SeededDataset):
             raise DataError(f"{self.root}: a packed dataset of the maps {', '.join(self.packed)}; data.modalities "
                             f"asks for {', '.join(lacking)} too: train from the folder layout, or pack data with "
                             f"those maps.")
+        check_packed(self.root, manifest, self.packed)
         self.num_semantic_classes = manifest["num_semantic_classes"]
         self.index = np.array([(k, j) for k, n in enumerate(manifest["shards"]) for j in range(n)], np.int64)
         self._open: dict[int, dict[str, Any]] = {}  # per process: shards are mapped on first use

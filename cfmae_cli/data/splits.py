@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cfmae_cli.data.layout import Sample, list_samples
 from cfmae_cli.errors import DataError
-from cfmae_cli.formats import IMAGE_EXTENSIONS
+from cfmae_cli.formats import IMAGE_EXTENSIONS, list_folder, need_folder
 
 
 def list_split(folder: Path, maps: list[str]) -> tuple[list[Sample], list[str]]:
@@ -21,13 +21,11 @@ def list_split(folder: Path, maps: list[str]) -> tuple[list[Sample], list[str]]:
         raise DataError(f"{folder}: multi-granular fine-tuning reads {', '.join(maps)} maps, so the split must have "
                         f"the dataset layout (rgb/, instance/, semantic/; docs/dataset-format.md). Label the images "
                         f"with `cfmae label`, or fine-tune on RGB only (--modalities rgb).")
-    if not folder.is_dir():
-        raise DataError(f"{folder}: folder not found.")
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
-    samples = [Sample(Path(e.path), {}, label)
+    classes = list_folder(need_folder(folder)).dirs
+    samples = [Sample(folder / name / file, {}, label)
                for label, name in enumerate(classes)
-               for e in sorted(os.scandir(folder / name), key=lambda e: e.name)
-               if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
+               for file in list_folder(folder / name).files
+               if os.path.splitext(file)[1].lower() in IMAGE_EXTENSIONS]
     if not samples:
         raise DataError(f"{folder}: no images in class folders (expected {folder}/<class>/<image>, extensions "
                         f"{', '.join(IMAGE_EXTENSIONS)}).")
@@ -52,9 +50,14 @@ def spread(samples: list[Sample], count: int) -> list[Sample]:
 def find_splits(root: Path, val_fraction: float | None, maps: list[str]
                 ) -> tuple[list[Sample], list[Sample], list[str], Path]:
     """(train samples, val samples, class names, the folder whose manifest describes the maps)."""
-    if not root.is_dir():
-        raise DataError(f"{root}: data folder not found.")
-    if (root / "train").is_dir() and (root / "val").is_dir():
+    need_folder(root)
+    halves = [name for name in ("train", "val") if (root / name).is_dir()]
+    if len(halves) == 1:
+        other = "val" if halves == ["train"] else "train"
+        raise DataError(f"{root}: has {halves[0]}/ but no {other}/ folder; give both ROOT/train/<class>/<image> and "
+                        f"ROOT/val/<class>/<image>, or hold out a share of one folder with --data {root / halves[0]}"
+                        f"{'' if val_fraction else ' --set data.val_fraction=0.1'}.")
+    if len(halves) == 2:
         train, classes = list_split(root / "train", maps)
         val, val_classes = list_split(root / "val", maps)
         if val_classes != classes:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cfmae_cli.data.dataset import Skipped, collate
 from cfmae_cli.errors import DataError
-from cfmae_cli.formats import IMAGE_EXTENSIONS
+from cfmae_cli.formats import IMAGE_EXTENSIONS, list_folder, need_folder
 from cfmae_cli.train import distributed
 
 log = logging.getLogger(__name__)
@@ -106,22 +106,21 @@ def find_dataset(root: Path, key: str) -> Path:
 def wnid_samples(folder: Path, allowed: dict[str, int], what: str) -> tuple[list[str], list[int]]:
     """(images, ImageNet-1k indices) of ``folder/<wnid>/<image>``; folders that are not wnids of ``what`` are
     refused."""
-    entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    dirs = [e for e in entries if e.is_dir()]
+    dirs = list_folder(folder).dirs
     if not dirs:
         raise DataError(f"{folder}: no class folders; expected {folder}/<wnid>/<image> with the wnids of {what} "
                         f"(e.g. {next(iter(allowed))}).")
-    unknown = [e.name for e in dirs if e.name not in allowed]
+    unknown = [d for d in dirs if d not in allowed]
     if unknown:
         raise DataError(f"{folder}: {len(unknown)} folder(s) are not {what} wnids (e.g. {unknown[0]!r}); expected "
                         f"{folder}/<wnid>/<image>.")
     paths: list[str] = []
     labels: list[int] = []
     for d in dirs:
-        for f in sorted(os.scandir(d.path), key=lambda f: f.name):
-            if f.is_file() and os.path.splitext(f.name)[1].lower() in IMAGE_EXTENSIONS:
-                paths.append(f.path)
-                labels.append(allowed[d.name])
+        for f in list_folder(folder / d).files:
+            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
+                paths.append(str(folder / d / f))
+                labels.append(allowed[d])
     if not paths:
         raise DataError(f"{folder}: no images in its class folders.")
     return paths, labels
@@ -130,8 +129,7 @@ def wnid_samples(folder: Path, allowed: dict[str, int], what: str) -> tuple[list
 def find_splits(root: Path, datasets: list[str], limit: int | None = None) -> list[Split]:
     """Every split of the chosen datasets under ``root``, checked (clear errors for a missing or wrong layout).
     ``limit`` keeps the first N images of each split (a quick look, not the benchmark)."""
-    if not root.is_dir():
-        raise DataError(f"--root {root}: folder not found.")
+    need_folder(root, "--root")
     synsets = imagenet_synsets()
     index = {w: i for i, w in enumerate(synsets)}
     splits: list[Split] = []

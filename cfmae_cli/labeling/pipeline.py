@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from cfmae_cli import __version__
 from cfmae_cli.data.layout import map_path, read_image, save_map, save_rgb, write_manifest
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.formats import atomic_write_text, IMAGE_EXTENSIONS, MANIFEST_NAME
+from cfmae_cli.formats import atomic_write_text, IMAGE_EXTENSIONS, list_folder, MANIFEST_NAME, need_folder
 from cfmae_cli.labeling.base import InstanceBackend, SemanticBackend, label_batch
 
 log = logging.getLogger(__name__)
@@ -47,27 +47,24 @@ def list_sources(src: Path, limit: int | None = None) -> tuple[list[SourceImage]
 
     Returns (images, problems): a second file with the same stem in a folder is a problem, not an image.
     """
-    if not src.is_dir():
-        raise CfmaeError(f"{src}: source folder not found.")
-    entries = sorted(os.scandir(src), key=lambda e: e.name)
-    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    classes = [d for d in list_folder(need_folder(src, "source")).dirs if not d.startswith(".")]
     groups = [(c, src / c) for c in classes] if classes else [("", src)]
     images: list[SourceImage] = []
     problems: list[dict[str, str]] = []
     ignored = 0
     for class_dir, folder in groups:
         seen: dict[str, Path] = {}
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            stem, ext = os.path.splitext(entry.name)
-            if not entry.is_file() or ext.lower() not in IMAGE_EXTENSIONS:
-                ignored += entry.is_file()
+        for name in list_folder(folder).files:
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_EXTENSIONS:
+                ignored += 1
                 continue
             if stem in seen:
-                problems.append({"path": str(Path(entry.path).resolve()),
+                problems.append({"path": str((folder / name).resolve()),
                                  "error": f"same name as {seen[stem].name}; skipped"})
                 continue
-            seen[stem] = Path(entry.path)
-            images.append(SourceImage(Path(entry.path), class_dir, stem))
+            seen[stem] = folder / name
+            images.append(SourceImage(folder / name, class_dir, stem))
     if ignored:
         log.info("ignored %d file(s) that are not images (by extension)", ignored)
     if not images:
@@ -195,6 +192,54 @@ def _place(source: Path, target: Path, mode: str) -> None:
     os.replace(tmp, target)
 
 
+RUN_NAME = "meta/labelling.json"  # the source and settings of the run that made the folder, written first
+DATASET_ENTRIES = {"rgb", "instance", "semantic", "meta", ERRORS_NAME, MANIFEST_NAME, "preview.png"}
+
+
+def claim_dataset(src: Path, data: Path, settings: dict[str, Any]) -> bool:
+    """Check that ``cfmae label SRC --out DATA`` with ``settings`` (the source and every option that changes
+    the labels) may write into ``data`` before anything is written: a new or empty folder, or a folder of an
+    earlier run of the same source and settings (then it resumes; returns True). Refused, with the difference
+    named: another source or other settings, a folder with files that are not a dataset's, and ``data`` inside
+    the source (it would be read as images). The settings are recorded (``DATA/meta/labelling.json``) by
+    :func:`label_folder`, before its first image.
+    """
+    src_abs, data_abs = src.resolve(), data.resolve()
+    if data_abs == src_abs or data_abs.is_relative_to(src_abs):
+        raise CfmaeError(f"--out {data}: inside the source folder {src}; the dataset would be read back as images. "
+                         f"Write it beside the source, e.g. --out {src_abs.parent / (src_abs.name + '-cfmae')}.")
+    if data.exists() and not data.is_dir():
+        raise CfmaeError(f"--out {data}: a file, not a folder.")
+    entries = [*list_folder(data).dirs, *list_folder(data).files] if data.is_dir() else []
+    recorded = _recorded_settings(data)
+    if recorded is None and entries:
+        foreign = sorted(set(entries) - DATASET_ENTRIES)
+        if foreign or (data / MANIFEST_NAME).exists():
+            what = f"files that are not a cfmae dataset's ({', '.join(foreign[:5])})" if foreign else \
+                "a dataset whose source and settings were not recorded (made by an older cfmae)"
+            raise CfmaeError(f"--out {data}: holds {what}; nothing is written there. Label into a new or empty "
+                             f"folder.")
+    if recorded is not None:
+        changed = [f"{key} {recorded.get(key)!r} → {settings.get(key)!r}" for key in sorted(set(recorded) |
+                   set(settings)) if recorded.get(key) != settings.get(key)]
+        if changed:
+            raise CfmaeError(f"--out {data}: a dataset labelled from another source or with other settings "
+                             f"({'; '.join(changed)}); a rerun only resumes the same labelling. Label into a "
+                             f"new folder, or rerun with the recorded settings.")
+    return recorded is not None
+
+
+def _recorded_settings(data: Path) -> dict[str, Any] | None:
+    """The settings of the run that made ``data`` (its ``meta/labelling.json``, else the manifest's copy)."""
+    for path, get in ((data / RUN_NAME, lambda d: d), (data / MANIFEST_NAME, lambda d: d["labelling"]["settings"])):
+        if path.is_file():
+            try:
+                return dict(get(json.loads(path.read_text(encoding="utf-8"))))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return None
+
+
 def append_errors(data: Path, errors: list[dict[str, str]]) -> None:
     if errors:
         with (data / ERRORS_NAME).open("a") as fh:
@@ -202,7 +247,7 @@ def append_errors(data: Path, errors: list[dict[str, str]]) -> None:
 
 
 def finalize(data: Path, images: list[SourceImage], instance: InstanceBackend, semantic: SemanticBackend,
-             src: Path) -> dict[str, Any]:
+             src: Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Sort and de-duplicate the sidecars and the error list, then write the manifest (rank 0, at the end)."""
     labelled: set[str] = set()
     for class_dir in sorted({im.class_dir for im in images}):
@@ -217,7 +262,7 @@ def finalize(data: Path, images: list[SourceImage], instance: InstanceBackend, s
     write_manifest(data, semantic.classes,
                    labelling={"instance": instance.describe(), "semantic": semantic.describe(),
                               "source": str(src.resolve()), "tool": f"cfmae {__version__}",
-                              "sidecars": "meta/<class>.jsonl"},
+                              "sidecars": "meta/<class>.jsonl", "settings": settings or _recorded_settings(data)},
                    counts={"images": len(labelled), "classes": len(classes), "errors": len(errors)})
     return {"images": len(labelled), "errors": len(errors), "classes": len(classes)}
 
@@ -233,13 +278,17 @@ class LabelProgress:
 def label_folder(src: Path, data: Path, instance: InstanceBackend, semantic: SemanticBackend, *,
                  prompt_for: Callable[[str | None], str], batch_size: int = 8, workers: int = 4,
                  limit: int | None = None, rgb_mode: str = "copy", rank: int = 0, world: int = 1,
-                 on_progress: Callable[[LabelProgress], None] | None = None) -> dict[str, Any]:
-    """Label this rank's share (every ``world``-th image) of ``src`` into ``data``; returns counts.
+                 on_progress: Callable[[LabelProgress], None] | None = None,
+                 settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Label this rank's share (every ``world``-th image) of ``src`` into ``data``; returns counts. ``settings``
+    (checked by :func:`claim_dataset`) are recorded first, by rank 0, unless the folder has them.
 
     The caller runs :func:`finalize` on rank 0 once every rank has returned.
     """
     images, problems = list_sources(src, limit)
     data.mkdir(parents=True, exist_ok=True)
+    if settings is not None and rank == 0 and _recorded_settings(data) is None:
+        atomic_write_text(data / RUN_NAME, json.dumps(settings, indent=2) + "\n")
     if (data / MANIFEST_NAME).exists() and rank == 0:
         (data / MANIFEST_NAME).unlink()  # the manifest comes back when the run is complete again
     mine = images[rank::world]

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
 from torch import Tensor, nn
 
 from cfmae_cli import modalities as table
-from cfmae_cli.checkpoints import FORMAT_VERSION, checkpoint_path
+from cfmae_cli.checkpoints import FORMAT_VERSION, checkpoint_path, read_torch_file
 from cfmae_cli.config import Config, EncoderArch, stored_config
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.model.convert import detect_format, to_cfmae
@@ -85,12 +84,7 @@ def read_state_file(path: str | Path) -> tuple[Path, dict[str, Any]]:
             return path, load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CfmaeError(f"{path}: not a readable safetensors file ({exc}).") from None
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling failures of any kind
-        raise CfmaeError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
-                         f"Files holding Python objects besides tensors are refused; re-save the state dict with "
-                         f"torch.save(ckpt['model'], 'weights.pt').") from None
+    raw = read_torch_file(path)
     if not isinstance(raw, dict):
         raise CfmaeError(f"{path}: not a checkpoint (a {type(raw).__name__}, not a dict of tensors).")
     return path, raw
@@ -231,6 +225,19 @@ def timm_model(name: str, source: str, state: dict[str, Tensor], extra_ok: bool 
             state = {k: v for k, v in state.items() if k in own}
         module.load_state_dict(state)
     except RuntimeError as exc:
-        raise CfmaeError(f"{source}: not weights of timm's {name} ({str(exc).splitlines()[0]}); give the file of "
-                         f"that model, or the name of the model the file holds") from None
+        differences = state_differences(state, module.state_dict()) or [str(exc).splitlines()[0]]
+        raise CfmaeError(f"{source}: not weights of timm's {name} ({'; '.join(differences[:3])}"
+                         f"{'; …' if len(differences) > 3 else ''}); give the file of that model, or the name of the "
+                         f"model the file holds") from None
     return module
+
+
+def state_differences(state: dict[str, Tensor], own: dict[str, Tensor]) -> list[str]:
+    """How a state dict differs from a model's: tensors of other shapes first (e.g. a head of another class
+    count), then missing and unexpected keys."""
+    shapes = [f"{k}: the file has {list(state[k].shape)}, the model {list(v.shape)}" for k, v in own.items()
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    return shapes + ([f"missing {len(missing)} tensor(s), e.g. {missing[0]}"] if missing else []) + \
+        ([f"{len(extra)} tensor(s) the model has no place for, e.g. {extra[0]}"] if extra else [])

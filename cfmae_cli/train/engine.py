@@ -33,20 +33,17 @@ from cfmae_cli.data.dataset import collate
 from cfmae_cli.errors import DataError
 from cfmae_cli.seeding import mix_seed
 from cfmae_cli.train import distributed
+from cfmae_cli.train.divergence import LossWatch, TrainingDiverged, keep_last_good
 from cfmae_cli.train.faults import Preempted, StopRequest, ignore_stop_signals
 from cfmae_cli.train.ledger import BadFiles
 from cfmae_cli.train.meters import Meters
 from cfmae_cli.train.optim import lr_at
 from cfmae_cli.train.plots import plot_losses
-from cfmae_cli.train.rundir import MetricsWriter, RunFolder, read_metrics
+from cfmae_cli.train.rundir import mark_checkpointed, MetricsWriter, read_metrics, RunFolder
 from cfmae_cli.train.sampler import ChunkedSampler, chunk_id
 from cfmae_cli.train.setup import describe_schedule, make_plan
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
 
 
 @dataclass
@@ -206,9 +203,8 @@ class Engine:
         """
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             raise TrainingDiverged(f"non-finite weights after step {self.step} (an inf/NaN gradient in the last "
-                                   f"step); nothing was saved, {self.run_dir / 'checkpoints' / 'last.pt'} is the "
-                                   f"last good checkpoint. Try gradient clipping (--set optim.clip_grad=1.0) or a "
-                                   f"lower lr.")
+                                   f"step); nothing was saved. Try gradient clipping (--set optim.clip_grad=1.0) or "
+                                   f"a lower lr.", self.step)
         rng = distributed.gather(rng_state(), self.info)
         if self.info.is_main:
             state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scaler": {},
@@ -218,6 +214,7 @@ class Engine:
                      **self.task.state_dict()}
             folder = self.run_dir / "checkpoints"
             save_checkpoint(folder / "last.pt", state)
+            mark_checkpointed(self.run_dir)
             for extra in also:
                 save_checkpoint(folder / extra, state)
             if periodic:
@@ -256,6 +253,7 @@ class Engine:
             if main else None
         self.progress = Progress(epochs=cfg.train.epochs, batches=self.micro_per_epoch, step=self.step)
         summary: dict[str, Any] = {}
+        self.watch = LossWatch(self.device)
         try:
             if not resumed:
                 self.monitor(0)
@@ -263,6 +261,12 @@ class Engine:
                 for epoch in range(self.epoch, cfg.train.epochs):
                     summary = self.run_epoch(epoch, stop)
                     self.start_micro, self.partial = 0, None
+        except TrainingDiverged as exc:
+            first = self.watch.first_bad_step(self.info)  # every rank: a collective
+            if not main:
+                raise
+            kept = keep_last_good(self.run_dir / "checkpoints", exc.step + 1 if first is None else first)
+            raise TrainingDiverged(f"{exc} {kept}", exc.step, exc.loss) from None
         finally:
             if self.metrics is not None:
                 self.metrics.close()
@@ -305,6 +309,7 @@ class Engine:
                 (loss * (weight / accum)).backward()
             if weight:
                 meters.add(values, batch["size"])
+                self.watch.add(values[0], self.step + 1)
             if steps:
                 self.optimizer_step()
                 last = micro == self.micro_per_epoch - 1
@@ -409,10 +414,9 @@ class Engine:
         if all(math.isfinite(v) for v in values):
             return
         parts = ", ".join(f"{k} {v}" for k, v in zip(self.names, values))
-        raise TrainingDiverged(f"non-finite loss at step {self.step} ({parts}). The last good checkpoint "
-                               f"{self.run_dir / 'checkpoints' / 'last.pt'} is intact. Try a lower lr "
-                               f"(--set optim.base_lr=...), gradient clipping (--set optim.clip_grad=1.0) or fp32 "
-                               f"(--set train.precision=fp32).")
+        raise TrainingDiverged(f"non-finite loss at step {self.step} ({parts}). Try a lower lr (--set "
+                               f"optim.base_lr=...), gradient clipping (--set optim.clip_grad=1.0) or fp32 (--set "
+                               f"train.precision=fp32).", self.step, values[0])
 
 
 def _seed_rank(seed: int, rank: int) -> None:

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cfmae_cli.formats import software  # noqa: E402
+
 
 def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     """Total and per-modality loss against training progress (epochs); below it α_I, α_S (pre-training) or the
@@ -50,7 +52,7 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=100, metadata={"Software": software()})
     plt.close(fig)
     tmp.replace(path)
     return path

@@ -13,6 +13,8 @@ from cfmae_cli.errors import CfmaeError
 from cfmae_cli.train import distributed
 from cfmae_cli.formats import atomic_write_text
 
+log = logging.getLogger(__name__)
+
 
 class RunFolder:
     """The folder of a run, for its whole life: a new one (rank 0 makes it, every rank learns its path) or the
@@ -26,7 +28,10 @@ class RunFolder:
         if self.checkpoint is not None:
             self.path = self.checkpoint.parent.parent
         else:
-            made = str(new_run_dir(command, name, out)) if info.is_main else None
+            made = None
+            if info.is_main:
+                made = str(new_run_dir(command, name, out))
+                mark_started(Path(made))
             self.path = Path(distributed.broadcast(made, info))
         self.handler: logging.Handler | None = None
 
@@ -45,16 +50,39 @@ class RunFolder:
 
     @contextlib.contextmanager
     def refused_leaves_nothing(self) -> Iterator[None]:
-        """Inside: the run is set up; a :class:`CfmaeError` (bad input) removes a new run's folder and goes on."""
+        """Inside: the run is set up; any failure there (bad input, a missing file, an interrupt) removes a new
+        run's folder and goes on."""
         try:
             yield
-        except CfmaeError:
+        except BaseException:
             if self.info.is_main and self.new:
                 self.detach_log()
-                for path in sorted(self.path.rglob("*"), reverse=True):
-                    path.unlink() if path.is_file() else path.rmdir()
+                _empty(self.path)
                 self.path.rmdir()
             raise
+
+
+def _empty(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def has_checkpoint(path: Path) -> bool:
+    """Whether the run folder ``path`` holds a checkpoint to continue from (``checkpoints/*.pt``)."""
+    return any((path / "checkpoints").glob("*.pt"))
+
+
+NO_CHECKPOINT_YET = ".cfmae-no-checkpoint-yet"  # in a new run folder until its first checkpoint is written
+
+
+def mark_started(path: Path) -> None:
+    """Mark the new run folder ``path`` as holding no checkpoint yet: if the run fails before one, the same
+    ``--out`` may start again (:func:`new_run_dir` empties it)."""
+    (path / NO_CHECKPOINT_YET).write_text("this run has written no checkpoint yet; `--out` here starts it again\n")
+
+
+def mark_checkpointed(path: Path) -> None:
+    (path / NO_CHECKPOINT_YET).unlink(missing_ok=True)
 
 
 def new_run_dir(command: str, name: str, out: str | Path | None = None, base: str | Path = "runs") -> Path:
@@ -62,9 +90,22 @@ def new_run_dir(command: str, name: str, out: str | Path | None = None, base: st
     ``base/command/name``, ``name-2``, ``name-3``, …"""
     if out is not None:
         path = Path(out)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            hint = f" (or continue that run with --resume {path})" if command in ("pretrain", "finetune") else ""
-            raise CfmaeError(f"{path}: the run folder exists and is not empty; choose another --out{hint}.")
+        if path.exists() and not path.is_dir():
+            raise CfmaeError(f"--out {path}: a file, not a folder; give a new folder for the run.")
+        if path.is_dir() and any(path.iterdir()):
+            training = command in ("pretrain", "finetune")
+            if training and (path / NO_CHECKPOINT_YET).is_file() and not has_checkpoint(path):
+                log.info("--out %s: the run there stopped before its first checkpoint; its files are replaced", path)
+                _empty(path)
+            elif training and has_checkpoint(path):
+                raise CfmaeError(f"--out {path}: holds a run; continue it with `cfmae {command} --resume {path}`, or "
+                                 f"choose another --out.")
+            elif training and (path / "config.yaml").is_file():
+                raise CfmaeError(f"--out {path}: holds a run without a checkpoint to continue from (set aside after "
+                                 f"a divergence, or deleted); choose another --out, or delete the folder.")
+            else:
+                raise CfmaeError(f"--out {path}: the folder exists and holds other files; choose a new or empty "
+                                 f"folder.")
         path.mkdir(parents=True, exist_ok=True)
         return path
     root = Path(base) / command
@@ -114,6 +155,7 @@ class MetricsWriter:
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 
 from cfmae_cli.data.maps import resample_map
+from cfmae_cli.formats import atomic_write, software
 
 
 def fit(image: np.ndarray, side: int, smooth: bool) -> np.ndarray:
@@ -48,9 +50,11 @@ def save_image_grid(rows: list[list[np.ndarray]], path: str | Path, columns: lis
         x, y = pad + (i % per_line) * 150, top + (i // per_line) * 16
         draw.rectangle([x, y, x + 11, y + 11], fill=tuple(int(c) for c in colour), outline="black")
         draw.text((x + 16, y), name[:20], fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    canvas.save(tmp)
-    tmp.replace(path)
-    return path
+    return save_png(canvas, path)
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write ``image`` as a PNG atomically, stamped as cfmae's (so a rerun may replace it, nothing else)."""
+    info = PngInfo()
+    info.add_text("Software", software())
+    return atomic_write(path, lambda fh: image.save(fh, format="PNG", pnginfo=info), binary=True)

@@ -6,6 +6,7 @@ Used by ``cfmae reconstruct`` and ``cfmae attention-map``; the engine's periodic
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from cfmae_cli.checkpoints import newest_checkpoint
 from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import read_map
 from cfmae_cli.data.layout import map_path, read_image, read_manifest
+from cfmae_cli.data.maps import resample_map
 from cfmae_cli.data.transforms import JointTransform, inputs_on_device
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import MANIFEST_NAME, UNLABELLED
@@ -56,23 +58,26 @@ def load_pretrained(spec: str | Path | None, device: torch.device) -> Pretrained
 def load_image(path: Path, size: int) -> tuple[np.ndarray, list[str]]:
     """H×W×3 uint8 and notes for the user (conversions, resizing); unreadable → exit 2 naming the file."""
     try:
-        with Image.open(path) as im:
-            mode = im.mode
-        image, _ = read_image(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # read_image checks its own limit
+            with Image.open(path) as im:
+                mode, (w, h) = im.mode, im.size
+        image, _ = read_image(path, short_side=2 * size)  # a huge photo is read at a fraction of its size
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise CfmaeError(f"{path}: not a readable image ({exc}).") from None
     notes = [] if mode == "RGB" else [f"{path.name}: {mode} image converted to RGB"]
-    h, w = image.shape[:2]
     if min(h, w) < size:
         notes.append(f"{path.name}: {w}x{h} is smaller than the model's {size} px; its centre square is upsampled")
     elif min(h, w) > 4 * size:
-        notes.append(f"{path.name}: {w}x{h} is large; its centre square is downsampled to {size} px")
+        notes.append(f"{path.name}: {w}x{h} is large; read at {image.shape[1]}x{image.shape[0]}, its centre square "
+                     f"downsampled to {size} px")
     return image, notes
 
 
-def dataset_maps(path: Path, names: list[str]) -> tuple[dict[str, np.ndarray], list[str]] | None:
-    """The image's maps of ``names`` and the semantic class names when it lies in ``DATA/rgb/`` of a labelled
-    dataset that has them all."""
+def dataset_maps(path: Path, names: list[str], size: tuple[int, int]) -> tuple[dict[str, np.ndarray], list[str]
+                                                                              ] | None:
+    """The image's maps of ``names`` (at ``size``, W×H: the image as read) and the semantic class names when it
+    lies in ``DATA/rgb/`` of a labelled dataset that has them all."""
     path = path.resolve()
     for root in path.parents:
         if (root / MANIFEST_NAME).is_file() and (root / "rgb") in path.parents:
@@ -80,8 +85,10 @@ def dataset_maps(path: Path, names: list[str]) -> tuple[dict[str, np.ndarray], l
             cls = str(rel.parent) if str(rel.parent) != "." else ""
             files = {m: map_path(root, m, cls, path.stem) for m in names}
             if all(f.is_file() for f in files.values()):
-                size = Image.open(path).size
-                maps = {m: read_map(f, size, table.get(m)).numpy() for m, f in files.items()}
+                with Image.open(path) as im:
+                    full = im.size
+                maps = {m: resample_map(read_map(f, full, table.get(m)).numpy(), (size[1], size[0]))
+                        for m, f in files.items()}
                 return maps, read_manifest(root)["semantic_classes"]
     return None
 
