@@ -199,6 +199,9 @@ class RunConfig(_Strict):
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; null = torch's default")
     compile: bool = Field(False, description="torch.compile the model's forward and loss (one graph, no break); "
                           "masks and the optimizer stay eager")
+    loggers: list[Literal["tensorboard", "csv", "wandb", "mlflow"]] = Field(
+        ["tensorboard"], description="where the scalars and figures go besides metrics.jsonl: tensorboard, csv "
+        "(metrics-<type>.csv), wandb, mlflow (pip install 'cfmae[wandb]' / 'cfmae[mlflow]'; docs/monitoring.md)")
 
 
 class MonitorConfig(_Strict):
@@ -264,7 +267,7 @@ class Config(_Strict):
 # Keys that may differ when a run is resumed: they change how the run is carried out, not what it computes.
 RESUMABLE_CHANGES = frozenset({"data.num_workers", "train.device", "train.log_every", "train.save_every",
                                "train.keep_last", "train.plot_every", "train.plot_samples", "train.threads",
-                               "train.compile"})
+                               "train.compile", "train.loggers"})
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -439,3 +442,31 @@ def dump_config(cfg: BaseModel) -> str:
     task = getattr(cfg, "TASK", "pretrain")
     return yaml.safe_dump(data if task == "pretrain" else {"task": task, **data}, sort_keys=False)
 
+
+def batch_plan(optim: Any, train: Any, world_size: int = 1) -> dict[str, Any]:
+    """Devices, accumulation steps, effective batch and actual lr (lr = base_lr x effective_batch / 256, unless
+    ``optim.lr`` is set) for any config with these ``optim`` and ``train`` fields (pre-training, fine-tuning)."""
+    per_step = train.batch_size * world_size
+    if optim.effective_batch % per_step:
+        raise ConfigError(f"optim.effective_batch: {optim.effective_batch} is not a multiple of "
+                          f"train.batch_size x devices = {train.batch_size} x {world_size} = {per_step}; "
+                          f"change one of them")
+    return {"devices": world_size, "accumulation_steps": optim.effective_batch // per_step,
+            "effective_batch": optim.effective_batch,
+            "lr": optim.lr if optim.lr is not None else optim.base_lr * optim.effective_batch / 256}
+
+
+def derived(cfg: Config, world_size: int = 1) -> dict[str, Any]:
+    """Numbers that follow from the config: tokens, accumulation steps, actual lr (printed at start)."""
+    n = cfg.tokens_per_modality
+    total = n * len(cfg.data.modalities)
+    return {
+        "tokens_per_modality": n,
+        "tokens_total": total,
+        "num_visible": cfg.masking.num_visible,
+        "num_masked": total - cfg.masking.num_visible,
+        "mask_ratio": (total - cfg.masking.num_visible) / total,
+        "map_size": cfg.data.img_size // cfg.model.map_stride,
+        **batch_plan(cfg.optim, cfg.train, world_size),
+        "decoder_order": [m for m in cfg.model.decoder.order if m in cfg.data.modalities],
+    }

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cfmae_cli.config import Config, dump_config, list_presets, load_config
+from cfmae_cli.config import Config, derived, dump_config, list_presets, load_config
 from cfmae_cli.errors import ConfigError
-from cfmae_cli.train.setup import derived
 
 
 def test_presets_resolve_and_vitb_matches_table7() -> None:

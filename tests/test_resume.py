@@ -121,7 +121,7 @@ def test_resume_refuses_a_changed_config_and_lists_the_keys(data: Path, tmp_path
     assert "change the run's config (masking.alpha_obj, optim.base_lr)" in result.output
     grown = runner.invoke(app, ["pretrain", "--resume", str(out), "--set", "data.num_workers=0"])
     assert grown.exit_code == 0, grown.output  # operational keys may change; the finished run stays finished
-    assert "--resume continues a run with its own weights; it takes no --init" in runner.invoke(
+    assert "--resume continues a run with its own weights; it takes no --checkpoint" in runner.invoke(
         app, ["pretrain", "--resume", str(out), "--init", str(out)]).output
     assert "--resume continues a run in its own folder; it takes no --out" in runner.invoke(
         app, ["pretrain", "--resume", str(out), "--out", str(tmp_path / "elsewhere")]).output

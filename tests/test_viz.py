@@ -146,7 +146,7 @@ def test_wrong_checkpoint_kind_and_no_run_exit_2(trained: Path, tmp_path: Path, 
     assert result.exit_code == 2 and "Run `cfmae pretrain` first" in " ".join(result.output.split())
     result = runner.invoke(app, ["reconstruct", str(photo), "--checkpoint", str(trained / "run"), "--modality",
                                  "depth"])
-    assert result.exit_code == 2 and "--modality depth: choose from rgb, instance, semantic" in result.output
+    assert result.exit_code == 2 and "--modalities depth: choose from rgb, instance, semantic" in result.output
 
 
 # -- attention statistics (attention-map --stats) ------------------------------------------------------------

@@ -2,21 +2,63 @@
 
 from __future__ import annotations
 
+import json
+import os
+
+import click
 import typer
+from typer.core import TyperGroup
 
 from cfmae_cli import __version__
 from cfmae_cli.cli import common
 
-app = typer.Typer(name="cfmae", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+# Old spellings, per command, kept working (not shown in the help): one vocabulary across the commands.
+ALIASES = {"pretrain": {"--init": "--checkpoint"}, "reconstruct": {"--modality": "--modalities"},
+           "attention-map": {"--modality": "--modalities"}, "eval-robustness": {"--root": "--data"}}
+VERBOSE = ("-v", "--verbose")
+
+
+def canonical(args: list[str]) -> list[str]:
+    """The command line with ``-v`` / ``--verbose`` moved before the command (where the option lives) and the
+    command's old option spellings (:data:`ALIASES`) replaced by the current ones (also ``--old=value``)."""
+    flags = [a for a in args if a in VERBOSE]
+    rest = [a for a in args if a not in VERBOSE]
+    command = next((a for a in rest if not a.startswith("-")), None)
+    aliases = ALIASES.get(command or "", {})
+    out = []
+    for arg in rest:
+        name, eq, value = arg.partition("=")
+        out.append(aliases[name] + eq + value if name in aliases else arg)
+    return flags[:1] + out
+
+
+COMMAND_LINE = "CFMAE_COMMAND_LINE"  # the user's command line, for run.json (worker processes inherit it)
+
+
+class _Group(TyperGroup):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):  # not a worker of a launcher
+            os.environ[COMMAND_LINE] = json.dumps(["cfmae", *args])
+        return super().parse_args(ctx, canonical(list(args)))
+
+
+app = typer.Typer(name="cfmae", cls=_Group, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False,
+                  rich_markup_mode=None,  # help text printed as written: "[default: …]" and brackets stay
                   help="CFMAE: coarse-to-fine masked-autoencoder pre-training of Vision Transformers.")
 
 
-@app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="show tracebacks and debug logs"),
-          version: bool = typer.Option(False, "--version", help="print the version and exit")) -> None:
-    if version:
+def _version(value: bool) -> None:
+    if value:
         typer.echo(f"cfmae {__version__}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="show tracebacks and debug logs (also "
+                                       "accepted after the command)"),
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, expose_value=True,
+                                       help="print the version and exit")) -> None:
     common.setup(verbose)
 
 
@@ -43,4 +85,4 @@ app.command("attention-map")(_visualise.attention_map)
 
 
 def main() -> None:
-    app()
+    app(prog_name="cfmae")

@@ -8,11 +8,9 @@ import platform
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import typer
 from rich.table import Table
 
-from cfmae_cli.bench import Rig, count_flops, peak_tflops, time_data, time_masks, time_step
 from cfmae_cli.cli.common import console, guarded
 from cfmae_cli.config import load_config
 from cfmae_cli.errors import CfmaeError
@@ -27,6 +25,8 @@ def bench(
     compare: str = typer.Option("mae-vitb", "--compare", help="a second preset measured in the same process "
                                 "(the MAE-equivalent by default); 'none' to skip"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if there is one]"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, max=1, help="0 = the CPU, 1 = one GPU (the same as "
+                                       "--device cpu / cuda) [default: --device]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="per-step batch [default: 256 on a "
                                              "GPU, 4 on the CPU]"),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="timed steps [default: 30 GPU, 2 CPU]"),
@@ -48,8 +48,14 @@ def bench(
 
     Example, on a GPU: cfmae bench --batch-size 256 --compile
     """
+    import torch
+
+    from cfmae_cli.bench import count_flops, peak_tflops, Rig, time_data, time_masks, time_step
+
     if what not in WHAT:
         raise CfmaeError(f"--what {what}: use one of {', '.join(WHAT)}.")
+    if gpus is not None:
+        device = "cuda" if gpus == 1 else "cpu"
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CfmaeError("--device cuda: no GPU is visible.")

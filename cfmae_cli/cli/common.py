@@ -16,8 +16,8 @@ from rich.markup import escape
 
 from cfmae_cli.errors import CfmaeError
 
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+console = Console(soft_wrap=True, markup=False)  # text is printed as it is (file names, "[rgb]", "[default: …]")
+err_console = Console(stderr=True, soft_wrap=True, markup=False)
 STATE = {"verbose": False}
 
 
@@ -92,7 +92,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             if STATE["verbose"]:
                 raise
             err_console.print(f"[bold red]error:[/] {escape(f'{type(exc).__name__}: {exc}')}\n"
-                              f"(rerun with `cfmae --verbose …` for the traceback)", highlight=False,
+                              f"(rerun with `cfmae --verbose …` for the traceback)", markup=True, highlight=False,
                               soft_wrap=True)
             raise typer.Exit(1) from None
 

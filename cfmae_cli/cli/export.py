@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from cfmae_cli.cli.common import console, guarded
-from cfmae_cli.model.export import export_timm
+from cfmae_cli.errors import CfmaeError
 
 
 @guarded
 def export(
-    checkpoint: Path = typer.Argument(..., help="cfmae pre-training or fine-tuning checkpoint, or run folder"),
-    out: Path = typer.Option(..., "--out", help="folder for model.safetensors and config.json"),
+    checkpoint: Optional[Path] = typer.Argument(None, help="cfmae pre-training or fine-tuning checkpoint, or run "
+                                                "folder (or give it as -c/--checkpoint)"),
+    out: Path = typer.Option(..., "--out", help="new folder for model.safetensors, config.json and README.md"),
+    option: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="the checkpoint, as for the other "
+                                          "commands (instead of the argument)"),
 ) -> None:
     """Export the encoder to timm (model.safetensors + config.json); a fine-tuned classifier with its head.
 
@@ -24,10 +28,14 @@ def export(
 
     The last line printed is the timm.create_model call that loads it (strict keys).
     """
+    from cfmae_cli.model.export import export_timm, load_line
+
+    if (checkpoint is None) == (option is None):
+        raise CfmaeError("export: give the checkpoint once, as the argument or as -c/--checkpoint.")
+    checkpoint = checkpoint or option
+
     folder = export_timm(checkpoint, out)
     config = json.loads((folder / "config.json").read_text())
-    console.print(f"wrote {folder / 'model.safetensors'} and {folder / 'config.json'}", highlight=False)
-    classes = config["num_classes"]
-    console.print(f"timm.create_model('{config['architecture']}', pretrained=True, num_classes={classes}, "
-                  f"pretrained_cfg_overlay=dict(file='{folder / 'model.safetensors'}', num_classes={classes}), "
-                  f"**{config['model_args']})", highlight=False, markup=False)
+    console.print(f"wrote {folder / 'model.safetensors'}, {folder / 'config.json'} and {folder / 'README.md'}",
+                  highlight=False)
+    console.print(load_line(config, folder), highlight=False)

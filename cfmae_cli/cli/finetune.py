@@ -8,13 +8,10 @@ from typing import Any, Optional
 
 import typer
 
-from cfmae_cli.checkpoints import checkpoint_path
 from cfmae_cli.cli.common import guarded
-from cfmae_cli.cli.training import dispatch, resumed_config, run_overrides
 from cfmae_cli.config import load_config
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.eval.config import FinetuneConfig
-from cfmae_cli.eval.finetune import finetune as run
 
 
 @guarded
@@ -53,6 +50,10 @@ def finetune(
 
     Example, ADE20K: cfmae finetune --task segmentation --preset ft-seg-vitb --gpus 8 --data /data/ADEChallengeData2016
     """
+    from cfmae_cli.checkpoints import checkpoint_path
+    from cfmae_cli.cli.training import demo_preset_notice, dispatch, resumed_config, run_overrides
+    from cfmae_cli.eval.finetune import finetune as run
+
     if mode is not None and mode not in ("full", "linear"):
         raise CfmaeError(f"--mode {mode}: use full or linear.")
     overrides = run_overrides(set_, data, epochs, seed, gpus, procs, resume, out)
@@ -76,6 +77,10 @@ def finetune(
         cfg = resumed_config(resume, preset, overrides, FinetuneConfig, mode)
     else:
         cfg = load_config(preset or default, overrides, FinetuneConfig, mode)
+        if data is not None and preset is None:
+            real = {"segmentation": "ft-seg-vitb", "detection": "ft-det-vitb"}.get(task or "",
+                                                                                  "ft-vitb-400e (or ft-vitb-1600e)")
+            demo_preset_notice(default, "the demo's tiny encoder and schedule, for a few CPU minutes", real)
     dispatch("finetune", cfg, functools.partial(run, cfg), _done, out=out, name=Path(preset or default).stem,
              resume=resume, gpus=gpus, procs=procs, extra_args=[])
 

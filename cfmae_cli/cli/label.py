@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cfmae_cli.cli.common import console, guarded, is_terminal, launch_workers
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.labeling.base import ClassicalBackend
 from cfmae_cli.formats import need_folder
-from cfmae_cli.labeling.pipeline import claim_dataset, LabelProgress, finalize, label_folder
-from cfmae_cli.train import distributed
+
+if TYPE_CHECKING:  # torch and the labelling models are imported by the command itself (a fast --help)
+    import torch
+
+    from cfmae_cli.labeling.pipeline import LabelProgress
 
 SUGGEST = {"--detector-model": "IDEA-Research/grounding-dino-base",
            "--segmenter-model": "syscv-community/sam-hq-vit-huge",
@@ -34,6 +35,8 @@ def build_backends(instance: str, semantic: str, detector_model: Optional[str], 
                    semantic_model: Optional[str], device: torch.device, batch_size: int, box_threshold: float,
                    threshold_floor: float):
     """The instance and semantic backends (learned ones are imported only when asked for)."""
+    from cfmae_cli.labeling.base import ClassicalBackend
+
     classical = ClassicalBackend() if "classical" in (instance, semantic) else None
     if instance == "classical":
         inst = classical
@@ -90,6 +93,11 @@ def label(
     --detector-model IDEA-Research/grounding-dino-base --segmenter-model syscv-community/sam-hq-vit-huge
     --semantic mask2former --semantic-model facebook/mask2former-swin-large-coco-panoptic --gpus 8
     """
+    import torch
+
+    from cfmae_cli.labeling.pipeline import claim_dataset
+    from cfmae_cli.train import distributed
+
     if instance not in ("classical", "grounded-sam"):
         raise CfmaeError(f"--instance {instance}: choose classical or grounded-sam.")
     if semantic not in ("classical", "mask2former", "oneformer"):
@@ -130,6 +138,11 @@ def label(
 
 def _run(src, out, info, instance, semantic, detector_model, segmenter_model, semantic_model, batch_size, workers,
          limit, rgb, preview, box_threshold, threshold_floor, settings) -> None:
+    import torch
+
+    from cfmae_cli.labeling.pipeline import finalize, label_folder
+    from cfmae_cli.train import distributed
+
     inst, sem = build_backends(instance, semantic, detector_model, segmenter_model, semantic_model, info.device,
                                batch_size, box_threshold, threshold_floor)
     if instance == "grounded-sam":

@@ -9,7 +9,6 @@ import typer
 from rich.progress import Progress
 
 from cfmae_cli.cli.common import console, guarded, is_terminal
-from cfmae_cli.data.packed import pack_dataset
 from cfmae_cli.formats import list_folder, need_folder
 
 
@@ -28,6 +27,8 @@ def pack(
 
     Example: cfmae pack /data/in1k-cfmae --out /fast/in1k-packed && cfmae pretrain --data /fast/in1k-packed
     """
+    from cfmae_cli.data.packed import pack_dataset
+
     need_folder(data, "DATA")
     rgb = data / "rgb"
     if rgb.is_dir():

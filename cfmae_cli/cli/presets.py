@@ -8,8 +8,7 @@ import typer
 from rich.table import Table
 
 from cfmae_cli.cli.common import console, guarded
-from cfmae_cli.config import OptimConfig, dump_config, list_presets, load_config, preset_task
-from cfmae_cli.train.setup import batch_plan, derived
+from cfmae_cli.config import batch_plan, derived, dump_config, list_presets, load_config, OptimConfig, preset_task
 
 
 def describe_derived(info: dict, optim: OptimConfig) -> list[str]:

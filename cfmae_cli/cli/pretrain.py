@@ -9,12 +9,9 @@ from typing import Any, Optional
 import typer
 
 from cfmae_cli.cli.common import console, guarded
-from cfmae_cli.cli.training import dispatch, resumed_config, run_overrides
 from cfmae_cli.config import Config, load_config
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import need_folder
-from cfmae_cli.train.pretraining import pretrain as run
-from cfmae_cli.train.setup import build_dataset, dataset_root, describe_plan, make_plan
 
 
 @guarded
@@ -32,7 +29,9 @@ def pretrain(
     set_: list[str] = typer.Option([], "--set", help="override any key, e.g. --set optim.base_lr=1.5e-4"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue a run exactly: its folder or one of "
                                           "its checkpoints"),
-    init: Optional[Path] = typer.Option(None, "--init", help="start a new run from a checkpoint's weights only"),
+    init: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="start a new run from these weights only: "
+                                        "a cfmae checkpoint or run folder, an MAE / MultiMAE / timm file (old "
+                                        "spelling: --init)"),
     monitor_data: Optional[Path] = typer.Option(None, "--monitor-data", help="labelled ImageFolder (train/ and "
                                                 "val/, e.g. ImageNet's) for the k-NN monitor (docs/monitoring.md); "
                                                 "default: a held-out share of the data's class folders"),
@@ -46,16 +45,22 @@ def pretrain(
 
     Example, continue after a preemption: cfmae pretrain --resume runs/pretrain/vitb-400e
     """
+    from cfmae_cli.cli.training import demo_preset_notice, dispatch, resumed_config, run_overrides
+    from cfmae_cli.train.pretraining import pretrain as run
+
     overrides = run_overrides(set_, data, epochs, seed, gpus, procs, resume, out)
     if monitor_data is not None:
         need_folder(monitor_data, "--monitor-data")
         overrides.append(f"train.monitor.data={monitor_data.resolve()}")
     if resume is not None and init is not None:
-        raise CfmaeError("--resume continues a run with its own weights; it takes no --init (use --init CKPT to "
-                         "start a new run from weights).")
+        raise CfmaeError("--resume continues a run with its own weights; it takes no --checkpoint (use --checkpoint "
+                         "CKPT without --resume to start a new run from weights).")
     cfg = resumed_config(resume, preset, overrides) if resume is not None else load_config(preset or "demo", overrides)
+    if data is not None and preset is None and resume is None:
+        demo_preset_notice("demo", "a 4-block ViT at 64 px for a few CPU minutes",
+                           "vitb-400e (the paper's ViT-B), vits-400e or vitl-400e")
     dispatch("pretrain", cfg, functools.partial(run, cfg, init=init), _done, out=out, name=Path(preset or "demo").stem,
-             resume=resume, gpus=gpus, procs=procs, extra_args=["--init", str(init)] if init is not None else [],
+             resume=resume, gpus=gpus, procs=procs, extra_args=["--checkpoint", str(init)] if init is not None else [],
              before_refusal=lambda world: _print_plan(cfg, world))
 
 
@@ -66,6 +71,8 @@ def _done(summary: dict[str, Any]) -> str:
 
 
 def _print_plan(cfg: Config, world: int) -> None:
+    from cfmae_cli.train.setup import build_dataset, dataset_root, describe_plan, make_plan
+
     dataset, _ = build_dataset(cfg, dataset_root(cfg))
     for line in describe_plan(make_plan(cfg, len(dataset), world), cfg):
         console.print(line, highlight=False)

@@ -6,16 +6,13 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from cfmae_cli.cli.common import console, guarded, is_terminal, launch_workers
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.eval.robustness import DATASETS, run_robustness
-from cfmae_cli.train import distributed
-from cfmae_cli.train.rundir import new_run_dir
+from cfmae_cli.eval.suites import DATASETS
 
 SUITES = {"imagenet-ood": DATASETS}
 
@@ -25,7 +22,7 @@ def eval_robustness(
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="a `cfmae finetune` checkpoint or "
                                              "run folder, an exported timm folder, or with --model: a weights file"),
     suite: str = typer.Option("imagenet-ood", "--suite", help="imagenet-ood: ImageNet-A, -R, -Sketch and -C"),
-    root: Path = typer.Option(..., "--root", help="folder holding imagenet-a/, imagenet-r/, imagenet-sketch/ (or "
+    root: Path = typer.Option(..., "--data", help="folder holding imagenet-a/, imagenet-r/, imagenet-sketch/ (or "
                               "sketch/) and imagenet-c/"),
     datasets: str = typer.Option(",".join(DATASETS), "--datasets", help="which of a, r, sketch, c"),
     model: Optional[str] = typer.Option(None, "--model", help="a timm model name, with --checkpoint its local "
@@ -45,11 +42,20 @@ def eval_robustness(
 ) -> None:
     """Robustness of an ImageNet-1k classifier: IN-A, IN-R, IN-Sketch top-1, IN-C mCE and the Score.
 
-    Example: cfmae eval-robustness --checkpoint runs/finetune/ft-vitb-400e --root /data/imagenet-ood
+    Example: cfmae eval-robustness --checkpoint runs/finetune/ft-vitb-400e --data /data/imagenet-ood
 
-    Example, a baseline: cfmae eval-robustness --model vit_base_patch16_224 --checkpoint mae_finetuned_vit_base.pth
-    --root /data/imagenet-ood --gpus 8
+    Example, a timm baseline with local weights: cfmae eval-robustness --model deit_base_patch16_224 --checkpoint
+    deit_base_patch16_224.pth --data /data/imagenet-ood --gpus 8
+
+    MAE's fine-tuned ViTs pool the patch tokens: give them as a folder with their config.json
+    (docs/robustness.md, "A timm folder of your own").
     """
+    import torch
+
+    from cfmae_cli.eval.robustness import run_robustness
+    from cfmae_cli.train import distributed
+    from cfmae_cli.train.rundir import new_run_dir
+
     if suite not in SUITES:
         raise CfmaeError(f"--suite {suite}: unknown; suites: {', '.join(SUITES)}.")
     chosen = [d.strip() for d in datasets.split(",") if d.strip()]
@@ -66,7 +72,7 @@ def eval_robustness(
     name = Path(checkpoint).stem if checkpoint and not model else (model or "run")
     if world > 1 and not distributed.under_launcher():
         run_dir = new_run_dir("eval-robustness", name, out)
-        args = ["eval-robustness", "--root", str(root), "--datasets", ",".join(chosen), "--batch-size",
+        args = ["eval-robustness", "--data", str(root), "--datasets", ",".join(chosen), "--batch-size",
                 str(batch_size), "--workers", str(workers), "--gpus", str(gpus or 0), "--procs", str(procs),
                 "--out", str(run_dir), "--suite", suite]
         launch_workers(args, {"--checkpoint": checkpoint, "--model": model, "--img-size": img_size,

@@ -10,19 +10,20 @@ from typing import Any, Callable, Optional
 
 import torch
 import typer
+from rich.markup import escape
 
 from cfmae_cli.checkpoints import checkpoint_path, load_checkpoint
 from cfmae_cli.cli.common import console, is_terminal
 from cfmae_cli.cli.progress import TrainingView
-from cfmae_cli.config import (RESUMABLE_CHANGES, Config, config_diff, config_from_dict, deep_merge, dump_config,
-                              load_config, parse_override, with_legacy_defaults)
+from cfmae_cli.config import (RESUMABLE_CHANGES, batch_plan, Config, config_diff, config_from_dict, deep_merge,
+                              dump_config, load_config, parse_override, with_legacy_defaults)
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import need_folder
 from cfmae_cli.train import distributed
 from cfmae_cli.train.engine import TrainingDiverged
 from cfmae_cli.train.faults import Preempted
 from cfmae_cli.train.rundir import new_run_dir
-from cfmae_cli.train.setup import batch_plan, dataset_root
+from cfmae_cli.train.setup import dataset_root
 
 Runner = Callable[..., dict[str, Any]]
 
@@ -76,10 +77,30 @@ def resumed_config(resume: Path, preset: Optional[str], overrides: list[str], sc
     return wanted
 
 
+def demo_preset_notice(name: str, what: str, real: str) -> None:
+    """``--data`` without ``--preset``: say that the demo preset trains on the user's data, and what to use."""
+    console.print(f"note: --data without --preset trains the '{name}' preset ({what}) on your data; for real "
+                  f"work give --preset {real} (cfmae presets lists them all).", highlight=False)
+
+
+def complete_run(resume: Path, cfg: Any) -> int | None:
+    """The epochs done, when the run of ``resume`` has finished all of ``cfg``'s epochs (else None)."""
+    ckpt = load_checkpoint(checkpoint_path(resume), mmap=True)
+    done = int(ckpt.get("epoch", 0))
+    return done if done >= cfg.train.epochs and not ckpt.get("next_step") else None
+
+
 def dispatch(command: str, cfg: Any, run: Runner, done: Callable[[dict[str, Any]], str], *, out: Optional[Path],
              name: str, resume: Optional[Path], gpus: Optional[int], procs: int, extra_args: list[str],
              before_refusal: Callable[[int], None] | None = None) -> None:
-    """Train in this process, or launch one worker process per device (each calls this command again)."""
+    """Train in this process, or launch one worker process per device (each calls this command again). A
+    resumed run that is already complete is said so, and nothing is touched."""
+    if resume is not None and (finished := complete_run(resume, cfg)) is not None:
+        folder = checkpoint_path(resume).parent.parent
+        if int(os.environ.get("RANK", "0")) == 0:
+            console.print(f"{folder}: the run is complete ({finished} of {cfg.train.epochs} epochs); nothing to do, "
+                          f"nothing in it was changed.", highlight=False)
+        return
     if distributed.under_launcher():  # a worker of torchrun / torch.distributed.run
         return train_here(command, run, done, out=out, name=name, resume=resume)
     world = gpus if gpus else (procs if gpus == 0 else 1)
@@ -101,7 +122,7 @@ def train_here(command: str, run: Runner, done: Callable[[dict[str, Any]], str],
         with TrainingView(console, interactive=is_terminal() and main) as view:
             summary = run(out=out, name=name, resume=resume, on_progress=view.update)
     except TrainingDiverged as exc:
-        console.print(f"[bold red]stopped:[/] {exc}")
+        console.print(f"[bold red]stopped:[/] {escape(str(exc))}", markup=True, highlight=False)
         raise typer.Exit(1) from None
     except Preempted as exc:
         if main:

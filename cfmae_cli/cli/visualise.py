@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import numpy as np
-import torch
 import typer
 
 from cfmae_cli import modalities as table
 from cfmae_cli.cli.common import console, guarded
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import atomic_write_text, check_output, software, UNLABELLED
-from cfmae_cli.viz.inference import (Pretrained, dataset_maps, errors, input_masks, load_image, load_pretrained,
-                                     prepare)
+
+if TYPE_CHECKING:  # the command line's help imports this module: numpy, torch and the model only when drawing
+    import numpy as np
+    import torch
+
+    from cfmae_cli.viz.inference import Pretrained
 
 
 def image_maps(path: Path, image: np.ndarray, names: list[str]) -> tuple[dict[str, np.ndarray], list[str], str]:
     """The maps of ``names`` from the image's dataset folder, else from the classical labeller (which makes
     instance and semantic maps): (maps, semantic class names, where they came from)."""
+    import numpy as np
+
+    from cfmae_cli.viz.inference import dataset_maps
+
     found = dataset_maps(path, names, (image.shape[1], image.shape[0]))
     if found is not None:
         return (*found, "dataset")
@@ -34,7 +40,15 @@ def image_maps(path: Path, image: np.ndarray, names: list[str]) -> tuple[dict[st
     return {m: labelled[m].astype(np.int64) for m in names}, list(SEMANTIC_CLASSES), "classical labeller"
 
 
-def _device(name: str) -> torch.device:
+HEAT = "inferno"  # the colour map of attention
+GPUS_HELP = "0 = the CPU, 1 = one GPU (the same as --device cpu / cuda)"
+
+
+def _device(name: str, gpus: Optional[int] = None) -> torch.device:
+    import torch
+
+    if gpus is not None:
+        name = "cuda" if gpus == 1 else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise CfmaeError("--device cuda: no GPU is visible.")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
@@ -44,7 +58,7 @@ def _inputs(text: str, net: Pretrained) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in names if m not in net.model.modalities]
     if not names or bad or len(set(names)) != len(names):
-        raise CfmaeError(f"--modality {text}: choose from {', '.join(net.model.modalities)} (comma-separated, "
+        raise CfmaeError(f"--modalities {text}: choose from {', '.join(net.model.modalities)} (comma-separated, "
                          f"each once); the checkpoint was trained on these.")
     return [m for m in net.model.modalities if m in names]
 
@@ -53,6 +67,10 @@ def _load(paths: list[Path], net: Pretrained, need_maps: bool) -> tuple[list[np.
     """Images (with notes printed) and the maps of the checkpoint's modalities; a map of the dataset's classes
     (semantic) whose classes differ from the checkpoint's is replaced by 'unlabelled' and marked as no
     reference (``ok[name]`` False)."""
+    import numpy as np
+
+    from cfmae_cli.viz.inference import load_image
+
     names = table.maps_of(net.model.modalities)
     by_manifest = [m for m in names if table.get(m).classes == "manifest"]
     images, maps, ok = [], [], {m: True for m in by_manifest}
@@ -83,7 +101,7 @@ def _load(paths: list[Path], net: Pretrained, need_maps: bool) -> tuple[list[np.
 def _refuse_foreign_classes(inputs: list[str], ok: dict[str, bool]) -> None:
     for m in inputs:
         if not ok.get(m, True):
-            raise CfmaeError(f"--modality includes {m}, but the {m} maps do not use the checkpoint's classes; use "
+            raise CfmaeError(f"--modalities includes {m}, but the {m} maps do not use the checkpoint's classes; use "
                              f"images from a dataset labelled like the training data.")
 
 
@@ -100,9 +118,9 @@ def _outputs(out: Path, images: list[Path], checkpoint: Optional[str | Path], *b
 def reconstruct(
     images: list[Path] = typer.Argument(..., help="image file(s); maps come from their dataset folder if they "
                                         "are in one, else from the classical labeller"),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint or run folder (default: the "
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="checkpoint or run folder (default: the "
                                               "newest runs/pretrain/*/checkpoints/last.pt)"),
-    modality: str = typer.Option("rgb", "--modality", help="input modalities, e.g. rgb or rgb,instance,semantic; "
+    modality: str = typer.Option("rgb", "--modalities", help="input modalities, e.g. rgb or rgb,instance,semantic; "
                                  "the others are predicted"),
     masking: str = typer.Option("random", "--masking", help="random | semantic | instance | progressive"),
     num_visible: Optional[int] = typer.Option(None, "--num-visible", min=1, help="visible input tokens (default: "
@@ -110,17 +128,22 @@ def reconstruct(
     seed: int = typer.Option(0, "--seed", help="seed of the masks"),
     out: Optional[Path] = typer.Option(None, "--out", help="grid PNG (a JSON of errors is written beside it)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, max=1, help=GPUS_HELP + " [default: --device]"),
 ) -> None:
     """Masked multi-granular reconstruction (paper Fig. 3) or single-modality prediction (Fig. 4, 8-10).
 
-    Example, RGB in, instance and semantic maps out: cfmae reconstruct photo.jpg --modality rgb
+    Example, RGB in, instance and semantic maps out: cfmae reconstruct photo.jpg --modalities rgb
 
-    Example, all three masked: cfmae reconstruct photo.jpg --modality rgb,instance,semantic --masking semantic
+    Example, all three masked: cfmae reconstruct photo.jpg --modalities rgb,instance,semantic --masking semantic
     """
+    import torch
+
+    from cfmae_cli.viz.inference import errors, input_masks, load_pretrained, prepare
+
     if masking not in ("random", "semantic", "instance", "progressive"):
         raise CfmaeError(f"--masking {masking}: choose random, semantic, instance or progressive.")
     out = _outputs(out or Path(f"{images[0].stem}-reconstruct.png"), images, checkpoint, ".json")
-    net = load_pretrained(checkpoint, _device(device))
+    net = load_pretrained(checkpoint, _device(device, gpus))
     inputs = _inputs(modality, net)
     pixels, maps, ok = _load(images, net, need_maps=True)
     _refuse_foreign_classes(inputs, ok)
@@ -128,19 +151,12 @@ def reconstruct(
     mask, visible = input_masks(net, inputs, masking, num_visible, batch, seed)
     with torch.no_grad():
         pred = net.model.predict(batch, mask, visible)
-    from cfmae_cli.viz.recon import map_prediction, palette, reconstruction_panels, save_grid
+    from cfmae_cli.viz.recon import class_legend, reconstruction_panels, save_grid
 
     model, cfg = net.model, net.cfg
     panels = reconstruction_panels(batch, mask, pred, model.modalities, model.classes, model.patches,
                                    cfg.model.norm_pix_loss, cfg.data.mean, cfg.data.std)
-    legend = []
-    named = [m for m in model.modalities if table.get(m).classes == "manifest"]  # maps of the dataset's classes
-    if named:
-        i, name = model.modalities.index(named[0]), named[0]
-        ids = map_prediction(pred[name], batch[name], mask[:, i], len(net.classes))
-        present = sorted(set(torch.unique(ids).tolist()) | set(torch.unique(batch[name]).tolist()))
-        colours = palette()
-        legend = [(net.classes[c], tuple(colours[c])) for c in present if c < len(net.classes)]
+    legend = class_legend(batch, mask, pred, model.modalities, net.classes)
     save_grid(panels, out, f"{net.path}: input {'+'.join(inputs)}, masking {masking}, {visible} visible", legend)
     report = {"tool": software(), "checkpoint": str(net.path), "inputs": inputs, "masking": masking,
               "num_visible": visible, "seed": seed,
@@ -153,16 +169,17 @@ def reconstruct(
 @guarded
 def attention_map(
     images: Optional[list[Path]] = typer.Argument(None, help="image file(s) (none with --stats)"),
-    checkpoint: Optional[list[str]] = typer.Option(None, "--checkpoint", help="checkpoint or run folder (default: "
-                                                   "the newest pre-training run); with --stats repeatable, any "
-                                                   "weights file, or 'random'"),
+    checkpoint: Optional[list[str]] = typer.Option(None, "--checkpoint", "-c", help="checkpoint or run folder "
+                                                   "(default: the newest pre-training run); with --stats "
+                                                   "repeatable, any weights file, or 'random'"),
     method: str = typer.Option("cls", "--method", help="cls (global token, DINO) | mean (received) | rollout"),
     layer: int = typer.Option(-1, "--layer", help="encoder block for cls / mean (-1 = the last)"),
     head: str = typer.Option("all", "--head", help="a head index, mean, or all (one panel per head)"),
-    modality: str = typer.Option("rgb", "--modality", help="input modalities (all their tokens visible)"),
+    modality: str = typer.Option("rgb", "--modalities", help="input modalities (all their tokens visible)"),
     out: Optional[Path] = typer.Option(None, "--out", help="grid PNG; with --stats the JSON (default "
                                        "attention-stats.json)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, max=1, help=GPUS_HELP + " [default: --device]"),
     stats: Optional[Path] = typer.Option(None, "--stats", help="a labelled dataset folder (rgb/, instance/, "
                                          "semantic/): attention statistics over its images, one column per model"),
     model: Optional[list[str]] = typer.Option(None, "--model", help="with --stats: a timm model name (repeatable), "
@@ -182,11 +199,16 @@ def attention_map(
     Example: cfmae attention-map --stats DATA --checkpoint runs/pretrain/demo --checkpoint random --model
     vit_base_patch16_224.mae --weights mae_pretrain_vit_base.pth
     """
+    import torch
+
+    from cfmae_cli.viz.inference import load_pretrained, prepare
+
     checkpoints, models, weights = list(checkpoint or []), list(model or []), list(weights or [])
     if stats is not None:
         if images:
             raise CfmaeError("--stats measures a dataset folder; give no image files with it.")
-        return _attention_stats(stats, checkpoints, models, weights, max_images, batch_size, seed, out, device)
+        return _attention_stats(stats, checkpoints, models, weights, max_images, batch_size, seed, out, device,
+                                gpus)
     if not images:
         raise CfmaeError("attention-map: give image file(s), or --stats DATA for statistics over a dataset.")
     if models or weights:
@@ -198,7 +220,7 @@ def attention_map(
     if method not in ("cls", "mean", "rollout"):
         raise CfmaeError(f"--method {method}: choose cls, mean or rollout.")
     out = _outputs(out or Path(f"{images[0].stem}-attention-{method}.png"), images, checkpoint)
-    net = load_pretrained(checkpoint, _device(device))
+    net = load_pretrained(checkpoint, _device(device, gpus))
     model = net.model
     depth = len(model.encoder.blocks)
     if not -depth <= layer < depth:
@@ -238,12 +260,14 @@ def attention_map(
             for k in range(len(pixels))]
     where = "" if method == "rollout" else f", layer {layer % depth}"
     save_image_grid(rows, out, ["image"] + titles, [p.name[-28:] for p in images],
-                    f"{net.path}: {method} attention{where}, input {'+'.join(inputs)}")
+                    f"{net.path}: {method} attention{where}, input {'+'.join(inputs)}",
+                    colorbar=(HEAT, "attention (each map scaled to its own range)"))
     console.print(f"wrote {out}", highlight=False)
 
 
 def _attention_stats(root: Path, checkpoints: list[str], models: list[str], weights: list[Path], max_images: int,
-                     batch_size: int, seed: int, out: Optional[Path], device_name: str) -> None:
+                     batch_size: int, seed: int, out: Optional[Path], device_name: str,
+                     gpus: Optional[int] = None) -> None:
     """``attention-map --stats``: the statistics of every model over the dataset, a table and a JSON."""
     from rich.console import Console
     from rich.table import Table
@@ -267,7 +291,7 @@ def _attention_stats(root: Path, checkpoints: list[str], models: list[str], weig
     samples, _ = list_samples(root, maps=["instance", "semantic"] if semantic else ["instance"])
     samples = spread(samples, max_images)
     classes = int(read_manifest(root)["num_semantic_classes"]) if semantic else None
-    device = _device(device_name)
+    device = _device(device_name, gpus)
     if not checkpoints and not models:
         checkpoints = [str(newest_checkpoint())]
     subjects: list[st.Subject | None] = []
@@ -317,12 +341,14 @@ def _attention_stats(root: Path, checkpoints: list[str], models: list[str], weig
 
 def _overlay(rgb: np.ndarray, values: torch.Tensor, grid: int) -> np.ndarray:
     """Heat map of per-patch values (normalised to [0, 1]) blended over the image."""
+    import numpy as np
+
     import matplotlib
 
     from cfmae_cli.viz.grid import fit
 
     v = values.float().reshape(grid, grid).cpu().numpy()
     v = (v - v.min()) / max(float(v.max() - v.min()), 1e-12)
-    heat = (matplotlib.colormaps["inferno"](v)[..., :3] * 255).astype(np.uint8)
+    heat = (matplotlib.colormaps[HEAT](v)[..., :3] * 255).astype(np.uint8)
     heat = fit(heat, rgb.shape[0], smooth=False)
     return (0.45 * rgb + 0.55 * heat).astype(np.uint8)

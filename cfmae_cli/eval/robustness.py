@@ -31,12 +31,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from cfmae_cli.data.dataset import Skipped, collate
 from cfmae_cli.errors import DataError
+from cfmae_cli.eval.suites import DATASETS
 from cfmae_cli.formats import IMAGE_EXTENSIONS, list_folder, need_folder
 from cfmae_cli.train import distributed
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("a", "r", "sketch", "c")
 NAMES = {"a": "imagenet-a", "r": "imagenet-r", "sketch": "imagenet-sketch", "c": "imagenet-c"}
 FOLDERS = {"a": ("imagenet-a", "imagenet_a"), "r": ("imagenet-r", "imagenet_r"),
            "sketch": ("imagenet-sketch", "imagenet_sketch", "sketch"), "c": ("imagenet-c", "imagenet_c")}
@@ -129,7 +129,7 @@ def wnid_samples(folder: Path, allowed: dict[str, int], what: str) -> tuple[list
 def find_splits(root: Path, datasets: list[str], limit: int | None = None) -> list[Split]:
     """Every split of the chosen datasets under ``root``, checked (clear errors for a missing or wrong layout).
     ``limit`` keeps the first N images of each split (a quick look, not the benchmark)."""
-    need_folder(root, "--root")
+    need_folder(root, "--data")
     synsets = imagenet_synsets()
     index = {w: i for i, w in enumerate(synsets)}
     splits: list[Split] = []

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +33,7 @@ from cfmae_cli.config import dump_config
 from cfmae_cli.data.dataset import collate
 from cfmae_cli.errors import DataError
 from cfmae_cli.seeding import mix_seed
-from cfmae_cli.train import distributed
+from cfmae_cli.train import distributed, provenance
 from cfmae_cli.train.divergence import LossWatch, TrainingDiverged, keep_last_good
 from cfmae_cli.train.faults import Preempted, StopRequest, ignore_stop_signals
 from cfmae_cli.train.ledger import BadFiles
@@ -41,6 +42,7 @@ from cfmae_cli.train.optim import lr_at
 from cfmae_cli.train.plots import plot_losses
 from cfmae_cli.train.rundir import mark_checkpointed, MetricsWriter, read_metrics, RunFolder
 from cfmae_cli.train.sampler import ChunkedSampler, chunk_id
+from cfmae_cli.train.trackers import check_available
 from cfmae_cli.train.setup import describe_schedule, make_plan
 
 log = logging.getLogger(__name__)
@@ -112,8 +114,9 @@ class Task:
         """Names of further files (beside last.pt) that should hold this epoch's checkpoint, e.g. best.pt."""
         return []
 
-    def after_epoch(self, done: int, summary: dict[str, Any], run_dir: Path) -> None:
-        """Rank 0 only, after the checkpoint: plots and the like."""
+    def after_epoch(self, done: int, summary: dict[str, Any], run_dir: Path) -> list[tuple[str, Path]] | None:
+        """Rank 0 only, after the checkpoint: plots and the like; returns the figures written, as (tag, PNG),
+        for the loggers."""
 
     def state_dict(self) -> dict[str, Any]:
         """Task state for the checkpoint (top-level keys besides the engine's)."""
@@ -150,7 +153,11 @@ def run_task(cfg: Any, make_task: Callable[[distributed.DistInfo], Task], device
                     engine.restore(load_checkpoint(folder.checkpoint))
                 elif prepare is not None:
                     prepare(engine.task)
-            return engine.fit()
+            if info.is_main:
+                provenance.record_start(folder.path, provenance.session(
+                    command, info.device, info.world, getattr(engine.task, "root", None),
+                    folder.checkpoint is not None, info.bf16))
+            return provenance.fit_and_record(engine, folder.path)
     finally:
         distributed.shutdown()
 
@@ -159,6 +166,7 @@ class Engine:
     def __init__(self, cfg: Any, task: Task, run_dir: Path, info: distributed.DistInfo,
                  on_progress: Callable[[Progress], None]):
         self.cfg, self.task, self.run_dir, self.info, self.on_progress = cfg, task, run_dir, info, on_progress
+        check_available(cfg.train.loggers)
         self.device = info.device
         self.dataset = task.dataset
         self.plan = make_plan(cfg, len(self.dataset), info.world)
@@ -248,9 +256,14 @@ class Engine:
                      " (bf16)" if self.info.bf16 else "")
             for line in describe_schedule(self.plan, cfg) + self.task.describe(self.plan):
                 log.info("%s", line)
+            if 0 < self.plan["total_steps"] <= self.plan["warmup_steps"]:
+                log.warning("optim.warmup_epochs %g is not shorter than train.epochs %d: the lr never leaves its "
+                            "warmup (the last step reaches %.0f%% of the peak lr); lower optim.warmup_epochs",
+                            cfg.optim.warmup_epochs, cfg.train.epochs,
+                            100 * self.plan["total_steps"] / max(self.plan["warmup_steps"], 1))
         resumed = self.step > 0 or self.epoch > 0
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step=self.step if resumed else None) \
-            if main else None
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", cfg.train.loggers, cfg.model_dump(mode="json"),
+                                     resume_step=self.step if resumed else None) if main else None
         self.progress = Progress(epochs=cfg.train.epochs, batches=self.micro_per_epoch, step=self.step)
         summary: dict[str, Any] = {}
         self.watch = LossWatch(self.device)
@@ -269,7 +282,8 @@ class Engine:
             raise TrainingDiverged(f"{exc} {kept}", exc.step, exc.loss) from None
         finally:
             if self.metrics is not None:
-                self.metrics.close()
+                error = sys.exc_info()[0]
+                self.metrics.close(failed=error is not None and not issubclass(error, Preempted))
             self.bad.write()
         epochs = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r["type"] == "epoch"] if main else []
         return {"run_dir": str(self.run_dir), "epochs": cfg.train.epochs, "steps": self.step,
@@ -386,8 +400,10 @@ class Engine:
         self.save(done, 0, None, summary, periodic=done % self.cfg.train.save_every == 0,
                   also=self.task.extra_checkpoints(summary))
         if self.info.is_main:
-            plot_losses(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "plots" / "loss.png")
-            self.task.after_epoch(done, summary, self.run_dir)
+            loss_png = plot_losses(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "plots" / "loss.png")
+            figures = [("plots/loss", loss_png), *(self.task.after_epoch(done, summary, self.run_dir) or [])]
+            for tag, path in figures:
+                self.metrics.image(tag, path, self.step)
         return summary
 
     # -- helpers ---------------------------------------------------------------------------------------------

@@ -13,44 +13,78 @@ import matplotlib.pyplot as plt  # noqa: E402
 from cfmae_cli.formats import software  # noqa: E402
 
 
+FEW = 30  # up to this many points a curve gets markers and no smoothing
+
+
+def smooth(values: list[float], points: int) -> list[float]:
+    """A centred moving average over about 1/20 of the curve (no lag; shorter windows at the ends), drawn over
+    the raw values, which stay faint beneath."""
+    half = max(1, points // 40)
+    out = []
+    for i in range(len(values)):
+        window = values[max(0, i - half):i + half + 1]
+        out.append(sum(window) / len(window))
+    return out
+
+
+def _curve(ax: Any, x: list[float], y: list[float], colour: str, label: str) -> None:
+    if len(x) <= FEW:
+        ax.plot(x, y, color=colour, marker="o", ms=3, lw=1.5, label=label)
+        return
+    ax.plot(x, y, color=colour, lw=0.8, alpha=0.3)
+    ax.plot(x, smooth(y, len(y)), color=colour, lw=1.8, label=f"{label} (smoothed)")
+
+
 def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Total and per-modality loss against training progress (epochs); below it α_I, α_S (pre-training) or the
-    validation top-1 / top-5 accuracy of each epoch (fine-tuning); beside them the k-NN monitor's top-1 when the
-    run has ``monitor`` records. Written atomically."""
-    steps = [r for r in records if r.get("type") == "step"]
+    """The total loss (raw faint, smoothed), each modality's loss on its own scale, the lr, and α_I, α_S
+    (pre-training) or the validation top-1 / top-5 of each epoch (fine-tuning), against training progress in
+    epochs; beside them the k-NN monitor when the run has ``monitor`` records. Few points get markers (a
+    one-epoch run is still a picture). Written atomically, stamped as cfmae's."""
+    steps = [r for r in records if r.get("type") == "step"] or \
+        [{**r, "epoch_float": float(r["epoch"])} for r in records if r.get("type") == "epoch"]
     evals = [r for r in records if r.get("type") == "epoch" and "top1" in r]
     monitor = [r for r in records if r.get("type") == "monitor" and "knn_top1_avg" in r]
+    parts = sorted({k for r in steps for k in r if k.startswith("loss_")})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if monitor:
-        fig = plt.figure(figsize=(13, 6))
-        grid = fig.add_gridspec(2, 2, height_ratios=[3, 1], width_ratios=[8, 5])
-        ax = fig.add_subplot(grid[0, 0])
-        ax2 = fig.add_subplot(grid[1, 0], sharex=ax)
-        ax.tick_params(labelbottom=False)
-        _plot_knn(fig.add_subplot(grid[:, 1]), monitor)
-    else:
-        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    cols = max(1, len(parts))
+    fig = plt.figure(figsize=(4.2 * cols + (4 if monitor else 0) + 1, 9), layout="constrained")
+    grid = fig.add_gridspec(4, cols + (1 if monitor else 0), height_ratios=[3, 2, 1.2, 1.2],
+                            width_ratios=[1] * cols + ([0.55 * cols + 0.3] if monitor else []))
+    ax = fig.add_subplot(grid[0, :cols])
     x = [r["epoch_float"] for r in steps]
-    ax.plot(x, [r["loss"] for r in steps], label="total", color="black", lw=2)
-    for key in sorted({k for r in steps for k in r if k.startswith("loss_")}):
-        ax.plot(x, [r.get(key) for r in steps], label=key.removeprefix("loss_"))
+    _curve(ax, x, [r["loss"] for r in steps], "black", "total")
     ax.set_ylabel("loss (masked tokens)" if not evals else "training loss")
-    ax.legend()
+    ax.set_title("training loss")
+    ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
+    for j, key in enumerate(parts):
+        sub = fig.add_subplot(grid[1, j], sharex=ax)
+        values = [(xi, r[key]) for xi, r in zip(x, steps) if r.get(key) is not None]
+        _curve(sub, [v[0] for v in values], [v[1] for v in values], f"C{j}", key.removeprefix("loss_"))
+        sub.set_title(f"{key.removeprefix('loss_')} loss", fontsize=10)
+        sub.grid(alpha=0.3)
+    lr = fig.add_subplot(grid[2, :cols], sharex=ax)
+    lr.plot(x, [r.get("lr") for r in steps], color="C7", marker="o" if len(x) <= FEW else None, ms=3)
+    lr.set_ylabel("lr")
+    lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    lr.grid(alpha=0.3)
+    last = fig.add_subplot(grid[3, :cols], sharex=ax)
     if evals:
         for key in ("top1", "top5"):
-            ax2.plot([r["epoch"] for r in evals], [r[key] for r in evals], marker=".", label=f"val {key}")
-        ax2.set_ylabel("accuracy %")
-        ax2.set_ylim(-2, 102)
+            last.plot([r["epoch"] for r in evals], [r[key] for r in evals], marker="o", ms=3, label=f"val {key}")
+        last.set_ylabel("accuracy %")
+        last.set_ylim(-2, 102)
     else:
-        ax2.plot(x, [r.get("alpha_i") for r in steps], label="α_I (instance)")
-        ax2.plot(x, [r.get("alpha_s") for r in steps], label="α_S (semantic)")
-        ax2.set_ylim(-0.05, 1.05)
-    ax2.set_xlabel("epoch")
-    ax2.legend()
-    ax2.grid(alpha=0.3)
-    fig.tight_layout()
+        for key, label in (("alpha_i", "α_I (instance-guided)"), ("alpha_s", "α_S (semantic-guided)")):
+            last.plot(x, [r.get(key) for r in steps], marker="o" if len(x) <= FEW else None, ms=3, label=label)
+        last.set_ylim(-0.05, 1.05)
+        last.set_ylabel("curriculum")
+    last.set_xlabel("epoch")
+    last.legend(loc="center right", fontsize=8)
+    last.grid(alpha=0.3)
+    if monitor:
+        _plot_knn(fig.add_subplot(grid[:, cols]), monitor)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100, metadata={"Software": software()})
     plt.close(fig)

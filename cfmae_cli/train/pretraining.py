@@ -23,7 +23,7 @@ from cfmae_cli.train.engine import Progress, StepContext, Task, run_task
 from cfmae_cli.train.monitor import KnnMonitor, monitor_samples
 from cfmae_cli.train.optim import build_optimizer
 from cfmae_cli.train.setup import build_dataset, dataset_root, describe_tokens, monitor_root, resolve_device
-from cfmae_cli.viz.recon import reconstruction_panels, save_grid
+from cfmae_cli.viz.recon import class_legend, reconstruction_panels, save_grid
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,11 @@ class PretrainTask(Task):
     def state_dict(self) -> dict[str, Any]:
         return {"task": "pretrain", "semantic_classes": self.semantic_classes}
 
-    def after_epoch(self, done: int, summary: dict[str, Any], run_dir: Path) -> None:
+    def after_epoch(self, done: int, summary: dict[str, Any], run_dir: Path) -> list[tuple[str, Path]]:
         if done % self.cfg.train.plot_every == 0 or done == self.cfg.train.epochs:
-            self.plot_reconstructions(done, summary["alpha_i"], summary["alpha_s"], run_dir)
+            path = self.plot_reconstructions(done, summary["alpha_i"], summary["alpha_s"], run_dir)
+            return [("plots/reconstruction", path)] if path is not None else []
+        return []
 
     def load_weights(self, path: str | Path) -> None:
         """``--init``: weights only, from our checkpoints or MAE / MultiMAE / timm ViT files (converted); tensors
@@ -126,13 +128,13 @@ class PretrainTask(Task):
         log.info("initialised from %s (%d tensors; %d missing, %d unused)", w.source, len(done.loaded),
                  len(done.missing), len(done.unused))
 
-    def plot_reconstructions(self, epoch: int, alpha_i: float, alpha_s: float, run_dir: Path) -> None:
+    def plot_reconstructions(self, epoch: int, alpha_i: float, alpha_s: float, run_dir: Path) -> Path | None:
         """The fixed first images of the dataset (centred square, no augmentation), masked with a fixed seed."""
         fixed = self.dataset.with_transform(train=False)
         items = [x for x in (fixed[i] for i in range(min(len(fixed), 4 * self.cfg.train.plot_samples)))
                  if not isinstance(x, Skipped)][: self.cfg.train.plot_samples]
         if not items:
-            return
+            return None
         batch = {m: v.to(self.device) for m, v in collate(items).items() if m in self.modalities}
         batch, mask = self.inputs_and_mask(batch, (alpha_i, alpha_s), mix_seed(self.cfg.train.seed, 2 ** 20))
         self.model.eval()
@@ -141,5 +143,6 @@ class PretrainTask(Task):
         self.model.train()
         panels = reconstruction_panels(batch, mask, pred, self.modalities, self.model.classes, self.model.patches,
                                        self.cfg.model.norm_pix_loss, self.cfg.data.mean, self.cfg.data.std)
-        save_grid(panels, run_dir / "plots" / f"recon-epoch-{epoch:04d}.png",
-                  f"epoch {epoch}  alpha_I {alpha_i:.2f}  alpha_S {alpha_s:.2f}")
+        legend = class_legend(batch, mask, pred, self.modalities, self.semantic_classes)
+        return save_grid(panels, run_dir / "plots" / f"recon-epoch-{epoch:04d}.png",
+                         f"epoch {epoch}   α_I {alpha_i:.2f}   α_S {alpha_s:.2f}", legend)

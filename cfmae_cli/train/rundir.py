@@ -121,41 +121,40 @@ def new_run_dir(command: str, name: str, out: str | Path | None = None, base: st
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` (flushed: readable while training) and, with
-    ``tensorboard=True``, the numeric fields as TensorBoard scalars ``<type>/<field>`` beside it.
+    """Appends one JSON object per line to ``metrics.jsonl`` (flushed: readable while training) and gives the
+    numeric fields to the loggers of ``train.loggers`` (:mod:`cfmae_cli.train.trackers`: TensorBoard scalars
+    ``<type>/<field>`` beside it, CSV, W&B, MLflow); :meth:`image` gives them a figure.
 
     ``resume_step``: the run continues after that optimizer step; records written after it by an
-    interrupted process are dropped from the JSONL file and TensorBoard purges them too.
+    interrupted process are dropped from the JSONL file, and TensorBoard and the CSV files drop them too.
     """
 
-    def __init__(self, path: str | Path, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, path: str | Path, loggers: list[str] | tuple[str, ...] = ("tensorboard",),
+                 config: dict[str, Any] | None = None, resume_step: int | None = None):
+        from cfmae_cli.train.trackers import Trackers
+
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._fh = self.path.open("a")
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(log_dir=str(self.path.parent), purge_step=purge)
+        self.trackers: Any = Trackers(list(loggers), self.path.parent, config or {}, resume_step)
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
-        if self._tb is not None:
-            kind, step = record.get("type", "step"), record.get("step", 0)
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("type", "step"):
-                    self._tb.add_scalar(f"{kind}/{key}", value, step)
-            self._tb.flush()
+        if self.trackers is not None:
+            self.trackers.scalars(record)
 
-    def close(self) -> None:
+    def image(self, tag: str, path: Path, step: int) -> None:
+        if self.trackers is not None:
+            self.trackers.image(tag, path, step)
+
+    def close(self, failed: bool = False) -> None:
         self._fh.close()
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        if self.trackers is not None:
+            self.trackers.close(failed)
+            self.trackers = None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

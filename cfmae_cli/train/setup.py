@@ -9,12 +9,12 @@ from typing import Any
 import torch
 
 from cfmae_cli import modalities as table
-from cfmae_cli.config import Config
+from cfmae_cli.config import batch_plan, Config, derived
 from cfmae_cli.data.dataset import MultiGranularDataset
 from cfmae_cli.data.layout import Sample, list_samples, read_manifest
 from cfmae_cli.data.packed import PackedDataset, is_packed, read_packed_manifest
 from cfmae_cli.data.transforms import JointTransform
-from cfmae_cli.errors import CfmaeError, ConfigError
+from cfmae_cli.errors import CfmaeError
 
 log = logging.getLogger(__name__)
 
@@ -71,35 +71,6 @@ def build_dataset(cfg: Config, root: Path, train: bool = True, samples: list[Sam
         samples, _ = list_samples(root, maps=maps)
     dataset = MultiGranularDataset(samples, transform, maps, manifest["num_semantic_classes"], cfg.train.seed)
     return dataset, manifest
-
-
-def batch_plan(optim: Any, train: Any, world_size: int = 1) -> dict[str, Any]:
-    """Devices, accumulation steps, effective batch and actual lr (lr = base_lr x effective_batch / 256, unless
-    ``optim.lr`` is set) for any config with these ``optim`` and ``train`` fields (pre-training, fine-tuning)."""
-    per_step = train.batch_size * world_size
-    if optim.effective_batch % per_step:
-        raise ConfigError(f"optim.effective_batch: {optim.effective_batch} is not a multiple of "
-                          f"train.batch_size x devices = {train.batch_size} x {world_size} = {per_step}; "
-                          f"change one of them")
-    return {"devices": world_size, "accumulation_steps": optim.effective_batch // per_step,
-            "effective_batch": optim.effective_batch,
-            "lr": optim.lr if optim.lr is not None else optim.base_lr * optim.effective_batch / 256}
-
-
-def derived(cfg: Config, world_size: int = 1) -> dict[str, Any]:
-    """Numbers that follow from the config: tokens, accumulation steps, actual lr (printed at start)."""
-    n = cfg.tokens_per_modality
-    total = n * len(cfg.data.modalities)
-    return {
-        "tokens_per_modality": n,
-        "tokens_total": total,
-        "num_visible": cfg.masking.num_visible,
-        "num_masked": total - cfg.masking.num_visible,
-        "mask_ratio": (total - cfg.masking.num_visible) / total,
-        "map_size": cfg.data.img_size // cfg.model.map_stride,
-        **batch_plan(cfg.optim, cfg.train, world_size),
-        "decoder_order": [m for m in cfg.model.decoder.order if m in cfg.data.modalities],
-    }
 
 
 def make_plan(cfg: Any, images: int, world: int) -> dict[str, Any]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
-from PIL.PngImagePlugin import PngInfo
+from PIL import Image
 
 from cfmae_cli.data.maps import resample_map
 from cfmae_cli.formats import atomic_write, software
@@ -24,37 +23,56 @@ def fit(image: np.ndarray, side: int, smooth: bool) -> np.ndarray:
 
 
 def save_image_grid(rows: list[list[np.ndarray]], path: str | Path, columns: list[str], row_labels: list[str],
-                    title: str = "", legend: list[tuple[str, tuple[int, int, int]]] | None = None) -> Path:
-    """Cells (H×W×3 uint8, any sizes up to the largest) on a white canvas, and an optional legend of colour
-    swatches with names under it; written atomically as PNG."""
+                    title: str = "", legend: list[tuple[str, tuple[int, int, int]]] | None = None,
+                    colorbar: tuple[str, str] | None = None) -> Path:
+    """A figure of cells (H×W×3 uint8) drawn with matplotlib: column titles, row labels, a title, an optional
+    legend of colour swatches (e.g. the semantic classes shown) and an optional colour bar ``(colormap,
+    label)`` for cells that are heat maps of values in [0, 1]; written atomically as a stamped PNG."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Patch
+
     cell_h = max(c.shape[0] for row in rows for c in row)
     cell_w = max(c.shape[1] for row in rows for c in row)
-    pad, head = 4, 30
-    label_w = max(70, 7 * max((len(s) for s in row_labels), default=0) + 2 * pad)
-    width = max(label_w + len(columns) * (cell_w + pad) + pad, 6 * len(title) + 2 * pad)
-    per_line = max(1, width // 150)
-    legend_h = (len(legend or []) + per_line - 1) // per_line * 16 + (8 if legend else 0)
-    height = head + len(rows) * (cell_h + pad) + pad + legend_h
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 2), title, fill="black")
-    for j, name in enumerate(columns):
-        draw.text((label_w + j * (cell_w + pad) + pad, 16), name, fill="black")
-    for i, (label, row) in enumerate(zip(row_labels, rows)):
-        y = head + i * (cell_h + pad)
-        draw.text((pad, y + cell_h // 2 - 5), label, fill="black")
-        for j, cell in enumerate(row):
-            canvas.paste(Image.fromarray(cell), (label_w + j * (cell_w + pad) + pad, y))
-    top = head + len(rows) * (cell_h + pad) + pad
-    for i, (name, colour) in enumerate(legend or []):
-        x, y = pad + (i % per_line) * 150, top + (i // per_line) * 16
-        draw.rectangle([x, y, x + 11, y + 11], fill=tuple(int(c) for c in colour), outline="black")
-        draw.text((x + 16, y), name[:20], fill="black")
-    return save_png(canvas, path)
-
-
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write ``image`` as a PNG atomically, stamped as cfmae's (so a rerun may replace it, nothing else)."""
-    info = PngInfo()
-    info.add_text("Software", software())
-    return atomic_write(path, lambda fh: image.save(fh, format="PNG", pnginfo=info), binary=True)
+    side = 1.9  # inches of a cell's longer side
+    w, h = side * cell_w / max(cell_h, cell_w), side * cell_h / max(cell_h, cell_w)
+    label_in = 0.12 + 0.075 * max((len(s) for s in row_labels), default=0)
+    legend_rows = -(-len(legend or []) // 5)
+    fig = plt.figure(figsize=(label_in + len(columns) * (w + 0.1) + (0.9 if colorbar else 0.2),
+                              0.75 + len(rows) * (h + 0.1) + 0.28 * legend_rows), layout="constrained")
+    axes = fig.subplots(len(rows), len(columns), squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(len(columns)):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(row):
+                ax.imshow(row[j], interpolation="nearest")
+            else:
+                ax.set_axis_off()
+            if i == 0:
+                ax.set_title(columns[j], fontsize=10)
+            if j == 0:
+                ax.set_ylabel(row_labels[i], fontsize=9, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    if legend:
+        handles = [Patch(facecolor=np.asarray(colour, float) / 255, edgecolor="black", label=name)
+                   for name, colour in legend]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(5, len(handles)), fontsize=8,
+                   frameon=False, title="semantic classes", title_fontsize=8)
+    if colorbar:
+        cmap, label = colorbar
+        fig.colorbar(ScalarMappable(Normalize(0, 1), matplotlib.colormaps[cmap]), ax=axes, shrink=0.8,
+                     label=label)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", pad_inches=0.1,
+                metadata={"Software": software()})
+    plt.close(fig)
+    return atomic_write(path, lambda fh: fh.write(buffer.getvalue()), binary=True)

@@ -109,11 +109,25 @@ def reconstruction_panels(batch: dict[str, Tensor], mask: Tensor, pred: dict[str
     return panels
 
 
+def class_legend(batch: dict[str, Tensor], mask: Tensor, pred: dict[str, Tensor], modalities: list[str],
+                 classes: list[str]) -> list[tuple[str, tuple[int, int, int]]]:
+    """(name, colour) of every semantic class in the reference or the prediction of the first map of the
+    dataset's classes (the legend of a grid that shows it); empty when no such map is shown."""
+    named = [m for m in modalities if table.get(m).classes == "manifest"]
+    if not named or not classes:
+        return []
+    i, name = modalities.index(named[0]), named[0]
+    ids = map_prediction(pred[name], batch[name], mask[:, i], len(classes))
+    present = sorted(set(torch.unique(ids).tolist()) | set(torch.unique(batch[name]).tolist()))
+    colours = palette()
+    return [(classes[c], tuple(int(x) for x in colours[c])) for c in present if c < len(classes)]
+
+
 def save_grid(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: str | Path, title: str = "",
               legend: list[tuple[str, tuple[int, int, int]]] | None = None) -> Path:
     """Rows = (sample, modality), columns = masked input / prediction / reference; written atomically."""
     names = list(panels)
     count = panels[names[0]][0].shape[0]
     rows = [[image[k] for image in panels[name]] for k in range(count) for name in names]
-    labels = [f"{k}:{name}" for k in range(count) for name in names]
+    labels = [f"image {k + 1}: {name}" for k in range(count) for name in names]
     return save_image_grid(rows, path, ["masked input", "prediction", "reference"], labels, title, legend)
