@@ -39,6 +39,9 @@ class Modality:
     * ``norm_pix``: ``model.norm_pix_loss`` applies (MAE's per-patch normalised target).
     * ``loss``: for an image, the loss of its masked patches, ``loss(pred, target, mask)`` with pred and target
       (B, N, patch values) and mask (B, N) bool; None = the mean squared error.
+    * ``modes``: for an image map, the PIL modes its files may have (others are refused, naming the file);
+      None = any (converted). 16-bit grey (``I;16``) is read at 8 bits (value · 255 / 65535, rounded).
+    * ``stored``: how its files are written, for the docs and the manifest.
     """
 
     name: str
@@ -52,6 +55,8 @@ class Modality:
     normalise: bool = False
     norm_pix: bool = False
     loss: Callable[..., Any] | None = None
+    modes: tuple[str, ...] | None = None
+    stored: str = ""
 
     @property
     def is_map(self) -> bool:
@@ -102,10 +107,24 @@ def num_classes(modality: Modality, semantic_classes: int, instance_ids: int) ->
     return {"manifest": semantic_classes, "instance_ids": instance_ids}.get(modality.classes or "", 0)
 
 
+def l1_loss(pred: Any, target: Any, mask: Any) -> Any:
+    """Mean absolute error over the masked patches (MultiMAE's depth loss): pred, target (B, N, P) tensors,
+    mask (B, N) bool."""
+    per_token = (pred.float() - target).abs().mean(-1)
+    weight = mask.float()
+    return (per_token * weight).sum() / weight.sum().clamp(min=1)
+
+
+GREY_MODES = ("L", "I;16", "I;16L", "I;16B", "I")
+
+
 register(Modality("rgb", kind="image", channels=3, at_map_stride=False, patch_embedding=True, normalise=True,
                   norm_pix=True))
 register(Modality("instance", kind="ids", classes="instance_ids", canonical=True, guides="instance"))
 register(Modality("semantic", kind="ids", classes="manifest", guides="semantic"))
+register(Modality("depth", kind="image", channels=1, at_map_stride=False, norm_pix=True, loss=l1_loss,
+                  modes=GREY_MODES, stored="relative depth (larger = farther or nearer, as its source says), "
+                  "one grey PNG per image at the image's size, 8- or 16-bit"))
 
 
 def maps_of(modalities: list[str]) -> list[str]:

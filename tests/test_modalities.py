@@ -80,7 +80,7 @@ def test_the_loss_of_the_entry_is_the_one_used(edge: Modality) -> None:
 
 
 def test_an_unregistered_modality_is_refused_by_name() -> None:
-    with pytest.raises(ConfigError, match="unknown modality 'edge' .known: rgb, instance, semantic"):
+    with pytest.raises(ConfigError, match="unknown modality .edge. .known: rgb, instance, semantic, depth"):
         load_config("demo", ["data.modalities=[rgb,edge]"])
     with pytest.raises(ConfigError, match="model.decoder.order.*has no place for semantic"):
         load_config("demo", ["model.decoder.order=[instance,rgb]"])

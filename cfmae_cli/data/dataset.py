@@ -41,8 +41,15 @@ def read_map(path, expect_size: tuple[int, int], modality: table.Modality) -> Te
             raise BadSample(f"{path}: map size {im.size[0]}x{im.size[1]} differs from the image's "
                             f"{expect_size[0]}x{expect_size[1]}")
         if modality.kind == "image":
-            mode = "RGB" if modality.channels == 3 else "L"
-            arr = np.asarray(im.convert(mode)).reshape(im.size[1], im.size[0], modality.channels)
+            if modality.modes is not None and im.mode not in modality.modes:
+                raise BadSample(f"{path}: a {modality.name} map must be a single-channel 8- or 16-bit PNG, got PIL "
+                                f"mode {im.mode}")
+            if im.mode.startswith("I") and modality.channels == 1:  # 16-bit grey: read at 8 bits
+                wide = np.asarray(im).astype(np.int64)
+                arr = ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)[..., None]
+            else:
+                mode = "RGB" if modality.channels == 3 else "L"
+                arr = np.asarray(im.convert(mode)).reshape(im.size[1], im.size[0], modality.channels)
             return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
         arr = np.asarray(im)
     if arr.ndim != 2:

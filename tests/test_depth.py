@@ -1,0 +1,124 @@
+"""Depth as a fourth modality (issue #19, first part): an entry of the table read from 8- or 16-bit grey PNGs
+in DATA/depth/, MultiMAE's L1 loss on per-patch normalised targets, its place in the cascade, the exact token
+budget over four modalities, and a clear refusal of a depth map of the wrong size or type."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cfmae_cli import modalities as table
+from cfmae_cli.cli import app
+from cfmae_cli.config import Config
+from cfmae_cli.data.dataset import BadSample, read_map
+from cfmae_cli.masking import MaskGenerator
+from cfmae_cli.model.losses import modality_loss, normalise_patches, patchify_rgb
+from tests.conftest import TINY_OVERRIDES, make_dataset
+
+runner = CliRunner()
+FOUR = ["rgb", "instance", "semantic", "depth"]
+
+
+def add_depth(root: Path, bits: int = 16) -> None:
+    """DATA/depth/<class>/<stem>.png: a vertical ramp (far at the top) plus the image's brightness."""
+    for path in sorted((root / "rgb").rglob("*.png")):
+        grey = np.asarray(Image.open(path).convert("L"), np.float64)
+        ramp = np.linspace(1.0, 0.0, grey.shape[0])[:, None]
+        depth = 0.7 * ramp + 0.3 * grey / 255
+        target = root / "depth" / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if bits == 16:
+            Image.fromarray((depth * 65535).round().astype(np.uint16)).save(target)
+        else:
+            Image.fromarray((depth * 255).round().astype(np.uint8)).save(target)
+
+
+def test_sixteen_bit_depth_is_read_at_eight_bits_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "depth-16.png"
+    values = np.array([[0, 257, 32767, 65535]], np.uint16)
+    Image.fromarray(values).save(path)
+    got = read_map(path, (4, 1), table.get("depth"))
+    assert got.dtype == torch.uint8 and got.shape == (1, 1, 4)
+    assert got.flatten().tolist() == [0, 1, 127, 255]
+
+
+def test_a_depth_map_of_another_type_or_size_is_named(tmp_path: Path) -> None:
+    rgb = tmp_path / "d.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(rgb)
+    with pytest.raises(BadSample, match=r"d\.png: a depth map must be a single-channel 8- or 16-bit PNG, got PIL "
+                                        r"mode RGB"):
+        read_map(rgb, (8, 8), table.get("depth"))
+    grey = tmp_path / "g.png"
+    Image.fromarray(np.zeros((6, 8), np.uint16)).save(grey)
+    with pytest.raises(BadSample, match=r"g\.png: map size 8x6 differs from the image's 8x8"):
+        read_map(grey, (8, 8), table.get("depth"))
+
+
+def test_the_depth_loss_is_l1_on_per_patch_normalised_targets() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 16, 16)
+    pred = torch.randn(2, 4, 64)
+    mask = torch.tensor([[True, False, True, True], [False, False, True, False]])
+    target = normalise_patches(patchify_rgb(x, 8).float())
+    per_token = (pred - target).abs().mean(-1)
+    want = per_token[mask].mean()
+    assert torch.allclose(modality_loss(table.get("depth"), pred, x, mask, 8, 0, norm_pix=True), want)
+
+
+@pytest.mark.parametrize("visible", [98, 196])
+def test_the_token_budget_is_exact_over_four_modalities(visible: int) -> None:
+    cfg = Config().masking.model_copy(update={"num_visible": visible})
+    gen = MaskGenerator(cfg, FOUR, grid=14, num_semantic_classes=133, num_instance_ids=16)
+    v = gen.budgets(512, torch.device("cpu"))
+    assert v.shape == (512, 4) and (v.sum(1) == visible).all() and (v >= 0).all() and (v <= 196).all()
+    assert torch.allclose(v.double().mean(0) / visible, torch.full((4,), 0.25, dtype=torch.float64), atol=0.03)
+
+
+def test_pretraining_on_four_modalities_and_a_checkpoint_without_depth_still_loads(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data", n_per_class=4)
+    sets = [x for item in TINY_OVERRIDES for x in ("--set", item)]
+    three = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(tmp_path / "three"), *sets])
+    assert three.exit_code == 0, three.output
+    add_depth(data)
+    four = ["--set", "data.modalities=[rgb,instance,semantic,depth]",
+            "--set", "model.decoder.order=[semantic,instance,depth,rgb]"]
+    result = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(tmp_path / "four"), *sets, *four])
+    assert result.exit_code == 0, result.output
+    epochs = [r for r in map(json.loads, (tmp_path / "four" / "metrics.jsonl").read_text().splitlines())
+              if r["type"] == "epoch"]
+    assert all(np.isfinite(r["loss_depth"]) and r["loss_depth"] > 0 for r in epochs)
+    state = torch.load(tmp_path / "four" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert tuple(state["adapters.depth.proj.weight"].shape) == (32, 1, 8, 8)
+    # the three-modality checkpoint: reconstruct and export read it as before
+    photo = data / "rgb" / "a" / "a_00.png"
+    out = runner.invoke(app, ["reconstruct", str(photo), "-c", str(tmp_path / "three"), "--out",
+                              str(tmp_path / "g.png")])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(app, ["reconstruct", str(photo), "-c", str(tmp_path / "four"), "--out",
+                              str(tmp_path / "g4.png")])  # depth comes from the dataset folder, and is drawn
+    assert out.exit_code == 0, out.output
+    assert "depth" in json.loads((tmp_path / "g4.json").read_text())["images"][0]["errors"]
+    out = runner.invoke(app, ["export", str(tmp_path / "four"), "--out", str(tmp_path / "x")])
+    assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "x" / "config.json").read_text())["cfmae"]["modalities"] == FOUR
+
+
+def test_depth_maps_of_the_wrong_type_stop_the_run_naming_them(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data", n_per_class=4)
+    for path in sorted((data / "rgb").rglob("*.png")):
+        target = data / "depth" / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(path).convert("RGB").save(target)  # colour, not a depth map
+    sets = [x for item in TINY_OVERRIDES for x in ("--set", item)]
+    result = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(tmp_path / "r"), *sets,
+                                 "--set", "data.modalities=[rgb,instance,semantic,depth]",
+                                 "--set", "model.decoder.order=[semantic,instance,depth,rgb]"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "more than data.max_bad_fraction" in " ".join(result.output.split())
+    assert "a depth map must be a single-channel 8- or 16-bit PNG" in (tmp_path / "r" / "bad_files.txt").read_text()
