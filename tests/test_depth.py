@@ -5,6 +5,7 @@ budget over four modalities, and a clear refusal of a depth map of the wrong siz
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,61 @@ def test_depth_maps_of_the_wrong_type_stop_the_run_naming_them(tmp_path: Path) -
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "more than data.max_bad_fraction" in " ".join(result.output.split())
     assert "a depth map must be a single-channel 8- or 16-bit PNG" in (tmp_path / "r" / "bad_files.txt").read_text()
+
+
+def tiny_depth_model(folder: Path) -> Path:
+    """A random-weight DPT depth model (transformers' AutoModelForDepthEstimation) built from a config."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(0)
+    cfg = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=64,
+                    patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32],
+                    fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5], head_in_index=-1)
+    DPTForDepthEstimation(cfg).eval().save_pretrained(folder)
+    DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False).save_pretrained(folder)
+    return folder
+
+
+def test_label_writes_depth_with_a_tiny_model_then_pretraining_reads_four_modalities(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    model = tiny_depth_model(tmp_path / "dpt")
+    made = make_dataset(tmp_path / "made", n_per_class=3)
+    src = tmp_path / "src"
+    shutil.copytree(made / "rgb", src)
+    data = tmp_path / "DATA"
+    args = ["label", str(src), "--out", str(data), "--workers", "0", "--depth", "depth-anything", "--depth-model",
+            str(model), "--preview", "4"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    depths = sorted((data / "depth").rglob("*.png"))
+    assert len(depths) == 6
+    for path in depths:
+        with Image.open(path) as im, Image.open(src / path.relative_to(data / "depth")) as rgb:
+            assert im.mode.startswith("I;16") and im.size == rgb.size
+            values = np.asarray(im)
+            assert values.min() == 0 and values.max() == 65535  # scaled per image
+    manifest = json.loads((data / "cfmae-dataset.json").read_text())
+    assert manifest["labelling"]["depth"]["depth_model"] == str(model)
+    assert manifest["labelling"]["settings"]["depth_model"] == str(model)
+    before = {p: p.read_bytes() for p in depths}
+    rerun = runner.invoke(app, args)
+    assert rerun.exit_code == 0 and "6 were already done" in rerun.output and \
+        {p: p.read_bytes() for p in depths} == before
+    refused = runner.invoke(app, ["label", str(src), "--out", str(data), "--workers", "0"])
+    assert refused.exit_code == 2 and "depth" in refused.output
+    sets = [x for item in TINY_OVERRIDES for x in ("--set", item)]
+    result = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(tmp_path / "run"), *sets,
+                                 "--set", "data.modalities=[rgb,instance,semantic,depth]",
+                                 "--set", "model.decoder.order=[semantic,instance,depth,rgb]"])
+    assert result.exit_code == 0, result.output
+
+
+def test_depth_options_are_checked(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(make_dataset(tmp_path / "made", n_per_class=1) / "rgb", src)
+    for extra, message in ((["--depth", "zoe"], "--depth zoe: choose none or depth-anything"),
+                           (["--depth", "depth-anything"], "--depth depth-anything needs --depth-model"),
+                           (["--depth", "depth-anything", "--depth-model", str(tmp_path / "nope")],
+                            "--depth-model " + str(tmp_path / "nope") + ": folder not found")):
+        result = runner.invoke(app, ["label", str(src), "--out", str(tmp_path / "d"), "--workers", "0", *extra])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output

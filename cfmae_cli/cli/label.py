@@ -21,7 +21,8 @@ if TYPE_CHECKING:  # torch and the labelling models are imported by the command 
 SUGGEST = {"--detector-model": "IDEA-Research/grounding-dino-base",
            "--segmenter-model": "syscv-community/sam-hq-vit-huge",
            "mask2former": "facebook/mask2former-swin-large-coco-panoptic",
-           "oneformer": "shi-labs/oneformer_coco_swin_large"}
+           "oneformer": "shi-labs/oneformer_coco_swin_large",
+           "--depth-model": "depth-anything/Depth-Anything-V2-Small-hf"}
 
 
 def _need(value: Optional[str], option: str, why: str) -> str:
@@ -84,6 +85,10 @@ def label(
                                         "detection threshold"),
     threshold_floor: float = typer.Option(0.2, "--threshold-floor", min=0, max=1, help="grounded-sam: lowest "
                                           "threshold for images with too few objects"),
+    depth: str = typer.Option("none", "--depth", help="none | depth-anything (any transformers "
+                              "AutoModelForDepthEstimation, with --depth-model): also write DATA/depth/"),
+    depth_model: Optional[str] = typer.Option(None, "--depth-model", help="Depth Anything / DPT folder or hub id "
+                                              "[default: none; needed with --depth depth-anything]"),
 ) -> None:
     """Pseudo-label every image under SRC with instance and semantic maps.
 
@@ -102,6 +107,10 @@ def label(
         raise CfmaeError(f"--instance {instance}: choose classical or grounded-sam.")
     if semantic not in ("classical", "mask2former", "oneformer"):
         raise CfmaeError(f"--semantic {semantic}: choose classical, mask2former or oneformer.")
+    if depth not in ("none", "depth-anything"):
+        raise CfmaeError(f"--depth {depth}: choose none or depth-anything.")
+    if depth != "none":
+        _need(depth_model, "--depth-model", f"--depth {depth}")
     if rgb not in ("copy", "symlink", "hardlink"):
         raise CfmaeError(f"--rgb {rgb}: choose copy, symlink or hardlink.")
     need_folder(src, "source")
@@ -115,29 +124,31 @@ def label(
                 **({"detector_model": detector_model, "segmenter_model": segmenter_model,
                     "box_threshold": box_threshold, "threshold_floor": threshold_floor}
                    if instance == "grounded-sam" else {}),
-                **({"semantic_model": semantic_model} if semantic != "classical" else {})}
+                **({"semantic_model": semantic_model} if semantic != "classical" else {}),
+                **({"depth": depth, "depth_model": depth_model} if depth != "none" else {})}
     if not distributed.under_launcher() and claim_dataset(src, out, settings):
         console.print(f"{out}: resuming the labelling of {src} recorded there", highlight=False)
     if world > 1 and not distributed.under_launcher():
         args = ["label", str(src), "--out", str(out), "--instance", instance, "--semantic", semantic,
                 "--gpus", str(gpus), "--batch-size", str(batch_size), "--workers", str(workers), "--rgb", rgb,
                 "--preview", str(preview), "--box-threshold", str(box_threshold),
-                "--threshold-floor", str(threshold_floor)]
+                "--threshold-floor", str(threshold_floor), "--depth", depth]
         launch_workers(args, {"--detector-model": detector_model, "--segmenter-model": segmenter_model,
-                              "--semantic-model": semantic_model, "--limit": limit}, world)
+                              "--semantic-model": semantic_model, "--limit": limit,
+                              "--depth-model": depth_model}, world)
         console.print(f"Dataset: {out}", highlight=False)
         return
     use_cuda = gpus != 0 and torch.cuda.is_available()
     info = distributed.init(torch.device("cuda" if use_cuda else "cpu"))
     try:
         _run(src, out, info, instance, semantic, detector_model, segmenter_model, semantic_model, batch_size,
-             workers, limit, rgb, preview, box_threshold, threshold_floor, settings)
+             workers, limit, rgb, preview, box_threshold, threshold_floor, settings, depth_model)
     finally:
         distributed.shutdown()
 
 
 def _run(src, out, info, instance, semantic, detector_model, segmenter_model, semantic_model, batch_size, workers,
-         limit, rgb, preview, box_threshold, threshold_floor, settings) -> None:
+         limit, rgb, preview, box_threshold, threshold_floor, settings, depth_model=None) -> None:
     import torch
 
     from cfmae_cli.labeling.pipeline import finalize, label_folder
@@ -145,6 +156,11 @@ def _run(src, out, info, instance, semantic, detector_model, segmenter_model, se
 
     inst, sem = build_backends(instance, semantic, detector_model, segmenter_model, semantic_model, info.device,
                                batch_size, box_threshold, threshold_floor)
+    depth_backend = None
+    if depth_model is not None and settings.get("depth"):
+        from cfmae_cli.labeling.depth import DepthBackend
+
+        depth_backend = DepthBackend(depth_model, info.device, batch_size, bf16=info.device.type == "cuda")
     if instance == "grounded-sam":
         from cfmae_cli.labeling.models import prompt_for
     else:
@@ -165,12 +181,12 @@ def _run(src, out, info, instance, semantic, detector_model, segmenter_model, se
 
         result = label_folder(src, out, inst, sem, prompt_for=prompt_for, batch_size=batch_size,
                               workers=workers, limit=limit, rgb_mode=rgb, rank=info.rank, world=info.world,
-                              on_progress=update, settings=settings)
+                              on_progress=update, settings=settings, depth=depth_backend)
     if info.distributed:
         torch.distributed.barrier(group=info.control)  # gloo, 24 h: ranks may finish far apart
     if not info.is_main:
         return
-    counts = finalize(out, result["images"], inst, sem, src, settings)
+    counts = finalize(out, result["images"], inst, sem, src, settings, depth_backend)
     console.print(f"labelled {result['labelled']} image(s) now, {result['skipped_done']} were already done; "
                   f"dataset: {counts['images']} image(s) in {counts['classes']} class folder(s)"
                   + (f", {counts['errors']} unreadable (listed in {out / 'label-errors.jsonl'})" if counts["errors"]

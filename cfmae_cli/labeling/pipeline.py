@@ -115,8 +115,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _complete(data: Path, record: dict[str, Any]) -> bool:
     cls, stem = record.get("class", ""), record.get("stem", "")
-    return all(p.exists() for p in (data / "rgb" / record.get("rgb", "\0"), map_path(data, "instance", cls, stem),
-                                     map_path(data, "semantic", cls, stem)))
+    needed = ["instance", "semantic", *(["depth"] if record.get("depth") else [])]
+    return (data / "rgb" / record.get("rgb", "\0")).exists() and all(
+        map_path(data, m, cls, stem).exists() for m in needed)
 
 
 def done_images(data: Path, images: list[SourceImage]) -> set[tuple[str, str]]:
@@ -139,13 +140,14 @@ class Writer:
         self.futures: list[Future] = []
 
     def submit(self, image: SourceImage, pixels: np.ndarray, converted: bool, instance: np.ndarray,
-               semantic: np.ndarray, meta: dict[str, Any]) -> None:
-        self.futures.append(self.pool.submit(self._write, image, pixels, converted, instance, semantic, meta))
+               semantic: np.ndarray, meta: dict[str, Any], depth: np.ndarray | None = None) -> None:
+        self.futures.append(self.pool.submit(self._write, image, pixels, converted, instance, semantic, meta,
+                                             depth))
         if len(self.futures) > 256:
             self.drain(keep=64)
 
     def _write(self, image: SourceImage, pixels: np.ndarray, converted: bool, instance: np.ndarray,
-               semantic: np.ndarray, meta: dict[str, Any]) -> None:
+               semantic: np.ndarray, meta: dict[str, Any], depth: np.ndarray | None = None) -> None:
         target = rgb_target(self.data, image, converted)
         if converted:
             save_rgb(target, pixels)
@@ -153,9 +155,12 @@ class Writer:
             _place(image.path, target, self.rgb_mode)
         save_map(map_path(self.data, "instance", image.class_dir, image.stem), instance)
         save_map(map_path(self.data, "semantic", image.class_dir, image.stem), semantic)
+        if depth is not None:
+            save_map(map_path(self.data, "depth", image.class_dir, image.stem), depth)  # uint16 grey
         h, w = instance.shape
         record = {"class": image.class_dir, "stem": image.stem, "rgb": str(target.relative_to(self.data / "rgb")),
-                  "source": str(image.path.resolve()), "width": w, "height": h, **meta}
+                  "source": str(image.path.resolve()), "width": w, "height": h, **meta,
+                  **({"depth": True} if depth is not None else {})}
         line = json.dumps(record) + "\n"
         with self.lock:
             path = sidecar_path(self.data, image.class_dir)
@@ -193,7 +198,7 @@ def _place(source: Path, target: Path, mode: str) -> None:
 
 
 RUN_NAME = "meta/labelling.json"  # the source and settings of the run that made the folder, written first
-DATASET_ENTRIES = {"rgb", "instance", "semantic", "meta", ERRORS_NAME, MANIFEST_NAME, "preview.png"}
+DATASET_ENTRIES = {"rgb", "instance", "semantic", "depth", "meta", ERRORS_NAME, MANIFEST_NAME, "preview.png"}
 
 
 def claim_dataset(src: Path, data: Path, settings: dict[str, Any]) -> bool:
@@ -247,7 +252,7 @@ def append_errors(data: Path, errors: list[dict[str, str]]) -> None:
 
 
 def finalize(data: Path, images: list[SourceImage], instance: InstanceBackend, semantic: SemanticBackend,
-             src: Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+             src: Path, settings: dict[str, Any] | None = None, depth: Any = None) -> dict[str, Any]:
     """Sort and de-duplicate the sidecars and the error list, then write the manifest (rank 0, at the end)."""
     labelled: set[str] = set()
     for class_dir in sorted({im.class_dir for im in images}):
@@ -261,6 +266,7 @@ def finalize(data: Path, images: list[SourceImage], instance: InstanceBackend, s
     classes = sorted({im.class_dir for im in images} - {""})
     write_manifest(data, semantic.classes,
                    labelling={"instance": instance.describe(), "semantic": semantic.describe(),
+                              **({"depth": depth.describe()} if depth is not None else {}),
                               "source": str(src.resolve()), "tool": f"cfmae {__version__}",
                               "sidecars": "meta/<class>.jsonl", "settings": settings or _recorded_settings(data)},
                    counts={"images": len(labelled), "classes": len(classes), "errors": len(errors)})
@@ -279,7 +285,7 @@ def label_folder(src: Path, data: Path, instance: InstanceBackend, semantic: Sem
                  prompt_for: Callable[[str | None], str], batch_size: int = 8, workers: int = 4,
                  limit: int | None = None, rgb_mode: str = "copy", rank: int = 0, world: int = 1,
                  on_progress: Callable[[LabelProgress], None] | None = None,
-                 settings: dict[str, Any] | None = None) -> dict[str, Any]:
+                 settings: dict[str, Any] | None = None, depth: Any = None) -> dict[str, Any]:
     """Label this rank's share (every ``world``-th image) of ``src`` into ``data``; returns counts. ``settings``
     (checked by :func:`claim_dataset`) are recorded first, by rank 0, unless the folder has them.
 
@@ -310,8 +316,9 @@ def label_folder(src: Path, data: Path, instance: InstanceBackend, semantic: Sem
             if good:
                 prompts = [prompt_for(todo[x["index"]].class_dir or None) for x in good]
                 results = label_batch(instance, semantic, [x["image"] for x in good], prompts)
-                for item, (ins, sem, meta) in zip(good, results):
-                    writer.submit(todo[item["index"]], item["image"], item["converted"], ins, sem, meta)
+                depths = depth.label_depth([x["image"] for x in good]) if depth is not None else [None] * len(good)
+                for item, (ins, sem, meta), dmap in zip(good, results, depths):
+                    writer.submit(todo[item["index"]], item["image"], item["converted"], ins, sem, meta, dmap)
             progress.done += len(batch)
             progress.errors += len(bad)
             progress.images_per_s = progress.done / max(time.perf_counter() - start, 1e-9)

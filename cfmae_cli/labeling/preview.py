@@ -26,6 +26,7 @@ def write_preview(data: Path, count: int, path: Path | None = None) -> Path | No
         return None
     colours = palette()
     rows, labels, shown = [], [], set()
+    with_depth = all(r.get("depth") for r in records)
     for r in records:
         with Image.open(data / "rgb" / r["rgb"]) as im:
             rgb = np.asarray(im.convert("RGB"))
@@ -33,9 +34,14 @@ def write_preview(data: Path, count: int, path: Path | None = None) -> Path | No
                 for m in ("instance", "semantic")]
         shown |= set(np.unique(maps[1]).tolist())
         cells = [fit(rgb, SIDE, True)] + [fit(colours[np.clip(m, 0, 255)], SIDE, False) for m in maps]
+        if with_depth:
+            depth = np.asarray(Image.open(map_path(data, "depth", r["class"], r["stem"]))).astype(np.float64)
+            grey = np.round(depth / max(float(depth.max()), 1.0) * 255).astype(np.uint8)
+            cells.append(fit(np.repeat(grey[..., None], 3, axis=2), SIDE, True))
         rows.append(cells)
         labels.append(f"{r['class']}/{r['stem']}"[-28:])
     names = read_manifest(data)["semantic_classes"] if (data / MANIFEST_NAME).is_file() else []
     legend = [(names[c], tuple(int(x) for x in colours[c])) for c in sorted(shown) if c < len(names)]
-    return save_image_grid(rows, path or data / "preview.png", ["rgb", "instance", "semantic"], labels,
+    columns = ["rgb", "instance", "semantic", *(["depth"] if with_depth else [])]
+    return save_image_grid(rows, path or data / "preview.png", columns, labels,
                            f"{data.name}: {len(records)} labelled image(s)", legend)
