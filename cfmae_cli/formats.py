@@ -75,6 +75,11 @@ class Listing:
     files: list[str]
     dirs: list[str]
 
+    @property
+    def names(self) -> list[str]:
+        """Every entry: the files, then the folders."""
+        return [*self.files, *self.dirs]
+
 
 def need_folder(path: str | Path, what: str = "") -> Path:
     """``path`` if it is a folder; else a :class:`CfmaeError` that says whether it is a file or missing

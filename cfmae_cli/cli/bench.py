@@ -11,7 +11,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from cfmae_cli.cli.common import console, guarded
+from cfmae_cli.cli.common import console, device_of, guarded
 from cfmae_cli.config import load_config
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import atomic_write_text, check_output, software
@@ -54,8 +54,7 @@ def bench(
 
     if what not in WHAT:
         raise CfmaeError(f"--what {what}: use one of {', '.join(WHAT)}.")
-    if gpus is not None:
-        device = "cuda" if gpus == 1 else "cpu"
+    device = device_of(device, gpus)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CfmaeError("--device cuda: no GPU is visible.")

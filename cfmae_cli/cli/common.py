@@ -99,6 +99,12 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def device_of(device: str | None, gpus: int | None) -> str | None:
+    """The one device rule of the single-device commands: ``--gpus 0`` is the CPU, ``--gpus 1`` one GPU, and
+    without ``--gpus`` the ``--device`` given."""
+    return device if gpus is None else ("cuda" if gpus == 1 else "cpu")
+
+
 def is_terminal() -> bool:
     return sys.stdout.isatty()
 

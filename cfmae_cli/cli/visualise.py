@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from cfmae_cli import modalities as table
-from cfmae_cli.cli.common import console, guarded
+from cfmae_cli.cli.common import console, device_of, guarded
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import atomic_write_text, check_output, software, UNLABELLED
 
@@ -47,8 +47,7 @@ GPUS_HELP = "0 = the CPU, 1 = one GPU (the same as --device cpu / cuda)"
 def _device(name: str, gpus: Optional[int] = None) -> torch.device:
     import torch
 
-    if gpus is not None:
-        name = "cuda" if gpus == 1 else "cpu"
+    name = device_of(name, gpus)
     if name == "cuda" and not torch.cuda.is_available():
         raise CfmaeError("--device cuda: no GPU is visible.")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")

@@ -169,15 +169,20 @@ COPYABLE_MODES = {"RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr", "1"}  # PIL's 
 MAX_PIXELS = 178_956_970  # larger images are refused (179 MP, the size at which PIL itself refuses one by default)
 
 
+def open_image(path: Path) -> Image.Image:
+    """``Image.open`` without PIL's decompression-bomb warning: cfmae checks its own limit (:data:`MAX_PIXELS`)
+    when it reads the pixels."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
 def read_image(path: Path, short_side: int | None = None) -> tuple[np.ndarray, bool]:
     """→ (H×W×3 uint8 RGB, converted). ``converted`` is True for modes that a plain RGB reader would
     misread (16-bit and float images): those are written to the dataset as 8-bit PNG. ``short_side``: the image
     may be read smaller, its short side at least this (JPEG decoded at 1/2 to 1/8 scale, others reduced by an
     integer factor), which keeps a huge photo cheap. Images above :data:`MAX_PIXELS` are refused (ValueError)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
-        im = Image.open(path)
-    with im:
+    with open_image(path) as im:
         w, h = im.size
         if w * h > MAX_PIXELS:
             raise ValueError(f"{w}x{h} = {w * h / 1e6:.0f} MP, above the {MAX_PIXELS / 1e6:.0f} MP cfmae reads; "

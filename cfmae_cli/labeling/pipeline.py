@@ -215,7 +215,7 @@ def claim_dataset(src: Path, data: Path, settings: dict[str, Any]) -> bool:
                          f"Write it beside the source, e.g. --out {src_abs.parent / (src_abs.name + '-cfmae')}.")
     if data.exists() and not data.is_dir():
         raise CfmaeError(f"--out {data}: a file, not a folder.")
-    entries = [*list_folder(data).dirs, *list_folder(data).files] if data.is_dir() else []
+    entries = list_folder(data).names if data.is_dir() else []
     recorded = _recorded_settings(data)
     if recorded is None and entries:
         foreign = sorted(set(entries) - DATASET_ENTRIES)

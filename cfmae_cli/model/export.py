@@ -50,7 +50,7 @@ def _claim_export(out: Path, source: Path) -> str | None:
         raise CfmaeError(f"--out {out}: a file, not a folder; give a new folder for the export.")
     if source.exists() and out.exists() and source.resolve().is_relative_to(out.resolve()):
         raise CfmaeError(f"--out {out}: holds the checkpoint {source} itself; export into another folder.")
-    names = list_folder(out).files + list_folder(out).dirs if out.is_dir() else []
+    names = list_folder(out).names if out.is_dir() else []
     if not names:
         return None
     foreign = [n for n in names if n not in EXPORT_FILES]
@@ -77,7 +77,7 @@ def load_line(config: dict[str, Any], folder: Path) -> str:
 
 def model_card(config: dict[str, Any], top: dict[str, Any], folder: Path) -> str:
     """README.md of an export: what the weights are, the run they come from, its data, and how to load them."""
-    from cfmae_cli import __version__
+    from cfmae_cli.formats import software
 
     run = top.get("config") or {}
     ours = config.get("cfmae", {})
@@ -87,7 +87,7 @@ def model_card(config: dict[str, Any], top: dict[str, Any], folder: Path) -> str
     lines = [f"# {folder.name}", "",
              ("A ViT classifier fine-tuned by cfmae" if finetuned else
               "A ViT encoder pre-trained with CFMAE (coarse-to-fine masked autoencoding of semantic maps, instance "
-              "maps and RGB), exported by cfmae") + f" {__version__} in timm's format.", "",
+              "maps and RGB), exported by") + f" {software()} in timm's format.", "",
              "## Architecture", "",
              f"- timm `{config['architecture']}` with {args}",
              f"- {'a head of ' + str(config['num_classes']) + ' classes' if config['num_classes'] else 'no head'}; "

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cfmae_cli import __version__
-from cfmae_cli.formats import atomic_write_text, MANIFEST_NAME
+from cfmae_cli.formats import atomic_write_text, MANIFEST_NAME, software
 from cfmae_cli.train.divergence import TrainingDiverged
 from cfmae_cli.train.faults import Preempted
 
@@ -98,20 +98,19 @@ def session(command: str, device: torch.device, world: int, data_root: Path | No
 
 def record_start(run_dir: Path, entry: dict[str, Any]) -> None:
     """Append ``entry`` to ``run.json``'s sessions."""
-    path = run_dir / RUN_JSON
-    sessions = read_sessions(path)
-    atomic_write_text(path, json.dumps({"tool": f"cfmae {__version__}", "sessions": [*sessions, entry]}, indent=2)
-                      + "\n")
+    _write_sessions(run_dir / RUN_JSON, [*read_sessions(run_dir / RUN_JSON), entry])
 
 
 def record_outcome(run_dir: Path, outcome: str, reason: str = "") -> None:
     """Set the last session's outcome (``done``, ``stopped``, ``failed``) and its reason."""
-    path = run_dir / RUN_JSON
-    sessions = read_sessions(path)
-    if not sessions:
-        return
-    sessions[-1].update(outcome=outcome, reason=reason, ended=_now())
-    atomic_write_text(path, json.dumps({"tool": f"cfmae {__version__}", "sessions": sessions}, indent=2) + "\n")
+    sessions = read_sessions(run_dir / RUN_JSON)
+    if sessions:
+        sessions[-1].update(outcome=outcome, reason=reason, ended=_now())
+        _write_sessions(run_dir / RUN_JSON, sessions)
+
+
+def _write_sessions(path: Path, sessions: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, json.dumps({"tool": software(), "sessions": sessions}, indent=2) + "\n")
 
 
 def read_sessions(path: Path) -> list[dict[str, Any]]:

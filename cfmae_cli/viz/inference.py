@@ -6,7 +6,6 @@ Used by ``cfmae reconstruct`` and ``cfmae attention-map``; the engine's periodic
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from cfmae_cli import modalities as table
 from cfmae_cli.checkpoints import newest_checkpoint
 from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import read_map
-from cfmae_cli.data.layout import map_path, read_image, read_manifest
+from cfmae_cli.data.layout import map_path, open_image, read_image, read_manifest
 from cfmae_cli.data.maps import resample_map
 from cfmae_cli.data.transforms import JointTransform, inputs_on_device
 from cfmae_cli.errors import CfmaeError
@@ -58,10 +57,8 @@ def load_pretrained(spec: str | Path | None, device: torch.device) -> Pretrained
 def load_image(path: Path, size: int) -> tuple[np.ndarray, list[str]]:
     """H×W×3 uint8 and notes for the user (conversions, resizing); unreadable → exit 2 naming the file."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # read_image checks its own limit
-            with Image.open(path) as im:
-                mode, (w, h) = im.mode, im.size
+        with open_image(path) as im:
+            mode, (w, h) = im.mode, im.size
         image, _ = read_image(path, short_side=2 * size)  # a huge photo is read at a fraction of its size
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise CfmaeError(f"{path}: not a readable image ({exc}).") from None
