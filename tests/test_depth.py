@@ -175,9 +175,73 @@ def test_label_writes_depth_with_a_tiny_model_then_pretraining_reads_four_modali
 def test_depth_options_are_checked(tmp_path: Path) -> None:
     src = tmp_path / "src"
     shutil.copytree(make_dataset(tmp_path / "made", n_per_class=1) / "rgb", src)
-    for extra, message in ((["--depth", "zoe"], "--depth zoe: choose none or depth-anything"),
+    for extra, message in ((["--depth", "zoe"], "--depth zoe: choose none, depth-anything or classical"),
                            (["--depth", "depth-anything"], "--depth depth-anything needs --depth-model"),
                            (["--depth", "depth-anything", "--depth-model", str(tmp_path / "nope")],
                             "--depth-model " + str(tmp_path / "nope") + ": folder not found")):
         result = runner.invoke(app, ["label", str(src), "--out", str(tmp_path / "d"), "--workers", "0", *extra])
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
+# -- the classical depth cue and the demo with depth (issue #19, third part) -----------------------------------
+def test_the_classical_cue_puts_objects_and_the_ground_nearer(tmp_path: Path) -> None:
+    """What the cue is for: on a plain wall with a textured object in front, the object is nearer than the
+    wall around it, and lower rows of the wall are nearer than higher ones; stored as uint16 at the image size."""
+    from cfmae_cli.labeling.classical import ClassicalLabeller
+
+    rng = np.random.default_rng(0)
+    image = np.full((96, 128, 3), 150, np.uint8)
+    image[:, :, 2] = 170  # a smooth, slightly blue wall
+    image[30:66, 44:84] = rng.integers(0, 255, (36, 40, 3), dtype=np.uint8) // 2 + np.array([120, 40, 20], np.uint8)
+    depth = ClassicalLabeller().depth(image)
+    assert depth.shape == (96, 128) and depth.dtype == np.uint16
+    assert depth.min() == 0 and depth.max() == 65535
+    wall = np.ones((96, 128), bool)
+    wall[24:72, 38:90] = False
+    assert depth[34:62, 48:80].mean() > depth[wall].mean() + 10000  # the object stands out
+    assert depth[80:, :].mean() > depth[:16, :].mean() + 10000  # the floor side is nearer
+
+
+def test_the_demo_with_depth_adds_depth_maps_beside_the_same_images(tmp_path: Path, monkeypatch) -> None:
+    from cfmae_cli.labeling import demo
+
+    monkeypatch.setenv("CFMAE_CACHE", str(tmp_path / "cache"))
+    assert demo.default_demo_root(True) == tmp_path / "cache" / "demo-depth-v1"
+    plain = demo.build_demo_dataset(tmp_path / "plain", crops_per_photo=1, size=32, seed=3)
+    deep = demo.build_demo_dataset(tmp_path / "deep", crops_per_photo=1, size=32, seed=3, depth=True)
+    assert not (plain / "depth").exists()
+    files = sorted(p.relative_to(plain) for p in plain.rglob("*") if p.is_file() and p.parts[-2] != "demo-v1")
+    for rel in files:
+        if rel.suffix in (".jpg", ".png"):
+            assert (deep / rel).read_bytes() == (plain / rel).read_bytes(), rel
+    depths = sorted((deep / "depth").rglob("*.png"))
+    assert len(depths) == len(demo.DEMO_PHOTOS)
+    with Image.open(depths[0]) as im:
+        assert im.mode.startswith("I;16") and im.size == (32, 32)
+    assert json.loads((deep / "cfmae-dataset.json").read_text())["labelling"]["depth"]["backend"] == "classical"
+
+
+def test_pretrain_demo_depth_trains_on_four_modalities_of_the_built_in_data(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CFMAE_CACHE", str(tmp_path / "cache"))
+    sets = [x for item in TINY_OVERRIDES for x in ("--set", item)]
+    result = runner.invoke(app, ["pretrain", "--preset", "demo-depth", "--out", str(tmp_path / "run"), *sets,
+                                 "--set", "data.demo_crops_per_photo=2", "--set", "data.demo_size=32",
+                                 "--set", "train.monitor.enabled=false"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cache" / "demo-depth-v1" / "depth").is_dir()
+    last = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            if r["type"] == "epoch"][-1]
+    assert np.isfinite(last["loss_depth"]) and last["loss_depth"] > 0
+
+
+def test_label_depth_classical_needs_no_model(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(make_dataset(tmp_path / "made", n_per_class=2) / "rgb", src)
+    result = runner.invoke(app, ["label", str(src), "--out", str(tmp_path / "D"), "--workers", "0",
+                                 "--depth", "classical"])
+    assert result.exit_code == 0, result.output
+    depths = sorted((tmp_path / "D" / "depth").rglob("*.png"))
+    assert len(depths) == 4
+    manifest = json.loads((tmp_path / "D" / "cfmae-dataset.json").read_text())
+    assert manifest["labelling"]["depth"]["backend"] == "classical"
+    assert manifest["labelling"]["settings"]["depth"] == "classical"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -86,7 +86,8 @@ def label(
     threshold_floor: float = typer.Option(0.2, "--threshold-floor", min=0, max=1, help="grounded-sam: lowest "
                                           "threshold for images with too few objects"),
     depth: str = typer.Option("none", "--depth", help="none | depth-anything (any transformers "
-                              "AutoModelForDepthEstimation, with --depth-model): also write DATA/depth/"),
+                              "AutoModelForDepthEstimation, with --depth-model) | classical (a depth cue from "
+                              "height, detail and figure, no weights): also write DATA/depth/"),
     depth_model: Optional[str] = typer.Option(None, "--depth-model", help="Depth Anything / DPT folder or hub id "
                                               "[default: none; needed with --depth depth-anything]"),
 ) -> None:
@@ -107,9 +108,9 @@ def label(
         raise CfmaeError(f"--instance {instance}: choose classical or grounded-sam.")
     if semantic not in ("classical", "mask2former", "oneformer"):
         raise CfmaeError(f"--semantic {semantic}: choose classical, mask2former or oneformer.")
-    if depth not in ("none", "depth-anything"):
-        raise CfmaeError(f"--depth {depth}: choose none or depth-anything.")
-    if depth != "none":
+    if depth not in ("none", "depth-anything", "classical"):
+        raise CfmaeError(f"--depth {depth}: choose none, depth-anything or classical.")
+    if depth == "depth-anything":
         _need(depth_model, "--depth-model", f"--depth {depth}")
     if rgb not in ("copy", "symlink", "hardlink"):
         raise CfmaeError(f"--rgb {rgb}: choose copy, symlink or hardlink.")
@@ -125,7 +126,8 @@ def label(
                     "box_threshold": box_threshold, "threshold_floor": threshold_floor}
                    if instance == "grounded-sam" else {}),
                 **({"semantic_model": semantic_model} if semantic != "classical" else {}),
-                **({"depth": depth, "depth_model": depth_model} if depth != "none" else {})}
+                **({"depth": depth} if depth != "none" else {}),
+                **({"depth_model": depth_model} if depth == "depth-anything" else {})}
     if not distributed.under_launcher() and claim_dataset(src, out, settings):
         console.print(f"{out}: resuming the labelling of {src} recorded there", highlight=False)
     if world > 1 and not distributed.under_launcher():
@@ -156,8 +158,12 @@ def _run(src, out, info, instance, semantic, detector_model, segmenter_model, se
 
     inst, sem = build_backends(instance, semantic, detector_model, segmenter_model, semantic_model, info.device,
                                batch_size, box_threshold, threshold_floor)
-    depth_backend = None
-    if depth_model is not None and settings.get("depth"):
+    depth_backend: Any = None
+    if settings.get("depth") == "classical":
+        from cfmae_cli.labeling.classical import ClassicalDepth
+
+        depth_backend = ClassicalDepth()
+    elif settings.get("depth") == "depth-anything":
         from cfmae_cli.labeling.depth import DepthBackend
 
         depth_backend = DepthBackend(depth_model, info.device, batch_size, bf16=info.device.type == "cuda")

@@ -43,3 +43,11 @@ def resample_map(ids: Map, size: tuple[int, int] | list[int],
 
     rows_t, cols_t = torch.from_numpy(rows).to(ids.device), torch.from_numpy(cols).to(ids.device)
     return ids[..., rows_t[:, None], cols_t[None, :]]
+
+
+def to_uint16(depth: np.ndarray) -> np.ndarray:
+    """Min-max scale a float map to 0..65535, as depth maps are stored (a constant or non-finite map: all 0)."""
+    low, high = float(np.min(depth)), float(np.max(depth))
+    if not np.isfinite(low) or not np.isfinite(high) or high <= low:
+        return np.zeros(depth.shape, np.uint16)
+    return np.round((depth - low) / (high - low) * 65535).astype(np.uint16)

@@ -6,7 +6,10 @@ from :class:`cfmae_cli.labeling.classical.ClassicalLabeller`. Each photograph is
     ROOT/rgb/<photo>/<photo>_<i:03d>.jpg        (size, size, 3) uint8, JPEG quality 95
     ROOT/instance/<photo>/<photo>_<i:03d>.png   (size, size) uint8, 0 = background
     ROOT/semantic/<photo>/<photo>_<i:03d>.png   (size, size) uint8 ids into SEMANTIC_CLASSES
+    ROOT/depth/<photo>/<photo>_<i:03d>.png      (size, size) uint16 classical depth cue (``depth=True`` only)
     ROOT/cfmae-dataset.json
+
+With depth the dataset has a folder of its own (``demo-depth-v1``): the RGB crops and the maps are the same.
 
 Beside it, :func:`build_demo_monitor_set` writes the k-NN monitor's labelled images for the demo: close-ups of
 the same photographs (docs/monitoring.md says why close-ups)::
@@ -33,7 +36,7 @@ from PIL import Image
 from cfmae_cli import __version__
 from cfmae_cli.data import layout
 from cfmae_cli.errors import DataError
-from cfmae_cli.labeling.classical import SEMANTIC_CLASSES, ClassicalLabeller
+from cfmae_cli.labeling.classical import SEMANTIC_CLASSES, ClassicalDepth, ClassicalLabeller
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +60,10 @@ def _cache() -> Path:
     return Path.home() / ".cache" / "cfmae"
 
 
-def default_demo_root() -> Path:
-    """``$CFMAE_CACHE/demo-v1``, else ``$XDG_CACHE_HOME/cfmae/demo-v1``, else ``~/.cache/cfmae/demo-v1``."""
-    return _cache() / f"demo-v{DEMO_VERSION}"
+def default_demo_root(depth: bool = False) -> Path:
+    """``$CFMAE_CACHE/demo-v1``, else ``$XDG_CACHE_HOME/cfmae/demo-v1``, else ``~/.cache/cfmae/demo-v1``;
+    ``demo-depth-v1`` with ``depth``."""
+    return _cache() / f"demo{'-depth' if depth else ''}-v{DEMO_VERSION}"
 
 
 def default_monitor_root() -> Path:
@@ -101,7 +105,7 @@ def random_crop(photo: np.ndarray, rng: np.random.Generator, size: int,
 
 
 def build_demo_dataset(root: Path | str | None = None, crops_per_photo: int = 48, size: int = 128,
-                       seed: int = 0) -> Path:
+                       seed: int = 0, depth: bool = False) -> Path:
     """Build (or reuse) the demo dataset and return its root folder.
 
     Args:
@@ -109,6 +113,7 @@ def build_demo_dataset(root: Path | str | None = None, crops_per_photo: int = 48
         crops_per_photo: random crops taken from each of :data:`DEMO_PHOTOS`.
         size: side in pixels of every (square) image and map.
         seed: seed of the crops; the same seed gives the same dataset.
+        depth: also write ``depth/``, the classical depth cue (:meth:`ClassicalLabeller.depth`).
 
     Returns:
         ``root``, holding ``len(DEMO_PHOTOS) * crops_per_photo`` images in the dataset layout.
@@ -117,10 +122,12 @@ def build_demo_dataset(root: Path | str | None = None, crops_per_photo: int = 48
         raise DataError(f"crops_per_photo must be at least 1, got {crops_per_photo}.")
     if size < 16:
         raise DataError(f"size must be at least 16 pixels, got {size}.")
-    root = Path(root).expanduser() if root is not None else default_demo_root()
-    recipe = {"crops_per_photo": int(crops_per_photo), "size": int(size), "seed": int(seed)}
+    root = Path(root).expanduser() if root is not None else default_demo_root(depth)
+    recipe: dict[str, Any] = {"crops_per_photo": int(crops_per_photo), "size": int(size), "seed": int(seed),
+                              **({"depth": "classical"} if depth else {})}
     return _build(root, lambda folder: _write_dataset(folder, recipe), lambda folder: _is_built(folder, recipe),
-                  f"demo dataset ({len(DEMO_PHOTOS) * crops_per_photo} images of {size} px)")
+                  f"demo dataset ({len(DEMO_PHOTOS) * crops_per_photo} images of {size} px"
+                  f"{', with depth' if depth else ''})")
 
 
 def build_demo_monitor_set(root: Path | str | None = None, train_per_photo: int = 40, val_per_photo: int = 20,
@@ -160,7 +167,7 @@ def _build(root: Path, write: Callable[[Path], None], is_built: Callable[[Path],
     return root
 
 
-def _write_dataset(folder: Path, recipe: dict[str, int]) -> None:
+def _write_dataset(folder: Path, recipe: dict[str, Any]) -> None:
     """Write every image, map and the manifest under ``folder``."""
     labeller = ClassicalLabeller()
     n_images = 0
@@ -174,6 +181,8 @@ def _write_dataset(folder: Path, recipe: dict[str, int]) -> None:
             layout.save_rgb(folder / "rgb" / name / f"{stem}.jpg", rgb, quality=95)
             layout.save_map(layout.map_path(folder, "instance", name, stem), instance)
             layout.save_map(layout.map_path(folder, "semantic", name, stem), semantic)
+            if recipe.get("depth"):
+                layout.save_map(layout.map_path(folder, "depth", name, stem), labeller.depth(rgb))
             n_images += 1
         logger.debug("demo: %s done (%d crops)", name, recipe["crops_per_photo"])
     labelling: dict[str, Any] = {
@@ -184,6 +193,7 @@ def _write_dataset(folder: Path, recipe: dict[str, int]) -> None:
         "recipe": dict(recipe),
         "labeller": labeller.describe(),
         "tool": f"cfmae {__version__}",
+        **({"depth": ClassicalDepth(labeller).describe()} if recipe.get("depth") else {}),
     }
     layout.write_manifest(folder, SEMANTIC_CLASSES, labelling=labelling,
                           counts={"images": n_images, "classes": len(DEMO_PHOTOS)},
@@ -212,7 +222,7 @@ def _monitor_recipe(root: Path) -> dict[str, Any] | None:
     return stored.get("recipe") if isinstance(stored, dict) and stored.get("photos") == list(DEMO_PHOTOS) else None
 
 
-def _is_built(root: Path, recipe: dict[str, int]) -> bool:
+def _is_built(root: Path, recipe: dict[str, Any]) -> bool:
     """Whether ``root`` holds a complete demo dataset made with ``recipe``."""
     if not (root / layout.MANIFEST_NAME).is_file():
         return False

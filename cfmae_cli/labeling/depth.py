@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cfmae_cli.data.maps import to_uint16
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.labeling.hf_utils import (as_rgb_array, chunks, inference_context, load_or_fail, resolve_model,
                                          transformers_module)
@@ -58,10 +59,3 @@ class DepthBackend:
                 "bf16": self.bf16, "stored": "uint16 PNG, min-max scaled per image (relative depth as the model "
                 "gives it: Depth Anything and DPT give inverse depth, larger = nearer)"}
 
-
-def to_uint16(depth: np.ndarray) -> np.ndarray:
-    """Min-max scale a float map to 0..65535 (a constant map: all 0)."""
-    low, high = float(np.min(depth)), float(np.max(depth))
-    if not np.isfinite(low) or not np.isfinite(high) or high <= low:
-        return np.zeros(depth.shape, np.uint16)
-    return np.round((depth - low) / (high - low) * 65535).astype(np.uint16)

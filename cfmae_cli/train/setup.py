@@ -29,13 +29,15 @@ def resolve_device(cfg: Config) -> torch.device:
 
 
 def dataset_root(cfg: Config) -> Path:
-    """The configured data folder, or the built-in demo data (built and cached on first use)."""
+    """The configured data folder, or the built-in demo data (built and cached on first use; with the classical
+    depth cue when the modalities include depth)."""
     if cfg.data.root is not None:
         return Path(cfg.data.root)
     from cfmae_cli.labeling.demo import build_demo_dataset, default_demo_root
 
-    root = build_demo_dataset(default_demo_root(), crops_per_photo=cfg.data.demo_crops_per_photo,
-                              size=cfg.data.demo_size, seed=0)
+    depth = "depth" in cfg.data.modalities
+    root = build_demo_dataset(default_demo_root(depth), crops_per_photo=cfg.data.demo_crops_per_photo,
+                              size=cfg.data.demo_size, seed=0, depth=depth)
     log.info("built-in demo data: %s", root)
     return Path(root)
 
