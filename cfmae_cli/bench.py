@@ -73,8 +73,13 @@ class Rig:
 
     def __init__(self, cfg: Config, classes: int, device: torch.device, compile_model: bool = False):
         self.cfg, self.classes, self.device = cfg, classes, device
+        self.teacher = None
+        if cfg.model.align.enabled:  # the teacher forward is what alignment costs
+            from cfmae_cli.model.align import Teacher
+
+            self.teacher = Teacher(cfg.model.align, device, distributed.uses_bf16(cfg.train.precision, device))
         torch.manual_seed(0)
-        self.model = CFMAE(cfg, classes).to(device)
+        self.model = CFMAE(cfg, classes, align_dim=self.teacher.dim if self.teacher else None).to(device)
         self.net: Callable[..., dict[str, Any]] = torch.compile(self.model) if compile_model else self.model
         self.optimizer = build_optimizer(self.model, cfg.optim, 1e-4, device)
         self.masks = MaskGenerator(cfg.masking, cfg.data.modalities, self.model.grid, classes,
@@ -84,7 +89,22 @@ class Rig:
         self.size, self.map_size = cfg.data.img_size, cfg.data.img_size // cfg.model.map_stride
 
     def batch(self, b: int) -> dict[str, Tensor]:
-        return synthetic_batch(b, self.size, self.map_size, 6, self.classes, self.g, self.device)
+        """A synthetic batch; image modalities other than RGB (depth) get a vertical ramp plus noise."""
+        batch = synthetic_batch(b, self.size, self.map_size, 6, self.classes, self.g, self.device)
+        for name in self.cfg.data.modalities:
+            spec = table.get(name)
+            if name not in batch and spec.kind == "image":
+                ramp = torch.linspace(0, 1, self.size, device=self.device).view(1, 1, -1, 1)
+                noise = torch.rand(b, spec.channels, self.size, self.size, device=self.device, generator=self.g)
+                batch[name] = (0.8 * ramp + 0.2 * noise).expand(b, spec.channels, -1, -1).contiguous()
+        return batch
+
+    def teacher_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch with the teacher's features added (alignment on), else as it is."""
+        if self.teacher is None:
+            return batch
+        d = self.cfg.data
+        return {**batch, "teacher": self.teacher(batch["rgb"], d.mean, d.std, self.model.grid)}
 
     def mask(self, batch: dict[str, Tensor], step: int, progress: float = 0.3) -> Tensor:
         alpha_i, alpha_s = schedule(progress, self.cfg.masking.order, self.cfg.masking.breakpoints)
@@ -94,7 +114,7 @@ class Rig:
 
     def forward(self, batch: dict[str, Tensor], mask: Tensor) -> Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.net({m: batch[m] for m in self.cfg.data.modalities}, mask)["loss"]
+            return self.net({m: batch[m] for m in [*self.cfg.data.modalities, "teacher"] if m in batch}, mask)["loss"]
 
     def optimize(self) -> None:
         self.optimizer.step()
@@ -111,6 +131,8 @@ def count_flops(cfg: Config, classes: int) -> dict[str, Any]:
     batch = rig.batch(2)
     mask = rig.mask(batch, 0)
     # attention through the math kernel: its matmuls are counted (the fused CPU kernel has no FLOP formula)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as teacher:
+        batch = rig.teacher_features(batch)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fwd:
         loss = rig.forward(batch, mask)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as bwd:
@@ -121,8 +143,9 @@ def count_flops(cfg: Config, classes: int) -> dict[str, Any]:
         keys = [k for k in counts if k.split(".")[1] == top]
         depth = min(k.count(".") for k in keys)
         modules[top] = sum(counts[k] for k in keys if k.count(".") == depth) / 2e9
-    f, b = fwd.get_total_flops() / 2e9, bwd.get_total_flops() / 2e9
-    return {"forward": f, "backward": b, "step": f + b, "forward_by_module": modules}
+    f, b, t = fwd.get_total_flops() / 2e9, bwd.get_total_flops() / 2e9, teacher.get_total_flops() / 2e9
+    out = {"forward": f, "backward": b, "step": f + b + t, "forward_by_module": modules}
+    return out | ({"teacher": t} if rig.teacher is not None else {})
 
 
 def time_step(rig: Rig, batch_size: int, steps: int, warmup: int) -> dict[str, Any]:
@@ -130,7 +153,9 @@ def time_step(rig: Rig, batch_size: int, steps: int, warmup: int) -> dict[str, A
     batches = [rig.batch(batch_size) for _ in range(2)]
     if rig.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rig.device)
-    phases = {"data": 0.0, "masking": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    keys = ["data", "masking"] + (["teacher"] if rig.teacher is not None else []) + ["forward", "backward",
+                                                                                     "optimizer"]
+    phases = dict.fromkeys(keys, 0.0)
     for step in range(warmup + steps):
         marks = [time.perf_counter()]
         batch = batches[step % 2]
@@ -139,6 +164,10 @@ def time_step(rig: Rig, batch_size: int, steps: int, warmup: int) -> dict[str, A
         mask = rig.mask(batch, step)
         rig.sync()
         marks.append(time.perf_counter())
+        if rig.teacher is not None:
+            batch = rig.teacher_features(batch)
+            rig.sync()
+            marks.append(time.perf_counter())
         loss = rig.forward(batch, mask)
         rig.sync()
         marks.append(time.perf_counter())
@@ -154,7 +183,7 @@ def time_step(rig: Rig, batch_size: int, steps: int, warmup: int) -> dict[str, A
     start = time.perf_counter()  # the same steps without synchronisation: the speed a run gets
     for step in range(steps):
         batch = batches[step % 2]
-        rig.forward(batch, rig.mask(batch, step)).backward()
+        rig.forward(rig.teacher_features(batch), rig.mask(batch, step)).backward()
         rig.optimize()
     rig.sync()
     seconds = time.perf_counter() - start

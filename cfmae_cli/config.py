@@ -95,6 +95,34 @@ class DecoderConfig(_Strict):
         return self
 
 
+class AlignConfig(_Strict):
+    """Feature alignment to a frozen teacher (the paper's future work, docs/modalities.md#feature-alignment)."""
+
+    enabled: bool = Field(False, description="align a projection of the model's features with a frozen teacher's")
+    teacher: Optional[str] = Field(None, description="a timm model name (with weights) or a folder written by "
+                                   "`cfmae export` (config.json + model.safetensors)")
+    weights: Optional[str] = Field(None, description="the teacher's local weights file (with a timm name)")
+    img_size: Optional[int] = Field(None, ge=8, description="teacher input side; null = its pretrained_cfg's")
+    stage: Literal["decoder", "encoder"] = Field("decoder", description="the first decoder stage's features or "
+                                                 "the encoder's")
+    loss: Literal["cosine", "smooth_l1"] = Field("cosine", description="1 - cos, or smooth L1 to the teacher's "
+                                                 "per-patch normalised features")
+    patches: Literal["all", "masked"] = Field("all", description="patches the loss is taken on: all, or those "
+                                              "whose RGB is masked (decoder stage only)")
+    weight: float = Field(1.0, ge=0, description="lambda_F, the weight of the alignment loss in the total")
+    hidden: Optional[int] = Field(None, ge=1, description="hidden width of the projection; null = the teacher's")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AlignConfig":
+        if self.enabled and not self.teacher:
+            raise ValueError("model.align.teacher: alignment needs a teacher (a timm name with model.align.weights, "
+                             "or an exported folder)")
+        if self.stage == "encoder" and self.patches == "masked":
+            raise ValueError("model.align.patches: masked patches have no encoder features (the encoder sees the "
+                             "visible tokens); use patches=all with stage=encoder, or stage=decoder")
+        return self
+
+
 class ModelConfig(_Strict):
     patch_size: int = Field(16, ge=1)
     map_stride: int = Field(4, ge=1, description="maps are consumed at image_size / map_stride")
@@ -109,6 +137,7 @@ class ModelConfig(_Strict):
     loss_weights: dict[Modality, float] = Field({"semantic": 1.0, "instance": 1.0, "rgb": 1.0},
                                                 description="lambda_S, lambda_I, lambda_R")
     decoder: DecoderConfig = DecoderConfig()
+    align: AlignConfig = AlignConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -233,7 +262,8 @@ class Config(_Strict):
 
     TASK: ClassVar[str] = "pretrain"
     # keys added since runs were first written, with the value that reproduces a run that predates them
-    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"masking.mix": "score", "train.monitor.enabled": False}
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"masking.mix": "score", "train.monitor.enabled": False,
+                                                 "model.align": AlignConfig().model_dump(mode="json")}
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     masking: MaskingConfig = MaskingConfig()
@@ -257,6 +287,8 @@ class Config(_Strict):
         if missing:
             raise ValueError(f"model.decoder.order: {self.model.decoder.order} has no place for "
                              f"{', '.join(missing)} of data.modalities; list every input modality")
+        if self.model.align.enabled and "rgb" not in self.data.modalities:
+            raise ValueError("model.align: the teacher reads RGB, which is not in data.modalities")
         return self
 
     @property
@@ -426,7 +458,7 @@ def with_legacy_defaults(raw: dict[str, Any], schema: type[Any] = Config) -> dic
         node = out
         for section in sections:
             node = node.setdefault(section, {})
-        node.setdefault(key, value)
+        node.setdefault(key, copy.deepcopy(value))
     return out
 
 

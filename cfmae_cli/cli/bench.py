@@ -41,12 +41,17 @@ def bench(
                                           "[default: 1 and all cores]"),
     classes: int = typer.Option(133, "--classes", min=2, help="semantic classes (COCO panoptic: 133)"),
     out: Optional[Path] = typer.Option(None, "--out", help="JSON file [default: runs/bench/<preset>-<device>.json]"),
+    overrides: list[str] = typer.Option([], "--set", help="override a key of --preset (not of --compare), e.g. "
+                                        "model.align.enabled=true"),
 ) -> None:
     """Measure the training step, the masks and the data path; print a table and write JSON.
 
     Example, on a 2-core CPU in about a minute: cfmae bench --device cpu
 
     Example, on a GPU: cfmae bench --batch-size 256 --compile
+
+    Example, the price of feature alignment: cfmae bench --compare vitb-400e --set model.align.enabled=true
+    --set model.align.teacher=vit_base_patch16_224 --set model.align.weights=vitb.safetensors
     """
     import torch
 
@@ -64,14 +69,15 @@ def bench(
     steps = steps or (30 if gpu else 2)
     warmup = warmup if warmup is not None else (10 if gpu else 1)
     counts = [int(w) for w in workers.split(",")] if workers else sorted({1, os.cpu_count() or 1})
-    presets = [preset] + ([compare] if compare != "none" and what in ("step", "all") else [])
+    main = f"{preset} with --set" if overrides else preset  # the column of --preset (it may be --compare's too)
+    presets = [main] + ([compare] if compare != "none" and what in ("step", "all") else [])
     machine = torch.cuda.get_device_name(dev) if gpu else f"CPU ({platform.processor() or platform.machine()}, " \
                                                            f"{os.cpu_count()} cores)"
-    report: dict[str, Any] = {"tool": software(), "device": machine, "torch": torch.__version__,
+    report: dict[str, Any] = {"tool": software(), "device": machine, "torch": torch.__version__, "overrides": overrides,
                               "batch_size": batch_size, "compiled": compile_model, "presets": {}}
     peak = peak_tflops(dev)
     for name in presets:
-        cfg = load_config(name)
+        cfg = load_config(preset, overrides) if name == main else load_config(name)
         entry: dict[str, Any] = {}
         rig = Rig(cfg, classes, dev, compile_model)
         if what in ("step", "all"):
@@ -80,14 +86,14 @@ def bench(
             achieved = entry["flops_gflop_per_image"]["step"] * entry["step"]["img_per_s"] / 1e3
             entry["achieved_tflops"] = achieved
             entry["mfu"] = achieved / peak if peak else None
-        if what in ("masks", "all") and name == preset:
+        if what in ("masks", "all") and name == main:
             entry["masks_ms"] = time_masks(rig, mask_batch)
             entry["masking_mix"] = cfg.masking.mix
-        if what in ("data", "all") and name == preset:
+        if what in ("data", "all") and name == main:
             entry["data"] = time_data(cfg, data, counts, batch_size=16, batches=10)
         report["presets"][name] = entry
         del rig
-    _print(report, preset, presets, mask_batch, peak)
+    _print(report, main, presets, mask_batch, peak)
     atomic_write_text(path, json.dumps(report, indent=2) + "\n")
     console.print(f"JSON: {path}", highlight=False)
 
@@ -110,11 +116,12 @@ def _print(report: dict[str, Any], preset: str, presets: list[str], mask_batch: 
 
     row("img/s (no syncs)", lambda e: e["step"]["img_per_s"])
     row("ms per step (no syncs)", lambda e: e["step"]["ms_per_step"])
-    for phase in ("data", "masking", "forward", "backward", "optimizer"):
-        row(f"  ms {phase} (synced phases)", lambda e, p=phase: e["step"]["phases_ms"][p], "{:,.2f}")
+    for phase in ("data", "masking", "teacher", "forward", "backward", "optimizer"):
+        row(f"  ms {phase} (synced phases)", lambda e, p=phase: e["step"]["phases_ms"].get(p), "{:,.2f}")
     row("peak GPU memory GiB", lambda e: e["step"].get("peak_memory_gib"), "{:.2f}")
     row("GFLOP / image: forward", lambda e: e["flops_gflop_per_image"]["forward"])
     row("GFLOP / image: backward", lambda e: e["flops_gflop_per_image"]["backward"])
+    row("GFLOP / image: teacher (alignment)", lambda e: e["flops_gflop_per_image"].get("teacher"), "{:.2f}")
     for module in main.get("flops_gflop_per_image", {}).get("forward_by_module", {}):
         row(f"  forward: {module}", lambda e, m=module: e["flops_gflop_per_image"]["forward_by_module"].get(m),
             "{:.2f}")

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from cfmae_cli import modalities as table
 from cfmae_cli.config import Config, EncoderArch
+from cfmae_cli.model.align import AlignHead, align_loss, pooled_encoder_tokens
 from cfmae_cli.model.decoder import CFMAEDecoder
 from cfmae_cli.model.encoder import build_encoder
 from cfmae_cli.model.layers import embed_tokens, init_weights, map_adapters, patch_side
@@ -19,10 +20,12 @@ class CFMAE(nn.Module):
     """Coarse-to-fine MAE over the modalities of ``cfg.data.modalities``.
 
     Sizes come from the config and from the dataset manifest (``num_semantic_classes`` = C_sem).
-    A batch is a dict with ``rgb`` (B, 3, H, W) float, ``instance`` and ``semantic`` (B, H/s, W/s) long.
+    A batch is a dict with ``rgb`` (B, 3, H, W) float, ``instance`` and ``semantic`` (B, H/s, W/s) long; with
+    ``model.align`` on, also ``teacher`` (B, N, C) (:class:`cfmae_cli.model.align.Teacher`), and ``align_dim``
+    = C builds the projection (without it, e.g. for inference, the model has none and the loss is not taken).
     """
 
-    def __init__(self, cfg: Config, num_semantic_classes: int):
+    def __init__(self, cfg: Config, num_semantic_classes: int, align_dim: int | None = None):
         super().__init__()
         m = cfg.model
         self.cfg = cfg
@@ -40,6 +43,11 @@ class CFMAE(nn.Module):
             name: nn.Sequential(nn.LayerNorm(m.decoder.dim, eps=1e-6), nn.Linear(m.decoder.dim, self.head_dim(name)))
             for name in self.modalities})
         self._init_weights()
+        self.align_head: AlignHead | None = None
+        if m.align.enabled and align_dim:  # built after the rest: every other weight starts as without it
+            source = m.decoder.dim if m.align.stage == "decoder" else m.embed_dim
+            self.align_head = AlignHead(source, align_dim, m.align.hidden)
+            init_weights(self.align_head)
 
     def head_dim(self, name: str) -> int:
         """Values predicted per token (Eq. 3): the patch's pixels × channels (image) or cells × ids (id map)."""
@@ -78,7 +86,24 @@ class CFMAE(nn.Module):
         encoded, ids_keep = self.encode(batch, mask)
         feats = self.decoder(encoded, ids_keep)
         pred = {name: self.heads[name](f) for name, f in feats.items()}
-        return self.losses(pred, batch, mask) | {"pred": pred}
+        out = self.losses(pred, batch, mask) | {"pred": pred}
+        if self.align_head is not None and "teacher" in batch:
+            out["align"] = self.alignment(encoded, ids_keep, feats, batch["teacher"], mask)
+            out["loss"] = out["loss"] + self.cfg.model.align.weight * out["align"]
+        return out
+
+    def alignment(self, encoded: Tensor, ids_keep: Tensor, feats: dict[str, Tensor], teacher: Tensor, mask: Tensor
+                  ) -> Tensor:
+        """L_F (docs/modalities.md#feature-alignment): the projection of the first decoder stage's F¹ (all patches,
+        or those whose RGB is masked) or of the encoder's tokens averaged per position (where any is visible)."""
+        a = self.cfg.model.align
+        if a.stage == "decoder":
+            source = feats[self.decoder.order[0]]
+            select = mask[:, self.modalities.index("rgb")] if a.patches == "masked" else None
+        else:
+            source, select = pooled_encoder_tokens(encoded, ids_keep, self.grid * self.grid)
+        assert self.align_head is not None
+        return align_loss(self.align_head(source), teacher, select, a.loss)
 
     def predict(self, batch: dict[str, Tensor], mask: Tensor, num_visible: int | None = None) -> dict[str, Tensor]:
         """Predictions only (no targets needed): {modality: (B, N, out)}. ``num_visible`` as in :meth:`encode`."""

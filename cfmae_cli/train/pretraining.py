@@ -54,13 +54,19 @@ class PretrainTask(Task):
         self.dataset, manifest = build_dataset(cfg, self.root, samples=picked[0] if picked else samples)
         self.monitor = KnnMonitor(cfg, *picked[1:], info) if picked else None
         self.semantic_classes = list(manifest["semantic_classes"])
+        self.bf16 = info.bf16  # decided once, by the engine (train.precision)
+        self.teacher = None
+        if cfg.model.align.enabled:  # before the seed: building it draws random numbers
+            from cfmae_cli.model.align import Teacher
+
+            self.teacher = Teacher(cfg.model.align, self.device, self.bf16)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        self.model = CFMAE(cfg, len(self.semantic_classes)).to(self.device)
+        self.model = CFMAE(cfg, len(self.semantic_classes),
+                           align_dim=self.teacher.dim if self.teacher is not None else None).to(self.device)
         self.masks = MaskGenerator(cfg.masking, cfg.data.modalities, self.model.grid, len(self.semantic_classes),
                                    cfg.model.num_instance_ids)
         self.modalities = list(cfg.data.modalities)
-        self.names = ["loss"] + [f"loss_{m}" for m in self.modalities]
-        self.bf16 = info.bf16  # decided once, by the engine (train.precision)
+        self.names = ["loss"] + [f"loss_{m}" for m in self.modalities] + (["loss_align"] if self.teacher else [])
 
     def build_optimizer(self, lr: float, device: torch.device) -> torch.optim.AdamW:
         return build_optimizer(self.model, self.cfg.optim, lr, device)
@@ -84,13 +90,18 @@ class PretrainTask(Task):
 
     def forward(self, net: nn.Module, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, Tensor]:
         inputs, mask = self.inputs_and_mask(batch, self.alphas(ctx.progress), ctx.seed)
+        if self.teacher is not None:
+            inputs["teacher"] = self.teacher(inputs["rgb"], self.cfg.data.mean, self.cfg.data.std, self.model.grid)
         out = net(inputs, mask)
-        values = torch.stack([out["loss"].detach()] + [out["losses"][m].detach() for m in self.modalities])
-        return out["loss"], values
+        values = [out["loss"]] + [out["losses"][m] for m in self.modalities] + \
+            ([out["align"]] if self.teacher is not None else [])
+        return out["loss"], torch.stack([v.detach() for v in values])
 
     def describe(self, plan: dict[str, Any]) -> list[str]:
         monitor = [self.monitor.describe()] if self.monitor is not None else []
-        return [f"data {self.root}: {len(self.semantic_classes)} semantic classes"] + describe_tokens(plan) + monitor
+        align = [self.teacher.describe()] if self.teacher is not None else []
+        return [f"data {self.root}: {len(self.semantic_classes)} semantic classes"] + describe_tokens(plan) + \
+            align + monitor
 
     def monitor_values(self, done: int) -> dict[str, float] | None:
         """The k-NN monitor after ``done`` epochs, when one is due (epoch 0, every ``every``, the last)."""
