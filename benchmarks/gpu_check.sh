@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The device checks of one GPU session, in one go (about 7-9 minutes on an H100/H200): the CUDA tests
-# (mask invariants, bf16 forward), a one-GPU engine run (with the k-NN monitor), and the benchmarks' tables.
+# The device checks of one GPU session, in one go (about 8-10 minutes on an H100/H200, not yet timed): the CUDA
+# tests (mask invariants, bf16 forward, alignment's bf16 teacher, depth), a one-GPU engine run (with the k-NN
+# monitor), the price of a ViT-B alignment teacher, and the benchmarks' tables.
 # Run from the repository root on the GPU machine, with this package importable (PYTHONPATH=.) and its
 # dependencies present; the lent machines' image lacks pydantic: carry its wheels (benchmarks/README.md).
 set -uo pipefail
@@ -21,6 +22,14 @@ PY
 python3 -m cfmae_cli pretrain --gpus 1 --data /tmp/gpu-data --out "$OUT/run" --epochs 3 $(cat /tmp/gpu-sets) \
     --set train.batch_size=16 --set optim.effective_batch=16 --set train.monitor.val_fraction=0.25 \
     --set train.monitor.every=1 2>&1 | tail -4
+echo "== feature alignment and depth on the GPU: bf16 teacher, tests; the price of a ViT-B teacher =="
+python3 -m pytest -q -p no:cacheprovider tests/test_align.py tests/test_depth.py -k "not label" 2>&1 | tail -3
+python3 -c "import timm, safetensors.torch as s; s.save_file(timm.create_model('vit_base_patch16_224', \
+num_classes=0).state_dict(), '/tmp/vitb-teacher.safetensors')"
+python3 -m cfmae_cli bench --preset vitb-400e --compare vitb-400e --what step --batch-size 128 --steps 10 \
+    --warmup 3 --out "$OUT/bench-align.json" --set model.align.enabled=true \
+    --set model.align.teacher=vit_base_patch16_224 --set model.align.weights=/tmp/vitb-teacher.safetensors \
+    2>&1 | tail -24
 echo "== masks vs step (ViT-B) =="
 python3 benchmarks/bench_masking.py --device cuda 2>&1 | tail -16
 echo "== vitb-400e pre-training throughput, 300 steps, batch 256 =="
