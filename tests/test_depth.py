@@ -21,6 +21,7 @@ from cfmae_cli.data.dataset import BadSample, read_map
 from cfmae_cli.masking import MaskGenerator
 from cfmae_cli.model.losses import modality_loss, normalise_patches, patchify_rgb
 from tests.conftest import TINY_OVERRIDES, make_dataset
+from tests.tiny_label_models import make_dpt_depth
 
 runner = CliRunner()
 FOUR = ["rgb", "instance", "semantic", "depth"]
@@ -125,22 +126,9 @@ def test_depth_maps_of_the_wrong_type_stop_the_run_naming_them(tmp_path: Path) -
     assert "a depth map must be a single-channel 8- or 16-bit PNG" in (tmp_path / "r" / "bad_files.txt").read_text()
 
 
-def tiny_depth_model(folder: Path) -> Path:
-    """A random-weight DPT depth model (transformers' AutoModelForDepthEstimation) built from a config."""
-    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
-
-    torch.manual_seed(0)
-    cfg = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=64,
-                    patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32],
-                    fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5], head_in_index=-1)
-    DPTForDepthEstimation(cfg).eval().save_pretrained(folder)
-    DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False).save_pretrained(folder)
-    return folder
-
-
 def test_label_writes_depth_with_a_tiny_model_then_pretraining_reads_four_modalities(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    model = tiny_depth_model(tmp_path / "dpt")
+    model = make_dpt_depth(tmp_path / "dpt")
     made = make_dataset(tmp_path / "made", n_per_class=3)
     src = tmp_path / "src"
     shutil.copytree(made / "rgb", src)

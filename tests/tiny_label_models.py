@@ -215,3 +215,22 @@ def make_oneformer(path: str | Path, num_labels: int = 133, full_size: bool = Fa
                        max_seq_length=config.text_encoder_context_length,
                        task_seq_length=config.task_seq_len).save_pretrained(path)
     return path
+
+
+def make_dpt_depth(path: str | Path, full_size: bool = False, seed: int = 0) -> Path:
+    """A DPT depth model (transformers' AutoModelForDepthEstimation) with its image processor; 64 px input
+    when tiny, DPTConfig()'s sizes (a ViT-B/16 backbone) at 384 px when full size."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(seed)
+    path = Path(path)
+    if full_size:
+        config, size = DPTConfig(), 384
+    else:
+        config, size = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                                 image_size=64, patch_size=16, backbone_out_indices=[0, 1, 2, 3],
+                                 neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
+                                 reassemble_factors=[4, 2, 1, 0.5], head_in_index=-1), 64
+    DPTForDepthEstimation(config).eval().save_pretrained(path)
+    DPTImageProcessor(size={"height": size, "width": size}, keep_aspect_ratio=False).save_pretrained(path)
+    return path
