@@ -198,10 +198,10 @@ def test_the_demo_with_depth_adds_depth_maps_beside_the_same_images(tmp_path: Pa
     plain = demo.build_demo_dataset(tmp_path / "plain", crops_per_photo=1, size=32, seed=3)
     deep = demo.build_demo_dataset(tmp_path / "deep", crops_per_photo=1, size=32, seed=3, depth=True)
     assert not (plain / "depth").exists()
-    files = sorted(p.relative_to(plain) for p in plain.rglob("*") if p.is_file() and p.parts[-2] != "demo-v1")
-    for rel in files:
-        if rel.suffix in (".jpg", ".png"):
-            assert (deep / rel).read_bytes() == (plain / rel).read_bytes(), rel
+    images = sorted(p.relative_to(plain) for p in plain.rglob("*") if p.suffix in (".jpg", ".png"))
+    assert len(images) == 3 * len(demo.DEMO_PHOTOS)  # rgb, instance, semantic
+    for rel in images:
+        assert (deep / rel).read_bytes() == (plain / rel).read_bytes(), rel
     depths = sorted((deep / "depth").rglob("*.png"))
     assert len(depths) == len(demo.DEMO_PHOTOS)
     with Image.open(depths[0]) as im:
