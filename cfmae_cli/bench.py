@@ -77,7 +77,8 @@ class Rig:
         if cfg.model.align.enabled:  # the teacher forward is what alignment costs
             from cfmae_cli.model.align import Teacher
 
-            self.teacher = Teacher(cfg.model.align, device, distributed.uses_bf16(cfg.train.precision, device))
+            self.teacher = Teacher(cfg.model.align, device, distributed.uses_bf16(cfg.train.precision, device),
+                                   cfg.data.mean, cfg.data.std)
         torch.manual_seed(0)
         self.model = CFMAE(cfg, classes, align_dim=self.teacher.dim if self.teacher else None).to(device)
         self.net: Callable[..., dict[str, Any]] = torch.compile(self.model) if compile_model else self.model
@@ -103,8 +104,7 @@ class Rig:
         """The batch with the teacher's features added (alignment on), else as it is."""
         if self.teacher is None:
             return batch
-        d = self.cfg.data
-        return {**batch, "teacher": self.teacher(batch["rgb"], d.mean, d.std, self.model.grid)}
+        return {**batch, "teacher": self.teacher(batch["rgb"], self.model.grid)}
 
     def mask(self, batch: dict[str, Tensor], step: int, progress: float = 0.3) -> Tensor:
         alpha_i, alpha_s = schedule(progress, self.cfg.masking.order, self.cfg.masking.breakpoints)

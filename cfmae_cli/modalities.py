@@ -41,7 +41,6 @@ class Modality:
       (B, N, patch values) and mask (B, N) bool; None = the mean squared error.
     * ``modes``: for an image map, the PIL modes its files may have (others are refused, naming the file);
       None = any (converted). 16-bit grey (``I;16``) is read at 8 bits (value · 255 / 65535, rounded).
-    * ``stored``: how its files are written, for the docs and the manifest.
     """
 
     name: str
@@ -56,7 +55,6 @@ class Modality:
     norm_pix: bool = False
     loss: Callable[..., Any] | None = None
     modes: tuple[str, ...] | None = None
-    stored: str = ""
 
     @property
     def is_map(self) -> bool:
@@ -123,8 +121,7 @@ register(Modality("rgb", kind="image", channels=3, at_map_stride=False, patch_em
 register(Modality("instance", kind="ids", classes="instance_ids", canonical=True, guides="instance"))
 register(Modality("semantic", kind="ids", classes="manifest", guides="semantic"))
 register(Modality("depth", kind="image", channels=1, at_map_stride=False, norm_pix=True, loss=l1_loss,
-                  modes=GREY_MODES, stored="relative depth (larger = farther or nearer, as its source says), "
-                  "one grey PNG per image at the image's size, 8- or 16-bit"))
+                  modes=GREY_MODES))
 
 
 def maps_of(modalities: list[str]) -> list[str]:

@@ -55,12 +55,12 @@ def test_teacher_features_land_on_the_patches_they_come_from(tmp_path: Path, tea
     at the bottom-left one (a transposed layout) nor spread half a cell off; with a finer teacher grid (patch 4,
     8 x 8) resized to ours (4 x 4) as well. A block-free ViT keeps each token local."""
     folder = tiny_teacher(tmp_path / "t", patch_size=teacher_patch, depth=0)
-    teacher = Teacher(AlignConfig(enabled=True, teacher=str(folder)), torch.device("cpu"))
+    teacher = Teacher(AlignConfig(enabled=True, teacher=str(folder)), torch.device("cpu"), mean=MEAN, std=STD)
     assert teacher.side == 32 // teacher_patch
     plain = torch.zeros(1, 3, 32, 32)
     marked = plain.clone()
     marked[:, :, 0:8, 24:32] = 2.0  # the top-right patch of our 4 x 4 grid
-    diff = (teacher(marked, MEAN, STD, 4) - teacher(plain, MEAN, STD, 4)).norm(dim=-1)[0]  # (16,) row-major
+    diff = (teacher(marked, 4) - teacher(plain, 4)).norm(dim=-1)[0]  # (16,) row-major
     assert int(diff.argmax()) == 3
     assert diff[12] < 1e-4 * diff[3]  # the bottom-left patch: untouched
     if teacher_patch == 8:
@@ -90,14 +90,14 @@ def test_the_loss_is_what_it_says() -> None:
 def test_only_the_student_learns(tmp_path: Path, stage: str) -> None:
     cfg = tiny_config("model.align.enabled=true", f"model.align.teacher={tiny_teacher(tmp_path / 't')}",
                       f"model.align.stage={stage}")
-    teacher = Teacher(cfg.model.align, torch.device("cpu"))
+    teacher = Teacher(cfg.model.align, torch.device("cpu"), mean=cfg.data.mean, std=cfg.data.std)
     model = CFMAE(cfg, 3, align_dim=teacher.dim)
     assert not any(n.startswith("teacher") for n in model.state_dict())  # not saved, not optimised
     batch = {"rgb": torch.randn(2, 3, 32, 32), "instance": torch.randint(0, 16, (2, 16, 16)),
              "semantic": torch.randint(0, 3, (2, 16, 16))}
     mask = torch.ones(2, 3, 16, dtype=torch.bool)
     mask[:, 0, :8] = False
-    batch["teacher"] = teacher(batch["rgb"], cfg.data.mean, cfg.data.std, model.grid)
+    batch["teacher"] = teacher(batch["rgb"], model.grid)
     out = model(batch, mask)
     out["loss"].backward()
     assert all(p.grad is None and not p.requires_grad for p in teacher.module.parameters())

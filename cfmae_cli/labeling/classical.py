@@ -160,14 +160,12 @@ class ClassicalLabeller:
                                          sigma=max(h, w) / 32)
         detail = np.argsort(np.argsort(energy, axis=None), axis=None).reshape(h, w) / max(h * w - 1, 1)
         figure = (self._instances(work) > 0).astype(np.float64)
-        regions = felzenszwalb(work, scale=self.region_scale, sigma=self.region_sigma,
-                               min_size=self.region_min_size)
+        regions = self._regions(work)
         counts = np.maximum(np.bincount(regions.ravel()), 1)
         surface = np.bincount(regions.ravel(), weights=(0.3 * detail + 0.3 * figure).ravel()) / counts
         near = ndimage.gaussian_filter(0.4 * rows + surface[regions], sigma=1.0)
-        full = np.asarray(Image.fromarray(near.astype(np.float32)).resize((width, height),
-                                                                                      Image.Resampling.BILINEAR))
-        return to_uint16(full)
+        full = Image.fromarray(near.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
+        return to_uint16(np.asarray(full))
 
     # ------------------------------------------------------------------ instances
     def _instances(self, work: np.ndarray) -> np.ndarray:
@@ -195,10 +193,13 @@ class ClassicalLabeller:
         return lut[segments]
 
     # ------------------------------------------------------------------ semantic
+    def _regions(self, work: np.ndarray) -> np.ndarray:
+        """``(h, w)`` int ids of the fine regions that get one semantic class (and one depth value) each."""
+        return felzenszwalb(work, scale=self.region_scale, sigma=self.region_sigma, min_size=self.region_min_size)
+
     def _semantic(self, work: np.ndarray) -> np.ndarray:
         """``(h, w)`` uint8 semantic ids of the working image."""
-        regions = felzenszwalb(work, scale=self.region_scale, sigma=self.region_sigma,
-                               min_size=self.region_min_size)
+        regions = self._regions(work)
         n_reg = int(regions.max()) + 1
         flat = regions.ravel()
         counts = np.maximum(np.bincount(flat, minlength=n_reg), 1).astype(np.float64)

@@ -15,7 +15,6 @@ from cfmae_cli.labeling.hf_utils import (as_rgb_array, chunks, inference_context
                                          transformers_module)
 
 DEPTH_OPTION = "--depth-model"
-KINDS = ("depth-anything",)  # any AutoModelForDepthEstimation; the name of the family the paper's era uses
 
 
 class DepthBackend:
@@ -58,4 +57,3 @@ class DepthBackend:
         return {"backend": self.name, "depth_model": self.spec, "model_type": self.model.config.model_type,
                 "bf16": self.bf16, "stored": "uint16 PNG, min-max scaled per image (relative depth as the model "
                 "gives it: Depth Anything and DPT give inverse depth, larger = nearer)"}
-

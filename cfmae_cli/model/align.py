@@ -20,20 +20,22 @@ from torch import Tensor, nn
 
 from cfmae_cli.config import AlignConfig
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.model.losses import _masked_mean
 
 #: timm's default normalisation, for a teacher whose pretrained_cfg does not say.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class Teacher:
-    """The frozen teacher of ``cfg`` on ``device``: ``teacher(rgb, mean, std, grid)`` → (B, grid², C) features.
+    """The frozen teacher of ``cfg`` on ``device``: ``teacher(rgb, grid)`` → (B, grid², C) features.
 
     ``rgb`` is the model's input (normalised with the data's ``mean`` / ``std``); it is brought to the teacher's
-    own normalisation and input size (bicubic) first. Token outputs (ViTs) lose their prefix tokens and are laid
-    out on their square grid; feature maps (ConvNets) are used as they are; both are resized to ``grid`` × ``grid``
-    (bilinear, antialiased when shrinking)."""
+    own normalisation (one affine map, made once) and input size (bicubic) first. Token outputs (ViTs) lose
+    their prefix tokens and are laid out on their square grid; feature maps (ConvNets) are used as they are;
+    both are resized to ``grid`` × ``grid`` (bilinear, antialiased when shrinking)."""
 
-    def __init__(self, cfg: AlignConfig, device: torch.device, bf16: bool = False):
+    def __init__(self, cfg: AlignConfig, device: torch.device, bf16: bool = False,
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         self.cfg, self.device, self.bf16 = cfg, torch.device(device), bool(bf16)
         self.module, self.description = build_teacher(cfg)
         pc: dict[str, Any] = dict(getattr(self.module, "pretrained_cfg", {}) or {})
@@ -42,8 +44,12 @@ class Teacher:
         own = getattr(embed, "img_size", None)
         if own is not None and tuple(own) != (self.size, self.size):  # a ViT built for another input size
             self.module, self.description = build_teacher(cfg, img_size=self.size)
-        self.mean = torch.tensor(pc.get("mean", IMAGENET_MEAN), device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(pc.get("std", IMAGENET_STD), device=self.device).view(1, 3, 1, 1)
+        own_mean, own_std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in
+                             (pc.get("mean", IMAGENET_MEAN), pc.get("std", IMAGENET_STD)))
+        data_mean, data_std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in (mean, std))
+        # x_teacher = (x · data_std + data_mean − own_mean) / own_std = x · scale + shift
+        self.scale = (data_std / own_std).float().to(self.device)
+        self.shift = ((data_mean - own_mean) / own_std).float().to(self.device)
         self.module = self.module.to(self.device).eval().requires_grad_(False)
         self.prefix = int(getattr(self.module, "num_prefix_tokens", 0) or 0)
         self.channels_last = getattr(self.module, "output_fmt", "NCHW") == "NHWC"
@@ -68,11 +74,9 @@ class Teacher:
         raise CfmaeError(f"model.align.teacher {self.cfg.teacher}: forward_features gives a {out.ndim}-D output; "
                          f"use a ViT (tokens) or a ConvNet (a feature map)")
 
-    def __call__(self, rgb: Tensor, mean: tuple[float, ...], std: tuple[float, ...], grid: int) -> Tensor:
+    def __call__(self, rgb: Tensor, grid: int) -> Tensor:
         with torch.no_grad():
-            data_mean = torch.tensor(mean, device=rgb.device, dtype=torch.float32).view(1, 3, 1, 1)
-            data_std = torch.tensor(std, device=rgb.device, dtype=torch.float32).view(1, 3, 1, 1)
-            x = ((rgb.float() * data_std + data_mean) - self.mean) / self.std
+            x = rgb.float() * self.scale + self.shift
             if x.shape[-1] != self.size or x.shape[-2] != self.size:
                 x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False,
                                   antialias=x.shape[-1] > self.size)
@@ -150,7 +154,4 @@ def align_loss(pred: Tensor, target: Tensor, select: Tensor | None, kind: str) -
     else:
         normed = F.layer_norm(target, target.shape[-1:], eps=1e-6)
         per = F.smooth_l1_loss(pred, normed, reduction="none", beta=1.0).mean(-1)
-    if select is None:
-        return per.mean()
-    weight = select.float()
-    return (per * weight).sum() / weight.sum().clamp_min(1)
+    return per.mean() if select is None else _masked_mean(per, select.float())

@@ -59,7 +59,7 @@ class PretrainTask(Task):
         if cfg.model.align.enabled:  # before the seed: building it draws random numbers
             from cfmae_cli.model.align import Teacher
 
-            self.teacher = Teacher(cfg.model.align, self.device, self.bf16)
+            self.teacher = Teacher(cfg.model.align, self.device, self.bf16, cfg.data.mean, cfg.data.std)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.model = CFMAE(cfg, len(self.semantic_classes),
                            align_dim=self.teacher.dim if self.teacher is not None else None).to(self.device)
@@ -91,7 +91,7 @@ class PretrainTask(Task):
     def forward(self, net: nn.Module, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, Tensor]:
         inputs, mask = self.inputs_and_mask(batch, self.alphas(ctx.progress), ctx.seed)
         if self.teacher is not None:
-            inputs["teacher"] = self.teacher(inputs["rgb"], self.cfg.data.mean, self.cfg.data.std, self.model.grid)
+            inputs["teacher"] = self.teacher(inputs["rgb"], self.model.grid)
         out = net(inputs, mask)
         values = [out["loss"]] + [out["losses"][m] for m in self.modalities] + \
             ([out["align"]] if self.teacher is not None else [])
