@@ -82,14 +82,25 @@ class DecoderConfig(_Strict):
     num_heads: int = Field(8, ge=1)
     self_blocks: int = Field(2, ge=0, description="self-attention blocks after the cross-attention layer")
     mlp_ratio: float = Field(4.0, gt=0)
-    cascade: bool = Field(True, description="cascaded (F^{k-1} fed forward) or parallel (MultiMAE-like)")
+    kind: Literal["cfmae", "multimae"] = Field(
+        "cfmae", description="cfmae: the task blocks of §3.2 over H (cascaded or parallel); multimae: MultiMAE's "
+        "output adapters (per task its own projection, mask token and embeddings; its queries cross-attend to the "
+        "visible tokens and the global token only, no mask tokens in the context; parallel)")
+    cascade: bool = Field(True, description="cascaded (F^{k-1} fed forward) or parallel (the ablation)")
     cross_attention: bool = Field(True, description="false = the 'w/o CA' ablation (self-attention on Q+F)")
+    global_token: bool = Field(True, description="the encoder's final global token is in every task's context "
+                               "(as MAE's decoder keeps its class token and MultiMAE's adapters attend to it), so "
+                               "pre-training trains it; false = the decoder reads the patch tokens only (runs "
+                               "made before this key)")
     order: list[Modality] = Field(["semantic", "instance", "rgb"], description="task order of the cascade")
 
     @model_validator(mode="after")
     def _check(self) -> "DecoderConfig":
         if self.dim % self.num_heads:
             raise ValueError(f"model.decoder.dim: {self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.kind == "multimae" and self.cascade:
+            raise ValueError("model.decoder.kind: MultiMAE's output adapters run in parallel; set "
+                             "model.decoder.cascade=false with kind=multimae")
         if len(set(self.order)) != len(self.order):
             raise ValueError("model.decoder.order: each modality at most once")
         return self
@@ -263,7 +274,9 @@ class Config(_Strict):
     TASK: ClassVar[str] = "pretrain"
     # keys added since runs were first written, with the value that reproduces a run that predates them
     LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"masking.mix": "score", "train.monitor.enabled": False,
-                                                 "model.align": AlignConfig().model_dump(mode="json")}
+                                                 "model.align": AlignConfig().model_dump(mode="json"),
+                                                 "model.decoder.kind": "cfmae",
+                                                 "model.decoder.global_token": False}
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     masking: MaskingConfig = MaskingConfig()
