@@ -81,7 +81,8 @@ class FtModelConfig(_Strict):
 
 
 class FtOptimConfig(_Strict):
-    name: Literal["adamw", "lars"] = Field("adamw", description="lars for linear probing (MAE)")
+    name: Literal["adamw", "lars"] = Field("adamw", description="lars for linear probing (MAE's LARS: the trust "
+                                           "ratio on every weight of two or more dimensions, at any weight decay)")
     schedule: Literal["cosine", "linear", "step"] = Field("cosine", description="decay after the warmup; step = "
                                                           "x0.1 at each of optim.milestones")
     milestones: list[float] = Field([], description="step schedule: the lr drops 10x once this many epochs are "
@@ -92,6 +93,8 @@ class FtOptimConfig(_Strict):
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = Field(0.9, ge=0, lt=1, description="LARS momentum")
+    trust_coefficient: float = Field(0.001, gt=0, description="LARS: each weight's step is scaled to this share "
+                                     "of its norm (MAE's 0.001); biases and norms take no trust ratio")
     warmup_epochs: float = Field(5, ge=0)
     min_lr: float = Field(1e-6, ge=0)
     effective_batch: int = Field(2048, ge=1, description="per-device batch x devices x accumulation steps")

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.optim import Lars, param_groups_layer_decay
+from timm.optim import param_groups_layer_decay
 from torch import nn
 
 from cfmae_cli.config import EncoderArch
 from cfmae_cli.eval.config import FinetuneConfig, FtOptimConfig
 from cfmae_cli.train import distributed
 from cfmae_cli.train.engine import Task
+from cfmae_cli.train.optim import LARS
 from cfmae_cli.train.setup import dataset_root
 
 
@@ -27,6 +28,25 @@ def layer_decay_groups(model: nn.Module, optim: FtOptimConfig) -> list[dict[str,
     (scale 1); no weight decay on biases, norms and tokens."""
     return param_groups_layer_decay(model, weight_decay=optim.weight_decay,
                                     no_weight_decay_list=model.no_weight_decay(), layer_decay=optim.layer_decay)
+
+
+def finetune_optimizer(model: nn.Module, optim: FtOptimConfig, lr: float, device: torch.device
+                       ) -> torch.optim.Optimizer:
+    """The optimizer of ``optim.name`` over :func:`layer_decay_groups` of the trainable parameters, at peak ``lr``:
+    AdamW (fused on CUDA), or MAE's :class:`~cfmae_cli.train.optim.LARS` (the linear probe)."""
+    groups = layer_decay_groups(model, optim)
+    if optim.name == "lars":
+        return LARS(groups, lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+                    trust_coefficient=optim.trust_coefficient)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), fused=device.type == "cuda")
+
+
+def recipe_name(optim: FtOptimConfig) -> str:
+    """The optimizer as the plan names it."""
+    if optim.name == "lars":
+        return (f"LARS (MAE's: trust ratio {optim.trust_coefficient:g} on every weight of 2+ dimensions, none on "
+                f"biases and norms; momentum {optim.momentum:g})")
+    return f"AdamW (betas {optim.betas[0]:g}, {optim.betas[1]:g})"
 
 
 class FinetuneTask(Task):
@@ -49,11 +69,7 @@ class FinetuneTask(Task):
         return cfg.model.encoder
 
     def build_optimizer(self, lr: float, device: torch.device) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        groups = layer_decay_groups(self.model, o)
-        if o.name == "lars":
-            return Lars(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), fused=device.type == "cuda")
+        return finetune_optimizer(self.model, self.cfg.optim, lr, device)
 
     def extra_checkpoints(self, summary: dict[str, Any]) -> list[str]:
         return ["best.pt"] if self.improved else []
@@ -61,7 +77,7 @@ class FinetuneTask(Task):
     def recipe(self) -> str:
         """The optimizer line of :meth:`describe`, shared by the three kinds of fine-tuning."""
         o = self.cfg.optim
-        return (f"recipe: {o.name}, {o.schedule} schedule, layer decay {o.layer_decay}, weight decay "
+        return (f"recipe: {recipe_name(o)}, {o.schedule} schedule, layer decay {o.layer_decay}, weight decay "
                 f"{o.weight_decay}, drop path {self.cfg.model.drop_path}")
 
     def state_dict(self) -> dict[str, Any]:
