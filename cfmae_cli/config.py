@@ -147,6 +147,10 @@ class ModelConfig(_Strict):
     norm_pix_loss: bool = Field(True, description="RGB loss on per-patch normalised pixels (MAE)")
     loss_weights: dict[Modality, float] = Field({"semantic": 1.0, "instance": 1.0, "rgb": 1.0},
                                                 description="lambda_S, lambda_I, lambda_R")
+    image_targets: Annotated[dict[Modality, table.Target], AfterValidator(table.checked_image_targets)] = Field(
+        {}, description="per image modality, its target and input: standardise (MultiMAE's truncated per-image "
+        "standardisation, input and target) | patch_norm (MAE's per-patch normalised target, under norm_pix_loss) | "
+        "raw; a modality not named keeps its default (depth: standardise, rgb: patch_norm)")
     decoder: DecoderConfig = DecoderConfig()
     align: AlignConfig = AlignConfig()
 
@@ -276,7 +280,8 @@ class Config(_Strict):
     LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"masking.mix": "score", "train.monitor.enabled": False,
                                                  "model.align": AlignConfig().model_dump(mode="json"),
                                                  "model.decoder.kind": "cfmae",
-                                                 "model.decoder.global_token": False}
+                                                 "model.decoder.global_token": False,
+                                                 "model.image_targets": {"depth": "patch_norm"}}
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     masking: MaskingConfig = MaskingConfig()
@@ -513,5 +518,19 @@ def derived(cfg: Config, world_size: int = 1) -> dict[str, Any]:
         "mask_ratio": (total - cfg.masking.num_visible) / total,
         "map_size": cfg.data.img_size // cfg.model.map_stride,
         **batch_plan(cfg.optim, cfg.train, world_size),
+        "modalities": list(cfg.data.modalities),
         "decoder_order": [m for m in cfg.model.decoder.order if m in cfg.data.modalities],
+        "decoder": decoder_summary(cfg),
     }
+
+
+def decoder_summary(cfg: Config) -> str:
+    """The decoder in words: its kind, its task order, and whether the global token is in its context."""
+    dec = cfg.model.decoder
+    order = [m for m in dec.order if m in cfg.data.modalities]
+    if dec.kind == "multimae":
+        what = f"MultiMAE's output adapters, in parallel: {', '.join(order)}"
+    else:
+        what = f"{'cascaded' if dec.cascade else 'parallel'} {' → '.join(order)}"
+        what += "" if dec.cross_attention else ", without cross-attention"
+    return what + ("; global token in the context" if dec.global_token else "; patch tokens only")

@@ -16,9 +16,12 @@ loss=my_l1))`` and ``DATA/edge/<class>/<stem>.png`` next to the other maps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 Kind = Literal["image", "ids"]
+Target = Literal["standardise", "patch_norm", "raw"]  # an image's regression target (and input), see Modality
+TARGETS: tuple[str, ...] = ("standardise", "patch_norm", "raw")
+TRIM = 0.1  # standardise: the share of values dropped at each end before the mean and variance (MultiMAE)
 
 
 @dataclass(frozen=True)
@@ -35,12 +38,26 @@ class Modality:
       ``"semantic"`` (regions).
     * ``patch_embedding``: fed through the encoder's own patch embedding (RGB: the timm key layout); one
       modality has it, and every model reads it.
-    * ``normalise``: an image normalised with ``data.mean`` / ``data.std`` (else scaled to [0, 1]).
-    * ``norm_pix``: ``model.norm_pix_loss`` applies (MAE's per-patch normalised target).
+    * ``normalise``: an image normalised with ``data.mean`` / ``data.std`` (else values in [0, 1]).
+    * ``target``: for an image, its default regression target, which also decides its input
+      (``model.image_targets`` overrides it per modality, :func:`target_of`):
+
+      - ``"patch_norm"``: MAE's norm-pix target, each patch to mean 0 and variance 1 (unbiased), under
+        ``model.norm_pix_loss`` (off: ``raw``); the input is the image as read (RGB normalised, depth in
+        [0, 1]);
+      - ``"standardise"``: MultiMAE's truncated per-image standardisation (:func:`standardise_per_image`):
+        the input *and* the target are the map standardised with the mean and variance of its middle 80 %
+        of values;
+      - ``"raw"``: the input's values as they are, input and target.
+
+      None (the default) = ``"patch_norm"`` if ``norm_pix`` else ``"raw"``.
+    * ``norm_pix``: the default target is ``"patch_norm"`` (set either field; kept for readers and older
+      :func:`register` calls, it always agrees with ``target``).
     * ``loss``: for an image, the loss of its masked patches, ``loss(pred, target, mask)`` with pred and target
       (B, N, patch values) and mask (B, N) bool; None = the mean squared error.
     * ``modes``: for an image map, the PIL modes its files may have (others are refused, naming the file);
-      None = any (converted). 16-bit grey (``I;16``) is read at 8 bits (value · 255 / 65535, rounded).
+      None = any (converted). A single-channel map is read at its full precision as float32 in [0, 1]:
+      8-bit grey (``L``) as value / 255, 16-bit grey (``I;16``, ``I``) as value / 65535.
     """
 
     name: str
@@ -55,6 +72,19 @@ class Modality:
     norm_pix: bool = False
     loss: Callable[..., Any] | None = None
     modes: tuple[str, ...] | None = None
+    target: Target | None = None
+
+    def __post_init__(self) -> None:
+        if self.target is None:
+            target = None if self.kind == "ids" else ("patch_norm" if self.norm_pix else "raw")
+            object.__setattr__(self, "target", target)
+        elif self.kind == "ids":
+            raise ValueError(f"modality {self.name}: a map of ids has no regression target (target={self.target!r})")
+        elif self.target not in TARGETS:
+            raise ValueError(f"modality {self.name}: target {self.target!r} is not one of {', '.join(TARGETS)}")
+        elif self.norm_pix and self.target != "patch_norm":
+            raise ValueError(f"modality {self.name}: norm_pix=True means target='patch_norm', not {self.target!r}")
+        object.__setattr__(self, "norm_pix", self.target == "patch_norm")
 
     @property
     def is_map(self) -> bool:
@@ -105,6 +135,45 @@ def num_classes(modality: Modality, semantic_classes: int, instance_ids: int) ->
     return {"manifest": semantic_classes, "instance_ids": instance_ids}.get(modality.classes or "", 0)
 
 
+def target_of(modality: Modality, overrides: Mapping[str, str] | None = None, norm_pix_loss: bool = True
+              ) -> str | None:
+    """The target (and input) of an image modality in a run: ``overrides`` (``model.image_targets``) where it
+    names the modality, else the entry's ``target``; ``patch_norm`` becomes ``raw`` when ``model.norm_pix_loss``
+    is off (MAE's flag). None for a map of ids."""
+    if modality.kind == "ids":
+        return None
+    target = (overrides or {}).get(modality.name, modality.target)
+    return "raw" if target == "patch_norm" and not norm_pix_loss else target
+
+
+def checked_image_targets(targets: dict[str, str]) -> dict[str, str]:
+    """``model.image_targets`` checked against the table: only image modalities have a target to choose."""
+    ids = [name for name in targets if name in TABLE and TABLE[name].kind == "ids"]
+    if ids:
+        images = [m.name for m in TABLE.values() if m.kind == "image"]
+        raise ValueError(f"{', '.join(ids)}: a map of ids (cross-entropy), not an image; only image modalities "
+                         f"({', '.join(images)}) have a target to choose")
+    return targets
+
+
+def standardise_per_image(x: Any) -> Any:
+    """MultiMAE's truncated per-image standardisation of depth: (B, …) → float32 of the same shape. Per image,
+    its values sorted, the middle ones kept (indices ⌊0.1·n⌋ to ⌊0.9·n⌋: the lowest and highest 10 % dropped),
+    and the whole image mapped to (x − their mean) / √(their unbiased variance + 1e-6). MultiMAE feeds the
+    result to the encoder and regresses it (:func:`~cfmae_cli.data.transforms.inputs_on_device` applies it,
+    the loss takes the input as its target)."""
+    x = x.float()
+    flat = x.reshape(x.shape[0], -1)
+    n = flat.shape[1]
+    low, high = int(TRIM * n), int((1 - TRIM) * n)
+    if high - low < 2:  # a tiny image: all of its values
+        low, high = 0, n
+    middle = flat.sort(dim=1).values[:, low:high]
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    mean, var = middle.mean(dim=1).view(shape), middle.var(dim=1).view(shape)
+    return (x - mean) / (var + 1e-6).sqrt()
+
+
 def l1_loss(pred: Any, target: Any, mask: Any) -> Any:
     """Mean absolute error over the masked patches (MultiMAE's depth loss): pred, target (B, N, P) tensors,
     mask (B, N) bool."""
@@ -117,10 +186,10 @@ GREY_MODES = ("L", "I;16", "I;16L", "I;16B", "I")
 
 
 register(Modality("rgb", kind="image", channels=3, at_map_stride=False, patch_embedding=True, normalise=True,
-                  norm_pix=True))
+                  target="patch_norm"))
 register(Modality("instance", kind="ids", classes="instance_ids", canonical=True, guides="instance"))
 register(Modality("semantic", kind="ids", classes="manifest", guides="semantic"))
-register(Modality("depth", kind="image", channels=1, at_map_stride=False, norm_pix=True, loss=l1_loss,
+register(Modality("depth", kind="image", channels=1, at_map_stride=False, target="standardise", loss=l1_loss,
                   modes=GREY_MODES))
 
 

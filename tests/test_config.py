@@ -86,7 +86,8 @@ def test_a_run_written_before_the_blend_resumes_with_the_score_mix(tmp_path: Pat
 # Each row of the paper's Tables 5 and 6 that is a preset: what it changes from vitb-400e, and nothing else.
 RANDOM = {"masking.order": ["random"], "masking.breakpoints": []}
 ABLATIONS = {
-    "vitb-400e-multimae": {**RANDOM, "data.modalities": ["rgb", "semantic"], "model.decoder.cascade": False},
+    "vitb-400e-multimae": {**RANDOM, "data.modalities": ["rgb", "depth", "semantic"], "model.decoder.cascade": False,
+                           "model.decoder.kind": "multimae", "model.decoder.order": ["rgb", "depth", "semantic"]},
     "vitb-400e-parallel-rd": {**RANDOM, "model.decoder.cascade": False},
     "vitb-400e-rd": RANDOM,
     "vitb-400e-ig": {"masking.order": ["instance"], "masking.breakpoints": []},
@@ -96,7 +97,7 @@ ABLATIONS = {
     "vitb-400e-parallel": {"model.decoder.cascade": False},
     "vitb-400e-no-ca": {"model.decoder.cross_attention": False},
     "vitb-400e-decoder-r-i-s": {"model.decoder.order": ["rgb", "instance", "semantic"]},
-    "vitb-400e-r": {**RANDOM, "data.modalities": ["rgb"]},
+    "vitb-400e-r": {**RANDOM, "data.modalities": ["rgb"], "masking.num_visible": 49},
     "vitb-400e-r-s": {**RANDOM, "data.modalities": ["rgb", "semantic"]},
     "vitb-400e-r-i": {**RANDOM, "data.modalities": ["rgb", "instance"]},
 }
@@ -124,7 +125,7 @@ def test_ablation_presets_change_only_their_row(name: str) -> None:
     torch.manual_seed(0)
     model = CFMAE(tiny, 3)
     batch = {"rgb": torch.randn(2, 3, 32, 32), "instance": torch.randint(0, 4, (2, 16, 16)),
-             "semantic": torch.randint(0, 3, (2, 16, 16))}
+             "semantic": torch.randint(0, 3, (2, 16, 16)), "depth": torch.rand(2, 1, 32, 32)}
     masks = MaskGenerator(tiny.masking, tiny.data.modalities, model.grid, 3, tiny.model.num_instance_ids)
     mask = masks(*schedule(0.3, tiny.masking.order, tiny.masking.breakpoints), 2, torch.device("cpu"),
                  instance=batch["instance"] if "instance" in tiny.data.modalities else None,

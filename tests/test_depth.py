@@ -1,6 +1,8 @@
 """Depth as a fourth modality (issue #19, first part): an entry of the table read from 8- or 16-bit grey PNGs
-in DATA/depth/, MultiMAE's L1 loss on per-patch normalised targets, its place in the cascade, the exact token
-budget over four modalities, and a clear refusal of a depth map of the wrong size or type."""
+in DATA/depth/, its place in the cascade, the exact token budget over four modalities, and a clear refusal of
+a depth map of the wrong size or type. Issue #24 (item 4): a 16-bit map is read at its full precision all the
+way into the target, and the target (and input) is MultiMAE's truncated per-image standardisation with an L1
+loss; ``model.image_targets`` switches back to per-patch normalisation, as runs made before the key have."""
 
 from __future__ import annotations
 
@@ -41,13 +43,18 @@ def add_depth(root: Path, bits: int = 16) -> None:
             Image.fromarray((depth * 255).round().astype(np.uint8)).save(target)
 
 
-def test_sixteen_bit_depth_is_read_at_eight_bits_in_order(tmp_path: Path) -> None:
+def test_sixteen_bit_depth_is_read_at_full_precision_in_order(tmp_path: Path) -> None:
     path = tmp_path / "depth-16.png"
-    values = np.array([[0, 257, 32767, 65535]], np.uint16)
+    values = np.array([[0, 1, 257, 32767, 65534, 65535]], np.uint16)
     Image.fromarray(values).save(path)
-    got = read_map(path, (4, 1), table.get("depth"))
-    assert got.dtype == torch.uint8 and got.shape == (1, 1, 4)
-    assert got.flatten().tolist() == [0, 1, 127, 255]
+    got = read_map(path, (6, 1), table.get("depth"))
+    assert got.dtype == torch.float32 and got.shape == (1, 1, 6)
+    assert torch.equal(got.flatten(), torch.from_numpy(values.astype(np.float32).flatten() / np.float32(65535)))
+    assert (got.flatten().diff() > 0).all()  # every 16-bit level its own value, in order
+    eight = tmp_path / "depth-8.png"
+    Image.fromarray(np.array([[0, 1, 128, 255]], np.uint8)).save(eight)
+    got = read_map(eight, (4, 1), table.get("depth"))
+    assert got.dtype == torch.float32 and got.flatten().tolist() == pytest.approx([0, 1 / 255, 128 / 255, 1])
 
 
 def test_a_depth_map_of_another_type_or_size_is_named(tmp_path: Path) -> None:
@@ -62,15 +69,174 @@ def test_a_depth_map_of_another_type_or_size_is_named(tmp_path: Path) -> None:
         read_map(grey, (8, 8), table.get("depth"))
 
 
-def test_the_depth_loss_is_l1_on_per_patch_normalised_targets() -> None:
+def _depth_pair(tmp_path: Path) -> list[Path]:
+    """Two 16-bit depth maps (24 x 24) on exact 8-bit levels (multiples of 257) that differ only by 100 / 65535
+    (less than 1/255 of the range: the same map at 8 bits) in their left half, with a few extreme values."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(40, 200, (24, 24)).astype(np.int64) * 257
+    base[0, :3], base[-1, -3:] = 0, 65535 - 257  # outliers: the cut of the truncated standardisation matters
+    other = base.copy()
+    other[:, :12] += 100
+    paths = []
+    for k, arr in enumerate((base, other)):
+        paths.append(tmp_path / f"d{k}.png")
+        Image.fromarray(arr.astype(np.uint16)).save(paths[-1])
+    return paths
+
+
+def _through_the_reader(paths: list[Path], targets: dict[str, str] | None = None) -> torch.Tensor:
+    """The maps as the model reads them: read_map → the joint transform (resampled 24 → 16 px) → collate →
+    inputs_on_device (with ``model.image_targets`` = ``targets``): (B, 1, 16, 16) float."""
+    from cfmae_cli.data.dataset import collate, make_item
+    from cfmae_cli.data.transforms import JointTransform, inputs_on_device
+
+    t = JointTransform(16, 4, 16, (0.2, 1.0), (0.75, 1.33), 0.0, (0.5,) * 3, (0.5,) * 3, train=False,
+                       normalize=False)
+    items = [make_item(*t(torch.zeros(3, 24, 24, dtype=torch.uint8), {"depth": read_map(p, (24, 24),
+                                                                                          table.get("depth"))}), 0)
+             for p in paths]
+    batch = collate(items)
+    args = (batch, ["depth"], (0.5,) * 3, (0.5,) * 3)
+    return (inputs_on_device(*args, targets) if targets is not None else inputs_on_device(*args))["depth"]
+
+
+def test_depth_below_an_eighth_bit_reaches_the_target_and_the_loss(tmp_path: Path) -> None:
+    """Two maps equal at 8 bits, different at 16: different inputs, targets and losses, by the real reader, the
+    real resampling and the real target (standardised by default, and per patch under the option)."""
+    x = _through_the_reader(_depth_pair(tmp_path))
+    assert x.dtype == torch.float32 and x.shape == (2, 1, 16, 16)
+    assert (x[0] - x[1]).abs().max() > 1e-3  # standardised units: the 100 / 65535 step is there
+    pred, mask = torch.zeros(1, 4, 64), torch.ones(1, 4, dtype=torch.bool)
+    depth = table.get("depth")
+    losses = [modality_loss(depth, pred, x[k:k + 1], mask, 8, 0, norm_pix=True) for k in range(2)]
+    assert abs(float(losses[0]) - float(losses[1])) > 1e-4
+    from cfmae_cli.model.losses import image_target
+
+    for target in ("standardise", "patch_norm", "raw"):
+        t = image_target(x, 8, target)
+        assert (t[0] - t[1]).abs().max() > 1e-4, target
+    raw = _through_the_reader(_depth_pair(tmp_path), {"depth": "patch_norm"})  # the input in [0, 1]
+    step = (raw[1] - raw[0])[0]  # the left half 100 / 65535 higher, the right half equal
+    assert step[:, :7].min() > 0.9 * 100 / 65535 and step[:, 9:].abs().max() < 1e-7
+    assert step[:, :7].max() < 1.1 * 100 / 65535
+
+
+def test_the_default_depth_target_and_input_are_multimaes_truncated_standardisation(tmp_path: Path) -> None:
+    """Per image: mean 0 and std 1 over the middle 80 % of its values (sorted, int(0.1 n) to int(0.9 n)),
+    MultiMAE's formula; the model's depth input is that map, its target the same map, and the loss L1 to it."""
+    from cfmae_cli.model.losses import image_target
+
+    depth = table.get("depth")
+    assert depth.target == "standardise" and table.target_of(depth) == "standardise"
+    assert table.target_of(depth, {}, norm_pix_loss=False) == "standardise"  # MAE's flag is RGB's
+    raw = _through_the_reader(_depth_pair(tmp_path), {"depth": "raw"})
+    x = _through_the_reader(_depth_pair(tmp_path))  # the default: standardised
+    target = image_target(x, 8, table.target_of(depth))
+    for k in range(2):
+        values = np.sort(target[k].flatten().double().numpy())
+        n = values.size
+        middle = values[int(0.1 * n):int(0.9 * n)]
+        assert abs(middle.mean()) < 1e-5 and abs(middle.std(ddof=1) - 1) < 1e-3  # (the 1e-6 under the root)
+        # MultiMAE's formula on the map in [0, 1], written out: (d - mean_trunc) / sqrt(var_trunc + 1e-6)
+        d = raw[k].flatten().double().numpy()
+        trunc = np.sort(d)[int(0.1 * n):int(0.9 * n)]
+        want = (d - trunc.mean()) / np.sqrt(trunc.var(ddof=1) + 1e-6)
+        assert np.allclose(x[k].flatten().double().numpy(), want, atol=1e-5)  # the input
+        assert np.allclose(target[k].reshape(4, 8, 8).numpy().reshape(2, 2, 8, 8).transpose(0, 2, 1, 3)
+                           .reshape(-1), want, atol=1e-5)  # the target (patches back in raster order)
+    assert not np.allclose(x.numpy(), raw.numpy())
     torch.manual_seed(0)
-    x = torch.rand(2, 1, 16, 16)
     pred = torch.randn(2, 4, 64)
     mask = torch.tensor([[True, False, True, True], [False, False, True, False]])
-    target = normalise_patches(patchify_rgb(x, 8).float())
-    per_token = (pred - target).abs().mean(-1)
-    want = per_token[mask].mean()
-    assert torch.allclose(modality_loss(table.get("depth"), pred, x, mask, 8, 0, norm_pix=True), want)
+    want = (pred - patchify_rgb(x, 8)).abs().mean(-1)[mask].mean()
+    assert torch.allclose(modality_loss(depth, pred, x, mask, 8, 0, norm_pix=True), want, atol=1e-5)
+
+
+def test_model_image_targets_switches_depth_back_to_per_patch_normalisation(tmp_path: Path) -> None:
+    from cfmae_cli.config import load_config
+
+    cfg = load_config("demo", ["model.image_targets={depth: patch_norm}"]).model
+    assert cfg.image_targets == {"depth": "patch_norm"}
+    depth = table.get("depth")
+    assert table.target_of(depth, cfg.image_targets, cfg.norm_pix_loss) == "patch_norm"
+    x = _through_the_reader(_depth_pair(tmp_path), cfg.image_targets)  # the input: the map in [0, 1]
+    assert 0 <= float(x.min()) and float(x.max()) <= 1
+    torch.manual_seed(0)
+    pred = torch.randn(2, 4, 64)
+    mask = torch.tensor([[True, False, True, True], [False, False, True, False]])
+    want = (pred - normalise_patches(patchify_rgb(x, 8))).abs().mean(-1)[mask].mean()
+    got = modality_loss(depth, pred, x, mask, 8, 0, cfg.norm_pix_loss, cfg.image_targets)
+    assert torch.allclose(got, want)
+    raw = modality_loss(depth, pred, x, mask, 8, 0, cfg.norm_pix_loss, {"depth": "raw"})
+    assert torch.allclose(raw, (pred - patchify_rgb(x, 8)).abs().mean(-1)[mask].mean())
+    # RGB keeps MAE's norm-pix loss under model.norm_pix_loss, whatever depth does
+    rgb = table.get("rgb")
+    assert table.target_of(rgb, cfg.image_targets, True) == "patch_norm"
+    assert table.target_of(rgb, cfg.image_targets, False) == "raw"
+
+
+def test_a_stored_config_without_image_targets_keeps_per_patch_normalisation() -> None:
+    """A run written before the key (its stored config lacks it) resumes and is read with per-patch normalised
+    depth targets, on the depth map in [0, 1], and, as before, raw targets when it ran without norm-pix."""
+    from cfmae_cli.config import Config, stored_config
+
+    old = Config().model_dump(mode="json")
+    del old["model"]["image_targets"]
+    cfg = stored_config(old, "an old checkpoint")
+    assert cfg.model.image_targets == {"depth": "patch_norm"}
+    assert table.target_of(table.get("depth"), cfg.model.image_targets, cfg.model.norm_pix_loss) == "patch_norm"
+    old["model"]["norm_pix_loss"] = False
+    cfg = stored_config(old, "an old checkpoint")
+    assert table.target_of(table.get("depth"), cfg.model.image_targets, cfg.model.norm_pix_loss) == "raw"
+    new = stored_config(Config().model_dump(mode="json"), "a new checkpoint")  # the key stored: {} = defaults
+    assert table.target_of(table.get("depth"), new.model.image_targets, new.model.norm_pix_loss) == "standardise"
+
+
+def test_image_targets_names_image_modalities_only() -> None:
+    from cfmae_cli.config import load_config
+    from cfmae_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.image_targets: instance: a map of ids"):
+        load_config("demo", ["model.image_targets={instance: raw}"])
+    with pytest.raises(ConfigError, match="model.image_targets.depth: Input should be 'standardise', "
+                                          "'patch_norm' or 'raw'"):
+        load_config("demo", ["model.image_targets={depth: per_patch}"])
+
+
+def test_pack_leaves_depth_to_the_folder_layout_and_says_so(tmp_path: Path, caplog) -> None:
+    from cfmae_cli.data.packed import PackedDataset, pack_dataset
+    from cfmae_cli.data.transforms import JointTransform
+    from cfmae_cli.errors import DataError
+
+    data = make_dataset(tmp_path / "data", n_per_class=1)
+    add_depth(data)
+    with caplog.at_level("WARNING"):
+        manifest = pack_dataset(data, tmp_path / "packed", size=32)
+    assert manifest["maps"] == ["instance", "semantic"] and "depth/ not packed" in caplog.text
+    t = JointTransform(32, 2, 16, (0.3, 1.0), (0.75, 1.33), 0.0, (0.0,) * 3, (1.0,) * 3, normalize=False)
+    with pytest.raises(DataError, match="asks for depth too: `cfmae pack` stores the id maps only"):
+        PackedDataset(tmp_path / "packed", t, ["instance", "semantic", "depth"])
+
+
+def test_the_model_loss_follows_model_image_targets() -> None:
+    """End to end: the model's depth loss is the per-patch normalised one for a config that asks for it (an old
+    run's), the standardised one by default."""
+    from cfmae_cli.model import CFMAE
+    from tests.conftest import tiny_config
+
+    four = ["data.modalities=[rgb,instance,semantic,depth]", "model.decoder.order=[semantic,instance,depth,rgb]"]
+    cfg = tiny_config(*four, "model.image_targets={depth: patch_norm}")
+    torch.manual_seed(0)
+    model = CFMAE(cfg, 3)
+    n = model.grid ** 2
+    x = torch.rand(2, 1, 32, 32)
+    batch = {"rgb": torch.randn(2, 3, 32, 32), "instance": torch.zeros(2, 16, 16, dtype=torch.long),
+             "semantic": torch.zeros(2, 16, 16, dtype=torch.long), "depth": x}
+    pred = {name: torch.randn(2, n, model.head_dim(name)) for name in model.modalities}
+    mask = torch.ones(2, 4, n, dtype=torch.bool)
+    got = model.losses(pred, batch, mask)["losses"]["depth"]
+    want = (pred["depth"] - normalise_patches(patchify_rgb(x, 8))).abs().mean(-1).mean()
+    assert torch.allclose(got, want)
 
 
 @pytest.mark.parametrize("visible", [98, 196])

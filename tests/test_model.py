@@ -68,13 +68,13 @@ def test_without_cross_attention_still_cascades_but_reads_no_other_modality() ->
     model = CFMAE(cfg, 3).eval()
     batch, mask = _batch(cfg), _random_mask(cfg, 2)
     encoded, keep = model.encode(batch, mask)
-    h = model.decoder.full_tokens(encoded, keep)
+    h, glob = model.decoder.full_tokens(encoded, keep)
     n = cfg.tokens_per_modality
     zeros = torch.zeros_like(h[:, :n])
-    sem_only = model.decoder.tasks["semantic"](h[:, 2 * n:], h, zeros)
+    sem_only = model.decoder.tasks["semantic"](h[:, 2 * n:], h, zeros, glob)
     h2 = h.clone()
     h2[:, :2 * n] += 1.0  # change the rgb and instance segments: no effect without cross-attention
-    assert torch.allclose(sem_only, model.decoder.tasks["semantic"](h2[:, 2 * n:], h2, zeros))
+    assert torch.allclose(sem_only, model.decoder.tasks["semantic"](h2[:, 2 * n:], h2, zeros, glob))
 
 
 def test_forward_shapes_and_loss_terms() -> None:

@@ -21,7 +21,8 @@ def describe_derived(info: dict, optim: OptimConfig) -> list[str]:
         f"{info['devices']} device(s) x {info['accumulation_steps']} accumulation step(s)",
         f"lr                  {info['lr']:.1e} " + ("(optim.lr, set explicitly)" if optim.lr is not None else
                                                  f"(= base_lr {optim.base_lr:.1e} x {info['effective_batch']} / 256)"),
-        f"decoder order       {' → '.join(info['decoder_order'])}",
+        f"modalities          {' + '.join(info['modalities'])}",
+        f"decoder             {info['decoder']}",
         f"map size            {info['map_size']} x {info['map_size']}",
     ]
 

@@ -154,7 +154,7 @@ def reconstruct(
 
     model, cfg = net.model, net.cfg
     panels = reconstruction_panels(batch, mask, pred, model.modalities, model.classes, model.patches,
-                                   cfg.model.norm_pix_loss, cfg.data.mean, cfg.data.std)
+                                   model.targets, cfg.data.mean, cfg.data.std)
     legend = class_legend(batch, mask, pred, model.modalities, net.classes)
     save_grid(panels, out, f"{net.path}: input {'+'.join(inputs)}, masking {masking}, {visible} visible", legend)
     report = {"tool": software(), "checkpoint": str(net.path), "inputs": inputs, "masking": masking,

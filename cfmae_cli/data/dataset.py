@@ -35,7 +35,9 @@ class Skipped:
 
 
 def read_map(path, expect_size: tuple[int, int], modality: table.Modality) -> Tensor:
-    """An image's map of ``modality`` at the image's size: ids (h, w) long, or an image (channels, h, w) uint8."""
+    """An image's map of ``modality`` at the image's size: ids (h, w) long; or an image (channels, h, w): one
+    channel as float32 in [0, 1] at the file's full precision (8-bit grey value / 255, 16-bit grey value /
+    65535: depth), three channels uint8."""
     with Image.open(path) as im:
         if im.size != expect_size:
             raise BadSample(f"{path}: map size {im.size[0]}x{im.size[1]} differs from the image's "
@@ -44,12 +46,13 @@ def read_map(path, expect_size: tuple[int, int], modality: table.Modality) -> Te
             if modality.modes is not None and im.mode not in modality.modes:
                 raise BadSample(f"{path}: a {modality.name} map must be a single-channel 8- or 16-bit PNG, got PIL "
                                 f"mode {im.mode}")
-            if im.mode.startswith("I") and modality.channels == 1:  # 16-bit grey: read at 8 bits
-                wide = np.asarray(im).astype(np.int64)
-                arr = ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)[..., None]
-            else:
-                mode = "RGB" if modality.channels == 3 else "L"
-                arr = np.asarray(im.convert(mode)).reshape(im.size[1], im.size[0], modality.channels)
+            if modality.channels == 1:
+                wide = im.mode.startswith("I")  # 16-bit grey (I;16…, or I from an older Pillow)
+                grey = np.asarray(im if wide or im.mode == "L" else im.convert("L"))
+                top = 65535 if wide else 255
+                arr = (np.clip(grey, 0, top).astype(np.float32) / np.float32(top))[None]
+                return torch.from_numpy(np.ascontiguousarray(arr))
+            arr = np.asarray(im.convert("RGB")).reshape(im.size[1], im.size[0], modality.channels)
             return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
         arr = np.asarray(im)
     if arr.ndim != 2:
@@ -86,9 +89,10 @@ class SeededDataset(Dataset):
 
 
 class MultiGranularDataset(SeededDataset):
-    """Items are dicts: ``rgb`` (3, S, S), each map of ``modalities`` (ids (S/s, S/s) long, as the table of
-    modalities says), ``label`` (class folder index) — or a :class:`Skipped` record. ``reduce_zero_label``
-    (ADE20K): 0 = 'other' of the manifest-class map becomes unlabelled, k becomes k-1."""
+    """Items are dicts: ``rgb`` (3, S, S), each map of ``modalities`` (ids (S/s, S/s) long, a one-channel image
+    (1, S, S) float32 in [0, 1], as the table of modalities says), ``label`` (class folder index) — or a
+    :class:`Skipped` record. ``reduce_zero_label`` (ADE20K): 0 = 'other' of the manifest-class map becomes
+    unlabelled, k becomes k-1."""
 
     def __init__(self, samples: list[Sample], transform: JointTransform, modalities: list[str],
                  num_semantic_classes: int, seed: int = 0, reduce_zero_label: bool = False):
@@ -143,8 +147,9 @@ def make_item(rgb: Tensor, maps: dict[str, Tensor], label: int) -> dict[str, Any
 
 
 def collate(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
-    """Stack the good items; ``skipped`` lists the bad ones. Tensors are stacked (maps stay long, RGB float32),
-    integers (``label``, …) become a long tensor; ``size`` = count."""
+    """Stack the good items; ``skipped`` lists the bad ones. Tensors are stacked in their dtype (id maps long,
+    RGB uint8 or float32, a one-channel image map float32 at its full precision), integers (``label``, …)
+    become a long tensor; ``size`` = count."""
     good = [x for x in items if not isinstance(x, Skipped)]
     out: dict[str, Any] = {"skipped": [x for x in items if isinstance(x, Skipped)], "size": len(good)}
     if good:

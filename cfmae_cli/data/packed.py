@@ -10,7 +10,8 @@ on the original.
 Layout: ``PACKED/cfmae-packed.json`` (format, sizes, classes, shards, what was skipped),
 ``shard-NNNNN.jpg.bin`` + ``shard-NNNNN.offsets.npy`` (int64, count+1), ``shard-NNNNN.instance.npy`` (uint8, or
 uint16 when a shard has an id above 255),
-``shard-NNNNN.semantic.npy`` (uint8), ``shard-NNNNN.labels.npy`` (int32).
+``shard-NNNNN.semantic.npy`` (uint8), ``shard-NNNNN.labels.npy`` (int32). Only the id maps of the table are
+packed: an image map (depth) is not (a run with it reads the folder layout, at the map's full precision).
 """
 
 from __future__ import annotations
@@ -140,6 +141,10 @@ def pack_dataset(src: Path, out: Path, size: int = 256, map_scale: int = 2, shar
         raise DataError(f"--size {size} is not divisible by --map-scale {map_scale}.")
     source = read_manifest(src)
     samples, classes = list_samples(src, maps=id_maps())
+    unpacked = [m.name for m in table.TABLE.values() if m.kind == "image" and m.is_map and (src / m.name).is_dir()]
+    if unpacked:
+        log.warning("%s: %s not packed (cfmae pack stores the id maps); a run with %s reads the folder layout",
+                    src, ", ".join(f"{m}/" for m in unpacked), " or ".join(unpacked))
     _claim(out)
     c_sem = int(source["num_semantic_classes"])
     jobs = [(out, k, samples[i:i + shard_size], size, size // map_scale, quality, c_sem)
@@ -233,6 +238,12 @@ class PackedDataset(SeededDataset):
         manifest = read_packed_manifest(self.root)
         self.packed = list(manifest.get("maps", ["instance", "semantic"]))  # (packs written before the key)
         lacking = [m for m in self.modalities if m not in self.packed]
+        images = [m for m in lacking if table.get(m).kind == "image"]
+        if images:
+            raise DataError(f"{self.root}: a packed dataset of the maps {', '.join(self.packed)}; data.modalities "
+                            f"asks for {', '.join(images)} too: `cfmae pack` stores the id maps only (an image map, "
+                            f"such as depth, is read from the folder layout at its full precision); train from the "
+                            f"folder layout (--data DATA).")
         if lacking:
             raise DataError(f"{self.root}: a packed dataset of the maps {', '.join(self.packed)}; data.modalities "
                             f"asks for {', '.join(lacking)} too: train from the folder layout, or pack data with "

@@ -3,10 +3,13 @@
 One random-resized-crop and one flip draw apply to all three; the image is resized bilinearly (antialiased,
 torchvision ``transforms.v2``) to ``img_size``, the maps from the same crop box with centre-aligned nearest
 neighbour (:func:`~cfmae_cli.data.maps.resample_map`) to ``img_size / map_stride``, so that a map cell holds the
-id under its centre and the maps stay on the image.
+id under its centre and the maps stay on the image. An image map (depth) is resampled like the image, in
+float32 when it was read so (a 16-bit depth map keeps its precision).
 """
 
 from __future__ import annotations
+
+from typing import Mapping
 
 import torch
 from torch import Tensor
@@ -50,8 +53,9 @@ class JointTransform:
     Returns rgb float (3, S, S) normalised with ``mean``/``std`` — or, with ``normalize=False``, uint8 (3, S, S)
     for :func:`normalize_on_device` (a quarter of the bytes through the loader and to the GPU) — and the maps
     as the table of modalities says: id maps long (S/s, S/s) at the cells' centres, canonical ids where the
-    entry asks (instance); image maps uint8 (C, S', S') resampled like the image. ``train=False`` takes the
-    centred square of the image, resized (no randomness).
+    entry asks (instance); image maps (C, S', S') resampled like the image (bilinear, antialiased) in their
+    own dtype: uint8 stays uint8, a float map (depth, read at its full precision) stays float32 and is not
+    quantised. ``train=False`` takes the centred square of the image, resized (no randomness).
     """
 
     def __init__(self, img_size: int, map_stride: int, num_instance_ids: int, scale: tuple[float, float],
@@ -106,14 +110,21 @@ def normalize_on_device(rgb: Tensor, mean: tuple[float, ...], std: tuple[float, 
 
 
 def inputs_on_device(batch: dict[str, Tensor], modalities: list[str], mean: tuple[float, ...],
-                     std: tuple[float, ...]) -> dict[str, Tensor]:
-    """The batch's modalities as the model reads them: images as float (normalised with ``mean`` / ``std`` where
-    the table of modalities says, else scaled to [0, 1]), id maps as they are."""
+                     std: tuple[float, ...], targets: Mapping[str, str] | None = None) -> dict[str, Tensor]:
+    """The batch's modalities as the model reads them: images as float32 (normalised with ``mean`` / ``std``
+    where the table of modalities says, else uint8 scaled to [0, 1] and float maps as they are, e.g. depth at
+    its full precision), then standardised per image (MultiMAE's truncated standardisation,
+    :func:`~cfmae_cli.modalities.standardise_per_image`) where the modality's target is ``standardise`` (the
+    entry's, unless ``targets`` — ``model.image_targets`` — names it); id maps as they are."""
     out = {}
     for name in modalities:
         x, spec = batch[name], table.get(name)
         if spec.kind == "image":
-            x = normalize_on_device(x, mean, std) if spec.normalise else (x.float() / 255 if x.dtype == torch.uint8
-                                                                         else x)
+            if spec.normalise:
+                x = normalize_on_device(x, mean, std)
+            else:
+                x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+            if table.target_of(spec, targets) == "standardise":
+                x = table.standardise_per_image(x)
         out[name] = x
     return out

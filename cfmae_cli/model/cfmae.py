@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from cfmae_cli import modalities as table
 from cfmae_cli.config import Config, EncoderArch
 from cfmae_cli.model.align import AlignHead, align_loss, pooled_encoder_tokens
-from cfmae_cli.model.decoder import CFMAEDecoder
+from cfmae_cli.model.decoder import build_decoder
 from cfmae_cli.model.encoder import build_encoder
 from cfmae_cli.model.layers import embed_tokens, init_weights, map_adapters, patch_side
 from cfmae_cli.model.losses import modality_loss
@@ -34,14 +34,19 @@ class CFMAE(nn.Module):
         self.classes = {name: table.num_classes(table.get(name), num_semantic_classes, m.num_instance_ids)
                         for name in self.modalities if table.get(name).kind == "ids"}
         self.patches = {name: patch_side(name, m.patch_size, m.map_stride) for name in self.modalities}
+        #: each image modality's regression target (raw, patch_norm, standardise), model.image_targets applied
+        self.targets = {name: table.target_of(table.get(name), m.image_targets, m.norm_pix_loss)
+                        for name in self.modalities if table.get(name).kind == "image"}
         self.encoder = build_encoder(EncoderArch.of(m), cfg.data.img_size, m.drop_path)
         self.grid = self.encoder.grid
         self.adapters = map_adapters(self.modalities, m.embed_dim, m.map_embed_dim, m.patch_size, m.map_stride,
                                      self.classes)
-        self.decoder = CFMAEDecoder(m.decoder, m.embed_dim, self.modalities, self.grid)
-        self.heads = nn.ModuleDict({
-            name: nn.Sequential(nn.LayerNorm(m.decoder.dim, eps=1e-6), nn.Linear(m.decoder.dim, self.head_dim(name)))
-            for name in self.modalities})
+        self.decoder = build_decoder(m.decoder, m.embed_dim, self.modalities, self.grid)
+        # a norm before each linear head (MultiMAE's output projection has none; index 1 stays the linear layer)
+        head_norm = (lambda: nn.Identity()) if m.decoder.kind == "multimae" else \
+            (lambda: nn.LayerNorm(m.decoder.dim, eps=1e-6))
+        self.heads = nn.ModuleDict({name: nn.Sequential(head_norm(), nn.Linear(m.decoder.dim, self.head_dim(name)))
+                                    for name in self.modalities})
         self._init_weights()
         self.align_head: AlignHead | None = None
         if m.align.enabled and align_dim:  # built after the rest: every other weight starts as without it
@@ -56,12 +61,12 @@ class CFMAE(nn.Module):
 
     def _init_weights(self) -> None:
         init_weights(self)
-        for param in (self.encoder.cls_token, self.decoder.mask_token, self.decoder.modality_embed):
-            nn.init.normal_(param, std=0.02)
+        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        self.decoder.init_tokens()
 
     def no_weight_decay(self) -> set[str]:
         """Tokens and embeddings that AdamW must not decay (norms and biases are excluded by shape)."""
-        return {"encoder.cls_token", "encoder.pos_embed", "decoder.mask_token", "decoder.modality_embed"}
+        return {"encoder.cls_token", "encoder.pos_embed"} | {f"decoder.{k}" for k in self.decoder.no_weight_decay()}
 
     # -- forward -----------------------------------------------------------------------------------------
     def tokenize(self, batch: dict[str, Tensor]) -> Tensor:
@@ -113,7 +118,8 @@ class CFMAE(nn.Module):
     def losses(self, pred: dict[str, Tensor], batch: dict[str, Tensor], mask: Tensor) -> dict[str, Any]:
         weights = self.cfg.model.loss_weights
         losses = {name: modality_loss(table.get(name), pred[name], batch[name], mask[:, i], self.patches[name],
-                                      self.classes.get(name, 0), self.cfg.model.norm_pix_loss)
+                                      self.classes.get(name, 0), self.cfg.model.norm_pix_loss,
+                                      self.cfg.model.image_targets)
                   for i, name in enumerate(self.modalities)}
         total = sum(weights.get(name, 1.0) * value for name, value in losses.items())
         return {"loss": total, "losses": losses}

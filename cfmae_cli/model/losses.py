@@ -1,13 +1,16 @@
-"""Targets and losses (Eqs. 3, 5): only masked tokens count; id 255 is ignored; never NaN."""
+"""Targets and losses (Eqs. 3, 5): only masked tokens count; id 255 is ignored; never NaN. An image's target is
+raw, per-patch normalised (MAE) or standardised per image (MultiMAE's depth), as the table of modalities and
+``model.image_targets`` say."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cfmae_cli import modalities as table
 from cfmae_cli.formats import UNLABELLED
 from cfmae_cli.modalities import Modality
 
@@ -53,24 +56,38 @@ def mse_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return _masked_mean(per_token, mask.float())
 
 
-def rgb_loss(pred: Tensor, images: Tensor, mask: Tensor, patch: int, norm_pix: bool,
+def image_target(images: Tensor, patch: int, target: str) -> Tensor:
+    """The regression target of an image modality, in fp32: (B, C, H, W) → (B, N, p·p·C). ``images`` are the
+    modality as the model reads it (:func:`~cfmae_cli.data.transforms.inputs_on_device`). ``target``: ``raw``
+    (those values), ``patch_norm`` (MAE's norm-pix: each patch to mean 0, unbiased variance 1) or
+    ``standardise`` (MultiMAE's: the input itself, which ``inputs_on_device`` has standardised per image with
+    :func:`~cfmae_cli.modalities.standardise_per_image`; the target is exactly what the encoder was given)."""
+    if target not in table.TARGETS:
+        raise ValueError(f"target {target!r}: one of {', '.join(table.TARGETS)}")
+    values = patchify_rgb(images.float(), patch)
+    return normalise_patches(values) if target == "patch_norm" else values
+
+
+def rgb_loss(pred: Tensor, images: Tensor, mask: Tensor, patch: int, norm_pix: bool | str,
              loss: Callable[[Tensor, Tensor, Tensor], Tensor] = mse_loss) -> Tensor:
     """An image modality's loss over masked patches (MSE unless ``loss`` is given), in fp32. pred (B, N,
-    p·p·C), images (B, C, H, W), mask (B, N) bool; ``norm_pix``: MAE's per-patch normalised target."""
-    target = patchify_rgb(images, patch).float()
-    if norm_pix:
-        target = normalise_patches(target)
-    return loss(pred, target, mask)
+    p·p·C), images (B, C, H, W), mask (B, N) bool; ``norm_pix``: a target of :func:`image_target`, or a bool
+    (True: ``patch_norm``, MAE's per-patch normalised target; False: ``raw``)."""
+    target = ("patch_norm" if norm_pix else "raw") if isinstance(norm_pix, bool) else norm_pix
+    return loss(pred, image_target(images, patch, target), mask)
 
 
 def modality_loss(modality: Modality, pred: Tensor, x: Tensor, mask: Tensor, patch: int, classes: int,
-                  norm_pix: bool) -> Tensor:
+                  norm_pix: bool, targets: Mapping[str, str] | None = None) -> Tensor:
     """The loss of one modality over its masked patches (Eq. 5), by the table's entry: an image's regression
-    (its own ``loss``, else MSE; MAE's norm-pix target where the entry and ``model.norm_pix_loss`` say), an id
-    map's cross-entropy. ``patch`` is the side of a patch in the modality's pixels."""
+    (its own ``loss``, else MSE) on the target of :func:`~cfmae_cli.modalities.target_of` (the entry's, unless
+    ``targets`` — ``model.image_targets`` — names the modality; ``patch_norm`` only under
+    ``model.norm_pix_loss``), an id map's cross-entropy. ``x`` is the modality as the model reads it
+    (:func:`~cfmae_cli.data.transforms.inputs_on_device`, with the same ``targets``: a ``standardise`` image comes
+    standardised, and is its own target). ``patch`` is the side of a patch in the modality's pixels."""
     if modality.kind == "ids":
         return map_loss(pred, x, mask, classes)
-    return rgb_loss(pred, x, mask, patch, norm_pix and modality.norm_pix, modality.loss or mse_loss)
+    return rgb_loss(pred, x, mask, patch, table.target_of(modality, targets, norm_pix), modality.loss or mse_loss)
 
 
 def map_loss(logits: Tensor, ids: Tensor, mask: Tensor, num_classes: int) -> Tensor:

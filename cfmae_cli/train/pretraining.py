@@ -82,7 +82,8 @@ class PretrainTask(Task):
                         ) -> tuple[dict[str, Tensor], Tensor]:
         """The model's inputs (images as float, on the device) and the masks (Eq. 11) of a batch at the
         curriculum's (α_I, α_S); the masking strategies read their guide maps as the table of modalities says."""
-        inputs = inputs_on_device(batch, self.modalities, self.cfg.data.mean, self.cfg.data.std)
+        inputs = inputs_on_device(batch, self.modalities, self.cfg.data.mean, self.cfg.data.std,
+                                  self.cfg.model.image_targets)
         n = inputs[self.modalities[0]].shape[0]
         with torch.no_grad():
             mask = self.masks(*alphas, n, self.device, seed=seed, **table.guide_maps(inputs, self.modalities)).mask
@@ -153,7 +154,7 @@ class PretrainTask(Task):
             pred = self.model(batch, mask)["pred"]
         self.model.train()
         panels = reconstruction_panels(batch, mask, pred, self.modalities, self.model.classes, self.model.patches,
-                                       self.cfg.model.norm_pix_loss, self.cfg.data.mean, self.cfg.data.std)
+                                       self.model.targets, self.cfg.data.mean, self.cfg.data.std)
         legend = class_legend(batch, mask, pred, self.modalities, self.semantic_classes)
         return save_grid(panels, run_dir / "plots" / f"recon-epoch-{epoch:04d}.png",
                          f"epoch {epoch}   α_I {alpha_i:.2f}   α_S {alpha_s:.2f}", legend)

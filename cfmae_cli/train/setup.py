@@ -99,9 +99,9 @@ def describe_schedule(plan: dict[str, Any], cfg: Any) -> list[str]:
 
 
 def describe_tokens(plan: dict[str, Any]) -> list[str]:
-    """The pre-training lines of the plan: tokens and decoder order."""
-    return [f"plan: {plan['num_visible']} visible of {plan['tokens_total']} tokens; decoder "
-            f"{' → '.join(plan['decoder_order'])}"]
+    """The pre-training lines of the plan: tokens and the decoder."""
+    return [f"plan: {plan['num_visible']} visible of {plan['tokens_total']} tokens of "
+            f"{' + '.join(plan['modalities'])}; decoder {plan['decoder']}"]
 
 
 def describe_plan(plan: dict[str, Any], cfg: Config) -> list[str]:

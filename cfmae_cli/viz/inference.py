@@ -100,7 +100,7 @@ def prepare(net: Pretrained, images: list[np.ndarray], maps: list[dict[str, np.n
            for im, mp in zip(images, maps)]
     batch = {"rgb": torch.stack([o[0] for o in out])}
     batch.update({m: torch.stack([o[1][m] for o in out]) for m in out[0][1]})
-    batch = inputs_on_device(batch, list(batch), d.mean, d.std)  # (rgb comes normalised already)
+    batch = inputs_on_device(batch, list(batch), d.mean, d.std, net.cfg.model.image_targets)  # (rgb normalised)
     return {m: x.to(device) for m, x in batch.items()}
 
 
@@ -137,8 +137,9 @@ def input_masks(net: Pretrained, inputs: list[str], strategy: str, num_visible: 
 
 def errors(net: Pretrained, batch: dict[str, Tensor], mask: Tensor, pred: dict[str, Tensor],
            reference_ok: dict[str, bool]) -> list[dict[str, dict[str, float]]]:
-    """Per image and modality, on the masked patches: images the MSE in [0, 1] pixels; id maps the pixel
-    accuracy and mIoU (classes present in the reference or the prediction, id 255 ignored)."""
+    """Per image and modality, on the masked patches: images the MSE in [0, 1] pixels (a standardised image,
+    depth by default: in its standardised units); id maps the pixel accuracy and mIoU (classes present in the
+    reference or the prediction, id 255 ignored)."""
     from cfmae_cli.model.losses import patchify_map, patchify_rgb
     from cfmae_cli.viz.recon import map_prediction, rgb_prediction
 
@@ -149,7 +150,7 @@ def errors(net: Pretrained, batch: dict[str, Tensor], mask: Tensor, pred: dict[s
         if not reference_ok.get(name, True) or not bool(m.any()):
             continue
         if spec.kind == "image":
-            image = rgb_prediction(pred[name], x, m, side, cfg.model.norm_pix_loss and spec.norm_pix)
+            image = rgb_prediction(pred[name], x, m, side, model.targets[name] == "patch_norm")
             scale = torch.tensor(cfg.data.std, device=mask.device).view(1, 3, 1, 1) if spec.normalise else 1.0
             diff = patchify_rgb((image - x) * scale, side).pow(2).mean(-1)  # pixels in [0, 1]
             for k in range(len(out)):

@@ -75,20 +75,36 @@ def _grey_out(pixels: np.ndarray, mask: Tensor, grid: int) -> np.ndarray:
     return out
 
 
-def image_pixels(images: Tensor, modality: Modality, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+def image_pixels(images: Tensor, modality: Modality, mean: tuple[float, ...], std: tuple[float, ...],
+                 span: tuple[Tensor, Tensor] | None = None) -> np.ndarray:
     """An image modality as the model reads it (B, C, H, W) → uint8 (B, H, W, 3): de-normalised where the table
-    says it is normalised, else values in [0, 1]; one channel drawn grey."""
+    says it is normalised, else values in [0, 1], or in ``span`` = (low, high) per image (B, 1, 1, 1) mapped to
+    [0, 1]; one channel drawn grey."""
     if modality.normalise:
         return rgb_pixels(images, mean, std)
-    x = (images.float().cpu().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    x = images.float().cpu()
+    if span is not None:
+        low, high = span
+        x = (x - low) / (high - low).clamp_min(1e-6)
+    x = (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     return x.repeat(3, axis=-1) if x.shape[-1] == 1 else x
 
 
+def display_span(images: Tensor) -> tuple[Tensor, Tensor]:
+    """A standardised image's drawing range: its 2nd and 98th percentiles per image, (B, 1, 1, 1) each."""
+    flat = images.float().cpu().flatten(1)
+    low, high = torch.quantile(flat, torch.tensor([0.02, 0.98]), dim=1)
+    return low.view(-1, 1, 1, 1), high.view(-1, 1, 1, 1)
+
+
 def reconstruction_panels(batch: dict[str, Tensor], mask: Tensor, pred: dict[str, Tensor], modalities: list[str],
-                          classes: dict[str, int], patches: dict[str, int], norm_pix: bool, mean: tuple[float, ...],
-                          std: tuple[float, ...]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                          classes: dict[str, int], patches: dict[str, int], targets: dict[str, str | None],
+                          mean: tuple[float, ...], std: tuple[float, ...]
+                          ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per modality: (masked input, prediction, reference) as uint8 (B, S, S, 3) arrays at image size; images
-    as pixels, id maps in the palette (the table of modalities says which)."""
+    as pixels, id maps in the palette (the table of modalities says which). ``targets``: each image modality's
+    regression target (:attr:`CFMAE.targets`): a ``patch_norm`` prediction is mapped back with the reference
+    patches' statistics; a ``standardise`` image (depth) is drawn over its reference's 2–98 % range."""
     first = table.embedding_modality()
     size = batch[first].shape[-1] if first in batch else None
     colours = palette()
@@ -97,9 +113,10 @@ def reconstruction_panels(batch: dict[str, Tensor], mask: Tensor, pred: dict[str
         m, spec, x = mask[:, i], table.get(name), batch[name]
         grid = int(round(m.shape[1] ** 0.5))
         if spec.kind == "image":
-            ref = image_pixels(x, spec, mean, std)
-            guess = rgb_prediction(pred[name], x, m, patches[name], norm_pix and spec.norm_pix)
-            out = image_pixels(guess, spec, mean, std)
+            span = display_span(x) if targets.get(name) == "standardise" else None
+            ref = image_pixels(x, spec, mean, std, span)
+            guess = rgb_prediction(pred[name], x, m, patches[name], targets.get(name) == "patch_norm")
+            out = image_pixels(guess, spec, mean, std, span)
         else:
             ref = colours[x.clamp(0, 255).cpu().numpy()]
             out = colours[map_prediction(pred[name], x, m, classes[name]).clamp(0, 255).cpu().numpy()]
