@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -149,116 +147,4 @@ def test_wrong_checkpoint_kind_and_no_run_exit_2(trained: Path, tmp_path: Path, 
     assert result.exit_code == 2 and "--modalities depth: choose from rgb, instance, semantic" in result.output
 
 
-# -- attention statistics (attention-map --stats) ------------------------------------------------------------
-def test_patch_fractions_follow_the_patches_row_by_row_and_cell_by_cell() -> None:
-    from cfmae_cli.viz.attention_stats import patch_fractions
-
-    ids = torch.zeros(32, 32, dtype=torch.long)  # a 4 x 4 grid of 8-pixel patches
-    ids[0:8, 0:16] = 3  # the first two patches of the top row: an object
-    ids[8:12, 24:32] = 1  # the upper half of the last patch of the second row
-    ids[31, 31] = 255  # unlabelled is no object
-    objects = patch_fractions(ids, 4).reshape(4, 4)
-    expected = torch.zeros(4, 4)
-    expected[0, :2], expected[1, 3] = 1.0, 0.5
-    assert torch.equal(objects, expected)  # not transposed, not half a patch off
-    regions = patch_fractions(ids, 4, classes=4)
-    assert torch.allclose(regions[7], torch.tensor([0.5, 0.5, 0.0, 0.0]))  # the patch's cells, class by class
-    assert torch.allclose(regions[15], torch.tensor([1.0, 0.0, 0.0, 0.0]))  # its unlabelled cell is left out
-
-
-def test_the_statistics_read_the_patch_the_global_token_looks_at_after_the_prefix() -> None:
-    from cfmae_cli.viz.attention_stats import image_stats
-
-    n, prefix = 16, 2  # e.g. a class and a register token
-    attention = torch.zeros(1, 3, prefix + n, prefix + n)
-    attention[:, :, 0, 1] = 0.5  # the global token's attention to a prefix token is left out
-    attention[:, :, 0, prefix + 5] = 0.5
-    objects = torch.zeros(1, n)
-    objects[0, 5], objects[0, 6] = 1.0, 1.0
-    regions = torch.zeros(1, n, 2)
-    regions[0, :, 0], regions[0, 5] = 1.0, torch.tensor([0.25, 0.75])
-    stats = image_stats([attention], prefix, objects, regions)
-    assert stats["object_share_last"].item() == 1.0 and stats["object_pixel_share"].item() == 2 / 16
-    assert stats["spatial_entropy_last"].item() == 0.0  # one patch
-    assert stats["region_entropy_last"].item() == pytest.approx(-(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75)))
-
-
-def _zero_query_key(blocks: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for block in blocks:
-            dim = block.attn.qkv.weight.shape[1]
-            block.attn.qkv.weight[: 2 * dim] = 0
-            block.attn.qkv.bias[: 2 * dim] = 0
-
-
-def test_with_query_and_key_zeroed_the_object_share_is_the_object_pixel_share(trained: Path) -> None:
-    import timm
-
-    from cfmae_cli.data.layout import list_samples
-    from cfmae_cli.viz import attention_stats as st
-
-    samples, _ = list_samples(trained / "data", ["instance", "semantic"])
-    cpu = torch.device("cpu")
-    ours, _ = st.ours(trained / "run", cpu)
-    vit = timm.create_model("vit_tiny_patch16_224", img_size=64, reg_tokens=2, no_embed_class=True)
-    theirs = st.Subject("timm", "", vit.blocks, vit.forward_features, 64, 16, vit.num_prefix_tokens,
-                        st.IMAGENET_MEAN, st.IMAGENET_STD)
-    for subject in (ours, theirs):
-        before = st.measure(subject, samples, 3, batch_size=3)
-        assert not np.allclose(before["object_share_last"], before["object_pixel_share"])  # a real model looks
-        _zero_query_key(subject.blocks)
-        after = st.measure(subject, samples, 3, batch_size=3)
-        assert after["object_pixel_share"].min() > 0
-        for attended in ("object_share_last", "object_share_rollout"):
-            assert np.allclose(after[attended], after["object_pixel_share"], atol=1e-6)
-        assert np.allclose(after["region_entropy_last"], after["region_entropy_uniform"], atol=1e-5)
-        assert np.allclose(after["spatial_entropy_last"], 1.0, atol=1e-6)
-        assert np.allclose(after["spatial_entropy_rollout"], 1.0, atol=1e-6)
-
-
-def test_stats_table_for_a_run_a_random_init_and_a_timm_model(trained: Path, tmp_path: Path) -> None:
-    import timm
-    from safetensors.torch import save_file
-
-    vit = timm.create_model("vit_tiny_patch16_224")
-    save_file(vit.state_dict(), str(tmp_path / "tiny.safetensors"))
-    out = tmp_path / "stats.json"
-    result = runner.invoke(app, ["attention-map", "--stats", str(trained / "data"), "--checkpoint",
-                                 str(trained / "run"), "--checkpoint", "random", "--model", "vit_tiny_patch16_224",
-                                 "--weights", str(tmp_path / "tiny.safetensors"), "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
-    assert [m["name"] for m in report["models"]] == ["run", "random", "vit_tiny_patch16_224"]
-    assert report["images"] == 8 and [m["img_size"] for m in report["models"]] == [32, 32, 224]
-    share = report["statistics"]["object_pixel_share"]
-    assert share["run"]["mean"] == share["random"]["mean"]  # the same maps at the same grid
-    for key, row in report["statistics"].items():
-        for name in ("run", "random", "vit_tiny_patch16_224"):
-            lo, hi = row[name]["ci95"]
-            assert lo <= row[name]["mean"] <= hi, (key, name)
-    assert "object share, last block" in result.output and "vit_tiny_patch16_224" in result.output
-    # 'random' is the encoder the run started from (its seed 0)
-    from cfmae_cli.viz import attention_stats as st
-
-    _, template = st.ours(trained / "run", torch.device("cpu"))
-    first = st.random_init(template, torch.device("cpu"), seed=0)
-    ckpt = torch.load(trained / "run/checkpoints/epoch-0001.pt", weights_only=True)
-    torch.manual_seed(ckpt["config"]["train"]["seed"])
-    start = CFMAE(tiny_config(), 3).encoder
-    ours, theirs = first.blocks.state_dict(), start.blocks.state_dict()
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-
-
-def test_stats_of_a_folder_without_instance_maps_exit_2_and_write_nothing(trained: Path, tmp_path: Path) -> None:
-    import shutil
-
-    data = tmp_path / "data"
-    shutil.copytree(trained / "data", data)
-    shutil.rmtree(data / "instance")
-    out = tmp_path / "stats.json"
-    result = runner.invoke(app, ["attention-map", "--stats", str(data), "--checkpoint", str(trained / "run"),
-                                 "--out", str(out)])
-    assert result.exit_code == 2 and "no instance/ folder" in result.output and str(data) in result.output
-    assert not out.exists()
-    result = runner.invoke(app, ["attention-map", "--stats", str(trained / "data"), "--model", "vit_tiny_patch16_224"])
-    assert result.exit_code == 2 and "give each --model its --weights" in result.output
+# the attention statistics (attention-map --stats): tests/test_attention_stats.py

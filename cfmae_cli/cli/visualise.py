@@ -183,15 +183,16 @@ def attention_map(
                                          "semantic/): attention statistics over its images, one column per model"),
     model: Optional[list[str]] = typer.Option(None, "--model", help="with --stats: a timm model name (repeatable), "
                                               "each with its --weights"),
-    weights: Optional[list[Path]] = typer.Option(None, "--weights", help="with --stats: the local weights file of "
-                                                 "each --model, in order"),
+    weights: Optional[list[Path]] = typer.Option(None, "--weights", help="with --stats: the local weights file (or "
+                                                 "exported folder) of each --model, in order"),
     max_images: int = typer.Option(1000, "--images", min=1, help="with --stats: at most this many images, spread "
                                    "evenly over the classes"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="with --stats: images per forward"),
     seed: int = typer.Option(0, "--seed", help="with --stats: seed of 'random' and of the bootstrap"),
 ) -> None:
     """Encoder attention over the image (paper Fig. 1), computed with fused attention left on; with --stats, as
-    numbers over a dataset (object share, region and spatial entropy, docs/visualisation.md).
+    numbers over a dataset (object share, region and spatial entropy; per block the patch tokens' mean attention
+    distance and entropy, docs/visualisation.md).
 
     Example: cfmae attention-map photo.jpg --method rollout
 
@@ -316,24 +317,46 @@ def _attention_stats(root: Path, checkpoints: list[str], models: list[str], weig
         console.print(f"{subject.name}: {subject.description}; {subject.img_size} px, {subject.grid}x{subject.grid} "
                       f"patches", highlight=False)
         values = st.measure(subject, samples, classes, batch_size, device)
-        results[subject.name] = {key: st.summarise(v, seed) for key, v in values.items()}
-    rows = [(key, label) for key, label in st.STATS if key in results[names[0]]]
-    view = Table(title=f"attention statistics over {len(samples)} images of {root} (mean [95 % bootstrap interval])")
+        results[subject.name] = st.summarise_all(values, seed)
+    rows = st.table_rows(key for name in names for key in results[name])
+
+    def cell(name: str, row: st.Row) -> str:
+        found = [results[name].get(key) for key in row.keys]
+        if any(c is None or c["mean"] is None for c in found):
+            return "-"
+        if len(found) == 2:  # the nearest and the farthest head
+            return f"{found[0]['mean']:.3f} - {found[1]['mean']:.3f}"
+        c = found[0]
+        return f"{c['mean']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]"
+
+    view = Table(title=f"attention statistics over {len(samples)} images of {root} (mean [95 % bootstrap interval])",
+                 caption=st.BLOCK_NOTE if any(row.section for row in rows) else None, caption_justify="left")
     view.add_column("statistic", no_wrap=True)
     for name in names:
         view.add_column(name, justify="right", no_wrap=True)
-    for key, label in rows:
-        cells = [results[name][key] for name in names]
-        view.add_row(label, *[f"{c['mean']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]" if c["mean"] is not None
-                              else "-" for c in cells])
-    Console(width=max(console.width, 52 + 26 * len(names))).print(view)  # never cut the intervals off
+    section = None
+    for row in rows:
+        if row.section != section:
+            section = row.section
+            view.add_row(f"[bold]{section or 'global token -> patches'}[/bold]", *[""] * len(names))
+        view.add_row(row.label if not row.section else f"  {row.label}", *[cell(name, row) for name in names])
+    labels = [row.section or "global token -> patches" for row in rows] + [f"  {row.label}" for row in rows]
+    widest = max(len(label) for label in labels)
+    cells = [len(cell(name, row)) for name in names for row in rows] + [len(name) for name in names]
+    # never cut the intervals off
+    Console(width=max(console.width, widest + 4 + (max(cells) + 3) * len(names))).print(view)
     if not semantic:
         console.print(f"note: {root} has no semantic/ folder: no region entropy.", highlight=False)
+    statistics = {}
+    for row in rows:
+        for key, label in zip(row.keys, row.long):
+            statistics[key] = {"label": label, **({"block": row.block} if row.block is not None else {}),
+                               **{name: results[name][key] for name in names if key in results[name]}}
     report = {"tool": software(), "data": str(root), "images": len(samples), "cells_per_patch": st.CELLS, "seed": seed,
               "models": [{"name": s.name, "description": s.description, "img_size": s.img_size,
-                          "patch_size": s.patch_size} for s in subjects],
-              "statistics": {key: {"label": label, **{name: results[name][key] for name in names}}
-                             for key, label in rows}}
+                          "patch_size": s.patch_size, "grid": s.grid,
+                          "blocks": len(s.blocks)} for s in subjects],
+              "statistics": statistics}
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {out}", highlight=False)
 

@@ -16,6 +16,21 @@ image:
   entropy of the regions' areas, reported beside it;
 - spatial entropy: ``-sum_p a_p log a_p / log N``, 1 for uniform attention, 0 for one patch.
 
+And in every block, for the patch tokens among themselves: queries the patch tokens, keys the patch tokens
+(the attention to the prefix tokens dropped and each row renormalised over the N patches, so that each row
+is a distribution over the grid), per image:
+
+- mean attention distance (ViT paper, Fig. 7): per head the mean over the queries q of
+  ``sum_k a_qk ||pos_q - pos_k||``, positions on the grid in patch units (row, column); the mean over the
+  heads, and, over the dataset, the heads nearest and farthest on average (:func:`summarise_all`). Uniform
+  attention gives the grid's mean pairwise distance (self pairs included), reported beside it; attention
+  on the query itself gives 0;
+- patch entropy: per query row ``-sum_k a_qk log a_qk / log N``, the mean over the queries and the heads;
+  1 for uniform rows, 0 for rows on one patch.
+
+Each block's (B, heads, L, L) weights are reduced to these numbers as the block runs (:class:`BlockStats`);
+only the global token's rows and the rollout's running product (B, L, L) are kept across blocks.
+
 Means over the images with a 95 % percentile bootstrap interval (seeded; images resampled).
 """
 
@@ -24,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -41,7 +56,7 @@ from cfmae_cli.formats import UNLABELLED
 from cfmae_cli.model.encoder import build_encoder
 from cfmae_cli.model.layers import init_weights
 from cfmae_cli.model.weights import load_weights, read_state, read_weights, timm_model
-from cfmae_cli.viz.attention import encoder_attention, rollout
+from cfmae_cli.viz.attention import rollout, weights_from_qkv
 
 CELLS = 4  # map cells per patch side
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -56,6 +71,21 @@ STATS: list[tuple[str, str]] = [
     ("spatial_entropy_last", "spatial entropy, last block (1 = uniform)"),
     ("spatial_entropy_rollout", "spatial entropy, rollout (1 = uniform)"),
 ]
+#: per-block statistics of the patch tokens (queries and keys the patches): (group, heading in the table)
+BLOCK_GROUPS: list[tuple[str, str]] = [
+    ("mean_distance", "mean attention distance (patches), mean of heads"),
+    ("mean_distance_heads", "mean attention distance: nearest - farthest head"),
+    ("patch_entropy", "patch entropy (1 = uniform), mean of heads"),
+]
+#: what the per-block rows are, under the table
+BLOCK_NOTE = ("per block: the patch tokens' attention to the patch tokens (prefix tokens left out, rows "
+              "renormalised); distance: small = local, large = global; entropy: high = diffuse, 0 = one patch")
+UNIFORM_DISTANCE = ("mean_distance_uniform", "uniform attention (the grid's mean pairwise distance)")
+
+
+def block_key(group: str, block: int) -> str:
+    """The statistic's key of a block, e.g. ``mean_distance_b03`` (blocks counted from 0)."""
+    return f"{group}_b{block:02d}"
 
 
 @dataclass
@@ -135,11 +165,27 @@ def _our_subject(name: str, description: str, encoder: nn.Module, device: torch.
 
 
 def timm_subject(model: str, weights: Path, device: torch.device) -> Subject:
-    """timm's ``model`` with the state dict of ``weights`` (a local file; nothing is downloaded)."""
-    if not Path(weights).is_file():
-        raise CfmaeError(f"--weights {weights}: file not found (give --model NAME a local weights file).")
-    file, state, _, _ = read_state(weights)
-    module = timm_model(model, f"--model {model} --weights {file}", state, extra_ok=True, num_classes=0)
+    """timm's ``model`` with the state dict of ``weights`` (a local file; nothing is downloaded). An exported
+    folder (``model.safetensors`` + ``config.json``, timm's hub format, as ``cfmae export`` writes it), or its
+    ``model.safetensors``, brings its ``config.json``: the ``model_args`` (the exact shape) and the
+    ``pretrained_cfg`` (input size, mean, std) of its ``architecture``, which must be ``model``."""
+    weights = Path(weights)
+    folder = weights if weights.is_dir() else weights.parent
+    exported = (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() and \
+        (weights.is_dir() or weights.name == "model.safetensors")
+    if not exported and not weights.is_file():
+        raise CfmaeError(f"--weights {weights}: file not found (give --model NAME a local weights file, or an "
+                         f"exported folder).")
+    file, state, config, _ = read_state(folder if exported else weights)
+    kwargs: dict[str, Any] = {}
+    if exported and "architecture" in config:
+        if config["architecture"] != model:
+            raise CfmaeError(f"--model {model} --weights {weights}: {folder / 'config.json'} describes timm's "
+                             f"{config['architecture']}; give --model {config['architecture']}.")
+        kwargs = {**config.get("model_args", {}),
+                  "pretrained_cfg_overlay": {**config.get("pretrained_cfg", {}), "num_classes": 0}}
+    module = timm_model(model, f"--model {model} --weights {file}", state, extra_ok=True, **{**kwargs,
+                                                                                             "num_classes": 0})
     if getattr(module, "cls_token", None) is None or not hasattr(module, "blocks"):
         raise CfmaeError(f"--model {model}: not a ViT with a global (class) token; the statistics read its "
                          f"attention.")
@@ -147,7 +193,8 @@ def timm_subject(model: str, weights: Path, device: torch.device) -> Subject:
     size = int(pc.get("input_size", (3, 224, 224))[-1])
     patch = int(module.patch_embed.patch_size[0])
     module = module.to(device).eval()
-    return Subject(model, f"timm {model} with {file}", module.blocks, module.forward_features, size, patch,
+    shape = " and its config.json" if kwargs else ""
+    return Subject(model, f"timm {model} with {file}{shape}", module.blocks, module.forward_features, size, patch,
                    int(getattr(module, "num_prefix_tokens", 1)), tuple(pc.get("mean", IMAGENET_MEAN)),
                    tuple(pc.get("std", IMAGENET_STD)))
 
@@ -201,36 +248,104 @@ def entropy_bits(p: Tensor) -> Tensor:
     return -(p * torch.log2(p.clamp_min(1e-30))).sum(-1)
 
 
+def grid_distances(grid: int, device: torch.device | None = None) -> Tensor:
+    """(N, N) Euclidean distances between the patches of a ``grid`` x ``grid`` grid (row-major), in patches."""
+    index = torch.arange(grid * grid, device=device)
+    pos = torch.stack([index // grid, index % grid], -1).float()
+    return (pos[:, None] - pos[None]).norm(dim=-1)  # exact differences: 0 on the diagonal
+
+
+class BlockStats:
+    """The per-image statistics (module docstring), fed one block's attention (B, heads, L, L) at a time in the
+    order the blocks run: each block's patch-token numbers are taken at once; kept across blocks are only
+    the global token's row of the last block and the rollout's running product."""
+
+    def __init__(self, prefix: int) -> None:
+        self.prefix = prefix
+        self.blocks: list[dict[str, Tensor]] = []
+        self.last: Tensor | None = None  # (B, L): the global token's row in the last block fed, mean of heads
+        self.roll: Tensor | None = None  # (B, L, L)
+        self._distances: Tensor | None = None
+
+    def add(self, weights: Tensor) -> None:
+        weights = weights.float()
+        n = weights.shape[-1] - self.prefix
+        grid = math.isqrt(n)
+        if grid * grid != n:
+            raise ValueError(f"{n} patch tokens after {self.prefix} prefix token(s): not a square grid")
+        if self._distances is None or self._distances.shape[0] != n or self._distances.device != weights.device:
+            self._distances = grid_distances(grid, weights.device)
+        patches = weights[:, :, self.prefix:, self.prefix:]
+        patches = patches / patches.sum(-1, keepdim=True)
+        distance = (patches * self._distances).sum(-1).mean(-1)  # (B, heads)
+        entropy = -(patches * torch.log(patches.clamp_min(1e-30))).sum(-1) / math.log(n) if n > 1 else \
+            torch.zeros(patches.shape[:-1], device=patches.device)
+        self.blocks.append({"distance_heads": distance, "entropy": entropy.mean((-2, -1))})
+        self.last = weights.mean(1)[:, 0]
+        step = rollout([weights])
+        self.roll = step if self.roll is None else step @ self.roll
+
+    def result(self, objects: Tensor, regions: Tensor | None) -> dict[str, Tensor]:
+        """{statistic: (B,) values, or (B, heads) for ``mean_distance_heads_bNN``}, on the CPU."""
+        def on_patches(row: Tensor) -> Tensor:
+            row = row[:, self.prefix:].float().cpu()
+            return row / row.sum(-1, keepdim=True)
+
+        if self.last is None:
+            raise ValueError("no attention was fed (an encoder without blocks?)")
+        last = on_patches(self.last)
+        roll = on_patches(self.roll[:, 0])
+        n = last.shape[-1]
+        out = {"object_share_last": (last * objects).sum(-1), "object_share_rollout": (roll * objects).sum(-1),
+               "object_pixel_share": objects.mean(-1),
+               "spatial_entropy_last": entropy_bits(last) / math.log2(n),
+               "spatial_entropy_rollout": entropy_bits(roll) / math.log2(n)}
+        out["object_excess_last"] = out["object_share_last"] - out["object_pixel_share"]
+        if regions is not None:
+            def spread_over(weights: Tensor) -> Tensor:
+                mass = torch.einsum("bn,bnc->bc", weights, regions)
+                total = mass.sum(-1, keepdim=True)
+                return torch.where(total > 0, entropy_bits(mass / total.clamp_min(1e-30)).unsqueeze(-1),
+                                   torch.nan)[:, 0]
+
+            out["region_entropy_last"] = spread_over(last)
+            out["region_entropy_uniform"] = spread_over(torch.full_like(last, 1 / n))
+        for i, block in enumerate(self.blocks):
+            heads = block["distance_heads"].cpu()
+            out[block_key("mean_distance", i)] = heads.mean(-1)
+            out[block_key("mean_distance_heads", i)] = heads
+            out[block_key("patch_entropy", i)] = block["entropy"].cpu()
+        out[UNIFORM_DISTANCE[0]] = grid_distances(math.isqrt(n)).mean().expand(len(last)).clone()
+        return out
+
+
 def image_stats(layers: list[Tensor], prefix: int, objects: Tensor, regions: Tensor | None) -> dict[str, Tensor]:
     """Per-image statistics (module docstring) from every block's attention (B, heads, L, L), the objects' share
-    per patch (B, N) and the regions' (B, N, C) or None."""
-    def on_patches(row: Tensor) -> Tensor:
-        row = row[:, prefix:].float()
-        return row / row.sum(-1, keepdim=True)
+    per patch (B, N) and the regions' (B, N, C) or None (:class:`BlockStats` fed every block in turn)."""
+    stats = BlockStats(prefix)
+    for weights in layers:
+        stats.add(weights)
+    return stats.result(objects, regions)
 
-    last = on_patches(layers[-1].mean(1)[:, 0])
-    roll = on_patches(rollout(layers)[:, 0])
-    n = last.shape[-1]
-    out = {"object_share_last": (last * objects).sum(-1), "object_share_rollout": (roll * objects).sum(-1),
-           "object_pixel_share": objects.mean(-1),
-           "spatial_entropy_last": entropy_bits(last) / math.log2(n),
-           "spatial_entropy_rollout": entropy_bits(roll) / math.log2(n)}
-    out["object_excess_last"] = out["object_share_last"] - out["object_pixel_share"]
-    if regions is not None:
-        def spread_over(weights: Tensor) -> Tensor:
-            mass = torch.einsum("bn,bnc->bc", weights, regions)
-            total = mass.sum(-1, keepdim=True)
-            return torch.where(total > 0, entropy_bits(mass / total.clamp_min(1e-30)).unsqueeze(-1), torch.nan)[:, 0]
 
-        out["region_entropy_last"] = spread_over(last)
-        out["region_entropy_uniform"] = spread_over(torch.full_like(last, 1 / n))
-    return out
+def stream_attention(blocks: nn.Module, run: Callable[[], Any], each: Callable[[Tensor], None]) -> Any:
+    """Call ``run()`` (a forward through ``blocks``, fused attention left on) and hand each block's attention
+    weights (B, heads, L, L) to ``each`` as the block runs (:func:`~cfmae_cli.viz.attention.encoder_attention`
+    without keeping them)."""
+    handles = [block.attn.qkv.register_forward_hook(
+        lambda module, args, out, attn=block.attn: each(weights_from_qkv(out, attn))) for block in blocks]
+    try:
+        return run()
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()
 def measure(subject: Subject, samples: list[Sample], semantic_classes: int | None, batch_size: int = 32,
             device: torch.device = torch.device("cpu")) -> dict[str, np.ndarray]:
-    """{statistic: (images,) values} of one subject (NaN where an image has no labelled semantic cell)."""
+    """{statistic: (images,) values} of one subject (NaN where an image has no labelled semantic cell); the
+    per-head distances ``mean_distance_heads_bNN`` are (images, heads)."""
     values: dict[str, list[Tensor]] = {}
     mean = torch.tensor(subject.mean).view(1, 3, 1, 1)
     std = torch.tensor(subject.std).view(1, 3, 1, 1)
@@ -241,9 +356,9 @@ def measure(subject: Subject, samples: list[Sample], semantic_classes: int | Non
         regions = None if semantic_classes is None else \
             torch.stack([patch_fractions(x[2], subject.grid, semantic_classes) for x in items])
         images = ((rgb - mean) / std).to(device)
-        _, layers = encoder_attention(subject.blocks, lambda: subject.run(images))
-        stats = image_stats([a.cpu() for a in layers], subject.prefix, objects, regions)
-        for key, v in stats.items():
+        accumulator = BlockStats(subject.prefix)
+        stream_attention(subject.blocks, lambda: subject.run(images), accumulator.add)
+        for key, v in accumulator.result(objects, regions).items():
             values.setdefault(key, []).append(v)
     return {k: torch.cat(v).double().numpy() for k, v in values.items()}
 
@@ -257,3 +372,58 @@ def summarise(values: np.ndarray, seed: int = 0, resamples: int = 2000) -> dict[
     means = v[rng.integers(0, v.size, size=(resamples, v.size))].mean(1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     return {"mean": float(v.mean()), "ci95": [float(lo), float(hi)], "images": int(v.size)}
+
+
+def summarise_all(values: dict[str, np.ndarray], seed: int = 0) -> dict[str, dict[str, Any]]:
+    """:func:`summarise` of every statistic of :func:`measure`; each block's per-head distances become the head
+    nearest (``mean_distance_nearest_head_bNN``) and the head farthest (``…_farthest_head_bNN``) on average
+    over the images, each with its mean, interval and ``head`` (its index)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, v in values.items():
+        if v.ndim == 1:
+            out[key] = summarise(v, seed)
+            continue
+        block = key.rsplit("_b", 1)[1]
+        means = v.mean(0)
+        for which, head in (("nearest", int(np.argmin(means))), ("farthest", int(np.argmax(means)))):
+            out[f"mean_distance_{which}_head_b{block}"] = {**summarise(v[:, head], seed), "head": head}
+    return out
+
+
+@dataclass
+class Row:
+    """One row of the table: ``section`` "" for the global token's rows (:data:`STATS`), else a heading of
+    :data:`BLOCK_GROUPS`; ``keys`` its statistic (two for a block's nearest and farthest head, one cell);
+    ``label`` as the table shows it, ``long`` each key's label as the JSON shows it; ``block`` the block, None
+    for the others."""
+
+    section: str
+    keys: tuple[str, ...]
+    label: str
+    long: tuple[str, ...]
+    block: int | None = None
+
+
+def table_rows(keys: Iterable[str]) -> list[Row]:
+    """The rows of the statistics among ``keys`` (of one or several models, blocks up to the deepest), in table
+    order: the global token's, then per block the mean distance (and uniform attention's), the nearest and
+    farthest head, the patch entropy."""
+    keys = set(keys)
+    rows = [Row("", (key, ), label, (label, )) for key, label in STATS if key in keys]
+    depth = 1 + max((int(k.rsplit("_b", 1)[1]) for k in keys if k.startswith("patch_entropy_b")), default=-1)
+    long = {"mean_distance": "mean attention distance (patches), patch tokens, mean of heads",
+            "patch_entropy": "patch entropy (1 = uniform), patch tokens, mean of heads"}
+    for group, heading in BLOCK_GROUPS:
+        for i in range(depth):
+            if group == "mean_distance_heads":
+                pair = (block_key("mean_distance_nearest_head", i), block_key("mean_distance_farthest_head", i))
+                if all(key in keys for key in pair):
+                    rows.append(Row(heading, pair, f"block {i}", tuple(
+                        f"mean attention distance (patches), patch tokens, the {which} head on average over the "
+                        f"images, block {i}" for which in ("nearest", "farthest")), i))
+            elif block_key(group, i) in keys:
+                rows.append(Row(heading, (block_key(group, i), ), f"block {i}", (f"{long[group]}, block {i}", ), i))
+        if group == "mean_distance" and UNIFORM_DISTANCE[0] in keys:
+            rows.append(Row(heading, (UNIFORM_DISTANCE[0], ), "uniform attention",
+                            (f"mean attention distance (patches) of {UNIFORM_DISTANCE[1]}", )))
+    return rows
