@@ -61,3 +61,18 @@ TINY_OVERRIDES = [
 
 def tiny_config(*extra: str):
     return load_config("demo", TINY_OVERRIDES + list(extra))
+
+
+def pretrained_run(root: Path) -> Path:
+    """``root``/data (:func:`make_dataset`, 4 images per class) and ``root``/run: a tiny CFMAE (TINY_OVERRIDES)
+    pre-trained on it for one epoch. Returns ``root``."""
+    from typer.testing import CliRunner
+
+    from cfmae_cli.cli import app
+
+    data = make_dataset(root / "data", n_per_class=4)
+    sets = [x for item in TINY_OVERRIDES for x in ("--set", item)]
+    result = CliRunner().invoke(app, ["pretrain", "--data", str(data), "--out", str(root / "run"), "--epochs", "1",
+                                      *sets])
+    assert result.exit_code == 0, result.output
+    return root

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from cfmae_cli.cli import app
 from cfmae_cli.model import CFMAE
-from tests.conftest import TINY_OVERRIDES, tiny_config
+from tests.conftest import pretrained_run, tiny_config
 
 runner = CliRunner()
 
@@ -24,14 +24,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A tiny CFMAE (2 blocks, 2 heads, a 4 x 4 grid) pre-trained for one epoch on a synthetic dataset."""
-    from tests.conftest import make_dataset
-
-    root = tmp_path_factory.mktemp("stats")
-    data = make_dataset(root / "data", n_per_class=4)
-    sets = [x for item in TINY_OVERRIDES for x in ("--set", item)]
-    result = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(root / "run"), "--epochs", "1", *sets])
-    assert result.exit_code == 0, result.output
-    return root
+    return pretrained_run(tmp_path_factory.mktemp("stats"))
 
 
 def mean_pairwise_distance(grid: int) -> float:

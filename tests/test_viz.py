@@ -17,7 +17,7 @@ from cfmae_cli.model import CFMAE
 from cfmae_cli.model.losses import normalise_patches, patchify_rgb
 from cfmae_cli.viz.attention import encoder_attention, keep_mass, rollout
 from cfmae_cli.viz.recon import rgb_prediction
-from tests.conftest import TINY_OVERRIDES, tiny_config
+from tests.conftest import pretrained_run, tiny_config
 
 runner = CliRunner()
 
@@ -80,15 +80,8 @@ def test_unnormalising_the_normalised_target_gives_back_the_image() -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A tiny CFMAE pre-trained for one epoch on the demo photographs' classical labels."""
-    from tests.conftest import make_dataset
-
-    root = tmp_path_factory.mktemp("viz")
-    data = make_dataset(root / "data", n_per_class=4)
-    sets = [x for item in TINY_OVERRIDES for x in ("--set", item)]
-    result = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(root / "run"), "--epochs", "1", *sets])
-    assert result.exit_code == 0, result.output
-    return root
+    """A tiny CFMAE pre-trained for one epoch on a synthetic dataset."""
+    return pretrained_run(tmp_path_factory.mktemp("viz"))
 
 
 def _photo(path: Path, mode: str, size: tuple[int, int]) -> Path:
