@@ -16,11 +16,11 @@ loss=my_l1))`` and ``DATA/edge/<class>/<stem>.png`` next to the other maps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, get_args
 
 Kind = Literal["image", "ids"]
 Target = Literal["standardise", "patch_norm", "raw"]  # an image's regression target (and input), see Modality
-TARGETS: tuple[str, ...] = ("standardise", "patch_norm", "raw")
+TARGETS: tuple[str, ...] = get_args(Target)
 TRIM = 0.1  # standardise: the share of values dropped at each end before the mean and variance (MultiMAE)
 
 
@@ -50,9 +50,7 @@ class Modality:
         of values;
       - ``"raw"``: the input's values as they are, input and target.
 
-      None (the default) = ``"patch_norm"`` if ``norm_pix`` else ``"raw"``.
-    * ``norm_pix``: the default target is ``"patch_norm"`` (set either field; kept for readers and older
-      :func:`register` calls, it always agrees with ``target``).
+      None (the default) = ``"raw"`` for an image; a map of ids has none.
     * ``loss``: for an image, the loss of its masked patches, ``loss(pred, target, mask)`` with pred and target
       (B, N, patch values) and mask (B, N) bool; None = the mean squared error.
     * ``modes``: for an image map, the PIL modes its files may have (others are refused, naming the file);
@@ -69,22 +67,17 @@ class Modality:
     guides: Literal["instance", "semantic"] | None = None
     patch_embedding: bool = False
     normalise: bool = False
-    norm_pix: bool = False
     loss: Callable[..., Any] | None = None
     modes: tuple[str, ...] | None = None
     target: Target | None = None
 
     def __post_init__(self) -> None:
         if self.target is None:
-            target = None if self.kind == "ids" else ("patch_norm" if self.norm_pix else "raw")
-            object.__setattr__(self, "target", target)
+            object.__setattr__(self, "target", None if self.kind == "ids" else "raw")
         elif self.kind == "ids":
             raise ValueError(f"modality {self.name}: a map of ids has no regression target (target={self.target!r})")
         elif self.target not in TARGETS:
             raise ValueError(f"modality {self.name}: target {self.target!r} is not one of {', '.join(TARGETS)}")
-        elif self.norm_pix and self.target != "patch_norm":
-            raise ValueError(f"modality {self.name}: norm_pix=True means target='patch_norm', not {self.target!r}")
-        object.__setattr__(self, "norm_pix", self.target == "patch_norm")
 
     @property
     def is_map(self) -> bool:

@@ -45,10 +45,11 @@ class TaskBlock(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
                                     for _ in range(self_blocks))
 
-    def forward(self, query: Tensor, context: Tensor, previous: Tensor, glob: Tensor | None = None) -> Tensor:
-        """query (B, N, d), context = [g ;] H ⊕ F^{k−1} (B, [1+]M·N, d), previous = F^{k−1} (B, N, d), glob = g
-        (B, 1, d) or None → F^k (B, N, d). Without cross-attention g leads the blocks' sequence and is dropped at
-        the end, as in MAE's decoder."""
+    def forward(self, query: Tensor, context: Tensor | None, previous: Tensor, glob: Tensor | None = None
+                ) -> Tensor:
+        """query (B, N, d), context = [g ;] H ⊕ F^{k−1} (B, [1+]M·N, d; None without cross-attention),
+        previous = F^{k−1} (B, N, d), glob = g (B, 1, d) or None → F^k (B, N, d). Without cross-attention g
+        leads the blocks' sequence and is dropped at the end, as in MAE's decoder."""
         if self.cross_attention:
             x = self.first(query, context)
         else:
@@ -109,12 +110,14 @@ class CFMAEDecoder(nn.Module):
         previous = torch.zeros_like(h[:, : self.n])
         out = {}
         for name in self.order:
-            i = self.modalities.index(name)
+            i, task = self.modalities.index(name), self.tasks[name]
             query = h[:, i * self.n:(i + 1) * self.n]
-            context = h + previous.repeat(1, m, 1) if self.cascade else h
-            if glob is not None:
-                context = torch.cat([glob, context], dim=1)
-            feats = self.tasks[name](query, context, previous, glob)
+            context = None  # without cross-attention a task reads no context
+            if task.cross_attention:
+                context = h + previous.repeat(1, m, 1) if self.cascade else h
+                if glob is not None:
+                    context = torch.cat([glob, context], dim=1)
+            feats = task(query, context, previous, glob)
             if self.cascade:
                 previous = feats
             out[name] = feats
