@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cfmae_cli"
 # ``cfmae_cli``, only by name: a new top-level module must be placed here).
 LAYERS = [
     ["cfmae_cli", "cfmae_cli.errors", "cfmae_cli.formats", "cfmae_cli.seeding", "cfmae_cli.checkpoints",
-     "cfmae_cli.modalities"],
+     "cfmae_cli.modalities", "cfmae_cli.procs", "cfmae_cli.ownership"],
     ["cfmae_cli.config"],
     ["cfmae_cli.data", "cfmae_cli.masking", "cfmae_cli.model"],
     ["cfmae_cli.viz"],

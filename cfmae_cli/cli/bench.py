@@ -14,7 +14,7 @@ from rich.table import Table
 from cfmae_cli.cli.common import console, device_of, guarded
 from cfmae_cli.config import load_config
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.formats import atomic_write_text, check_output, software
+from cfmae_cli.formats import atomic_write_text, check_output, json_stamp
 
 WHAT = ("step", "masks", "data", "all")
 
@@ -64,7 +64,8 @@ def bench(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CfmaeError("--device cuda: no GPU is visible.")
     gpu = dev.type == "cuda"
-    path = check_output(out or Path("runs/bench") / f"{preset}-{dev.type}.json", [p for p in [data] if p])
+    path = check_output(out or Path("runs/bench") / f"{preset}-{dev.type}.json", [p for p in [data] if p],
+                        command="bench")
     batch_size = batch_size or (256 if gpu else 4)
     steps = steps or (30 if gpu else 2)
     warmup = warmup if warmup is not None else (10 if gpu else 1)
@@ -73,7 +74,7 @@ def bench(
     presets = [main] + ([compare] if compare != "none" and what in ("step", "all") else [])
     machine = torch.cuda.get_device_name(dev) if gpu else f"CPU ({platform.processor() or platform.machine()}, " \
                                                            f"{os.cpu_count()} cores)"
-    report: dict[str, Any] = {"tool": software(), "device": machine, "torch": torch.__version__, "overrides": overrides,
+    report: dict[str, Any] = {**json_stamp("bench"), "device": machine, "torch": torch.__version__, "overrides": overrides,
                               "batch_size": batch_size, "compiled": compile_model, "presets": {}}
     peak = peak_tflops(dev)
     for name in presets:

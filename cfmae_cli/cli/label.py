@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -12,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cfmae_cli.cli.common import console, guarded, is_terminal, launch_workers
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import need_folder
+from cfmae_cli.ownership import writing
 
 if TYPE_CHECKING:  # torch and the labelling models are imported by the command itself (a fast --help)
     import torch
@@ -128,8 +130,24 @@ def label(
                 **({"semantic_model": semantic_model} if semantic != "classical" else {}),
                 **({"depth": depth} if depth != "none" else {}),
                 **({"depth_model": depth_model} if depth == "depth-anything" else {})}
-    if not distributed.under_launcher() and claim_dataset(src, out, settings):
-        console.print(f"{out}: resuming the labelling of {src} recorded there", highlight=False)
+    with contextlib.ExitStack() as stack:
+        if not distributed.under_launcher():  # held for the whole labelling (its workers' too), checked under it
+            stack.enter_context(writing(out, "--out"))
+            if claim_dataset(src, out, settings):
+                console.print(f"{out}: resuming the labelling of {src} recorded there", highlight=False)
+        _label(src, out, world, gpus, instance, semantic, detector_model, segmenter_model, semantic_model,
+               batch_size, workers, limit, rgb, preview, box_threshold, threshold_floor, depth, depth_model,
+               settings)
+
+
+def _label(src, out, world, gpus, instance, semantic, detector_model, segmenter_model, semantic_model,  # noqa: ANN001
+           batch_size, workers, limit, rgb, preview, box_threshold, threshold_floor, depth, depth_model,
+           settings) -> None:
+    """Label (in this process, or through ``world`` workers) into the claimed ``out``."""
+    import torch
+
+    from cfmae_cli.train import distributed
+
     if world > 1 and not distributed.under_launcher():
         args = ["label", str(src), "--out", str(out), "--instance", instance, "--semantic", semantic,
                 "--gpus", str(gpus), "--batch-size", str(batch_size), "--workers", str(workers), "--rgb", rgb,

@@ -10,6 +10,7 @@ from rich.progress import Progress
 
 from cfmae_cli.cli.common import console, guarded, is_terminal
 from cfmae_cli.formats import list_folder, need_folder
+from cfmae_cli.ownership import writing
 
 
 @guarded
@@ -36,7 +37,7 @@ def pack(
         shards = -(-(len(top.files) + sum(len(list_folder(rgb / d).files) for d in top.dirs)) // shard_size)
     else:
         shards = None
-    with Progress(console=console, disable=not is_terminal()) as bar:
+    with writing(out, "--out"), Progress(console=console, disable=not is_terminal()) as bar:
         task = bar.add_task("shards", total=shards)
         manifest = pack_dataset(data, out, size, map_scale, shard_size, quality, workers,
                                 on_shard=lambda n: bar.update(task, completed=n))

@@ -50,11 +50,15 @@ def eval_robustness(
     MAE's fine-tuned ViTs pool the patch tokens: give them as a folder with their config.json
     (docs/robustness.md, "A timm folder of your own").
     """
+    if checkpoint and model is None:
+        from cfmae_cli.config import check_weights_file
+
+        check_weights_file(checkpoint)  # sizes checked before torch is imported (docs/export.md)
     import torch
 
     from cfmae_cli.eval.robustness import run_robustness
     from cfmae_cli.train import distributed
-    from cfmae_cli.train.rundir import new_run_dir
+    from cfmae_cli.train.rundir import claimed_run_dir
 
     if suite not in SUITES:
         raise CfmaeError(f"--suite {suite}: unknown; suites: {', '.join(SUITES)}.")
@@ -71,12 +75,12 @@ def eval_robustness(
     world = gpus if gpus else (procs if gpus == 0 else 1)
     name = Path(checkpoint).stem if checkpoint and not model else (model or "run")
     if world > 1 and not distributed.under_launcher():
-        run_dir = new_run_dir("eval-robustness", name, out)
-        args = ["eval-robustness", "--data", str(root), "--datasets", ",".join(chosen), "--batch-size",
-                str(batch_size), "--workers", str(workers), "--gpus", str(gpus or 0), "--procs", str(procs),
-                "--out", str(run_dir), "--suite", suite]
-        launch_workers(args, {"--checkpoint": checkpoint, "--model": model, "--img-size": img_size,
-                              "--crop-pct": crop_pct, "--interpolation": interpolation, "--limit": limit}, world)
+        with claimed_run_dir("eval-robustness", name, out) as run_dir:  # held for the workers' whole life
+            args = ["eval-robustness", "--data", str(root), "--datasets", ",".join(chosen), "--batch-size",
+                    str(batch_size), "--workers", str(workers), "--gpus", str(gpus or 0), "--procs", str(procs),
+                    "--out", str(run_dir), "--suite", suite]
+            launch_workers(args, {"--checkpoint": checkpoint, "--model": model, "--img-size": img_size,
+                                  "--crop-pct": crop_pct, "--interpolation": interpolation, "--limit": limit}, world)
         console.print(f"Run folder: {run_dir}", highlight=False)
         return
     device = torch.device("cuda" if (gpus or (gpus is None and torch.cuda.is_available())) else "cpu")

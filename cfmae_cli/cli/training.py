@@ -3,6 +3,7 @@ running in this process or launching one worker per device, and reporting the en
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -15,14 +16,14 @@ from rich.markup import escape
 from cfmae_cli.checkpoints import checkpoint_path, load_checkpoint
 from cfmae_cli.cli.common import console, is_terminal
 from cfmae_cli.cli.progress import TrainingView
-from cfmae_cli.config import (RESUMABLE_CHANGES, batch_plan, Config, config_diff, config_from_dict, deep_merge,
-                              dump_config, load_config, parse_override, with_legacy_defaults)
+from cfmae_cli.config import (RESUMABLE_CHANGES, batch_plan, check_weights_file, Config, config_diff, config_from_dict,
+                              deep_merge, dump_config, load_config, parse_override, with_legacy_defaults)
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import need_folder
 from cfmae_cli.train import distributed
 from cfmae_cli.train.engine import TrainingDiverged
 from cfmae_cli.train.faults import Preempted
-from cfmae_cli.train.rundir import new_run_dir
+from cfmae_cli.train.rundir import claimed_run_dir, held
 from cfmae_cli.train.setup import dataset_root
 
 Runner = Callable[..., dict[str, Any]]
@@ -53,6 +54,7 @@ def resumed_config(resume: Path, preset: Optional[str], overrides: list[str], sc
                    mode: Optional[str] = None) -> Any:
     """The run's own config; refused (exit 2, the keys listed) if the options given would change it."""
     path = checkpoint_path(resume)
+    check_weights_file(path)  # sizes and shapes, before anything is built
     ckpt = load_checkpoint(path, mmap=True)
     task = ckpt.get("task")  # (a file without it predates the key: not checked)
     if task is not None and task != schema.TASK:
@@ -146,16 +148,17 @@ def launch(command: str, cfg: Any, out: Optional[Path], name: str, resume: Optio
     with os.fdopen(fd, "w") as fh:
         fh.write(dump_config(cfg))
     args = [command, "--preset", config_file, "--gpus", str(gpus or 0), "--procs", str(procs)]
-    if resume is not None:
-        run_dir = checkpoint_path(resume).parent.parent
-        args += ["--resume", str(resume)]
-    else:
-        run_dir = new_run_dir(command, name, out)
-        args += ["--out", str(run_dir)]
-    console.print(f"launching {world} worker process(es) ({'gloo, CPU' if not gpus else 'NCCL, one GPU each'})",
-                  highlight=False)
     try:
-        code = distributed.launch(args + extra_args, world)
+        with contextlib.ExitStack() as stack:  # the launcher holds the run folder for its workers' whole life
+            if resume is not None:
+                run_dir = stack.enter_context(held(checkpoint_path(resume).parent.parent))
+                args += ["--resume", str(resume)]
+            else:
+                run_dir = stack.enter_context(claimed_run_dir(command, name, out))
+                args += ["--out", str(run_dir)]
+            console.print(f"launching {world} worker process(es) ({'gloo, CPU' if not gpus else 'NCCL, one GPU each'})",
+                          highlight=False)
+            code = distributed.launch(args + extra_args, world)
     finally:
         os.unlink(config_file)
     if code:

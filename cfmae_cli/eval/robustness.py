@@ -301,10 +301,10 @@ def run_robustness(checkpoint: str | None, model_name: str | None, root: Path, d
     every rank calls this and takes its share of the images. ``preprocessing`` overrides img_size, crop_pct,
     interpolation of the model's own."""
     from cfmae_cli.eval.models import load_eval_model
-    from cfmae_cli.train.rundir import attach_log_file, new_run_dir
+    from cfmae_cli.train.rundir import attach_log_file, claim_run_dir, mark_finished
 
     info = distributed.init(device)
-    handler = None
+    handler, claim = None, None
     try:
         model = load_eval_model(checkpoint, model_name, info.device)
         if model.num_classes is not None and model.num_classes != 1000:
@@ -316,8 +316,9 @@ def run_robustness(checkpoint: str | None, model_name: str | None, root: Path, d
             raise DataError(f"{checkpoint}: its {len(model.classes)} classes are not the 1000 ImageNet-1k wnids in "
                             f"order (first: {model.classes[:2]}); the ImageNet variants are labelled by wnid.")
         splits = find_splits(root, datasets, limit)
-        run_dir = Path(distributed.broadcast(str(new_run_dir("eval-robustness", name, out)) if info.is_main
-                                             else None, info))
+        if info.is_main:  # rank 0 holds the folder until the results are written
+            claim = claim_run_dir("eval-robustness", name, out)
+        run_dir = Path(distributed.broadcast(str(claim.path) if claim is not None else None, info))
         handler = attach_log_file(run_dir) if info.is_main else None
         total = sum(len(s) for s in splits)
         log.info("model: %s", model.description)
@@ -335,11 +336,14 @@ def run_robustness(checkpoint: str | None, model_name: str | None, root: Path, d
                        limit=limit, run_dir=str(run_dir))
         if info.is_main:
             _write_results(run_dir, results, bad)
+            mark_finished(run_dir)  # finished: a rerun into it is refused from now on
         return results
     finally:
         if handler is not None:
             logging.getLogger("cfmae_cli").removeHandler(handler)
             handler.close()
+        if claim is not None:
+            claim.release()
         distributed.shutdown()
 
 

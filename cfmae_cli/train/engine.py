@@ -32,6 +32,7 @@ from cfmae_cli.checkpoints import (load_checkpoint, prune_checkpoints, rng_state
 from cfmae_cli.config import dump_config
 from cfmae_cli.data.dataset import collate
 from cfmae_cli.errors import DataError
+from cfmae_cli.formats import atomic_write_text
 from cfmae_cli.seeding import mix_seed
 from cfmae_cli.train import distributed, provenance
 from cfmae_cli.train.divergence import LossWatch, TrainingDiverged, keep_last_good
@@ -40,7 +41,7 @@ from cfmae_cli.train.ledger import BadFiles
 from cfmae_cli.train.meters import Meters
 from cfmae_cli.train.optim import lr_at
 from cfmae_cli.train.plots import plot_losses
-from cfmae_cli.train.rundir import mark_checkpointed, MetricsWriter, read_metrics, RunFolder
+from cfmae_cli.train.rundir import mark_finished, MetricsWriter, read_metrics, RunFolder
 from cfmae_cli.train.sampler import ChunkedSampler, chunk_id
 from cfmae_cli.train.trackers import check_available
 from cfmae_cli.train.setup import describe_schedule, make_plan
@@ -222,7 +223,7 @@ class Engine:
                      **self.task.state_dict()}
             folder = self.run_dir / "checkpoints"
             save_checkpoint(folder / "last.pt", state)
-            mark_checkpointed(self.run_dir)
+            mark_finished(self.run_dir)
             for extra in also:
                 save_checkpoint(folder / extra, state)
             if periodic:
@@ -251,7 +252,7 @@ class Engine:
     def fit(self) -> dict[str, Any]:
         cfg, main = self.cfg, self.info.is_main
         if main:
-            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
             log.info("%s: %d training images; %s%s", self.task.command, len(self.dataset), self.device,
                      " (bf16)" if self.info.bf16 else "")
             for line in describe_schedule(self.plan, cfg) + self.task.describe(self.plan):

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from cfmae_cli.data.dataset import Skipped
 from cfmae_cli.errors import DataError
+from cfmae_cli.formats import atomic_write_text
 from cfmae_cli.train import distributed
 
 
@@ -64,8 +65,8 @@ class BadFiles:
 
     def write(self) -> None:
         if self.files and self.info.is_main:
-            (self.run_dir / "bad_files.txt").write_text("".join(f"{s.path}\t{s.reason}\n"
-                                                                for s in self.files.values()))
+            atomic_write_text(self.run_dir / "bad_files.txt",
+                              "".join(f"{s.path}\t{s.reason}\n" for s in self.files.values()))
 
     def state(self) -> list[list[str]]:
         return [[s.path, s.reason] for s in self.files.values()]

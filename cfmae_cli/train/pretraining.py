@@ -13,7 +13,7 @@ from cfmae_cli import modalities as table
 from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import Skipped, collate
 from cfmae_cli.data.layout import list_samples
-from cfmae_cli.data.packed import is_packed
+from cfmae_cli.data.layout import is_packed
 from cfmae_cli.data.transforms import inputs_on_device
 from cfmae_cli.masking import MaskGenerator, schedule
 from cfmae_cli.model import CFMAE
@@ -157,4 +157,5 @@ class PretrainTask(Task):
                                        self.model.targets, self.cfg.data.mean, self.cfg.data.std)
         legend = class_legend(batch, mask, pred, self.modalities, self.semantic_classes)
         return save_grid(panels, run_dir / "plots" / f"recon-epoch-{epoch:04d}.png",
-                         f"epoch {epoch}   α_I {alpha_i:.2f}   α_S {alpha_s:.2f}", legend)
+                         f"epoch {epoch}   α_I {alpha_i:.2f}   α_S {alpha_s:.2f}", legend,
+                         command="pretrain")

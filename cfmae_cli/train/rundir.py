@@ -11,27 +11,32 @@ from typing import Any, Iterator
 from cfmae_cli.checkpoints import checkpoint_path
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.train import distributed
-from cfmae_cli.formats import atomic_write_text
+from cfmae_cli.formats import atomic_write_text, name_target
+from cfmae_cli.ownership import FolderLock, foreign_files, LOCK_NAME, locked, remove_files
 
 log = logging.getLogger(__name__)
 
 
 class RunFolder:
-    """The folder of a run, for its whole life: a new one (rank 0 makes it, every rank learns its path) or the
-    folder of the checkpoint ``resume``; ``log.txt`` receives the log while it is open; a new run refused on bad
-    input before training (:meth:`refused_leaves_nothing`) leaves no folder behind."""
+    """The folder of a run, for its whole life: a new one (rank 0 claims it, every rank learns its path) or the
+    folder of the checkpoint ``resume``; rank 0 holds the folder's lock (:mod:`cfmae_cli.ownership`) until the
+    run ends, so that no other cfmae process writes it meanwhile; ``log.txt`` receives the log while it is open;
+    a new run refused on bad input before training (:meth:`refused_leaves_nothing`) leaves no folder behind."""
 
     def __init__(self, command: str, name: str, out: str | Path | None, resume: str | Path | None,
                  info: distributed.DistInfo):
-        self.info, self.new = info, resume is None
+        self.info, self.new, self.command = info, resume is None, command
         self.checkpoint = None if resume is None else checkpoint_path(resume)
+        self.claim: Claim | None = None
         if self.checkpoint is not None:
             self.path = self.checkpoint.parent.parent
+            if info.is_main:
+                self.claim = Claim(self.path, FolderLock(self.path, "--resume").acquire(), created=False)
         else:
             made = None
             if info.is_main:
-                made = str(new_run_dir(command, name, out))
-                mark_started(Path(made))
+                self.claim = claim_run_dir(command, name, out)
+                made = str(self.claim.path)
             self.path = Path(distributed.broadcast(made, info))
         self.handler: logging.Handler | None = None
 
@@ -41,6 +46,8 @@ class RunFolder:
 
     def __exit__(self, *exc: Any) -> None:
         self.detach_log()
+        if self.claim is not None:
+            self.claim.release()
 
     def detach_log(self) -> None:
         if self.handler is not None:
@@ -50,21 +57,28 @@ class RunFolder:
 
     @contextlib.contextmanager
     def refused_leaves_nothing(self) -> Iterator[None]:
-        """Inside: the run is set up; any failure there (bad input, a missing file, an interrupt) removes a new
-        run's folder and goes on."""
+        """Inside: the run is set up; any failure there (bad input, a missing file, an interrupt) removes what a
+        new run wrote into its folder (and the folder, if the run made it) and goes on."""
         try:
             yield
         except BaseException:
-            if self.info.is_main and self.new:
+            if self.info.is_main and self.new and self.claim is not None:
                 self.detach_log()
-                _empty(self.path)
-                self.path.rmdir()
+                self.claim.undo(self.command)
+                self.claim = None
             raise
 
 
-def _empty(folder: Path) -> None:
-    for path in sorted(folder.rglob("*"), reverse=True):
-        path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+# What each command writes into its run folder (:func:`cfmae_cli.ownership.matches` patterns): a folder that
+# a run left unfinished is cleared of these, and only of these, when the same command is given it again.
+_TEMPORARY = (".*tmp*", "*/.*tmp*")  # atomic writes' temporary files (cfmae_cli.formats.atomic_write)
+TRAINING_FILES = ("config.yaml", "metrics.jsonl", "metrics-*.csv", "log.txt", "run.json", "trackers.json",
+                  "bad_files.txt", "events.out.tfevents.*", "plots", "plots/*.png", "checkpoints",
+                  "checkpoints/*.pt", "checkpoints/diverged", "checkpoints/diverged/*.pt", "mlruns/", "wandb/",
+                  ".cfmae-*", *_TEMPORARY)
+RUN_FILES = {"pretrain": TRAINING_FILES, "finetune": TRAINING_FILES,
+             "eval-robustness": ("log.txt", "results.json", "results.csv", "bad_files.txt", ".cfmae-*", *_TEMPORARY)}
+TRAINING = ("pretrain", "finetune")
 
 
 def has_checkpoint(path: Path) -> bool:
@@ -72,52 +86,142 @@ def has_checkpoint(path: Path) -> bool:
     return any((path / "checkpoints").glob("*.pt"))
 
 
-NO_CHECKPOINT_YET = ".cfmae-no-checkpoint-yet"  # in a new run folder until its first checkpoint is written
+UNFINISHED = ".cfmae-unfinished"  # in a new run folder until its run is safe: a first checkpoint, or results
+NO_CHECKPOINT_YET = ".cfmae-no-checkpoint-yet"  # the mark of an unfinished training run of earlier cfmae (read)
 
 
-def mark_started(path: Path) -> None:
-    """Mark the new run folder ``path`` as holding no checkpoint yet: if the run fails before one, the same
-    ``--out`` may start again (:func:`new_run_dir` empties it)."""
-    (path / NO_CHECKPOINT_YET).write_text("this run has written no checkpoint yet; `--out` here starts it again\n")
+def mark_started(path: Path, command: str) -> None:
+    """Mark the run folder ``path`` as unfinished by ``command``: if the run stops before it is safe (a first
+    checkpoint; the results), the same command with the same ``--out`` may start again (:func:`claim_run_dir`
+    clears the folder of the run's files)."""
+    atomic_write_text(path / UNFINISHED, json.dumps({"command": command, "note": "this run has not finished "
+                                                     "(no checkpoint or results yet): the same command with "
+                                                     "--out here starts it again"}) + "\n")
 
 
-def mark_checkpointed(path: Path) -> None:
+def mark_finished(path: Path) -> None:
+    """The run in ``path`` is safe (its first checkpoint, or its results, is written)."""
+    (path / UNFINISHED).unlink(missing_ok=True)
     (path / NO_CHECKPOINT_YET).unlink(missing_ok=True)
 
 
-def new_run_dir(command: str, name: str, out: str | Path | None = None, base: str | Path = "runs") -> Path:
-    """Create the run folder: ``out`` if given (it must not hold a run already), else the first free
-    ``base/command/name``, ``name-2``, ``name-3``, …"""
-    if out is not None:
-        path = Path(out)
-        if path.exists() and not path.is_dir():
-            raise CfmaeError(f"--out {path}: a file, not a folder; give a new folder for the run.")
-        if path.is_dir() and any(path.iterdir()):
-            training = command in ("pretrain", "finetune")
-            if training and (path / NO_CHECKPOINT_YET).is_file() and not has_checkpoint(path):
-                log.info("--out %s: the run there stopped before its first checkpoint; its files are replaced", path)
-                _empty(path)
-            elif training and has_checkpoint(path):
-                raise CfmaeError(f"--out {path}: holds a run; continue it with `cfmae {command} --resume {path}`, or "
-                                 f"choose another --out.")
-            elif training and (path / "config.yaml").is_file():
-                raise CfmaeError(f"--out {path}: holds a run without a checkpoint to continue from (set aside after "
-                                 f"a divergence, or deleted); choose another --out, or delete the folder.")
-            else:
-                raise CfmaeError(f"--out {path}: the folder exists and holds other files; choose a new or empty "
-                                 f"folder.")
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    root = Path(base) / command
-    root.mkdir(parents=True, exist_ok=True)
-    k = 1
-    while True:
-        path = root / (name if k == 1 else f"{name}-{k}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            k += 1
+def unfinished_by(path: Path) -> str | None:
+    """The command whose run in ``path`` stopped before it was safe, or None."""
+    if (path / NO_CHECKPOINT_YET).is_file():
+        return "pretrain or finetune"
+    try:
+        return str(json.loads((path / UNFINISHED).read_text(encoding="utf-8"))["command"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class Claim:
+    """A run folder this process has claimed: it holds the folder's lock; ``created``: the folder is new."""
+
+    def __init__(self, path: Path, lock: FolderLock, created: bool):
+        self.path, self.lock, self.created = path, lock, created
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def undo(self, command: str) -> None:
+        """Remove what the run wrote (its files, :data:`RUN_FILES`), and the folder if the run made it; then let go
+        of the lock."""
+        remove_files(self.path, RUN_FILES[command], keep=())
+        self.lock.release()
+        if self.created:
+            try:
+                self.path.rmdir()
+            except OSError:  # something else appeared in it meanwhile: it stays
+                pass
+
+
+def claim_run_dir(command: str, name: str, out: str | Path | None = None, base: str | Path = "runs") -> Claim:
+    """Create and lock the run folder of a new run of ``command``, marked unfinished (:func:`mark_started`):
+    ``out`` if given, else the first free ``base/command/name``, ``name-2``, ``name-3``, … An ``out`` that holds
+    files is taken only when a run of the same command stopped there before it was safe and nothing else is in it
+    (its files are removed); otherwise it is refused, with nothing changed."""
+    if out is None:
+        root = Path(base) / command
+        root.mkdir(parents=True, exist_ok=True)
+        k = 1
+        while True:
+            path = root / (name if k == 1 else f"{name}-{k}")
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                k += 1
+        claim = Claim(path, FolderLock(path, "--out").acquire(), created=True)
+        mark_started(path, command)
+        return claim
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise CfmaeError(f"--out {path}: a file, not a folder; give a new folder for the run.")
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    had_lock = (path / LOCK_NAME).exists()
+    lock = FolderLock(path, "--out")
+    try:
+        lock.acquire()
+        _take(command, path)
+        mark_started(path, command)
+    except BaseException:
+        lock.release(remove=not had_lock)  # a lock file that was there (a crashed run's) stays
+        if created:
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+        raise
+    return Claim(path, lock, created)
+
+
+def _take(command: str, path: Path) -> None:
+    """Check that ``path`` (locked) may take a new run of ``command``, clearing what an unfinished run of the
+    same command left; refuse anything else."""
+    if not [p for p in path.iterdir() if p.name != LOCK_NAME]:
+        return
+    training = command in TRAINING
+    if training and has_checkpoint(path):
+        raise CfmaeError(f"--out {path}: holds a run; continue it with `cfmae {command} --resume {path}`, or "
+                         f"choose another --out.")
+    by = unfinished_by(path)
+    if by is None:
+        if training and (path / "config.yaml").is_file():
+            raise CfmaeError(f"--out {path}: holds a run without a checkpoint to continue from (set aside after "
+                             f"a divergence, or deleted); choose another --out, or delete the folder.")
+        if (path / "results.json").is_file():
+            raise CfmaeError(f"--out {path}: holds the results of a finished run; choose another --out.")
+        raise CfmaeError(f"--out {path}: the folder exists and holds other files; choose a new or empty folder.")
+    if command not in by.split(" or "):
+        raise CfmaeError(f"--out {path}: holds an unfinished run of `cfmae {by}`; rerun that command there, or "
+                         f"choose another --out.")
+    foreign = foreign_files(path, RUN_FILES[command])
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f", … ({len(foreign)} in all)" if len(foreign) > 5 else "")
+        raise CfmaeError(f"--out {path}: a run of cfmae {command} stopped there before it finished, but the folder "
+                         f"also holds files that cfmae did not write ({shown}); nothing was removed. Move them "
+                         f"away, or choose another --out.")
+    log.info("--out %s: the run there stopped before it finished; its files are replaced", path)
+    remove_files(path, RUN_FILES[command])
+
+
+@contextlib.contextmanager
+def claimed_run_dir(command: str, name: str, out: str | Path | None = None) -> Iterator[Path]:
+    """A new run folder (:func:`claim_run_dir`), held inside the block: for a launcher whose workers write it."""
+    claim = claim_run_dir(command, name, out)
+    try:
+        yield claim.path
+    finally:
+        claim.release()
+
+
+@contextlib.contextmanager
+def held(folder: Path, what: str = "--resume") -> Iterator[Path]:
+    """The lock of an existing run folder, held inside the block."""
+    with locked(folder, what):
+        yield folder
 
 
 class MetricsWriter:
@@ -141,8 +245,11 @@ class MetricsWriter:
         self.trackers: Any = Trackers(list(loggers), self.path.parent, config or {}, resume_step)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(record) + "\n")
+            self._fh.flush()
+        except OSError as exc:  # a full disk: name the file (a write error names none by itself)
+            raise name_target(exc, self.path) from None
         if self.trackers is not None:
             self.trackers.scalars(record)
 

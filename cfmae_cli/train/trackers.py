@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cfmae_cli.errors import ConfigError
+from cfmae_cli.formats import atomic_write_text
 
 EXTRAS = {"wandb": ("wandb", "cfmae[wandb]"), "mlflow": ("mlflow", "cfmae[mlflow]")}
 IDS = "trackers.json"  # the run folder's W&B / MLflow run ids, for a resume
@@ -87,7 +88,7 @@ class Trackers:
                     self.mlflow.log_param(self.mlflow_run, key, str(value)[:6000])
             ids["mlflow"] = self.mlflow_run
         if ids:
-            (run_dir / IDS).write_text(json.dumps(ids, indent=1) + "\n")
+            atomic_write_text(run_dir / IDS, json.dumps(ids, indent=1) + "\n")
 
     def scalars(self, record: dict[str, Any]) -> None:
         kind, step = record.get("type", "step"), int(record.get("step", 0))

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from cfmae_cli.data.maps import resample_map
-from cfmae_cli.formats import atomic_write, software
+from cfmae_cli.formats import atomic_write, png_stamp
 
 
 def fit(image: np.ndarray, side: int, smooth: bool) -> np.ndarray:
@@ -24,10 +24,11 @@ def fit(image: np.ndarray, side: int, smooth: bool) -> np.ndarray:
 
 def save_image_grid(rows: list[list[np.ndarray]], path: str | Path, columns: list[str], row_labels: list[str],
                     title: str = "", legend: list[tuple[str, tuple[int, int, int]]] | None = None,
-                    colorbar: tuple[str, str] | None = None) -> Path:
+                    colorbar: tuple[str, str] | None = None, command: str | None = None) -> Path:
     """A figure of cells (H×W×3 uint8) drawn with matplotlib: column titles, row labels, a title, an optional
     legend of colour swatches (e.g. the semantic classes shown) and an optional colour bar ``(colormap,
-    label)`` for cells that are heat maps of values in [0, 1]; written atomically as a stamped PNG."""
+    label)`` for cells that are heat maps of values in [0, 1]; written atomically as a PNG stamped with the
+    ``command`` that drew it (:func:`cfmae_cli.formats.png_stamp`)."""
     import io
 
     import matplotlib
@@ -73,6 +74,6 @@ def save_image_grid(rows: list[list[np.ndarray]], path: str | Path, columns: lis
                      label=label)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", pad_inches=0.1,
-                metadata={"Software": software()})
+                metadata=png_stamp(command))
     plt.close(fig)
     return atomic_write(path, lambda fh: fh.write(buffer.getvalue()), binary=True)

@@ -141,10 +141,12 @@ def class_legend(batch: dict[str, Tensor], mask: Tensor, pred: dict[str, Tensor]
 
 
 def save_grid(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: str | Path, title: str = "",
-              legend: list[tuple[str, tuple[int, int, int]]] | None = None) -> Path:
-    """Rows = (sample, modality), columns = masked input / prediction / reference; written atomically."""
+              legend: list[tuple[str, tuple[int, int, int]]] | None = None, command: str | None = None) -> Path:
+    """Rows = (sample, modality), columns = masked input / prediction / reference; written atomically, stamped
+    with ``command``."""
     names = list(panels)
     count = panels[names[0]][0].shape[0]
     rows = [[image[k] for image in panels[name]] for k in range(count) for name in names]
     labels = [f"image {k + 1}: {name}" for k in range(count) for name in names]
-    return save_image_grid(rows, path, ["masked input", "prediction", "reference"], labels, title, legend)
+    return save_image_grid(rows, path, ["masked input", "prediction", "reference"], labels, title, legend,
+                           command=command)

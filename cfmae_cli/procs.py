@@ -1,0 +1,30 @@
+"""Processes that cfmae starts: they end when the process that started them ends, even when it is killed with
+SIGKILL (which it cannot pass on), so that no worker is left holding memory or writing files for nobody."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int | None = None) -> bool:
+    """Ask the kernel to send this process SIGKILL when its parent ends (Linux ``prctl(PR_SET_PDEATHSIG)``).
+    ``parent``: the PID the caller expects as its parent; when it is already gone (the parent died before this
+    call), the process exits at once. Returns whether the request took effect (False on systems without
+    ``prctl``, e.g. macOS, where workers can still outlive a killed parent)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent is not None and os.getppid() != parent:  # the parent died between fork and prctl
+        os._exit(1)
+    return True
