@@ -85,4 +85,11 @@ app.command("attention-map")(_visualise.attention_map)
 
 
 def main() -> None:
+    """The ``cfmae`` program: output that cannot stop the work (:func:`common.protect_streams`); a worker of a
+    local launch that ends with its launcher; then the command."""
+    common.protect_streams()
+    if "RANK" in os.environ:  # a worker of a launcher (torch is imported by every command that has workers)
+        from cfmae_cli.train.distributed import die_with_launcher
+
+        die_with_launcher()
     app(prog_name="cfmae")

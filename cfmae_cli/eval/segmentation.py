@@ -9,6 +9,7 @@ levels, a 1x1 classifier; logits are upsampled to the input size. Loss: cross-en
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from cfmae_cli.train import distributed
 from cfmae_cli.train.engine import StepContext
 
 ADE20K_CLASSES = 150
+log = logging.getLogger(__name__)
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
@@ -186,14 +188,30 @@ class SegmentationTask(FinetuneTask):
         self.val_loader = shard_loader(self.val_dataset, cfg.train.batch_size, cfg.data.num_workers, info)
         self.best: dict[str, Any] = {"mIoU": -math.inf, "epoch": 0}
         self.improved = False
+        self.noted_single = False
 
     def inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"rgb": normalize_on_device(batch["rgb"], self.cfg.data.mean, self.cfg.data.std)}
 
     def forward(self, net: nn.Module, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, Tensor]:
-        logits = net(self.inputs(batch))
-        loss = F.cross_entropy(logits.float(), batch["semantic"], ignore_index=UNLABELLED)
+        inputs, target = self.inputs(batch), batch["semantic"]
+        if net.training and target.shape[0] == 1:
+            inputs, target = self.doubled(inputs, target)
+        logits = net(inputs)
+        loss = F.cross_entropy(logits.float(), target, ignore_index=UNLABELLED)
         return loss, loss.detach().reshape(1)
+
+    def doubled(self, inputs: dict[str, Tensor], target: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """A training batch of one image (the others of its batch were unreadable and skipped, or
+        ``train.batch_size`` is 1) as the same image twice: BatchNorm in training needs more than one value per
+        channel (the head's pooled 1x1 maps have one per image), and two copies give the one image's loss,
+        gradient and batch statistics. Deterministic, so a resumed run stays identical."""
+        if not self.noted_single:
+            self.noted_single = True
+            log.info("a training batch holds a single image (the rest of its batch was unreadable, or "
+                     "train.batch_size is 1): it is passed twice, as BatchNorm needs two values per channel; the "
+                     "loss and gradient are the single image's (said once)")
+        return {k: torch.cat([v, v]) for k, v in inputs.items()}, torch.cat([target, target])
 
     @torch.no_grad()
     def end_epoch(self, done: int, summary: dict[str, Any]) -> dict[str, Any]:

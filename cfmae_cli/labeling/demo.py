@@ -35,7 +35,8 @@ from PIL import Image
 
 from cfmae_cli import __version__
 from cfmae_cli.data import layout
-from cfmae_cli.errors import DataError
+from cfmae_cli.errors import CfmaeError, DataError
+from cfmae_cli.formats import NAME_MAX, atomic_write_text, fit_name
 from cfmae_cli.labeling.classical import SEMANTIC_CLASSES, ClassicalDepth, ClassicalLabeller
 
 logger = logging.getLogger(__name__)
@@ -151,9 +152,12 @@ def _build(root: Path, write: Callable[[Path], None], is_built: Callable[[Path],
     if is_built(root):
         logger.info("%s already at %s", what, root)
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CfmaeError(_cache_error(root.parent, exc)) from None
     _remove_stale_temporaries(root)
-    tmp = root.parent / f"{root.name}.tmp-{os.getpid()}"
+    tmp = _sibling(root, "tmp", os.getpid())
     if tmp.exists():
         shutil.rmtree(tmp)
     start = time.perf_counter()
@@ -165,6 +169,16 @@ def _build(root: Path, write: Callable[[Path], None], is_built: Callable[[Path],
         raise
     logger.info("%s written to %s in %.1f s", what, root, time.perf_counter() - start)
     return root
+
+
+def _cache_error(folder: Path, exc: OSError) -> str:
+    """The message for a cache folder that cannot be made: a file in its way, or no permission."""
+    blocking = next((p for p in (folder, *folder.parents) if p.is_file()), None)
+    where = "set CFMAE_CACHE to a folder you can write" + (f" (it is {os.environ['CFMAE_CACHE']})"
+                                                          if os.environ.get("CFMAE_CACHE") else "")
+    if blocking is not None:
+        return f"{blocking}: a file, not a folder; the demo data is cached in {folder}: {where}, or move the file."
+    return f"{folder}: the demo data cannot be cached there ({exc.strerror or exc}); {where}."
 
 
 def _write_dataset(folder: Path, recipe: dict[str, Any]) -> None:
@@ -209,8 +223,8 @@ def _write_monitor_set(folder: Path, recipe: dict[str, Any]) -> None:
             for i in range(count):
                 rgb = random_crop(photo, rng, recipe["size"], tuple(recipe["scale"]))
                 layout.save_rgb(folder / split / name / f"{name}_{i:03d}.jpg", rgb, quality=95)
-    (folder / MONITOR_RECIPE_NAME).write_text(json.dumps({"recipe": recipe, "photos": list(DEMO_PHOTOS),
-                                                          "tool": f"cfmae {__version__}"}, indent=1))
+    atomic_write_text(folder / MONITOR_RECIPE_NAME, json.dumps({"recipe": recipe, "photos": list(DEMO_PHOTOS),
+                                                               "tool": f"cfmae {__version__}"}, indent=1))
 
 
 def _monitor_recipe(root: Path) -> dict[str, Any] | None:
@@ -237,7 +251,7 @@ def _is_built(root: Path, recipe: dict[str, Any]) -> bool:
 
 def _move_into_place(tmp: Path, root: Path, is_built: Callable[[Path], bool]) -> None:
     """Rename ``tmp`` to ``root``; an existing ``root`` (another recipe, incomplete) is replaced."""
-    old = root.parent / f"{root.name}.old-{os.getpid()}"
+    old = _sibling(root, "old", os.getpid())
     if root.exists() or root.is_symlink():
         if is_built(root):  # another process finished the same build meanwhile
             shutil.rmtree(tmp)
@@ -257,9 +271,19 @@ def _move_into_place(tmp: Path, root: Path, is_built: Callable[[Path], bool]) ->
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _sibling(root: Path, kind: str, pid: int) -> Path:
+    """``<root>.<kind>-<pid>`` beside ``root``: where it is built (``tmp``) or set aside (``old``); a long
+    ``root`` name is shortened (:func:`~cfmae_cli.formats.fit_name`) so that the name fits NAME_MAX."""
+    return root.parent / f"{_sibling_prefix(root, kind)}{pid}"
+
+
+def _sibling_prefix(root: Path, kind: str) -> str:
+    return f"{fit_name(root.name, NAME_MAX - len(kind) - 2 - 10)}.{kind}-"  # 10: the digits of any pid
+
+
 def _remove_stale_temporaries(root: Path) -> None:
     """Remove ``<root>.tmp-<pid>`` / ``<root>.old-<pid>`` folders left by processes that are gone."""
-    for prefix in (f"{root.name}.tmp-", f"{root.name}.old-"):
+    for prefix in (_sibling_prefix(root, "tmp"), _sibling_prefix(root, "old")):
         for path in root.parent.glob(f"{prefix}*"):
             pid_text = path.name[len(prefix):]
             if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):

@@ -10,6 +10,7 @@ de-duplicated and the manifest is written, so an interrupted-then-finished run e
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -27,8 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 from cfmae_cli import __version__
 from cfmae_cli.data.layout import map_path, read_image, save_map, save_rgb, write_manifest
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.formats import atomic_write_text, IMAGE_EXTENSIONS, list_folder, MANIFEST_NAME, need_folder
+from cfmae_cli.formats import (atomic_write, atomic_write_text, IMAGE_EXTENSIONS, list_folder, MANIFEST_NAME,
+                               name_target, need_folder, temporary_name)
 from cfmae_cli.labeling.base import InstanceBackend, SemanticBackend, label_batch
+from cfmae_cli.ownership import LOCK_NAME
 
 log = logging.getLogger(__name__)
 ERRORS_NAME = "label-errors.jsonl"
@@ -73,8 +76,11 @@ def list_sources(src: Path, limit: int | None = None) -> tuple[list[SourceImage]
 
 
 class _Sources(Dataset):
-    def __init__(self, images: list[SourceImage]):
-        self.images = images
+    """Items: the decoded image and, with ``raw``, the file's bytes (what ``--rgb copy`` writes: read here, so
+    that a source that cannot be read is listed as unreadable, and a failed write is the output's)."""
+
+    def __init__(self, images: list[SourceImage], raw: bool = False):
+        self.images, self.raw = images, raw
 
     def __len__(self) -> int:
         return len(self.images)
@@ -82,9 +88,11 @@ class _Sources(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         try:
             image, converted = read_image(self.images[i].path)
-            return {"index": i, "image": image, "converted": converted, "error": None}
+            raw = self.images[i].path.read_bytes() if self.raw and not converted else None
+            return {"index": i, "image": image, "converted": converted, "raw": raw, "error": None}
         except Exception as exc:  # noqa: BLE001 - any unreadable file is listed, not fatal
-            return {"index": i, "image": None, "converted": False, "error": f"{type(exc).__name__}: {exc}"}
+            return {"index": i, "image": None, "converted": False, "raw": None,
+                    "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -130,75 +138,145 @@ def done_images(data: Path, images: list[SourceImage]) -> set[tuple[str, str]]:
     return done
 
 
+class OutputWriteError(CfmaeError):
+    """A file of the dataset could not be written (a full disk, a quota, a read-only or failing disk): labelling
+    stops, unlike for a source that cannot be read, which is listed and skipped."""
+
+
 class Writer:
-    """Saves a labelled image's files on background threads; sidecar lines are appended last, under a lock."""
+    """Saves a labelled image's files on background threads; sidecar lines are appended last, under a lock.
+
+    The first write that fails stops the writer: images not yet written are dropped (a rerun labels them), the
+    failed image's temporary files are removed, and :meth:`submit` and :meth:`close` raise
+    :class:`OutputWriteError` naming the file and its disk."""
 
     def __init__(self, data: Path, rgb_mode: str, threads: int = 4):
         self.data, self.rgb_mode = data, rgb_mode
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cfmae-writer")
         self.lock = threading.Lock()
         self.futures: list[Future] = []
+        self.failed: OutputWriteError | None = None
+        self.sidecars_checked: set[Path] = set()
 
     def submit(self, image: SourceImage, pixels: np.ndarray, converted: bool, instance: np.ndarray,
-               semantic: np.ndarray, meta: dict[str, Any], depth: np.ndarray | None = None) -> None:
+               semantic: np.ndarray, meta: dict[str, Any], depth: np.ndarray | None = None,
+               raw: bytes | None = None) -> None:
+        if self.failed is not None:
+            raise self.failed
         self.futures.append(self.pool.submit(self._write, image, pixels, converted, instance, semantic, meta,
-                                             depth))
+                                             depth, raw))
         if len(self.futures) > 256:
             self.drain(keep=64)
 
     def _write(self, image: SourceImage, pixels: np.ndarray, converted: bool, instance: np.ndarray,
-               semantic: np.ndarray, meta: dict[str, Any], depth: np.ndarray | None = None) -> None:
+               semantic: np.ndarray, meta: dict[str, Any], depth: np.ndarray | None = None,
+               raw: bytes | None = None) -> None:
+        if self.failed is not None:
+            return
         target = rgb_target(self.data, image, converted)
-        if converted:
-            save_rgb(target, pixels)
-        else:
-            _place(image.path, target, self.rgb_mode)
-        save_map(map_path(self.data, "instance", image.class_dir, image.stem), instance)
-        save_map(map_path(self.data, "semantic", image.class_dir, image.stem), semantic)
-        if depth is not None:
-            save_map(map_path(self.data, "depth", image.class_dir, image.stem), depth)  # uint16 grey
-        h, w = instance.shape
-        record = {"class": image.class_dir, "stem": image.stem, "rgb": str(target.relative_to(self.data / "rgb")),
-                  "source": str(image.path.resolve()), "width": w, "height": h, **meta,
-                  **({"depth": True} if depth is not None else {})}
-        line = json.dumps(record) + "\n"
-        with self.lock:
-            path = sidecar_path(self.data, image.class_dir)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as fh:
-                fh.write(line)
+        try:
+            if converted:
+                save_rgb(target, pixels)
+            else:
+                _place(image.path, target, self.rgb_mode, raw)
+            save_map(map_path(self.data, "instance", image.class_dir, image.stem), instance)
+            save_map(map_path(self.data, "semantic", image.class_dir, image.stem), semantic)
+            if depth is not None:
+                save_map(map_path(self.data, "depth", image.class_dir, image.stem), depth)  # uint16 grey
+            h, w = instance.shape
+            record = {"class": image.class_dir, "stem": image.stem,
+                      "rgb": str(target.relative_to(self.data / "rgb")), "source": str(image.path.resolve()),
+                      "width": w, "height": h, **meta, **({"depth": True} if depth is not None else {})}
+            with self.lock:
+                self._append(sidecar_path(self.data, image.class_dir), json.dumps(record) + "\n")
+        except OSError as exc:  # the first failure is kept; submit, drain and close raise it
+            with self.lock:
+                if self.failed is None:
+                    self.failed = OutputWriteError(output_error_line(exc, self.data))
+                    self.failed.__cause__ = exc
+
+    def _append(self, path: Path, line: str) -> None:
+        """Append one sidecar line (under the lock). A line cut by an earlier kill or a full disk is ended first,
+        so that the new line stays readable; a failed append is cut back to where it started."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a+b") as fh:  # read too: the last byte is checked
+            start = fh.seek(0, os.SEEK_END)
+            try:
+                if path not in self.sidecars_checked:
+                    if start and os.pread(fh.fileno(), 1, start - 1) != b"\n":
+                        fh.write(b"\n")
+                    self.sidecars_checked.add(path)
+                fh.write(line.encode())
+                fh.flush()
+            except OSError as exc:
+                try:
+                    os.truncate(path, start)
+                except OSError:
+                    pass
+                raise name_target(exc, path)
 
     def drain(self, keep: int = 0) -> None:
         """Wait until at most ``keep`` writes are pending; a failed write (disk full …) is raised here."""
         while len(self.futures) > keep:
             self.futures.pop(0).result()
+        if self.failed is not None:
+            raise self.failed
 
     def close(self) -> None:
+        """Wait for the writes; after a failed one, drop those not started and raise the failure."""
         try:
             self.drain()
         finally:
-            self.pool.shutdown(wait=True)
+            self.pool.shutdown(wait=True, cancel_futures=self.failed is not None)
 
 
-def _place(source: Path, target: Path, mode: str) -> None:
-    """Copy (or link) the original file into DATA/rgb through a temporary name."""
+def output_error_line(exc: OSError, data: Path) -> str:
+    """The message of a dataset file that could not be written: the file, the reason, the disk (with its free
+    space when it is full) and what to do."""
+    path = exc.filename if isinstance(exc.filename, str) else str(data)
+    reason = exc.strerror or str(exc)
+    disk = data.resolve()
+    while not os.path.ismount(disk) and disk != disk.parent:
+        disk = disk.parent
+    try:
+        free = f", {shutil.disk_usage(data).free / 2**20:,.0f} MiB free"
+    except OSError:
+        free = ""
+    fix = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space within your quota on that disk",
+           errno.EROFS: "make it writable, or label into a --out on another disk",
+           errno.EACCES: f"make {data} writable for you", errno.EPERM: f"make {data} writable for you",
+           errno.EIO: "check the disk (e.g. `dmesg`)"}.get(exc.errno, "fix the cause")
+    return (f"{path}: could not be written ({reason}; the disk of {data} is mounted at {disk}{free}). Labelling "
+            f"stopped; the images labelled so far are kept and no temporary file is left: {fix}, then run the same "
+            f"command again: it resumes.")
+
+
+def _place(source: Path, target: Path, mode: str, raw: bytes | None = None) -> None:
+    """Copy (or link) the original file into DATA/rgb through a temporary name; a copy writes ``raw`` (the
+    source's bytes, read with the image) when given."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.unlink(missing_ok=True)
-    if mode == "symlink":
-        tmp.symlink_to(source.resolve())
-    elif mode == "hardlink":
+    if mode in ("symlink", "hardlink"):
+        tmp = target.with_name(temporary_name(target.name, f"tmp-{os.getpid()}-{threading.get_ident()}"))
+        tmp.unlink(missing_ok=True)
         try:
-            os.link(source, tmp)
-        except OSError:  # another file system: copy instead
-            shutil.copyfile(source, tmp)
-    else:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+            if mode == "symlink":
+                tmp.symlink_to(source.resolve())
+            else:
+                os.link(source, tmp)
+            os.replace(tmp, target)
+            return
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if mode == "symlink" or exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise name_target(exc, target, tmp)
+            # a hard link is not possible here (another file system, a file system without them): copy instead
+    data = raw if raw is not None else source.read_bytes()
+    atomic_write(target, lambda fh: fh.write(data), binary=True)
 
 
 RUN_NAME = "meta/labelling.json"  # the source and settings of the run that made the folder, written first
-DATASET_ENTRIES = {"rgb", "instance", "semantic", "depth", "meta", ERRORS_NAME, MANIFEST_NAME, "preview.png"}
+DATASET_ENTRIES = {"rgb", "instance", "semantic", "depth", "meta", ERRORS_NAME, MANIFEST_NAME, "preview.png",
+                   LOCK_NAME}  # the lock of `cfmae label` (cli/label.py holds it while the folder is claimed)
 
 
 def claim_dataset(src: Path, data: Path, settings: dict[str, Any]) -> bool:
@@ -246,9 +324,15 @@ def _recorded_settings(data: Path) -> dict[str, Any] | None:
 
 
 def append_errors(data: Path, errors: list[dict[str, str]]) -> None:
+    """Add the unreadable sources to ``DATA/label-errors.jsonl``; a failure to write it stops labelling, like
+    any other file of the dataset (:class:`OutputWriteError`)."""
     if errors:
-        with (data / ERRORS_NAME).open("a") as fh:
-            fh.write("".join(json.dumps(e) + "\n" for e in errors))
+        path = data / ERRORS_NAME
+        try:
+            with path.open("a") as fh:
+                fh.write("".join(json.dumps(e) + "\n" for e in errors))
+        except OSError as exc:
+            raise OutputWriteError(output_error_line(name_target(exc, path), data)) from exc
 
 
 def finalize(data: Path, images: list[SourceImage], instance: InstanceBackend, semantic: SemanticBackend,
@@ -305,7 +389,8 @@ def label_folder(src: Path, data: Path, instance: InstanceBackend, semantic: Sem
     log.info("%d image(s) in %s; %d of this process's %d already labelled; %d to do", len(images), src,
              len(mine) - len(todo), len(mine), len(todo))
     progress = LabelProgress(total=len(todo))
-    loader = DataLoader(_Sources(todo), batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    loader = DataLoader(_Sources(todo, raw=rgb_mode != "symlink"), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate)
     writer = Writer(data, rgb_mode)
     start = time.perf_counter()
     try:
@@ -318,7 +403,8 @@ def label_folder(src: Path, data: Path, instance: InstanceBackend, semantic: Sem
                 results = label_batch(instance, semantic, [x["image"] for x in good], prompts)
                 depths = depth.label_depth([x["image"] for x in good]) if depth is not None else [None] * len(good)
                 for item, (ins, sem, meta), dmap in zip(good, results, depths):
-                    writer.submit(todo[item["index"]], item["image"], item["converted"], ins, sem, meta, dmap)
+                    writer.submit(todo[item["index"]], item["image"], item["converted"], ins, sem, meta, dmap,
+                                  item["raw"])
             progress.done += len(batch)
             progress.errors += len(bad)
             progress.images_per_s = progress.done / max(time.perf_counter() - start, 1e-9)

@@ -126,7 +126,7 @@ def launch(child_args: list[str], nprocs: int) -> int:
 
     args = parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(nprocs), "--max-restarts", "0",
                        "-m", "cfmae_cli", *child_args])
-    os.environ[LAUNCHED_ENV] = "1"
+    os.environ[LAUNCHED_ENV] = str(os.getpid())  # the workers' parent: they end with it (die_with_launcher)
     try:
         run(args)
     except ChildFailedError as exc:
@@ -142,3 +142,19 @@ def launch(child_args: list[str], nprocs: int) -> int:
 def launched_by_parent() -> bool:
     """Whether this worker was started by :func:`launch` (whose process prints the closing line itself)."""
     return bool(os.environ.get(LAUNCHED_ENV))
+
+
+def die_with_launcher() -> bool:
+    """In a worker that :func:`launch` started, ask the kernel to end it when the launcher ends, even by
+    SIGKILL (which the launcher cannot pass on): no orphan keeps training, holding a GPU or writing files.
+
+    The launcher is the worker's parent: torch elastic's agent runs in the launcher's main thread and starts
+    each worker there with ``Popen`` (``start_new_session``: a new session, out of reach of the terminal's
+    Ctrl-C, which the launcher passes on itself). A worker whose parent is already gone exits at once. Returns
+    whether the request took effect (not on systems without ``prctl``, or outside such a worker)."""
+    from cfmae_cli.procs import die_with_parent
+
+    parent = os.environ.get(LAUNCHED_ENV, "")
+    if not parent.isdigit():  # not ours (torchrun by hand, SLURM): their launchers manage their workers
+        return False
+    return die_with_parent(int(parent))

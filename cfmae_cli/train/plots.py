@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cfmae_cli.formats import software  # noqa: E402
+from cfmae_cli.formats import atomic_write, software  # noqa: E402
 
 
 FEW = 30  # up to this many points a curve gets markers and no smoothing
@@ -85,10 +85,11 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     last.grid(alpha=0.3)
     if monitor:
         _plot_knn(fig.add_subplot(grid[:, cols]), monitor)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, metadata={"Software": software()})
-    plt.close(fig)
-    tmp.replace(path)
+    try:  # a temporary file renamed into place: a reader never sees half a PNG
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100, metadata={"Software": software()}),
+                     binary=True)
+    finally:
+        plt.close(fig)
     return path
 
 
