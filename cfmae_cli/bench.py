@@ -247,7 +247,8 @@ def time_data(cfg: Config, root: Path | None, workers: list[int], batch_size: in
     """Samples/s of the training data path (read, decode, joint crop + flip, canonical ids, collate) with
     each number of DataLoader workers, after the first batch — for the folder and, with ``packed``, for its
     ``cfmae pack`` copy."""
-    from cfmae_cli.data.packed import is_packed, pack_dataset
+    from cfmae_cli.data.layout import is_packed
+    from cfmae_cli.data.packed import pack_dataset
     from cfmae_cli.train.setup import build_dataset
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -192,3 +192,19 @@ def test_resample_map_is_torchvisions_nearest_exact_and_takes_fractional_boxes()
     # a box given in half-size map pixels selects the same cells as the full-size box: a 2x map
     big = ids.repeat_interleave(2, -2).repeat_interleave(2, -1)
     assert torch.equal(resample_map(ids, (9, 9), (2.5, 4.5, 10.0, 15.5)), resample_map(big, (9, 9), (5, 9, 20, 31)))
+
+
+def test_a_manifest_class_count_must_be_the_whole_count_of_its_names(tmp_path: Path) -> None:
+    """The check the folder manifest and a packed one share (layout.check_semantic_classes)."""
+    import json
+
+    root = make_dataset(tmp_path / "d", n_per_class=1)
+    manifest = json.loads((root / "cfmae-dataset.json").read_text())
+    for count in (3.0, "3", True, 4):
+        (root / "cfmae-dataset.json").write_text(json.dumps({**manifest, "num_semantic_classes": count}))
+        with pytest.raises(DataError, match=f"num_semantic_classes is {count!r} but semantic_classes lists 3"):
+            read_manifest(root)
+    (root / "cfmae-dataset.json").write_text(json.dumps({**manifest, "semantic_classes": ["c"] * 255,
+                                                         "num_semantic_classes": 255}))
+    with pytest.raises(DataError, match="255 semantic classes; at most 254 fit in uint8 maps"):
+        read_manifest(root)

@@ -11,7 +11,7 @@ import typer
 from cfmae_cli.cli.common import console, guarded
 from cfmae_cli.config import Config, load_config
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.formats import need_folder
+from cfmae_cli.formats import MANIFEST_NAME, need_folder
 
 
 @guarded
@@ -45,6 +45,17 @@ def pretrain(
 
     Example, continue after a preemption: cfmae pretrain --resume runs/pretrain/vitb-400e
     """
+    if data is not None and data.is_dir():  # its manifest checked before torch is imported: a bad one costs nothing
+        from cfmae_cli.data.layout import is_packed, read_manifest, read_packed_manifest
+
+        if is_packed(data):
+            read_packed_manifest(data)
+        elif (data / MANIFEST_NAME).is_file():
+            read_manifest(data)
+    if init is not None:
+        from cfmae_cli.config import check_weights_file
+
+        check_weights_file(init)  # sizes checked before torch is imported (docs/export.md)
     from cfmae_cli.cli.training import demo_preset_notice, dispatch, resumed_config, run_overrides
     from cfmae_cli.train.pretraining import pretrain as run
 

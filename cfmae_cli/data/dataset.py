@@ -1,8 +1,9 @@
 """The pre-training dataset: samples of the layout (``layout.py``) → augmented tensors; bad files skipped.
 
-A sample that cannot be used (unreadable file, map size ≠ image size, semantic id out of range) is not an
-exception: ``__getitem__`` returns it as a *bad* record, the collate drops it from the batch and passes the
-(path, reason) on, and the engine counts, lists and, past ``data.max_bad_fraction``, stops.
+A sample that cannot be used (unreadable file, a map that is not one of ids (``maps.read_ids``), map size ≠
+image size, semantic id out of range) is not an exception: ``__getitem__`` returns it as a *bad* record, the
+collate drops it from the batch and passes the (path, reason) on, and the engine counts, lists and, past
+``data.max_bad_fraction``, stops. :func:`skip_reason` words the reason; ``cfmae pack`` skips with the same words.
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ from torch.utils.data import Dataset
 
 from cfmae_cli import modalities as table
 from cfmae_cli.data.layout import Sample
+from cfmae_cli.data.maps import BadSample, check_class_ids, check_size, opened, read_ids
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.formats import UNLABELLED
 from cfmae_cli.seeding import sample_rng
 
-
-class BadSample(Exception):
-    """A sample that cannot be used; the message says why."""
+UNREADABLE = (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -34,30 +34,53 @@ class Skipped:
     reason: str
 
 
+def skip_reason(exc: Exception) -> str | None:
+    """Why a sample that raised ``exc`` is skipped (the same words in training and in ``cfmae pack``); None for
+    an error that is a bug and should propagate."""
+    if isinstance(exc, BadSample):
+        return str(exc)
+    if isinstance(exc, UNREADABLE):
+        return f"unreadable: {type(exc).__name__}: {exc}"
+    return None
+
+
 def read_map(path, expect_size: tuple[int, int], modality: table.Modality) -> Tensor:
-    """An image's map of ``modality`` at the image's size: ids (h, w) long; or an image (channels, h, w): one
-    channel as float32 in [0, 1] at the file's full precision (8-bit grey value / 255, 16-bit grey value /
-    65535: depth), three channels uint8."""
-    with Image.open(path) as im:
-        if im.size != expect_size:
-            raise BadSample(f"{path}: map size {im.size[0]}x{im.size[1]} differs from the image's "
-                            f"{expect_size[0]}x{expect_size[1]}")
-        if modality.kind == "image":
-            if modality.modes is not None and im.mode not in modality.modes:
-                raise BadSample(f"{path}: a {modality.name} map must be a single-channel 8- or 16-bit PNG, got PIL "
-                                f"mode {im.mode}")
-            if modality.channels == 1:
-                wide = im.mode.startswith("I")  # 16-bit grey (I;16…, or I from an older Pillow)
-                grey = np.asarray(im if wide or im.mode == "L" else im.convert("L"))
-                top = 65535 if wide else 255
-                arr = (np.clip(grey, 0, top).astype(np.float32) / np.float32(top))[None]
-                return torch.from_numpy(np.ascontiguousarray(arr))
-            arr = np.asarray(im.convert("RGB")).reshape(im.size[1], im.size[0], modality.channels)
-            return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-        arr = np.asarray(im)
-    if arr.ndim != 2:
-        raise BadSample(f"{path}: a map must be a single-channel PNG of ids, got shape {arr.shape}")
-    return torch.from_numpy(arr.astype(np.int64))
+    """An image's map of ``modality`` at the image's size: ids (h, w) long (:func:`~cfmae_cli.data.maps.read_ids`,
+    the one reader of id maps); or an image (channels, h, w): one channel as float32 in [0, 1] at the file's
+    full precision (8-bit grey value / 255, 16-bit grey value / 65535: depth), three channels uint8. A file
+    that cannot be used is a :class:`BadSample` naming it."""
+    if modality.kind == "ids":
+        return torch.from_numpy(read_ids(path, expect_size, modality.name))
+    with opened(path) as im:
+        check_size(path, im.size, expect_size)
+        if modality.modes is not None and im.mode not in modality.modes:
+            raise BadSample(f"{path}: a {modality.name} map must be a single-channel 8- or 16-bit PNG, got PIL "
+                            f"mode {im.mode}")
+        if modality.channels == 1:
+            wide = im.mode.startswith("I")  # 16-bit grey (I;16…, or I from an older Pillow)
+            grey = np.asarray(im if wide or im.mode == "L" else im.convert("L"))
+            top = 65535 if wide else 255
+            arr = (np.clip(grey, 0, top).astype(np.float32) / np.float32(top))[None]
+            return torch.from_numpy(np.ascontiguousarray(arr))
+        arr = np.asarray(im.convert("RGB")).reshape(im.size[1], im.size[0], modality.channels)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def read_maps(sample: Sample, size: tuple[int, int], names: list[str], classes: int,
+              reduce_zero_label: bool = False) -> dict[str, Tensor]:
+    """The maps ``names`` of a sample whose image is ``size`` (W, H), by :func:`read_map`, semantic ids checked
+    against the manifest's ``classes`` (after ``reduce_zero_label``: 0 → unlabelled, k → k-1): what training
+    and ``cfmae pack`` read of a sample's maps, so that they keep and skip the same samples."""
+    maps = {}
+    for name in names:
+        spec = table.get(name)
+        x = read_map(sample.maps[name], size, spec)
+        if spec.classes == "manifest":  # ids of the dataset's semantic classes
+            if reduce_zero_label:
+                x = torch.where(x == 0, torch.full_like(x, UNLABELLED), x - 1)
+            check_class_ids(x.numpy(), sample.maps[name], name, classes)
+        maps[name] = x
+    return maps
 
 
 class SeededDataset(Dataset):
@@ -119,26 +142,12 @@ class MultiGranularDataset(SeededDataset):
         with Image.open(sample.rgb) as im:
             size = im.size
             rgb = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
-        maps = {}
-        for name in self.modalities:
-            spec = table.get(name)
-            x = read_map(sample.maps[name], size, spec)
-            if spec.classes == "manifest":  # ids of the dataset's semantic classes
-                if self.reduce_zero_label:
-                    x = torch.where(x == 0, torch.full_like(x, UNLABELLED), x - 1)
-                bad = (x >= self.num_semantic_classes) & (x != UNLABELLED)
-                if bool(bad.any()):
-                    raise BadSample(f"{sample.maps[name]}: {name} id {int(x[bad].max())} is not below the "
-                                    f"{self.num_semantic_classes} classes of the manifest and is not {UNLABELLED}")
-            maps[name] = x
+        maps = read_maps(sample, size, self.modalities, self.num_semantic_classes, self.reduce_zero_label)
         return make_item(*self.transform(rgb, maps), sample.label)
 
     def skipped(self, index: int, exc: Exception) -> Skipped | None:
-        if isinstance(exc, BadSample):
-            return Skipped(str(self.samples[index].rgb), str(exc))
-        if isinstance(exc, (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)):
-            return Skipped(str(self.samples[index].rgb), f"unreadable: {type(exc).__name__}: {exc}")
-        return None
+        reason = skip_reason(exc)
+        return None if reason is None else Skipped(str(self.samples[index].rgb), reason)
 
 
 def make_item(rgb: Tensor, maps: dict[str, Tensor], label: int) -> dict[str, Any]:

@@ -5,6 +5,7 @@
     DATA/rgb/<class>/<stem>.<jpg|jpeg|png|bmp|webp|tif|tiff>
     DATA/instance/<class>/<stem>.png     uint8 or uint16 ids, 0 = background
     DATA/semantic/<class>/<stem>.png     uint8 class ids, 255 = unlabelled
+                                         (id maps: grey values or palette indices, read by maps.read_ids)
     DATA/cfmae-dataset.json              manifest (format version, semantic class names, provenance, counts)
 
 Class folders are optional: ``DATA/rgb/<stem>.jpg`` works too (the class is then ``""``).
@@ -69,21 +70,31 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
                         f"cfmae_cli.data.layout.write_manifest (docs/dataset-format.md).")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise DataError(f"{path}: not readable as JSON ({exc}).") from None
-    classes = manifest.get("semantic_classes") if isinstance(manifest, dict) else None
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise DataError(f"{path}: 'semantic_classes' must be a non-empty list of class names.")
-    if len(classes) >= UNLABELLED:
-        raise DataError(f"{path}: {len(classes)} semantic classes; at most {UNLABELLED - 1} fit in uint8 maps "
-                        f"(id {UNLABELLED} is 'unlabelled').")
-    count = manifest.setdefault("num_semantic_classes", len(classes))
-    if count != len(classes):
-        raise DataError(f"{path}: num_semantic_classes is {count} but semantic_classes lists {len(classes)} names.")
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: not a dataset manifest (a JSON object); see docs/dataset-format.md.")
+    check_semantic_classes(path, manifest)
     version = manifest.get("format_version")
     if version != DATASET_FORMAT_VERSION:
         raise DataError(f"{path}: format_version {version!r} is not supported (expected {DATASET_FORMAT_VERSION}).")
     return manifest
+
+
+def check_semantic_classes(path: Path, manifest: dict[str, Any]) -> int:
+    """The semantic classes of a manifest (the dataset's, or a packed copy's, which carries them on): a non-empty
+    list of names, at most 254 (id 255 is 'unlabelled' in uint8 maps), and ``num_semantic_classes`` (filled
+    in when absent) equal to their count; returns C. Checked before anything is sized by C."""
+    classes = manifest.get("semantic_classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{path}: 'semantic_classes' must be a non-empty list of class names.")
+    if len(classes) >= UNLABELLED:
+        raise DataError(f"{path}: {len(classes):,} semantic classes; at most {UNLABELLED - 1} fit in uint8 maps "
+                        f"(id {UNLABELLED} is 'unlabelled').")
+    count = manifest.setdefault("num_semantic_classes", len(classes))
+    if type(count) is not int or count != len(classes):
+        raise DataError(f"{path}: num_semantic_classes is {count!r} but semantic_classes lists {len(classes)} names.")
+    return count
 
 
 def map_path(root: Path, modality: str, class_dir: str, stem: str) -> Path:
@@ -205,3 +216,61 @@ def read_image(path: Path, short_side: int | None = None) -> tuple[np.ndarray, b
     arr = np.clip(np.round(arr * 255.0 / top), 0, 255).astype(np.uint8)
     rgb = np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr
     return (np.asarray(Image.fromarray(rgb).reduce(by)) if by > 1 else rgb), True
+
+
+PACKED_MANIFEST = "cfmae-packed.json"  # the manifest of a packed copy (cfmae_cli.data.packed)
+PACKED_FORMAT, PACKED_VERSION = "cfmae-packed", 1
+
+
+def is_packed(root: str | Path) -> bool:
+    """Whether ``root`` is a packed copy (``cfmae pack``): it holds :data:`PACKED_MANIFEST`."""
+    return (Path(root) / PACKED_MANIFEST).is_file()
+
+
+def pack_again(manifest: dict[str, Any]) -> str:
+    """What to do about a damaged pack."""
+    return f"pack the data again (cfmae pack {manifest.get('source', 'DATA')} --out NEW)"
+
+
+def _whole(value: Any, low: int, high: int | float) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def read_packed_manifest(root: Path) -> dict[str, Any]:
+    """``PACKED/cfmae-packed.json``, read and checked before anything is sized by it: format and version, the
+    semantic classes (as a dataset's manifest's, :func:`~cfmae_cli.data.layout.check_semantic_classes`), size
+    and map_size, the maps (id maps of the table), the class folders, the shards' image counts and their
+    total. That the files agree with it is :func:`cfmae_cli.data.packed.check_packed`'s part. Torch-free, so that
+    a command can refuse a bad manifest before it imports torch."""
+    path = root / PACKED_MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise DataError(f"{path}: not readable ({exc}).") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != PACKED_FORMAT or manifest.get("version") != PACKED_VERSION:
+        raise DataError(f"{path}: not a {PACKED_FORMAT} v{PACKED_VERSION} manifest; pack the data again.")
+    check_semantic_classes(path, manifest)
+
+    def wrong(key: str, what: str) -> DataError:
+        return DataError(f"{path}: {key} is {manifest.get(key)!r:.80}, not {what}; the manifest is damaged: "
+                         f"{pack_again(manifest)}.")
+
+    size, side = manifest.get("size"), manifest.get("map_size")
+    if not _whole(size, 1, 65535):
+        raise wrong("size", "a side of 1 to 65535 px (a JPEG's largest)")
+    if not _whole(side, 1, size) or size % side:
+        raise wrong("map_size", f"a divisor of size {size}")
+    manifest.setdefault("maps", ["instance", "semantic"])  # (packs written before the key)
+    maps = manifest["maps"]
+    if not isinstance(maps, list) or not maps or len(set(map(str, maps))) != len(maps) or \
+            not all(isinstance(m, str) and m in table.TABLE and table.get(m).kind == "ids" for m in maps):
+        raise wrong("maps", f"a list of distinct id maps ({', '.join(id_maps())})")
+    folders = manifest.get("class_folders")
+    if not isinstance(folders, list) or not all(isinstance(c, str) for c in folders):
+        raise wrong("class_folders", "a list of folder names")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(_whole(n, 0, float("inf")) for n in shards):
+        raise wrong("shards", "a list of image counts")
+    if not _whole(manifest.get("images"), 0, float("inf")) or manifest["images"] != sum(shards):
+        raise wrong("images", f"the {sum(shards):,} images of its shards")
+    return manifest

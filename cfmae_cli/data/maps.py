@@ -1,4 +1,11 @@
-"""Label maps (instance and semantic ids) resampled without blending and without moving them off the image.
+"""Label maps (instance and semantic ids): the one reader of their files, and their resampling without blending
+and without moving them off the image.
+
+Every id map file is read by :func:`read_ids`, whoever reads it (``cfmae pack``, pre-training, fine-tuning, the
+figures, the label preview, ``attention-map --stats``), with one decision per PIL mode (:data:`ID_MODES`):
+grey values, palette *indices* (never the palette's colours), 16-bit grey values; a file with colour or alpha
+channels is refused, naming the file, its mode and what to save instead. A refused file is a
+:class:`BadSample`, with the same message wherever it is read.
 
 Every resize of a map goes through :func:`resample_map`: centre-aligned nearest neighbour, each output cell
 taking the id under its centre (torchvision's ``NEAREST_EXACT``, PIL's ``NEAREST``). torchvision's
@@ -8,12 +15,77 @@ shifts a map by half an output cell right and down against an image resized with
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, TypeVar
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cfmae_cli.formats import UNLABELLED
 
 if TYPE_CHECKING:
     import torch
+
+# How each PIL mode of an id map file gives its ids; any other mode (colour, alpha, floating point) is refused.
+ID_MODES: dict[str, str] = {
+    "L": "8-bit grey: the values",
+    "P": "palette: the indices (as VOC- and ADE-style tools store class ids), never the colours",
+    "I;16": "16-bit grey: the values", "I;16B": "16-bit grey: the values", "I;16L": "16-bit grey: the values",
+    "I": "grey read by an older Pillow as 32-bit: the values, which must lie in [0, 65535]",
+    "1": "1-bit: 0 and 1 (a mask of one object), not 0 and 255",
+}
+_ALPHA = {"LA", "La", "PA", "RGBA", "RGBa"}
+SAVE_IDS = ("save the ids as an 8-bit grey PNG (16-bit grey for ids above 255; cfmae_cli.data.layout.save_map "
+            "picks the depth) or as a palette PNG whose indices are the ids")
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; the message names the file and says why."""
+
+
+@contextlib.contextmanager
+def opened(path: str | Path) -> Iterator[Image.Image]:
+    """``Image.open`` of a map; a file that cannot be opened or decoded (inside the block too) is a
+    :class:`BadSample` naming it (PIL's own messages often do not)."""
+    try:
+        with Image.open(path) as im:
+            yield im
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise BadSample(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def check_size(path: str | Path, size: tuple[int, int], expect: tuple[int, int] | None) -> None:
+    """A map has its image's size (W, H), or is a :class:`BadSample`."""
+    if expect is not None and tuple(size) != tuple(expect):
+        raise BadSample(f"{path}: map size {size[0]}x{size[1]} differs from the image's {expect[0]}x{expect[1]}")
+
+
+def read_ids(path: str | Path, expect_size: tuple[int, int] | None = None, name: str = "id") -> np.ndarray:
+    """The (h, w) int64 ids of an id map file (the ``name`` map), in [0, 65535], as :data:`ID_MODES` says;
+    ``expect_size``: the image's (W, H), which the map must have. Anything else is a :class:`BadSample`."""
+    with opened(path) as im:
+        check_size(path, im.size, expect_size)
+        mode = im.mode
+        if mode not in ID_MODES:
+            why = ("an alpha channel" if mode in _ALPHA else "floating-point values" if mode == "F" else
+                   "colour channels" if len(im.getbands()) > 1 else "a pixel format of no ids")
+            raise BadSample(f"{path}: a {name} map must hold one id per pixel (PIL mode L, P, I;16 or 1), not "
+                            f"mode {mode} ({why}); {SAVE_IDS}")
+        ids = np.asarray(im).astype(np.int64)
+    if mode == "I" and ids.size and (ids.min() < 0 or ids.max() > 65535):
+        raise BadSample(f"{path}: {name} ids {int(ids.min())}..{int(ids.max())} lie outside [0, 65535]; {SAVE_IDS}")
+    return ids
+
+
+def check_class_ids(ids: np.ndarray, path: str | Path, name: str, classes: int) -> None:
+    """Ids of the manifest's ``classes`` semantic classes are below it or :data:`UNLABELLED`, or the map is a
+    :class:`BadSample`."""
+    bad = (ids >= classes) & (ids != UNLABELLED)
+    if bad.any():
+        raise BadSample(f"{path}: {name} id {int(ids[bad].max())} is not below the {classes} classes of the "
+                        f"manifest and is not {UNLABELLED}")
+
 
 Map = TypeVar("Map", np.ndarray, "torch.Tensor")
 

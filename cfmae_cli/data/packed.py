@@ -12,6 +12,10 @@ Layout: ``PACKED/cfmae-packed.json`` (format, sizes, classes, shards, what was s
 uint16 when a shard has an id above 255),
 ``shard-NNNNN.semantic.npy`` (uint8), ``shard-NNNNN.labels.npy`` (int32). Only the id maps of the table are
 packed: an image map (depth) is not (a run with it reads the folder layout, at the map's full precision).
+
+A sample is read as training reads it (``dataset.read_maps``, ``maps.read_ids``) and skipped for the same
+reasons, in the same words. A packed folder is checked before anything is sized by it: the manifest's fields
+(:func:`read_packed_manifest`), then every shard file's header against them (:func:`check_packed`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -26,19 +31,21 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cfmae_cli import modalities as table
-from cfmae_cli.data.dataset import SeededDataset, Skipped, make_item
-from cfmae_cli.data.layout import id_maps, list_samples, read_manifest, Sample
-from cfmae_cli.data.maps import resample_map
+from cfmae_cli.data.dataset import SeededDataset, Skipped, make_item, read_maps, skip_reason
+from cfmae_cli.data.layout import (PACKED_FORMAT as FORMAT, PACKED_MANIFEST as MANIFEST, PACKED_VERSION as VERSION,
+                                   id_maps, list_samples, pack_again as _again, read_manifest,
+                                   read_packed_manifest, Sample)
+from cfmae_cli.data.maps import BadSample, check_class_ids, resample_map
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import DataError
-from cfmae_cli.formats import atomic_write, atomic_write_text, UNLABELLED
+from cfmae_cli.formats import atomic_write, atomic_write_text
+from cfmae_cli.ownership import LOCK_NAME
+from cfmae_cli.procs import die_with_parent
 
-MANIFEST = "cfmae-packed.json"
 INCOMPLETE = ".cfmae-pack-incomplete"  # there while `cfmae pack` writes the folder
-FORMAT, VERSION = "cfmae-packed", 1
 log = logging.getLogger(__name__)
 
 
@@ -54,10 +61,6 @@ def decode(data: np.ndarray) -> torch.Tensor:
         return _decode_jpeg(torch.from_numpy(data))
     with Image.open(io.BytesIO(data.tobytes())) as im:
         return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).contiguous()
-
-
-def is_packed(root: str | Path) -> bool:
-    return (Path(root) / MANIFEST).is_file()
 
 
 def _square_geometry(w: int, h: int, side: int) -> tuple[tuple[int, int], tuple[int, int], tuple[float, ...]]:
@@ -88,24 +91,17 @@ def _pack_shard(job: tuple[Path, int, list[Sample], int, int, int, int]) -> tupl
     names = list(samples[0].maps) if samples else []
     blobs, labels, skipped = [], [], []
     arrays = {name: np.zeros((len(samples), map_size, map_size), np.uint16) for name in names}
-    manifest_ids = [n for n in names if table.get(n).classes == "manifest"]
     for sample in samples:
-        try:
+        try:  # read as training reads it: the same samples kept, the same skipped, with the same reasons
             with Image.open(sample.rgb) as im:
                 rgb = im.convert("RGB")
-            maps = {}
-            for name, path in sample.maps.items():
-                with Image.open(path) as m:
-                    if m.size != rgb.size:
-                        raise ValueError(f"{name} map size {m.size} differs from the image's {rgb.size}")
-                    maps[name] = _square_map(np.asarray(m.convert("I")).astype(np.int64), size, map_size)
-        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            skipped.append((str(sample.rgb), f"{type(exc).__name__}: {exc}"))
-            continue
-        if any(((maps[n] >= classes) & (maps[n] != UNLABELLED)).any() for n in manifest_ids) or \
-                any(ids.max(initial=0) > np.iinfo(np.uint16).max for ids in maps.values()):
-            skipped.append((str(sample.rgb), f"ids out of range ({', '.join(manifest_ids)} < {classes} or 255, "
-                                             f"other maps < 65536)"))
+            maps = {name: _square_map(ids.numpy(), size, map_size)  # ids in [0, 65535]: they fit the uint16 arrays
+                    for name, ids in read_maps(sample, rgb.size, names, classes).items()}
+        except Exception as exc:  # noqa: BLE001 - skip_reason decides, a bug is raised
+            reason = skip_reason(exc)
+            if reason is None:
+                raise
+            skipped.append((str(sample.rgb), reason))
             continue
         buf = io.BytesIO()
         _square(rgb, size, Image.Resampling.BICUBIC).save(buf, "JPEG", quality=quality)
@@ -150,8 +146,13 @@ def pack_dataset(src: Path, out: Path, size: int = 256, map_scale: int = 2, shar
     jobs = [(out, k, samples[i:i + shard_size], size, size // map_scale, quality, c_sem)
             for k, i in enumerate(range(0, len(samples), shard_size))]
     counts, skipped = [], []
+    context = multiprocessing.get_context()
+    # the workers die with this process, even when it is killed (SIGKILL): no orphan keeps its memory or writes
+    # shards for nobody. A forkserver's workers are its children, not ours: they die with it, and it with us.
+    parent = None if context.get_start_method() == "forkserver" else os.getpid()
     try:
-        with ProcessPoolExecutor(max_workers=max(workers, 1)) as pool:
+        with ProcessPoolExecutor(max_workers=max(workers, 1), mp_context=context, initializer=die_with_parent,
+                                 initargs=(parent,)) as pool:
             for n, bad in pool.map(_pack_shard, jobs):
                 counts.append(n)
                 skipped += bad
@@ -177,7 +178,7 @@ def _claim(out: Path) -> None:
     :data:`INCOMPLETE`, cleared); with the mark in it until the manifest is written."""
     if out.is_file():
         raise DataError(f"--out {out}: a file, not a folder; choose a new or empty folder.")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):  # (the lock `cfmae pack` holds on it)
         if not (out / INCOMPLETE).is_file():
             raise DataError(f"{out}: exists and is not empty; choose an empty or new --out.")
         log.info("%s: clearing what an interrupted `cfmae pack` left", out)
@@ -194,39 +195,46 @@ def _clear(out: Path) -> None:
 
 
 def check_packed(root: Path, manifest: dict[str, Any], maps: list[str]) -> None:
-    """Every shard file the manifest promises is there, and its sizes agree with it (images per shard, bytes
-    of the JPEG file): a missing or cut-off shard stops here, naming the file, not in a loader worker."""
+    """Every shard file the manifest (checked by :func:`read_packed_manifest`) promises is there and agrees with
+    it: arrays of the shapes (images + 1 offsets, (images, map_size, map_size) maps, images labels) and dtypes
+    (int64, uint8 or uint16, int32) it implies, offsets from 0 non-decreasing to the bytes of the JPEG file,
+    labels indexing its class folders. A missing, cut-off or rewritten shard stops here, naming the file, not
+    in a loader worker or, worse, not at all. Only headers, offsets and labels are read (memory-mapped)."""
+    side, folders = manifest["map_size"], manifest["class_folders"]
+    said = f"the manifest {root / MANIFEST} says"
     for k, n in enumerate(manifest["shards"]):
         stem = root / f"shard-{k:05d}"
+        blob = Path(f"{stem}.jpg.bin")
         files = {name: Path(f"{stem}.{name}.npy") for name in ("offsets", *maps, "labels")}
-        for path in (Path(f"{stem}.jpg.bin"), *files.values()):
+        for path in (blob, *files.values()):
             if not path.is_file():
                 raise DataError(f"{path}: missing (shard {k} of {len(manifest['shards'])} of the packed data); the "
-                                f"pack is incomplete: pack the data again (cfmae pack {manifest.get('source', 'DATA')} "
-                                f"--out NEW).")
-        try:
-            arrays = {name: np.load(path, mmap_mode="r") for name, path in files.items()}
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{stem}.*.npy: not readable ({exc}); pack the data again.") from None
-        want = {"offsets": n + 1, **{name: n for name in (*maps, "labels")}}
-        wrong = [f"{files[name].name} has {len(arrays[name])} rows, not {rows}" for name, rows in want.items()
-                 if len(arrays[name]) != rows]
-        if not wrong and int(arrays["offsets"][-1]) != os.path.getsize(f"{stem}.jpg.bin"):
-            wrong.append(f"{stem.name}.jpg.bin has {os.path.getsize(f'{stem}.jpg.bin'):,} bytes, its offsets say "
-                         f"{int(arrays['offsets'][-1]):,}")
-        if wrong:
-            raise DataError(f"{root}: shard {k} does not match the manifest ({'; '.join(wrong)}); the pack is damaged: "
-                            f"pack the data again.")
-
-
-def read_packed_manifest(root: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{root / MANIFEST}: not readable ({exc}).") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise DataError(f"{root / MANIFEST}: not a {FORMAT} v{VERSION} manifest; pack the data again.")
-    return manifest
+                                f"pack is incomplete: {_again(manifest)}.")
+        want = {"offsets": ((n + 1,), ("int64",), "images + 1"), "labels": ((n,), ("int32",), "images"),
+                **{name: ((n, side, side), ("uint8", "uint16"), "images, map_size, map_size") for name in maps}}
+        arrays = {}
+        for name, path in files.items():
+            try:
+                arrays[name] = a = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{path}: not a readable NumPy array ({exc}); the pack is damaged: "
+                                f"{_again(manifest)}.") from None
+            shape, dtypes, meaning = want[name]
+            if a.shape != shape or a.dtype.name not in dtypes:
+                raise DataError(f"{path}: {a.dtype.name} of shape {a.shape}; {said} {' or '.join(dtypes)} of shape "
+                                f"{shape} ({meaning}, shard {k}); the pack is damaged: {_again(manifest)}.")
+        offsets, size = np.asarray(arrays["offsets"]), os.path.getsize(blob)
+        falls = bool((np.diff(offsets) < 0).any())
+        if falls or offsets[0] != 0 or offsets[-1] != size:
+            raise DataError(f"{files['offsets']}: offsets {int(offsets[0]):,} .. {int(offsets[-1]):,}"
+                            f"{', decreasing,' if falls else ''} do not run from 0 to the {size:,} bytes of "
+                            f"{blob.name}; the pack is damaged: {_again(manifest)}.")
+        labels, top = np.asarray(arrays["labels"]), max(len(folders), 1)  # flat data: every label 0
+        if n and (labels.min() < 0 or labels.max() >= top):
+            bad = int(labels.min() if labels.min() < 0 else labels.max())
+            raise DataError(f"{files['labels']}: label {bad} does not index the {len(folders)} class folder(s) of "
+                            f"the manifest {root / MANIFEST} (labels lie in 0..{top - 1}); the pack is damaged: "
+                            f"{_again(manifest)}.")
 
 
 class PackedDataset(SeededDataset):
@@ -236,7 +244,7 @@ class PackedDataset(SeededDataset):
     def __init__(self, root: Path, transform: JointTransform, modalities: list[str], seed: int = 0):
         self.root, self.transform, self.modalities, self.seed = Path(root), transform, list(modalities), seed
         manifest = read_packed_manifest(self.root)
-        self.packed = list(manifest.get("maps", ["instance", "semantic"]))  # (packs written before the key)
+        self.packed = list(manifest["maps"])
         lacking = [m for m in self.modalities if m not in self.packed]
         images = [m for m in lacking if table.get(m).kind == "image"]
         if images:
@@ -248,7 +256,7 @@ class PackedDataset(SeededDataset):
             raise DataError(f"{self.root}: a packed dataset of the maps {', '.join(self.packed)}; data.modalities "
                             f"asks for {', '.join(lacking)} too: train from the folder layout, or pack data with "
                             f"those maps.")
-        check_packed(self.root, manifest, self.packed)
+        check_packed(self.root, manifest, self.packed)  # before the index is sized by the shards' counts
         self.num_semantic_classes = manifest["num_semantic_classes"]
         self.index = np.array([(k, j) for k, n in enumerate(manifest["shards"]) for j in range(n)], np.int64)
         self._open: dict[int, dict[str, Any]] = {}  # per process: shards are mapped on first use
@@ -276,11 +284,16 @@ class PackedDataset(SeededDataset):
         k, j = (int(v) for v in self.index[i])
         s = self.shard(k)
         rgb = decode(np.array(s["bytes"][s["offsets"][j]:s["offsets"][j + 1]]))
-        maps = {name: torch.from_numpy(s[name][j].astype(np.int64)) for name in self.modalities}
+        maps = {name: s[name][j].astype(np.int64) for name in self.modalities}
+        for name, ids in maps.items():  # (a cheap check per sample, as the folder's reader makes it)
+            if table.get(name).classes == "manifest":
+                check_class_ids(ids, f"{self.root}/shard-{k:05d}.{name}.npy#{j}", name, self.num_semantic_classes)
+        maps = {name: torch.from_numpy(ids) for name, ids in maps.items()}
         return make_item(*self.transform(rgb, maps), int(s["labels"][j]))
 
     def skipped(self, index: int, exc: Exception) -> Skipped | None:
-        if not isinstance(exc, RuntimeError):  # a damaged JPEG in a shard
+        if not isinstance(exc, (RuntimeError, BadSample)):  # a damaged JPEG, an id out of range, in a shard
             return None
         k, j = (int(v) for v in self.index[index])
-        return Skipped(f"{self.root}/shard-{k:05d}#{j}", f"unreadable: {exc}")
+        return Skipped(f"{self.root}/shard-{k:05d}#{j}", str(exc) if isinstance(exc, BadSample) else
+                       f"unreadable: {exc}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,14 @@ from pycocotools import mask as mask_utils
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from cfmae_cli.data.dataset import Skipped
+from cfmae_cli.data.dataset import skip_reason, Skipped
+from cfmae_cli.data.maps import check_class_ids, read_ids
 from cfmae_cli.data.layout import Sample
 from cfmae_cli.errors import DataError
 from cfmae_cli.formats import UNLABELLED
 from cfmae_cli.seeding import sample_rng
+
+log = logging.getLogger(__name__)
 
 
 def rle(mask: np.ndarray) -> dict[str, Any]:
@@ -36,8 +41,18 @@ def coco_from_layout(samples: list[Sample], semantic_classes: list[str], min_are
     are left out."""
     images, annotations = [], []
     for image_id, sample in enumerate(samples, start=1):
-        with Image.open(sample.maps["instance"]) as a, Image.open(sample.maps["semantic"]) as b:
-            ids, sem = np.asarray(a).astype(np.int64), np.asarray(b).astype(np.int64)
+        try:  # the one reader of id maps, as training reads them; a map it would skip is left out, named
+            with Image.open(sample.rgb) as im:
+                size = im.size
+            ids = read_ids(sample.maps["instance"], size, "instance")
+            sem = read_ids(sample.maps["semantic"], size, "semantic")
+            check_class_ids(sem, sample.maps["semantic"], "semantic", len(semantic_classes))
+        except Exception as exc:  # noqa: BLE001 - skip_reason decides; a bug is raised
+            reason = skip_reason(exc)
+            if reason is None:
+                raise
+            log.warning("%s: left out of the COCO annotations (%s)", sample.rgb, reason)
+            continue
         h, w = ids.shape
         images.append({"id": image_id, "file_name": str(sample.rgb), "height": h, "width": w})
         for k in np.unique(ids):
@@ -56,16 +71,111 @@ def coco_from_layout(samples: list[Sample], semantic_classes: list[str], min_are
 
 
 def read_coco(path: Path, image_dir: Path) -> dict[str, Any]:
-    """A COCO annotation file with ``file_name`` made absolute; a clear message for an unreadable file."""
+    """A COCO annotation file with ``file_name`` made absolute, checked by :func:`check_coco` (before any
+    training: a malformed entry is one message naming the file and the entry); a clear message for an
+    unreadable file."""
     try:
         coco = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a readable COCO annotation file ({exc}).") from None
-    if not all(k in coco for k in ("images", "annotations", "categories")):
+    if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations", "categories")):
         raise DataError(f"{path}: a COCO file needs 'images', 'annotations' and 'categories'.")
+    check_coco(coco, path)
     for image in coco["images"]:
         image["file_name"] = str(image_dir / image["file_name"])
     return coco
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def usable_polygons(segm: list[Any]) -> list[list[float]]:
+    """The polygons of a COCO ``segmentation`` list that describe an area: at least 3 points, an even count of
+    coordinates (what Detectron2 keeps; pycocotools fails on the others, and reads 4 numbers as a box)."""
+    return [p for p in segm if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+
+
+def check_coco(coco: dict[str, Any], path: Path) -> None:
+    """Check and complete a COCO annotation dict in place, naming the file and the entry at fault.
+
+    Refused (:class:`DataError`): an image without an integer ``id``, ``file_name`` or positive ``height`` and
+    ``width``, two images with one id; a category without ``id``; an annotation without ``id``, ``bbox`` (4
+    numbers) or ``segmentation`` (polygons of numbers, or an RLE with ``counts`` and its image's ``size``).
+    Left out, with one warning: annotations whose polygons all have fewer than 3 points (a polygon of 2 points
+    is a line; Detectron2 drops them too). Completed: ``iscrowd`` 0 and ``area`` (the mask's) where missing,
+    as the evaluation needs them."""
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco[key], list):
+            raise DataError(f"{path}: '{key}' is not a list.")
+    sizes: dict[int, tuple[int, int]] = {}
+    for k, image in enumerate(coco["images"]):
+        what = f"{path}: image {image.get('id', f'#{k}') if isinstance(image, dict) else f'#{k}'}"
+        if not isinstance(image, dict) or not isinstance(image.get("id"), int):
+            raise DataError(f"{what}: no integer 'id'; every image needs id, file_name, height and width.")
+        missing = [key for key in ("file_name", "height", "width") if key not in image]
+        if missing:
+            raise DataError(f"{what}: no {' and no '.join(repr(m) for m in missing)}; every image needs id, "
+                            f"file_name, height and width.")
+        if not isinstance(image["file_name"], str) or not all(
+                isinstance(image[key], int) and image[key] > 0 for key in ("height", "width")):
+            raise DataError(f"{what}: file_name must be a text and height, width positive integers (they are "
+                            f"{image['file_name']!r}, {image['height']!r}, {image['width']!r}).")
+        if image["id"] in sizes:
+            raise DataError(f"{what}: two images have this id; image ids must differ.")
+        sizes[image["id"]] = (image["height"], image["width"])
+    for k, category in enumerate(coco["categories"]):
+        if not isinstance(category, dict) or "id" not in category:
+            raise DataError(f"{path}: category #{k} has no 'id'.")
+    kept, dropped = [], []
+    for k, ann in enumerate(coco["annotations"]):
+        if not isinstance(ann, dict) or "id" not in ann:
+            raise DataError(f"{path}: annotation #{k} has no 'id'; every annotation needs id, image_id, "
+                            f"category_id, bbox and segmentation.")
+        what = f"{path}: annotation {ann['id']} (image {ann.get('image_id')})"
+        bbox = ann.get("bbox")
+        if bbox is None:
+            raise DataError(f"{what}: no 'bbox'; every annotation needs a box [x, y, width, height].")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_number(v) for v in bbox):
+            raise DataError(f"{what}: 'bbox' is {bbox!r}, not 4 numbers [x, y, width, height].")
+        segm = ann.get("segmentation")
+        if segm is None:
+            raise DataError(f"{what}: no 'segmentation'; Mask R-CNN needs each object's mask (polygons or RLE).")
+        size = sizes.get(ann.get("image_id"))
+        if isinstance(segm, list):
+            if not all(isinstance(p, list) and all(_number(v) for v in p) for p in segm):
+                raise DataError(f"{what}: 'segmentation' is not a list of polygons [x1, y1, x2, y2, …] of numbers.")
+            polygons = usable_polygons(segm)
+            if not polygons:
+                dropped.append((ann, segm))
+                continue
+            ann["segmentation"] = polygons
+        elif isinstance(segm, dict):
+            if "counts" not in segm or not isinstance(segm.get("size"), list) or len(segm["size"]) != 2:
+                raise DataError(f"{what}: an RLE 'segmentation' needs 'counts' and 'size' [height, width].")
+            if size is not None and tuple(segm["size"]) != size:
+                raise DataError(f"{what}: the RLE's size {segm['size']} is not its image's {list(size)} "
+                                f"[height, width].")
+        else:
+            raise DataError(f"{what}: 'segmentation' is {type(segm).__name__}, not polygons or an RLE.")
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann and size is not None:
+            ann["area"] = float(mask_utils.area(_rle(ann["segmentation"], *size)))
+        kept.append(ann)
+    if dropped:
+        ann, segm = dropped[0]
+        log.warning("%s: %d annotation(s) left out: no polygon of at least 3 points (e.g. annotation %s of image %s: "
+                    "%s)", path, len(dropped), ann["id"], ann.get("image_id"), json.dumps(segm)[:80])
+        coco["annotations"] = kept
+
+
+def _rle(segm: Any, h: int, w: int) -> dict[str, Any]:
+    """One compressed RLE of a COCO segmentation (polygons, uncompressed or compressed RLE) on an h x w image."""
+    if isinstance(segm, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
+    if isinstance(segm.get("counts"), list):
+        return mask_utils.frPyObjects(segm, h, w)
+    return segm
 
 
 def clip_box(bbox: list[float], h: int, w: int) -> list[float]:
@@ -118,14 +228,9 @@ class CocoDetection(Dataset):
         boxes, labels, masks = [], [], []
         for ann in self.annotations[image["id"]]:
             box = clip_box(ann["bbox"], h, w)
-            segm = ann["segmentation"]
-            if isinstance(segm, list):  # polygons
-                segm = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
-            elif isinstance(segm.get("counts"), list):  # uncompressed RLE
-                segm = mask_utils.frPyObjects(segm, h, w)
             boxes.append(box)
             labels.append(self.label_of[ann["category_id"]])
-            masks.append(mask_utils.decode(segm))
+            masks.append(mask_utils.decode(_rle(ann["segmentation"], h, w)))
         return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                 "labels": torch.tensor(labels, dtype=torch.int64),
                 "masks": torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, h, w, dtype=torch.uint8),

@@ -11,8 +11,8 @@ import torch
 from cfmae_cli import modalities as table
 from cfmae_cli.config import batch_plan, Config, derived
 from cfmae_cli.data.dataset import MultiGranularDataset
-from cfmae_cli.data.layout import Sample, list_samples, read_manifest
-from cfmae_cli.data.packed import PackedDataset, is_packed, read_packed_manifest
+from cfmae_cli.data.layout import is_packed, list_samples, read_manifest, read_packed_manifest, Sample
+from cfmae_cli.data.packed import PackedDataset
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import CfmaeError
 

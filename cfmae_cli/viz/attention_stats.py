@@ -46,12 +46,11 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
-from cfmae_cli import modalities as table
 from cfmae_cli.config import Config, EncoderArch
-from cfmae_cli.data.dataset import read_map
+from cfmae_cli.data.dataset import read_maps, skip_reason
 from cfmae_cli.data.layout import Sample, read_image
-from cfmae_cli.data.maps import resample_map
-from cfmae_cli.errors import CfmaeError
+from cfmae_cli.data.maps import BadSample, resample_map
+from cfmae_cli.errors import CfmaeError, DataError
 from cfmae_cli.formats import UNLABELLED
 from cfmae_cli.model.encoder import build_encoder
 from cfmae_cli.model.layers import init_weights
@@ -232,14 +231,25 @@ def centre_square(x: Tensor) -> Tensor:
     return x[..., (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
 
 
-def read_item(sample: Sample, semantic: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(rgb uint8 (3, s, s), instance (s, s), semantic (s, s) or None): the centred square of the image and maps."""
-    image, _ = read_image(sample.rgb)
-    rgb = torch.from_numpy(np.array(image)).permute(2, 0, 1)
-    size = (rgb.shape[-1], rgb.shape[-2])
-    inst = read_map(sample.maps["instance"], size, table.get("instance"))
-    sem = read_map(sample.maps["semantic"], size, table.get("semantic")) if semantic else None
-    return centre_square(rgb), centre_square(inst), None if sem is None else centre_square(sem)
+def read_item(sample: Sample, classes: int | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(rgb uint8 (3, s, s), instance (s, s), semantic (s, s) or None): the centred square of the image and maps,
+    read as training reads them; the semantic map when the manifest's ``classes`` is given (its ids checked
+    against it). A file that training would skip stops the statistics here, naming it: they are over every
+    image picked."""
+    names = ["instance"] if classes is None else ["instance", "semantic"]
+    try:
+        image, _ = read_image(sample.rgb)
+        rgb = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        maps = read_maps(sample, (rgb.shape[-1], rgb.shape[-2]), names, classes or 0)
+    except Exception as exc:  # noqa: BLE001 - skip_reason decides, a bug is raised
+        reason = skip_reason(exc)
+        if reason is None:
+            raise
+        named = reason if isinstance(exc, BadSample) else f"{sample.rgb}: {reason}"  # (a BadSample names its file)
+        raise DataError(f"{named}; --stats reads every image it picks: fix or remove it (cfmae pretrain would skip "
+                        f"it).") from None
+    sem = maps.get("semantic")
+    return centre_square(rgb), centre_square(maps["instance"]), None if sem is None else centre_square(sem)
 
 
 # -- the numbers ----------------------------------------------------------------------------------------------
@@ -350,7 +360,7 @@ def measure(subject: Subject, samples: list[Sample], semantic_classes: int | Non
     mean = torch.tensor(subject.mean).view(1, 3, 1, 1)
     std = torch.tensor(subject.std).view(1, 3, 1, 1)
     for start in range(0, len(samples), batch_size):
-        items = [read_item(s, semantic_classes is not None) for s in samples[start:start + batch_size]]
+        items = [read_item(s, semantic_classes) for s in samples[start:start + batch_size]]
         rgb = torch.stack([TF.resize(x[0], [subject.img_size] * 2, antialias=True) for x in items]).float() / 255
         objects = torch.stack([patch_fractions(x[1], subject.grid) for x in items])
         regions = None if semantic_classes is None else \

@@ -18,8 +18,8 @@ from torch import Tensor
 from cfmae_cli import modalities as table
 from cfmae_cli.checkpoints import newest_checkpoint
 from cfmae_cli.config import Config
-from cfmae_cli.data.dataset import read_map
-from cfmae_cli.data.layout import map_path, open_image, read_image, read_manifest
+from cfmae_cli.data.dataset import BadSample, read_maps
+from cfmae_cli.data.layout import Sample, map_path, open_image, read_image, read_manifest
 from cfmae_cli.data.maps import resample_map
 from cfmae_cli.data.transforms import JointTransform, inputs_on_device
 from cfmae_cli.errors import CfmaeError
@@ -82,11 +82,15 @@ def dataset_maps(path: Path, names: list[str], size: tuple[int, int]) -> tuple[d
             cls = str(rel.parent) if str(rel.parent) != "." else ""
             files = {m: map_path(root, m, cls, path.stem) for m in names}
             if all(f.is_file() for f in files.values()):
-                with Image.open(path) as im:
+                classes = read_manifest(root)["semantic_classes"]
+                with open_image(path) as im:
                     full = im.size
-                maps = {m: resample_map(read_map(f, full, table.get(m)).numpy(), (size[1], size[0]))
-                        for m, f in files.items()}
-                return maps, read_manifest(root)["semantic_classes"]
+                try:  # read as training reads them (the one reader of id maps, semantic ids checked)
+                    read = read_maps(Sample(path, files, 0), full, names, len(classes))
+                except BadSample as exc:
+                    raise CfmaeError(f"{exc}; fix or remove that map (cfmae pretrain skips its image), or give an "
+                                     f"image outside the dataset (the classical labeller makes its maps).") from None
+                return {m: resample_map(x.numpy(), (size[1], size[0])) for m, x in read.items()}, classes
     return None
 
 
