@@ -1,24 +1,44 @@
 """Checkpoint files (DESIGN §5.2): plain data that loads with ``torch.load(weights_only=True)``, written
-atomically; where a run keeps them; the RNG states they carry. Below the model and training layers, so that
-both read and write checkpoints without importing each other."""
+atomically; where a run keeps them; the RNG states they carry; a look at what a file holds without torch
+(:func:`peek_checkpoint`, :func:`safetensors_shapes`: the sizes are checked before anything costs memory).
+Below the model and training layers, so that both read and write checkpoints without importing each other.
+torch and NumPy are imported where they are used, so that the look and the paths cost no import of them."""
 
 from __future__ import annotations
 
+import collections
+import json
+import pickle
 import random
+import struct
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import atomic_write
 
+if TYPE_CHECKING:
+    import torch
+
 FORMAT_VERSION = 1
+
+
+def __getattr__(name: str) -> Any:
+    """``checkpoints.torch`` (as when torch was imported at the top): torch, imported when first asked for."""
+    if name == "torch":
+        import torch
+
+        return torch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy, torch (and CUDA) RNG states as plain data."""
+    import numpy as np
+    import torch
+
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -32,6 +52,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(_as_tuple(state["python"]))
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
@@ -48,6 +71,8 @@ def _as_tuple(x: Any) -> Any:
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` (plus the format version) to a temporary file in the same folder, fsync it, then rename
     it over ``path``: a crash, a power loss or a full disk never leaves a broken checkpoint behind."""
+    import torch
+
     path = Path(path)
     try:
         return atomic_write(path, lambda fh: torch.save({"format_version": FORMAT_VERSION, **state}, fh),
@@ -83,6 +108,8 @@ def read_torch_file(path: Path, map_location: str | torch.device = "cpu", mmap: 
     a file can fail to be a checkpoint: empty, not written by ``torch.save`` at all, damaged (cut off,
     corrupt), or holding Python objects besides tensors (refused, as loading those runs code; never the advice
     to turn that check off). ``mmap`` maps the tensors (cheap for the config alone) where the format allows."""
+    import torch
+
     size = path.stat().st_size
     if size == 0:
         raise CfmaeError(f"{path}: the file is empty (0 bytes): cut off while it was written, or not a checkpoint.")
@@ -155,3 +182,92 @@ def prune_checkpoints(folder: Path, keep_last: int) -> list[Path]:
     for path in old:
         path.unlink(missing_ok=True)
     return old
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a look without torch
+
+
+@dataclass(frozen=True)
+class TensorShape:
+    """A tensor of a file, as far as its index tells: its shape (the data is not read)."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+class _Opaque:
+    """Anything of torch's besides a tensor (a storage, a device, a dtype): kept as nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _rebuild_tensor(storage: Any, offset: int, size: Any, *rest: Any) -> TensorShape:
+    return TensorShape(tuple(int(n) for n in size))
+
+
+def _rebuild_from_type(func: Any, new_type: Any, args: tuple, state: Any) -> Any:
+    return func(*args)
+
+
+class _Peeker(pickle.Unpickler):
+    """Unpickles a ``torch.save`` file's index with harmless stand-ins for torch's names (a tensor becomes its
+    :class:`TensorShape`); any other global is refused, so that nothing of the file runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name == "Size":
+            return tuple
+        if module.split(".")[0] == "torch":
+            if name.startswith("_rebuild_tensor"):
+                return _rebuild_tensor
+            if name.startswith("_rebuild_parameter"):
+                return lambda data, *rest: data
+            if name == "_rebuild_from_type_v2":
+                return _rebuild_from_type
+            return _Opaque
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        return _Opaque()
+
+
+def peek_checkpoint(path: Path, limit: int = 256 << 20) -> dict[str, Any] | None:
+    """The top-level dict of a ``torch.save`` file (zip format) with its tensors as :class:`TensorShape`, read
+    from the file's pickled index alone: no torch import, no tensor data. None when the file cannot be looked at
+    this way (an old pickle file, damage, other Python objects, an index above ``limit`` bytes): the reader
+    (:func:`read_torch_file`) then says what is wrong with it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            index = next((i for i in archive.infolist() if i.filename.endswith("/data.pkl")
+                          and i.filename.count("/") == 1), None)
+            if index is None or index.file_size > limit:
+                return None
+            with archive.open(index) as fh:
+                top = _Peeker(fh).load()
+    except (OSError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, RecursionError, struct.error, NotImplementedError):
+        return None
+    return top if isinstance(top, dict) else None
+
+
+def safetensors_shapes(path: Path) -> dict[str, TensorShape] | None:
+    """The tensors of a ``.safetensors`` file and their shapes, from its JSON header (no data read, no torch);
+    None when the header is not readable (the reader then names the file)."""
+    try:
+        with path.open("rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            if size > 100 << 20:  # the format's own bound
+                return None
+            header = json.loads(fh.read(size))
+        return {k: TensorShape(tuple(int(n) for n in v["shape"])) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, struct.error, ValueError, TypeError, KeyError, AttributeError):
+        return None

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
+import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional
 
@@ -16,6 +19,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cfmae_cli import modalities as table
+from cfmae_cli.checkpoints import checkpoint_path, peek_checkpoint, safetensors_shapes
 from cfmae_cli.errors import ConfigError
 
 
@@ -31,6 +35,19 @@ PRESET_DIR = Path(__file__).parent / "presets"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# The largest architecture cfmae builds, key by key: generous for every published ViT (ViT-22B: width 6144,
+# depth 48; ViT-e: MLP ratio 8.6; SAM's ViT-H at 1024 px: a 64 x 64 patch grid), so that only a damaged or
+# foreign config meets them. What stays within each bound but not together is caught by the memory check
+# (:func:`memory_problem`). Both run before anything is built (:func:`check_config_sizes`).
+MAX_WIDTH = 16384  # embed_dim, decoder.dim, map_embed_dim, heads, pyramid channels
+MAX_DEPTH = 256  # encoder blocks, decoder self-attention blocks
+MAX_MLP_RATIO = 64.0
+MAX_PATCH = 256  # pixels per side of a patch
+MAX_PIXELS = 16384  # img_size
+MAX_GRID = 256  # patches per side of the input (65,536 tokens)
+MAX_CLASSES = 1 << 20  # classes of a head
+BYTES_PER_PARAMETER = 4  # float32: what a model is built in
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -40,7 +57,7 @@ class ImageDataConfig(_Strict):
     """What every command that reads images shares (pre-training's and fine-tuning's ``data`` sections)."""
 
     root: Optional[str] = Field(None, description="dataset folder (DESIGN §5.1); null = the built-in demo data")
-    img_size: int = Field(224, ge=8, description="training resolution (square)")
+    img_size: int = Field(224, ge=8, le=MAX_PIXELS, description="training resolution (square)")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     num_workers: int = Field(8, ge=0, description="DataLoader worker processes")
@@ -78,10 +95,11 @@ def check_inputs(modalities: list[str], key: str = "data.modalities") -> None:
 
 
 class DecoderConfig(_Strict):
-    dim: int = Field(256, ge=8, description="decoder width")
-    num_heads: int = Field(8, ge=1)
-    self_blocks: int = Field(2, ge=0, description="self-attention blocks after the cross-attention layer")
-    mlp_ratio: float = Field(4.0, gt=0)
+    dim: int = Field(256, ge=8, le=MAX_WIDTH, description="decoder width")
+    num_heads: int = Field(8, ge=1, le=MAX_WIDTH)
+    self_blocks: int = Field(2, ge=0, le=MAX_DEPTH,
+                             description="self-attention blocks after the cross-attention layer")
+    mlp_ratio: float = Field(4.0, gt=0, le=MAX_MLP_RATIO)
     kind: Literal["cfmae", "multimae"] = Field(
         "cfmae", description="cfmae: the task blocks of §3.2 over H (cascaded or parallel); multimae: MultiMAE's "
         "output adapters (per task its own projection, mask token and embeddings; its queries cross-attend to the "
@@ -135,14 +153,15 @@ class AlignConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    patch_size: int = Field(16, ge=1)
+    patch_size: int = Field(16, ge=1, le=MAX_PATCH)
     map_stride: int = Field(4, ge=1, description="maps are consumed at image_size / map_stride")
-    embed_dim: int = Field(768, ge=8)
-    depth: int = Field(12, ge=1)
-    num_heads: int = Field(12, ge=1)
-    mlp_ratio: float = Field(4.0, gt=0)
+    embed_dim: int = Field(768, ge=8, le=MAX_WIDTH)
+    depth: int = Field(12, ge=1, le=MAX_DEPTH)
+    num_heads: int = Field(12, ge=1, le=MAX_WIDTH)
+    mlp_ratio: float = Field(4.0, gt=0, le=MAX_MLP_RATIO)
     drop_path: float = Field(0.0, ge=0, lt=1)
-    map_embed_dim: int = Field(64, ge=1, description="per-pixel class embedding width of the map adapters")
+    map_embed_dim: int = Field(64, ge=1, le=MAX_WIDTH, description="per-pixel class embedding width of the map "
+                               "adapters")
     num_instance_ids: int = Field(16, ge=2, le=255, description="K: background + K-1 largest instances")
     norm_pix_loss: bool = Field(True, description="RGB loss on per-patch normalised pixels (MAE)")
     loss_weights: dict[Modality, float] = Field({"semantic": 1.0, "instance": 1.0, "rgb": 1.0},
@@ -172,14 +191,22 @@ class ModelConfig(_Strict):
 class EncoderArch(_Strict):
     """The encoder's architecture (a pre-training config's model section, without the decoder)."""
 
-    patch_size: int = Field(16, ge=1)
-    embed_dim: int = Field(768, ge=8)
-    depth: int = Field(12, ge=1)
-    num_heads: int = Field(12, ge=1)
-    mlp_ratio: float = Field(4.0, gt=0)
+    patch_size: int = Field(16, ge=1, le=MAX_PATCH)
+    embed_dim: int = Field(768, ge=8, le=MAX_WIDTH)
+    depth: int = Field(12, ge=1, le=MAX_DEPTH)
+    num_heads: int = Field(12, ge=1, le=MAX_WIDTH)
+    mlp_ratio: float = Field(4.0, gt=0, le=MAX_MLP_RATIO)
     map_stride: int = Field(4, ge=1)
-    map_embed_dim: int = Field(64, ge=1)
+    map_embed_dim: int = Field(64, ge=1, le=MAX_WIDTH)
     num_instance_ids: int = Field(16, ge=2, le=255)
+
+    @model_validator(mode="after")
+    def _check(self) -> "EncoderArch":
+        problem = memory_problem(encoder_parameters(self.embed_dim, self.depth, self.mlp_ratio, self.patch_size))
+        if problem:
+            raise ValueError(f"the encoder (embed_dim {self.embed_dim}, depth {self.depth}, mlp_ratio "
+                             f"{self.mlp_ratio}) {problem}")
+        return self
 
     @classmethod
     def of(cls, model: ModelConfig) -> "EncoderArch":
@@ -293,6 +320,12 @@ class Config(_Strict):
         size, patch = self.data.img_size, self.model.patch_size
         if size % patch:
             raise ValueError(f"data.img_size: {size} is not divisible by model.patch_size={patch}")
+        if (problem := grid_problem(size, patch)) is not None:
+            raise ValueError(f"data.img_size: {size} / model.patch_size {patch} {problem}")
+        if (problem := memory_problem(pretrain_parameters(self.model.model_dump(mode="json"), size,
+                                                          list(self.data.modalities)))) is not None:
+            raise ValueError(f"model: the model (model.embed_dim {self.model.embed_dim}, model.depth "
+                             f"{self.model.depth}, model.decoder.dim {self.model.decoder.dim}) {problem}")
         n = (size // patch) ** 2
         if self.masking.num_visible > n:
             raise ValueError(f"masking.num_visible: {self.masking.num_visible} exceeds the {n} tokens of one "
@@ -430,6 +463,8 @@ def _explain(exc: ValidationError, source: str, schema: type[BaseModel] = Config
             lines.append(f"{loc}: unknown key{hint}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] in ("less_than_equal", "less_than", "greater_than_equal", "greater_than"):
+                msg += f", not {err.get('input')!r}"
             lines.append(msg if loc == "" or msg.startswith(loc) else f"{loc}: {msg}")
     return ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines))
 
@@ -481,7 +516,9 @@ def with_legacy_defaults(raw: dict[str, Any], schema: type[Any] = Config) -> dic
 
 
 def stored_config(raw: dict[str, Any], source: str, schema: type[Any] = Config) -> Any:
-    """The validated config of a checkpoint (:func:`with_legacy_defaults` first)."""
+    """The validated config of a checkpoint (:func:`with_legacy_defaults` first); an architecture beyond the
+    bounds or this machine's memory is refused first, in one line (:func:`check_config_sizes`)."""
+    check_config_sizes(raw, source, schema.TASK)
     return config_from_dict(with_legacy_defaults(raw, schema), source, schema)
 
 
@@ -534,3 +571,373 @@ def decoder_summary(cfg: Config) -> str:
         what = f"{'cascaded' if dec.cascade else 'parallel'} {' → '.join(order)}"
         what += "" if dec.cross_attention else ", without cross-attention"
     return what + ("; global token in the context" if dec.global_token else "; patch tokens only")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# architecture sizes: checked before anything is built
+
+_BOUNDS = {  # kind of size → (the bound, its unit, a real model for scale)
+    "width": (MAX_WIDTH, "channels", "ViT-22B has 6144"),
+    "depth": (MAX_DEPTH, "blocks", "ViT-22B has 48"),
+    "mlp_ratio": (MAX_MLP_RATIO, "", "ViT-e's is 8.6"),
+    "patch": (MAX_PATCH, "pixels", "ViTs use 8 to 32"),
+    "pixels": (MAX_PIXELS, "pixels", "ViTDet reads 1024"),
+    "ids": (255, "ids", "instance maps are 8-bit"),
+    "classes": (MAX_CLASSES, "classes", "ImageNet-22k has 21,841"),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def machine_memory() -> int | None:
+    """Bytes of memory this process can have: the machine's physical memory, or a container's smaller limit
+    (cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes``); None where neither can be read."""
+    try:
+        total: int | None = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = None
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and (total is None or int(text) < total):
+            total = int(text)
+    return total
+
+
+def block_parameters(dim: float, mlp_ratio: float) -> float:
+    """Parameters of one transformer block (attention, MLP of ``dim * mlp_ratio``, two norms)."""
+    hidden = dim * mlp_ratio
+    return 4 * dim * dim + 2 * dim * hidden + 9 * dim + hidden
+
+
+def encoder_parameters(dim: float, depth: float, mlp_ratio: float, patch: float, grid: float = 0) -> float:
+    """Parameters of a ViT encoder: its blocks, the patch embedding and (with ``grid``) the position table."""
+    return depth * block_parameters(dim, mlp_ratio) + 3 * patch * patch * dim + (grid * grid + 4) * dim
+
+
+def _map_parameters(model: dict[str, Any], modalities: list[str], semantic_classes: int, head_dim: float = 0
+                    ) -> float:
+    """The input adapters of the modalities besides the patch embedding and, with ``head_dim`` (the decoder's
+    width), their reconstruction heads."""
+    dim, patch, stride = model["embed_dim"], model["patch_size"], max(model["map_stride"], 1)
+    total = 0.0
+    for name in modalities:
+        spec = table.TABLE.get(name)
+        if spec is None:
+            continue
+        if spec.kind == "ids":
+            classes = table.num_classes(spec, semantic_classes, model["num_instance_ids"])
+            side = max(patch // stride, 1)
+            total += (classes + 1) * model["map_embed_dim"] + model["map_embed_dim"] * dim * side * side
+            total += head_dim * side * side * classes
+        else:
+            channels = spec.channels or 3
+            total += 0 if spec.patch_embedding else channels * patch * patch * dim
+            total += head_dim * patch * patch * channels
+    return total
+
+
+def pretrain_parameters(model: dict[str, Any], img_size: int, modalities: list[str], semantic_classes: int = 0
+                        ) -> float:
+    """About the parameters of a CFMAE (``model``: a pre-training config's model section as a dict): the encoder,
+    the map adapters, a decoder task (its first block, the self-attention blocks, the projection from the
+    encoder) per modality, and the heads."""
+    dim, dec = model["embed_dim"], model["decoder"]
+    total = encoder_parameters(dim, model["depth"], model["mlp_ratio"], model["patch_size"],
+                               img_size // max(model["patch_size"], 1))
+    tasks = [m for m in modalities if m in table.TABLE]
+    total += len(tasks) * ((1 + dec["self_blocks"]) * block_parameters(dec["dim"], dec["mlp_ratio"]) +
+                           (dim + 2) * dec["dim"])
+    return total + _map_parameters(model, tasks, semantic_classes, dec["dim"])
+
+
+def finetune_parameters(encoder: dict[str, Any], img_size: int, modalities: list[str], kind: str, classes: int,
+                        channels: int = 0, semantic_classes: int = 0) -> float:
+    """About the parameters of a fine-tuned model: the encoder and its adapters, and the head of ``kind`` (a
+    linear classifier; UperNet on a simple pyramid with ``channels``; Mask R-CNN on ViTDet's pyramid with
+    ``channels``)."""
+    dim = encoder["embed_dim"]
+    total = encoder_parameters(dim, encoder["depth"], encoder["mlp_ratio"], encoder["patch_size"],
+                               img_size // max(encoder["patch_size"], 1))
+    total += _map_parameters(encoder, modalities, semantic_classes)
+    c = channels
+    if kind == "segmentation":
+        return total + 12 * dim * dim + 16 * dim * c + 99 * c * c + c * classes
+    if kind == "detection":
+        return total + 5 * dim * dim + 3 * dim * c + 85 * c * c + 50176 * c + 2 ** 20 + 5200 * (classes + 1)
+    return total + (dim + 1) * classes
+
+
+def _size(n: float) -> str:
+    for step, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= step:
+            return f"{n / step:.1f} {prefix}"
+    return f"{n:.0f}"
+
+
+def _bytes(n: float) -> str:
+    for power, unit in ((4, "TiB"), (3, "GiB"), (2, "MiB")):
+        if n >= 1024 ** power:
+            return f"{n / 1024 ** power:.1f} {unit}"
+    return f"{n / 1024:.0f} KiB"
+
+
+def memory_problem(parameters: float) -> str | None:
+    """What is wrong with building a model of ``parameters`` here: its float32 weights alone need more than this
+    machine's memory (:func:`machine_memory`); None when they fit (or the memory is unknown)."""
+    have, need = machine_memory(), parameters * BYTES_PER_PARAMETER
+    if have is None or need <= have:
+        return None
+    return (f"has about {_size(parameters)} parameters: {_bytes(need)} in float32, more than the "
+            f"{_bytes(have)} of memory of this machine")
+
+
+def grid_problem(img_size: float, patch_size: float) -> str | None:
+    """What is wrong with the patch grid of ``img_size`` / ``patch_size``: more than ``MAX_GRID`` per side."""
+    grid = int(img_size // max(patch_size, 1))
+    if grid <= MAX_GRID:
+        return None
+    return f"is a {grid:,} x {grid:,} patch grid, above the {MAX_GRID} x {MAX_GRID} that cfmae builds"
+
+
+def _node(raw: Any, dotted: str) -> Any:
+    """The entry at ``dotted`` in a stored config (None where it is missing)."""
+    node = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _value(raw: Any, dotted: str, default: Any) -> Any:
+    """The number at ``dotted`` in a stored config, or ``default`` where it is missing or not a number (the
+    config's validation names those)."""
+    node = _node(raw, dotted)
+    return node if isinstance(node, (int, float)) and not isinstance(node, bool) else default
+
+
+def check_config_sizes(raw: dict[str, Any], source: str, task: str = "pretrain", semantic_classes: int = 0,
+                       classes: int = 0) -> None:
+    """Refuse, before anything is built, a stored config (a checkpoint's, ``task`` 'pretrain' or 'finetune')
+    whose architecture is beyond the bounds above or whose weights alone would not fit in this machine's
+    memory: one :class:`ConfigError` line naming ``source``, the key and its size. ``semantic_classes``,
+    ``classes``: the class lists the checkpoint stores (its heads). Keys that are missing or not numbers are
+    left to the config's validation."""
+    fine = task == "finetune"
+    enc = "model.encoder." if fine else "model."
+    if fine and not isinstance(_node(raw, "model.encoder"), dict):
+        return  # not resolved: nothing to build from (the reader says so)
+    arch = {k: _value(raw, enc + k, f.default) for k, f in EncoderArch.model_fields.items()}
+    sizes = [(enc + "embed_dim", "width"), (enc + "depth", "depth"), (enc + "mlp_ratio", "mlp_ratio"),
+             (enc + "patch_size", "patch"), (enc + "map_embed_dim", "width"), (enc + "num_heads", "width"),
+             (enc + "num_instance_ids", "ids"), ("data.img_size", "pixels")]
+    if fine:
+        sizes += [("model.head_channels", "width"), ("model.fpn_channels", "width"), ("data.num_classes", "classes")]
+    else:
+        sizes += [("model.decoder.dim", "width"), ("model.decoder.num_heads", "width"),
+                  ("model.decoder.self_blocks", "depth"), ("model.decoder.mlp_ratio", "mlp_ratio")]
+    sizes_of = dict(sizes)
+    counts = {"semantic_classes": semantic_classes} if not fine else {"classes": classes}
+    for key, value in [(key, _value(raw, key, 0)) for key in sizes_of] + list(counts.items()):
+        _check_bound(source, key, value, sizes_of.get(key, "classes"))
+    img = _value(raw, "data.img_size", ImageDataConfig.model_fields["img_size"].default)
+    if (problem := grid_problem(img, arch["patch_size"])) is not None:
+        raise ConfigError(f"{source}: data.img_size {img} / {enc}patch_size {arch['patch_size']} {problem}; a "
+                          f"damaged or foreign config. Nothing was built.")
+    arch = {k: max(v, 0) for k, v in arch.items()}
+    modalities = _node(raw, "data.modalities")
+    if not isinstance(modalities, list):
+        modalities = ["rgb"] if fine else list(DataConfig.model_fields["modalities"].default)
+    modalities = [m for m in modalities if isinstance(m, str)]
+    if fine:
+        kind = raw.get("kind") if raw.get("kind") in ("segmentation", "detection") else "classification"
+        channels = _value(raw, "model.head_channels" if kind == "segmentation" else "model.fpn_channels", 256)
+        params = finetune_parameters(arch, img, modalities, kind, max(classes, _value(raw, "data.num_classes", 0)),
+                                     channels)
+    else:
+        decoder = {k: max(_value(raw, f"model.decoder.{k}", f.default), 0)
+                   for k, f in DecoderConfig.model_fields.items() if k in ("dim", "self_blocks", "mlp_ratio")}
+        params = pretrain_parameters({**arch, "decoder": decoder}, img, modalities, semantic_classes)
+    if (problem := memory_problem(params)) is not None:
+        shown = ", ".join(f"{enc}{k} {arch[k]}" for k in ("embed_dim", "depth", "mlp_ratio"))
+        raise ConfigError(f"{source}: the model its config describes ({shown}) {problem}. Nothing was built; use a "
+                          f"machine with more memory, or check the file.")
+
+
+def _check_bound(source: str, key: str, value: float, kind: str) -> None:
+    limit, unit, scale = _BOUNDS[kind]
+    if not value <= limit:  # NaN too
+        shown = f"{limit:,}" if isinstance(limit, int) else f"{limit:g}"
+        raise ConfigError(f"{source}: {key} {value} is above the {shown}{' ' + unit if unit else ''} that cfmae "
+                          f"builds ({scale}); a damaged or foreign config. Nothing was built.")
+
+
+def check_checkpoint_sizes(ckpt: dict[str, Any], source: str) -> None:
+    """:func:`check_config_sizes` of a cfmae checkpoint's top-level dict: its ``config`` with its ``task`` and the
+    class lists it stores (``semantic_classes`` of pre-training, ``classes`` of fine-tuning)."""
+    config = ckpt.get("config")
+    if not isinstance(config, dict):
+        return
+    counts = {k: len(v) if isinstance(v, (list, tuple)) else 0
+              for k in ("semantic_classes", "classes") for v in [ckpt.get(k)]}
+    check_config_sizes(config, source, str(ckpt.get("task", "pretrain")), counts["semantic_classes"],
+                       counts["classes"])
+
+
+def check_export_sizes(config: dict[str, Any], source: str) -> None:
+    """The bounds and the memory check for a timm ``config.json`` (an export's): ``model_args`` (ViT keys; what
+    it lacks is timm's to decide and not checked) and ``num_classes``."""
+    args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
+    sizes = {"embed_dim": "width", "depth": "depth", "num_heads": "width", "mlp_ratio": "mlp_ratio",
+             "patch_size": "patch", "img_size": "pixels"}
+    for key, kind in sizes.items():
+        _check_bound(source, f"model_args.{key}", _value(args, key, 0), kind)
+    _check_bound(source, "num_classes", _value(config, "num_classes", 0), "classes")
+    size = (config.get("pretrained_cfg") or {}).get("input_size") if isinstance(config.get("pretrained_cfg"),
+                                                                                 dict) else None
+    img = _value(args, "img_size", size[-1] if isinstance(size, list) and size and
+                 isinstance(size[-1], int) else 224)
+    _check_bound(source, "pretrained_cfg.input_size", img, "pixels")
+    patch = _value(args, "patch_size", 16)
+    if (problem := grid_problem(img, patch)) is not None:
+        raise ConfigError(f"{source}: image size {img} / model_args.patch_size {patch} {problem}; a damaged or "
+                          f"foreign config. Nothing was built.")
+    if "embed_dim" in args and "depth" in args:
+        dim, depth = max(_value(args, "embed_dim", 0), 0), max(_value(args, "depth", 0), 0)
+        ratio = max(_value(args, "mlp_ratio", 4.0), 0)
+        params = encoder_parameters(dim, depth, ratio, patch, img // max(patch, 1)) + \
+            dim * max(_value(config, "num_classes", 0), 0)
+        if (problem := memory_problem(params)) is not None:
+            raise ConfigError(f"{source}: the model it describes (model_args.embed_dim {dim}, model_args.depth "
+                              f"{depth}, model_args.mlp_ratio {ratio}) {problem}. Nothing was built; use a machine "
+                              f"with more memory, or check the file.")
+
+
+def checkpoint_claims(top: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """What a cfmae checkpoint's config says about the shapes of its tensors: name → (config key, value), for
+    :func:`check_tensors_agree`."""
+    config = top["config"]
+    fine = top.get("task") == "finetune"
+    enc = "model.encoder" if fine else "model"
+    node = _node(config, enc)
+    node = node if isinstance(node, dict) else {}
+    fields = ("embed_dim", "patch_size", "depth", "mlp_ratio", "map_embed_dim", "map_stride", "num_instance_ids")
+    claims = {k: (f"{enc}.{k}", node[k]) for k in fields if _value(node, k, None) is not None}
+    if isinstance(_node(config, "data.img_size"), int):
+        claims["img_size"] = ("data.img_size", config["data"]["img_size"])
+    decoder = node.get("decoder") if not fine else None
+    if isinstance(decoder, dict):
+        claims.update({f"decoder.{k}": (f"model.decoder.{k}", decoder[k]) for k in ("dim", "self_blocks")
+                       if _value(decoder, k, None) is not None})
+    return claims
+
+
+def export_claims(config: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """What an export's ``config.json`` says about the shapes of its tensors (``model_args``)."""
+    args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
+    return {k: (f"model_args.{k}", args[k]) for k in ("embed_dim", "patch_size", "depth", "mlp_ratio", "img_size")
+            if k in args}
+
+
+def check_tensors_agree(source: str | Path, state: dict[str, Any], claims: dict[str, tuple[str, Any]]) -> None:
+    """Refuse a file whose config says other sizes than its tensors have (edited, or put together from two runs),
+    before a model is built from the config: width, patch, depth, MLP width, position grid, map adapters and
+    the decoder's width and blocks, read off the shapes alone (``state`` in our key names; a detection
+    model's ``backbone.`` prefix is looked through)."""
+    prefix = next((p for p in ("", "backbone.") if f"{p}encoder.patch_embed.proj.weight" in state), None)
+    if prefix is None:
+        if "embed_dim" in claims:
+            raise ConfigError(f"{source}: its config describes a ViT encoder ({claims['embed_dim'][0]} "
+                              f"{claims['embed_dim'][1]}) but it holds no encoder.patch_embed.proj.weight; not a "
+                              f"complete checkpoint. Nothing was built.")
+        return
+    view = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if prefix else state
+    found = _shapes(view)
+    values = {name: value for name, (_, value) in claims.items()}
+    expect: dict[str, Any] = dict(values)
+    if isinstance(values.get("embed_dim"), int) and isinstance(values.get("mlp_ratio"), (int, float)):
+        expect["mlp_hidden"] = int(values["embed_dim"] * values["mlp_ratio"])
+    if isinstance(values.get("img_size"), int) and isinstance(values.get("patch_size"), int) and values["patch_size"]:
+        expect["grid_rows"] = (values["img_size"] // values["patch_size"]) ** 2 + 1
+    keys = {name: key for name, (key, _) in claims.items()}
+    keys.update(mlp_hidden=keys.get("mlp_ratio"), grid_rows=keys.get("img_size"))
+    for name, (value, tensor) in found.items():
+        if name in expect and expect[name] != value:
+            what = (f"{keys[name]} {values['mlp_ratio']} (an MLP of {expect[name]}) in the config, {value} in {tensor}"
+                    if name == "mlp_hidden" else
+                    f"{keys[name]} {values['img_size']} (a grid of {expect[name] - 1} patches) in the config, "
+                    f"{value - 1} in {tensor}" if name == "grid_rows" else
+                    f"{keys[name]} {expect[name]} in the config, {value} in {tensor}")
+            raise ConfigError(f"{source}: its config does not describe its tensors ({what}); the file was edited or "
+                              f"put together from two runs. Nothing was built.")
+
+
+def _shapes(state: dict[str, Any]) -> dict[str, tuple[int, str]]:
+    """Sizes read off the shapes of a state dict in our key names: name → (value, the tensor that shows it)."""
+    out: dict[str, tuple[int, str]] = {}
+
+    def shape(key: str, ndim: int) -> tuple[int, ...] | None:
+        found = getattr(state.get(key), "shape", None)
+        return tuple(found) if found is not None and len(found) == ndim else None
+
+    def numbered(prefix: str) -> list[int]:  # the N of PREFIX.N.… keys
+        return [int(part) for k in state if k.startswith(prefix) and (part := k[len(prefix):].split(".")[0]).isdigit()]
+
+    proj = shape("encoder.patch_embed.proj.weight", 4)
+    if proj is None:
+        return out
+    out["embed_dim"] = (proj[0], "encoder.patch_embed.proj.weight")
+    out["patch_size"] = (proj[-1], "encoder.patch_embed.proj.weight")
+    if blocks := numbered("encoder.blocks."):
+        out["depth"] = (1 + max(blocks), f"encoder.blocks.{max(blocks)}")
+    if fc1 := shape("encoder.blocks.0.mlp.fc1.weight", 2):
+        out["mlp_hidden"] = (fc1[0], "encoder.blocks.0.mlp.fc1.weight")
+    if pos := shape("encoder.pos_embed", 3):
+        out["grid_rows"] = (pos[1], "encoder.pos_embed")
+    for name, spec in table.TABLE.items():
+        embed, conv = shape(f"adapters.{name}.embed.weight", 2), shape(f"adapters.{name}.proj.weight", 4)
+        if spec.kind == "ids" and embed is not None and conv is not None and conv[-1]:
+            out["map_embed_dim"] = (embed[1], f"adapters.{name}.embed.weight")
+            out["map_stride"] = (proj[-1] // conv[-1], f"adapters.{name}.proj.weight")
+            if spec.classes == "instance_ids":
+                out["num_instance_ids"] = (embed[0] - 1, f"adapters.{name}.embed.weight")
+    width = next((k for k in state if k == "decoder.embed.weight" or
+                  (k.startswith("decoder.tasks.") and k.endswith(".proj_context.weight"))), None)
+    task = next((k.split(".")[2] for k in state if k.startswith("decoder.tasks.")), None)
+    if width is not None and shape(width, 2) and task is not None:
+        out["decoder.dim"] = (shape(width, 2)[0], width)  # type: ignore[index]
+        self_blocks = numbered(f"decoder.tasks.{task}.blocks.")
+        out["decoder.self_blocks"] = (1 + max(self_blocks) if self_blocks else 0,
+                                      f"decoder.tasks.{task}.blocks" + (f".{max(self_blocks)}" if self_blocks else ""))
+    return out
+
+
+def check_weights_file(path: str | Path) -> None:
+    """The checks of a weights file that cost neither torch nor its tensors, for a command to run first: a cfmae
+    checkpoint's config (or an export's ``config.json``) against the bounds and this machine's memory
+    (:func:`check_config_sizes`) and against its tensors' shapes, read from the file's index
+    (:func:`check_tensors_agree`). A file that cannot be looked at so (an old pickle, a foreign file, damage) is
+    left to the reader, which runs the same checks before it builds anything."""
+    folder = Path(path)
+    if folder.is_dir() and (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if not isinstance(config, dict):
+            return
+        check_export_sizes(config, str(folder / "config.json"))
+        shapes = safetensors_shapes(folder / "model.safetensors")
+        if shapes is not None:  # timm's keys are the encoder's
+            check_tensors_agree(folder / "model.safetensors", {f"encoder.{k}": v for k, v in shapes.items()},
+                                export_claims(config))
+        return
+    file = checkpoint_path(path)
+    top = peek_checkpoint(file) if file.is_file() else None
+    if top is None or not isinstance(top.get("config"), dict) or "format_version" not in top:
+        return
+    check_checkpoint_sizes(top, str(file))
+    if isinstance(top.get("model"), dict):
+        check_tensors_agree(file, top["model"], checkpoint_claims(top))

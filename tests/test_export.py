@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -197,3 +201,157 @@ def test_init_from_another_size_or_a_bad_file(tiny_data: Path, tmp_path: Path) -
     torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, pickled)
     out = init(pickled, "r4")
     assert out.startswith("2|") and "holds Python objects besides tensors" in out and "weights_only=False" not in out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# an export is published whole
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".export-" in p.name)
+
+
+def test_an_export_that_fails_between_its_files_keeps_the_previous_one(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped after model.safetensors (a full disk), or after model.safetensors and config.json (a full disk,
+    Ctrl-C): the previous export is byte for byte as it was, nothing is left beside it, and the same command then
+    replaces it."""
+    from types import SimpleNamespace
+
+    import cfmae_cli.model.export as export
+
+    _, first = _ours(tmp_path)
+    (tmp_path / "b").mkdir()
+    _, second = _ours(tmp_path / "b", "model.depth=3")
+    out = tmp_path / "export"
+    assert runner.invoke(app, ["export", str(first), "--out", str(out)]).exit_code == 0
+    before = _files(out)
+    full = OSError(errno.ENOSPC, "No space left on device")
+    for second_file, failure, code in (("config.json", full, 2), ("README.md", full, 2),
+                                       ("README.md", KeyboardInterrupt(), 130)):
+        def fail(*args: object, failure: BaseException = failure, **kwargs: object) -> str:
+            raise failure
+
+        monkeypatch.undo()
+        if second_file == "config.json":  # config.json's text is made after model.safetensors is written
+            monkeypatch.setattr(export, "json", SimpleNamespace(dumps=fail, loads=json.loads))
+        else:
+            monkeypatch.setattr(export, "model_card", fail)
+        result = runner.invoke(app, ["export", str(second), "--out", str(out)])
+        assert result.exit_code == code, result.output
+        if code == 2:
+            assert "could not be written (No space left on device); the export that was there is intact" in \
+                " ".join(result.output.split())
+        assert _files(out) == before and _leftovers(tmp_path) == []
+    monkeypatch.undo()
+    result = runner.invoke(app, ["export", str(second), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["model_args"]["depth"] == 3
+    assert sorted(_files(out)) == ["README.md", "config.json", "model.safetensors"] and _leftovers(tmp_path) == []
+
+
+def test_what_a_killed_export_left_does_not_block_the_rerun(tmp_path: Path) -> None:
+    """A process killed while it wrote the export leaves its temporary folder beside --out; killed between its
+    two renames, the previous export set aside and --out missing; an earlier cfmae left a .tmp file inside the
+    export. The rerun removes the first, puts the second back (and then replaces it), and goes on; folders of
+    a running process, or with other files in them, are left alone."""
+    _, ckpt = _ours(tmp_path)
+    out = tmp_path / "export"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = gone.pid
+    partial = tmp_path / f".export.export-{dead}"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"cut off")
+    running = tmp_path / f".export.export-{os.getppid()}"
+    running.mkdir()
+    (running / "config.json").write_text("{}")
+    other = tmp_path / f".export.export-{dead + 1 if dead + 1 != os.getppid() else dead + 2}"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+
+    def export() -> None:
+        result = runner.invoke(app, ["export", str(ckpt), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert sorted(_files(out)) == ["README.md", "config.json", "model.safetensors"]
+
+    export()
+    assert _leftovers(tmp_path) == sorted([running.name, other.name]) and (other / "notes.txt").is_file()
+    good = _files(out)
+    os.rename(out, tmp_path / f".export.export-{dead}.old")  # killed between the renames
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")
+    export()
+    assert _files(out) == {**good, "README.md": _files(out)["README.md"]}
+    assert _leftovers(tmp_path) == sorted([running.name, other.name])
+    (out / ".config.json.a1b2c3d4.tmp").write_text("{")  # an earlier cfmae's interrupted atomic write
+    export()
+    assert ".config.json.a1b2c3d4.tmp" not in _files(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fine-tuning checkpoints given to export
+
+
+def _finetuned(path: Path, kind: str = "classification", drop: str = "", **top: object) -> Path:
+    """A `cfmae finetune` checkpoint of the tiny encoder without training it: the model of ``kind`` (a detection
+    model as its backbone's keys), its stored config (``drop``: a dotted key left out, as in a file of another
+    version) and the top-level entries a run writes."""
+    from cfmae_cli.config import EncoderArch
+    from cfmae_cli.eval.classifier import ViTClassifier
+    from cfmae_cli.eval.config import FinetuneConfig
+    from cfmae_cli.eval.segmentation import ViTSegmenter
+
+    arch = EncoderArch(patch_size=8, embed_dim=32, depth=2, num_heads=2, map_stride=2, map_embed_dim=8)
+    cfg = FinetuneConfig.model_validate({"kind": kind, "data": {"img_size": 32, "max_size": 32},
+                                         "model": {"encoder": arch.model_dump(), "init": "runs/pretrain/demo",
+                                                   "out_indices": [0, 0, 1, 1]}})
+    if kind == "classification":
+        state = ViTClassifier(arch, 32, 3, ["rgb"]).state_dict()
+    else:
+        state = ViTSegmenter(arch, 32, 3, [0, 0, 1, 1], channels=8).state_dict()
+        if kind == "detection":
+            state = {f"backbone.{k}": v for k, v in state.items() if k.startswith("encoder.")}
+    raw = cfg.model_dump(mode="json")
+    if drop:
+        *sections, key = drop.split(".")
+        node = raw
+        for section in sections:
+            node = node[section]
+        del node[key]
+    entries = {"task": "finetune", "kind": kind, "classes": ["a", "b", "c"], "epoch": 1, "step": 3, **top}
+    save_checkpoint(path, {"model": state, "config": raw, **{k: v for k, v in entries.items() if v is not None}})
+    return path
+
+
+def test_fine_tuning_checkpoints_export_or_say_what_to_export_instead(tmp_path: Path) -> None:
+    """A classifier exports with its head; a segmentation or detection model, a classifier from another version
+    that lacks a key the export needs (KeyError exit 1 before), a checkpoint without class names and the bare
+    weights of a classifier are refused in one line naming the file and what to give instead."""
+    def export(file: Path) -> tuple[int, str]:
+        result = runner.invoke(app, ["export", str(file), "--out", str(tmp_path / f"x-{file.stem}")])
+        assert "Traceback" not in result.output
+        return result.exit_code, " ".join(result.output.split())
+
+    assert export(_finetuned(tmp_path / "cls.pt"))[0] == 0
+    config = json.loads((tmp_path / "x-cls/config.json").read_text())
+    assert config["num_classes"] == 3 and config["label_names"] == ["a", "b", "c"]
+    instead = "export the pre-training checkpoint it was fine-tuned from: cfmae export runs/pretrain/demo --out DIR"
+    cases = {"seg": ({"kind": "segmentation"}, ["segmentation model (the encoder under UperNet", instead]),
+             "seg-old": ({"kind": "segmentation", "drop": "kind"}, ["segmentation model", instead]),
+             "det": ({"kind": "detection"}, ["detection model (the encoder under Mask R-CNN", instead]),
+             "old": ({"drop": "data.crop_pct"}, ["its config has no data.crop_pct", instead]),
+             "nameless": ({"classes": None}, ["holds no class names", instead])}
+    for name, (how, words) in cases.items():
+        file = _finetuned(tmp_path / f"{name}.pt", **how)
+        code, text = export(file)
+        assert code == 2 and text.startswith(f"error: {file}:") and all(w in text for w in words), (name, text)
+        assert not (tmp_path / f"x-{name}").exists()
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.load(tmp_path / "cls.pt", weights_only=True)["model"], bare)
+    code, text = export(bare)
+    assert code == 2 and "bare weights of a fine-tuned classifier" in text and "checkpoints/best.pt" in text, text

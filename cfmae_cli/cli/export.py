@@ -10,6 +10,8 @@ import typer
 
 from cfmae_cli.cli.common import console, guarded
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.formats import temporary_name
+from cfmae_cli.ownership import locked
 
 
 @guarded
@@ -28,13 +30,18 @@ def export(
 
     The last line printed is the timm.create_model call that loads it (strict keys).
     """
-    from cfmae_cli.model.export import export_timm, load_line
+    from cfmae_cli.config import check_weights_file
 
     if (checkpoint is None) == (option is None):
         raise CfmaeError("export: give the checkpoint once, as the argument or as -c/--checkpoint.")
     checkpoint = checkpoint or option
+    check_weights_file(checkpoint)  # sizes beyond reason refused before torch is imported or a tensor read
 
-    folder = export_timm(checkpoint, out)
+    from cfmae_cli.model.export import export_timm, load_line
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with locked(out, "--out", lock_file=out.parent / temporary_name(out.name, "cfmae-lock")):  # (out is renamed)
+        folder = export_timm(checkpoint, out)
     config = json.loads((folder / "config.json").read_text())
     console.print(f"wrote {folder / 'model.safetensors'}, {folder / 'config.json'} and {folder / 'README.md'}",
                   highlight=False)

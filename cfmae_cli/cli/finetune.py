@@ -51,6 +51,10 @@ def finetune(
     Example, ADE20K: cfmae finetune --task segmentation --preset ft-seg-vitb --gpus 8 --data /data/ADEChallengeData2016
     """
     from cfmae_cli.checkpoints import checkpoint_path
+    from cfmae_cli.config import check_weights_file
+
+    if checkpoint not in (None, "random") and resume is None:
+        check_weights_file(checkpoint)  # sizes checked before torch is imported (docs/export.md)
     from cfmae_cli.cli.training import demo_preset_notice, dispatch, resumed_config, run_overrides
     from cfmae_cli.eval.finetune import finetune as run
 

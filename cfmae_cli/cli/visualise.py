@@ -11,7 +11,8 @@ import typer
 from cfmae_cli import modalities as table
 from cfmae_cli.cli.common import console, device_of, guarded
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.formats import atomic_write_text, check_output, software, UNLABELLED
+from cfmae_cli.config import check_weights_file
+from cfmae_cli.formats import atomic_write_text, check_output, json_stamp, UNLABELLED
 
 if TYPE_CHECKING:  # the command line's help imports this module: numpy, torch and the model only when drawing
     import numpy as np
@@ -104,12 +105,12 @@ def _refuse_foreign_classes(inputs: list[str], ok: dict[str, bool]) -> None:
                              f"images from a dataset labelled like the training data.")
 
 
-def _outputs(out: Path, images: list[Path], checkpoint: Optional[str | Path], *beside: str) -> Path:
-    """``out`` (and the files ``beside`` it, by suffix) if writing them replaces no input and no file of the
-    user's (:func:`check_output`)."""
+def _outputs(out: Path, images: list[Path], checkpoint: Optional[str | Path], command: str, *beside: str) -> Path:
+    """``out`` (and the files ``beside`` it, by suffix) if writing them replaces no input, no file of the user's and
+    no file of another command (:func:`check_output`)."""
     inputs = [*images, *([Path(checkpoint)] if checkpoint not in (None, "random") else [])]
     for path in (out, *(out.with_suffix(suffix) for suffix in beside)):
-        check_output(path, inputs)
+        check_output(path, inputs, command=command)
     return out
 
 
@@ -135,13 +136,15 @@ def reconstruct(
 
     Example, all three masked: cfmae reconstruct photo.jpg --modalities rgb,instance,semantic --masking semantic
     """
+    if checkpoint is not None:
+        check_weights_file(checkpoint)  # sizes checked before torch is imported (docs/export.md)
     import torch
 
     from cfmae_cli.viz.inference import errors, input_masks, load_pretrained, prepare
 
     if masking not in ("random", "semantic", "instance", "progressive"):
         raise CfmaeError(f"--masking {masking}: choose random, semantic, instance or progressive.")
-    out = _outputs(out or Path(f"{images[0].stem}-reconstruct.png"), images, checkpoint, ".json")
+    out = _outputs(out or Path(f"{images[0].stem}-reconstruct.png"), images, checkpoint, "reconstruct", ".json")
     net = load_pretrained(checkpoint, _device(device, gpus))
     inputs = _inputs(modality, net)
     pixels, maps, ok = _load(images, net, need_maps=True)
@@ -156,8 +159,9 @@ def reconstruct(
     panels = reconstruction_panels(batch, mask, pred, model.modalities, model.classes, model.patches,
                                    model.targets, cfg.data.mean, cfg.data.std)
     legend = class_legend(batch, mask, pred, model.modalities, net.classes)
-    save_grid(panels, out, f"{net.path}: input {'+'.join(inputs)}, masking {masking}, {visible} visible", legend)
-    report = {"tool": software(), "checkpoint": str(net.path), "inputs": inputs, "masking": masking,
+    save_grid(panels, out, f"{net.path}: input {'+'.join(inputs)}, masking {masking}, {visible} visible", legend,
+              command="reconstruct")
+    report = {**json_stamp("reconstruct"), "checkpoint": str(net.path), "inputs": inputs, "masking": masking,
               "num_visible": visible, "seed": seed,
               "images": [{"image": str(p), "errors": e}
                          for p, e in zip(images, errors(net, batch, mask, pred, ok))]}
@@ -199,6 +203,8 @@ def attention_map(
     Example: cfmae attention-map --stats DATA --checkpoint runs/pretrain/demo --checkpoint random --model
     vit_base_patch16_224.mae --weights mae_pretrain_vit_base.pth
     """
+    for path in [*(c for c in checkpoint or [] if c != "random"), *(weights or [])]:
+        check_weights_file(path)  # sizes checked before torch is imported (docs/export.md)
     import torch
 
     from cfmae_cli.viz.inference import load_pretrained, prepare
@@ -219,7 +225,7 @@ def attention_map(
     checkpoint = checkpoints[0] if checkpoints else None
     if method not in ("cls", "mean", "rollout"):
         raise CfmaeError(f"--method {method}: choose cls, mean or rollout.")
-    out = _outputs(out or Path(f"{images[0].stem}-attention-{method}.png"), images, checkpoint)
+    out = _outputs(out or Path(f"{images[0].stem}-attention-{method}.png"), images, checkpoint, "attention-map")
     net = load_pretrained(checkpoint, _device(device, gpus))
     model = net.model
     depth = len(model.encoder.blocks)
@@ -261,7 +267,7 @@ def attention_map(
     where = "" if method == "rollout" else f", layer {layer % depth}"
     save_image_grid(rows, out, ["image"] + titles, [p.name[-28:] for p in images],
                     f"{net.path}: {method} attention{where}, input {'+'.join(inputs)}",
-                    colorbar=(HEAT, "attention (each map scaled to its own range)"))
+                    colorbar=(HEAT, "attention (each map scaled to its own range)"), command="attention-map")
     console.print(f"wrote {out}", highlight=False)
 
 
@@ -280,7 +286,8 @@ def _attention_stats(root: Path, checkpoints: list[str], models: list[str], weig
     if len(models) != len(weights):
         raise CfmaeError(f"--model / --weights: {len(models)} model name(s) and {len(weights)} weights file(s); "
                          f"give each --model its --weights, in order.")
-    out = check_output(out or Path("attention-stats.json"), [*weights, *(Path(c) for c in checkpoints)])
+    out = check_output(out or Path("attention-stats.json"), [*weights, *(Path(c) for c in checkpoints)],
+                       command="attention-map")
     if not (root / "rgb").is_dir():
         raise CfmaeError(f"{root}: no rgb/ folder; --stats reads a labelled dataset (rgb/, instance/, semantic/; "
                          f"docs/dataset-format.md).")
@@ -352,7 +359,7 @@ def _attention_stats(root: Path, checkpoints: list[str], models: list[str], weig
         for key, label in zip(row.keys, row.long):
             statistics[key] = {"label": label, **({"block": row.block} if row.block is not None else {}),
                                **{name: results[name][key] for name in names if key in results[name]}}
-    report = {"tool": software(), "data": str(root), "images": len(samples), "cells_per_patch": st.CELLS, "seed": seed,
+    report = {**json_stamp("attention-map"), "data": str(root), "images": len(samples), "cells_per_patch": st.CELLS, "seed": seed,
               "models": [{"name": s.name, "description": s.description, "img_size": s.img_size,
                           "patch_size": s.patch_size, "grid": s.grid,
                           "blocks": len(s.blocks)} for s in subjects],

@@ -109,13 +109,17 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu"
     if w.layout != "cfmae-finetune":
         raise CfmaeError(f"{w.path}: a {w.layout.removeprefix('cfmae-')} checkpoint, not a classifier; fine-tune it "
                          f"first with `cfmae finetune --checkpoint {path}`.")
-    cfg = stored_config(w.top["config"], f"the config in {w.path}", FinetuneConfig)
+    cfg = stored_config(w.top["config"], f"the config in {w.path}", FinetuneConfig)  # sizes checked: read_weights
     if cfg.kind != "classification":
         raise CfmaeError(f"{w.path}: a {cfg.kind} model, not an image classifier.")
+    classes = w.top.get("classes")
+    if cfg.model.encoder is None or not isinstance(classes, list) or not classes:
+        raise CfmaeError(f"{w.path}: holds no {'encoder architecture' if cfg.model.encoder is None else 'class names'}"
+                         f" (written by another version of cfmae, or edited); fine-tune again with this version.")
     state = w.state
     named = [f"adapters.{m}.embed.weight" for m in cfg.data.modalities if table.get(m).classes == "manifest"]
     c_sem = state[named[0]].shape[0] - 1 if named and named[0] in state else 0
-    model = ViTClassifier(cfg.model.encoder, cfg.data.img_size, len(w.top["classes"]), cfg.data.modalities, c_sem,
+    model = ViTClassifier(cfg.model.encoder, cfg.data.img_size, len(classes), cfg.data.modalities, c_sem,
                           cfg.model.global_pool, linear=cfg.mode == "linear")
     load_weights(model, state, w.source, strict=True)
-    return model.to(device).eval(), cfg, list(w.top["classes"])
+    return model.to(device).eval(), cfg, list(classes)

@@ -89,11 +89,14 @@ def _from_timm(module: nn.Module, description: str, classes: list[str] | None, d
 def _timm_folder(path: Path, device: torch.device) -> EvalModel:
     from cfmae_cli.model.weights import read_state, timm_model
 
-    _, state, config, _ = read_state(path)
-    classes = int(config.get("num_classes", 0))
-    if classes == 0:
+    _, state, config, _ = read_state(path)  # its config.json's sizes checked before timm builds it
+    classes = config.get("num_classes", 0)
+    if not isinstance(classes, int) or classes == 0:
         raise CfmaeError(f"{path}: an exported encoder without a classifier head; fine-tune it (`cfmae finetune`) "
                          f"and export the fine-tuned checkpoint.")
+    if not isinstance(config.get("architecture"), str) or not isinstance(config.get("model_args", {}), dict):
+        raise CfmaeError(f"{path / 'config.json'}: names no timm architecture ('architecture', 'model_args'); not a "
+                         f"folder written by `cfmae export` or timm.")
     module = timm_model(config["architecture"], str(path), state, num_classes=classes,
                         pretrained_cfg_overlay={**config.get("pretrained_cfg", {}), "num_classes": classes},
                         **config.get("model_args", {}))

@@ -91,40 +91,77 @@ def timm_config(cfg: Config, source: str) -> dict[str, Any]:
             "cfmae": {"source": source, "modalities": list(cfg.data.modalities)}}
 
 
-def timm_classifier(cfg: dict[str, Any], state: dict[str, Tensor], classes: list[str], path: Path
+def timm_classifier(top: dict[str, Any], state: dict[str, Tensor], path: Path
                     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """A ``cfmae finetune`` classifier (its stored config, weights and class names) as a timm
-    ``VisionTransformer`` with its head: (weights, config.json).
+    """A ``cfmae finetune`` classifier (its checkpoint's top-level entries: the stored config and class names;
+    its weights) as a timm ``VisionTransformer`` with its head: (weights, config.json).
 
     Average pooling maps to timm's ``global_pool='avg'`` (``fc_norm``, no final ``norm``), the global token to
-    ``'token'``. A linear probe's BatchNorm (no affine parameters) is folded into the linear layer.
+    ``'token'``. A linear probe's BatchNorm (no affine parameters) is folded into the linear layer. A
+    segmentation or detection model, a classifier that reads maps, and a checkpoint that lacks what the export
+    needs are refused in one line naming the file and what to export instead.
     """
-    if cfg.get("kind", "classification") != "classification":
-        raise CfmaeError(f"{path}: a {cfg['kind']} model; timm's VisionTransformer holds classifiers. Export the "
-                         f"encoder of its pre-training checkpoint instead.")
-    if table.maps_of(cfg["data"]["modalities"]):
-        raise CfmaeError(f"{path}: this classifier reads {' + '.join(cfg['data']['modalities'])}; timm's "
-                         f"VisionTransformer takes RGB only. Export its pre-training checkpoint's encoder instead.")
-    enc, pool = cfg["model"]["encoder"], cfg["model"]["global_pool"]
+    cfg = top.get("config") if isinstance(top.get("config"), dict) else {}
+    init = (cfg.get("model") or {}).get("init") if isinstance(cfg.get("model"), dict) else None
+    instead = (f"export the pre-training checkpoint it was fine-tuned from: cfmae export {init} --out DIR"
+               if init and init != "random" else "it was fine-tuned from random weights, so there is no pre-trained "
+               "encoder to export")
+    kind = cfg.get("kind") or top.get("kind") or "classification"
+    if kind != "classification":
+        heads = {"segmentation": "UperNet", "detection": "Mask R-CNN"}.get(str(kind), str(kind))
+        raise CfmaeError(f"{path}: a {kind} model (the encoder under {heads}, from cfmae finetune); cfmae export "
+                         f"writes encoders and image classifiers as timm's VisionTransformer, which has no place for "
+                         f"it. Instead, {instead}.")
+
+    def entry(dotted: str) -> Any:
+        node: Any = cfg
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise CfmaeError(f"{path}: its config has no {dotted} (written by another version of cfmae, or "
+                                 f"edited), which the export needs. Fine-tune again with this version, or {instead}.")
+            node = node[part]
+        return node
+
+    modalities = entry("data.modalities")
+    if table.maps_of(modalities):
+        raise CfmaeError(f"{path}: this classifier reads {' + '.join(modalities)}; timm's VisionTransformer takes "
+                         f"RGB only. Instead, {instead}.")
+    classes = top.get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise CfmaeError(f"{path}: holds no class names ('classes'), which label the head of the export. Fine-tune "
+                         f"again with this version, or {instead}.")
+    enc, pool = entry("model.encoder"), entry("model.global_pool")
+    size, mode = entry("data.img_size"), entry("mode")
+    pretrained = {k: entry(f"data.{k}") for k in ("interpolation", "mean", "std", "crop_pct")}
+    dims = {k: enc.get(k) if isinstance(enc, dict) else None for k in ("patch_size", "embed_dim", "depth",
+                                                                      "num_heads", "mlp_ratio")}
+    if any(v is None for v in dims.values()):
+        entry("model.encoder." + next(k for k, v in dims.items() if v is None))
     weights = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     weights.update({k: v for k, v in state.items() if k.startswith("fc_norm.")})
-    if "head.weight" in state:
+    if "head.weight" in state and "head.bias" in state:
         weights.update({"head.weight": state["head.weight"], "head.bias": state["head.bias"]})
-    else:  # linear probe: head = BatchNorm1d(affine=False, eps=1e-6) then Linear
+    elif all(f"head.{k}" in state for k in ("0.running_mean", "0.running_var", "1.weight", "1.bias")):
+        # linear probe: head = BatchNorm1d(affine=False, eps=1e-6) then Linear
         inv = (state["head.0.running_var"].double() + 1e-6).rsqrt()
         w, b = state["head.1.weight"].double(), state["head.1.bias"].double()
         weights["head.weight"] = (w * inv).float()
         weights["head.bias"] = (b - (w * inv) @ state["head.0.running_mean"].double()).float()
+    else:
+        raise CfmaeError(f"{path}: holds no classifier head (head.weight, or a linear probe's head.1.weight); not "
+                         f"an image classifier. Instead, {instead}.")
+    if weights["head.weight"].shape[0] != len(classes):
+        raise CfmaeError(f"{path}: its head has {weights['head.weight'].shape[0]} outputs but it names "
+                         f"{len(classes)} classes; the file was edited or put together from two runs.")
     weights = {k: v.contiguous() for k, v in weights.items()}
-    size, labels, classes = cfg["data"]["img_size"], list(classes), len(classes)
-    args = {"img_size": size, "patch_size": enc["patch_size"], "embed_dim": enc["embed_dim"], "depth": enc["depth"],
-            "num_heads": enc["num_heads"], "mlp_ratio": enc["mlp_ratio"], "global_pool": pool}
-    name = timm_name(enc["patch_size"], enc["embed_dim"], enc["depth"], enc["num_heads"], size)
-    config = {"architecture": name, "num_classes": classes, "num_features": enc["embed_dim"],
+    labels, count = [str(c) for c in classes], len(classes)
+    args = {"img_size": size, **dims, "global_pool": pool}
+    name = timm_name(dims["patch_size"], dims["embed_dim"], dims["depth"], dims["num_heads"], size)
+    config = {"architecture": name, "num_classes": count, "num_features": dims["embed_dim"],
               "global_pool": pool, "model_args": args, "label_names": labels,
-              "pretrained_cfg": {"input_size": [3, size, size], "interpolation": cfg["data"]["interpolation"],
-                                 "mean": list(cfg["data"]["mean"]), "std": list(cfg["data"]["std"]),
-                                 "num_classes": classes, "first_conv": "patch_embed.proj", "classifier": "head",
-                                 "crop_pct": cfg["data"]["crop_pct"]},
-            "cfmae": {"source": str(path), "task": "finetune", "mode": cfg["mode"], "init": cfg["model"]["init"]}}
+              "pretrained_cfg": {"input_size": [3, size, size], "interpolation": pretrained["interpolation"],
+                                 "mean": list(pretrained["mean"]), "std": list(pretrained["std"]),
+                                 "num_classes": count, "first_conv": "patch_embed.proj", "classifier": "head",
+                                 "crop_pct": pretrained["crop_pct"]},
+            "cfmae": {"source": str(path), "task": "finetune", "mode": mode, "init": init}}
     return weights, config

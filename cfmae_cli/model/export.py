@@ -1,45 +1,72 @@
 """``cfmae export``: a checkpoint's encoder (or fine-tuned classifier) written as a timm ``VisionTransformer``:
-``model.safetensors`` + ``config.json`` in timm's hub format, loadable with strict key matching."""
+``model.safetensors`` + ``config.json`` in timm's hub format, loadable with strict key matching, and a model card
+``README.md``. The three files are published together: written into a temporary folder beside ``--out``, then
+renamed into place, so that ``--out`` holds one whole export or another, never a mix."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import shutil
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.formats import atomic_write, atomic_write_text, list_folder
+from cfmae_cli.formats import FILE_MODE, fsync_path, list_folder
 from cfmae_cli.model.convert import timm_classifier, timm_config, to_timm
-from cfmae_cli.model.weights import read_weights
+from cfmae_cli.model.weights import Weights, read_weights
 
 log = logging.getLogger(__name__)
 
+EXPORT_FILES = ("model.safetensors", "config.json", "README.md")
+# what an interrupted export of an earlier cfmae left in the folder (formats.atomic_write's temporary files)
+_OLD_TEMPORARY = re.compile(r"^\.(model\.safetensors|config\.json|README\.md)\.[A-Za-z0-9_]+\.tmp$")
+
 
 def export_timm(path: Path, out: Path) -> Path:
-    """Write ``out/model.safetensors`` + ``out/config.json`` + a model card ``out/README.md``: a pre-trained
-    encoder without a head, or a fine-tuned classifier with its head."""
+    """Export the checkpoint ``path`` into the folder ``out``: claim ``out`` (a new or empty folder, or a previous
+    cfmae export, which is replaced), read and convert the weights (a pre-trained encoder without a head, or a
+    fine-tuned classifier with its head), write ``model.safetensors``, ``config.json`` and ``README.md`` into a
+    temporary folder beside ``out`` and publish it there (:func:`publish_export`). Claim, write and publish are
+    all here, so that one lock around this call covers a whole export."""
     from safetensors.torch import save
 
-    replacing = _claim_export(out, path)
+    _claim_export(out, path)
     w = read_weights(path)
-    if w.layout == "cfmae-finetune":
-        weights, config = timm_classifier(w.top["config"], w.state, w.top["classes"], w.path)
-    else:
-        cfg = w.pretrain_config()
-        if cfg is None:
-            raise CfmaeError(f"{path}: holds no cfmae config to describe the architecture; export needs a cfmae "
-                             f"checkpoint (convert MAE / MultiMAE weights with `cfmae pretrain --init FILE` first).")
-        weights, config = to_timm(w.state), timm_config(cfg, str(path))
-    atomic_write(out / "model.safetensors", lambda fh: fh.write(save(weights)), binary=True)
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
-    atomic_write_text(out / "README.md", model_card(config, w.top, out))
-    if replacing:
-        log.info("%s: replaced the export that was there (of %s)", out, replacing)
+    weights, config = export_contents(w, path)
+
+    def write(folder: Path) -> None:  # (safetensors' own file writer reports a full disk as no OSError)
+        (folder / "model.safetensors").write_bytes(save(weights))
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (folder / "README.md").write_text(model_card(config, w.top, out), encoding="utf-8")
+
+    replaced = publish_export(out, path, write)
+    if replaced:
+        log.info("%s: replaced the export that was there (of %s)", out, replaced)
     return out
 
 
-EXPORT_FILES = ("model.safetensors", "config.json", "README.md")
+def export_contents(w: Weights, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(timm's weights, config.json) of what ``w`` holds; a file that cannot be exported is refused in one line
+    naming it and what to export instead."""
+    if w.layout == "cfmae-finetune":
+        return timm_classifier(w.top, w.state, w.path)
+    if (cfg := w.pretrain_config()) is not None:
+        return to_timm(w.state), timm_config(cfg, str(path))
+    if w.layout == "exported":
+        raise CfmaeError(f"{path}: already an export in timm's format; load it with timm, or copy the folder.")
+    if w.layout == "cfmae-state" and any(k in w.state for k in ("head.weight", "head.1.weight")):
+        raise CfmaeError(f"{w.path}: the bare weights of a fine-tuned classifier, without its config and class "
+                         f"names; export the fine-tuning checkpoint itself (RUN/checkpoints/best.pt or the run "
+                         f"folder).")
+    if w.layout.startswith("cfmae-") and w.layout != "cfmae-state":
+        raise CfmaeError(f"{w.path}: a checkpoint of `cfmae {w.layout.removeprefix('cfmae-')}`; export takes those of "
+                         f"cfmae pretrain and cfmae finetune.")
+    raise CfmaeError(f"{path}: holds no cfmae config to describe the architecture; export needs a cfmae "
+                     f"checkpoint (convert MAE / MultiMAE weights with `cfmae pretrain --init FILE` first).")
 
 
 def _claim_export(out: Path, source: Path) -> str | None:
@@ -53,7 +80,7 @@ def _claim_export(out: Path, source: Path) -> str | None:
     names = list_folder(out).names if out.is_dir() else []
     if not names:
         return None
-    foreign = [n for n in names if n not in EXPORT_FILES]
+    foreign = [n for n in names if n not in EXPORT_FILES and not _OLD_TEMPORARY.match(n)]
     previous = None
     if "config.json" in names:
         try:
@@ -65,6 +92,126 @@ def _claim_export(out: Path, source: Path) -> str | None:
         raise CfmaeError(f"--out {out}: the folder holds files that are not a cfmae export ({shown}); they are not "
                          f"replaced. Export into a new or empty folder.")
     return str(previous.get("source", "?"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# publishing a folder whole
+
+
+def _stem(out: Path) -> str:
+    """The part of the temporary folders' names that says which ``--out`` they are for: its name, shortened (with
+    a checksum of the whole name) to keep the names within NAME_MAX."""
+    name = out.name
+    return name if len(name) <= 100 else f"{name[:91]}~{zlib.crc32(name.encode('utf-8', 'surrogateescape')):08x}"
+
+
+def temporary_folder(out: Path, pid: int | None = None) -> Path:
+    """Where the export into ``out`` is written before it is published: ``.NAME.export-PID`` beside it."""
+    return out.parent / f".{_stem(out)}.export-{os.getpid() if pid is None else pid}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def _remove_export_folder(folder: Path) -> bool:
+    """Remove a folder of cfmae's export files (nothing else is removed); False when it holds other things (then
+    it is left as it is)."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return True
+    if any(n not in EXPORT_FILES and not _OLD_TEMPORARY.match(n) for n in names):
+        return False
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except FileNotFoundError:
+        pass
+    return True
+
+
+def _clear_leftovers(out: Path) -> None:
+    """What interrupted exports into ``out`` left beside it, by processes that are gone: a temporary folder is
+    removed; a previous export set aside (``….old``) is put back when ``out`` is missing (the export was stopped
+    between its two renames: the old export is whole), else removed. A folder that holds other files, or
+    belongs to a process that still runs, is left alone."""
+    pattern = re.compile(rf"^\.{re.escape(_stem(out))}\.export-(\d+)(\.old)?$")
+    try:
+        entries = sorted(os.scandir(out.parent), key=lambda e: e.name)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if not match or not entry.is_dir(follow_symlinks=False):
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _alive(pid):
+            continue
+        folder = Path(entry.path)
+        if match.group(2) and not out.exists() and (folder / "config.json").is_file():
+            os.rename(folder, out)
+            log.warning("%s: put back the export that an interrupted export had set aside (%s)", out, folder.name)
+        elif _remove_export_folder(folder):
+            log.info("%s: removed %s, left by an interrupted export", out.parent, folder.name)
+
+
+def publish_export(out: Path, source: Path, write: Callable[[Path], None]) -> str | None:
+    """Write an export with ``write(folder)`` into :func:`temporary_folder` and rename it into place as ``out``.
+    A previous export in ``out`` is renamed aside first and removed once the new one is in place; a crash at
+    any point leaves either the old export whole or the new one (the next export puts a set-aside one back).
+    Leftovers of interrupted exports are cleared first (:func:`_clear_leftovers`). Returns what the replaced
+    export was exported from (None when there was none). On failure nothing in ``out`` has changed. An ``out``
+    that is a link to a folder is published in the folder it points to (the link keeps pointing there)."""
+    if out.is_symlink() and out.is_dir():
+        out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(out)
+    tmp, aside = temporary_folder(out), Path(f"{temporary_folder(out)}.old")
+    for stale in (tmp, aside):  # this process's own, from an export it did not finish
+        if stale.exists() and not _remove_export_folder(stale):
+            raise CfmaeError(f"{stale}: in the way of the export into {out} and holds other files; move it away.")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for name in EXPORT_FILES:
+            os.chmod(tmp / name, FILE_MODE)
+            fsync_path(tmp / name)
+        fsync_path(tmp)
+        replaced = _claim_export(out, source)  # again: the folder may have changed while the weights were read
+        if out.exists() and os.listdir(out):
+            os.rename(out, aside)
+        try:
+            os.rename(tmp, out)  # onto a missing or an empty folder: one atomic step
+        except BaseException:
+            if aside.exists() and not out.exists():
+                os.rename(aside, out)
+            raise
+    except BaseException as exc:
+        _remove_export_folder(tmp) or shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            kept = "the export that was there is intact" if (out / "config.json").is_file() else "nothing was written"
+            raise CfmaeError(f"--out {out}: the export could not be written ({exc.strerror or exc}); {kept}. Free "
+                             f"space or choose a writable folder, and run the same command again.") from None
+        raise
+    fsync_path(out.parent)
+    try:
+        kept = aside.exists() and not _remove_export_folder(aside)
+    except OSError as exc:  # the export is in place; the old one is only in the way
+        log.warning("%s: could not remove the replaced export set aside as %s (%s)", out, aside, exc)
+    else:
+        if kept:
+            log.warning("%s: the replaced export set aside as %s holds other files; left there", out, aside)
+    return replaced
 
 
 def load_line(config: dict[str, Any], folder: Path) -> str:

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from cfmae_cli import modalities as table
 from cfmae_cli.checkpoints import FORMAT_VERSION, checkpoint_path, read_torch_file
-from cfmae_cli.config import Config, EncoderArch, stored_config
+from cfmae_cli.config import (Config, EncoderArch, check_checkpoint_sizes, check_export_sizes, check_tensors_agree,
+                              checkpoint_claims, config_from_dict, export_claims, stored_config)
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.model.convert import detect_format, to_cfmae
 from cfmae_cli.model.layers import fit_pos_embed
@@ -62,7 +63,8 @@ class Weights:
             return EncoderArch.of(cfg.model), set(EncoderArch.model_fields)
         stored = (self.top.get("config") or {}).get("model", {}).get("encoder")
         if self.layout == "cfmae-finetune" and stored:
-            return EncoderArch(**stored), set(EncoderArch.model_fields)
+            arch = config_from_dict(stored, f"model.encoder in the config in {self.path}", EncoderArch)
+            return arch, set(EncoderArch.model_fields)
         try:
             return arch_from_state(self.state)
         except CfmaeError as exc:
@@ -84,7 +86,7 @@ def read_state_file(path: str | Path) -> tuple[Path, dict[str, Any]]:
             return path, load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CfmaeError(f"{path}: not a readable safetensors file ({exc}).") from None
-    raw = read_torch_file(path)
+    raw = read_torch_file(path, mmap=True)  # mapped, not read: nothing is in memory before the checks
     if not isinstance(raw, dict):
         raise CfmaeError(f"{path}: not a checkpoint (a {type(raw).__name__}, not a dict of tensors).")
     return path, raw
@@ -95,19 +97,28 @@ def read_state(path: str | Path) -> tuple[Path, dict[str, Tensor], dict[str, Any
     weights file or folder :func:`read_weights` takes; nothing is converted (for architectures timm builds)."""
     folder = Path(path)
     if folder.is_dir() and (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        file, state = read_state_file(folder / "model.safetensors")
         try:
             top = json.loads((folder / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise CfmaeError(f"{folder / 'config.json'}: not readable as JSON ({exc}).") from None
+        if not isinstance(top, dict):
+            raise CfmaeError(f"{folder / 'config.json'}: not a timm config (a JSON {type(top).__name__}).")
+        check_export_sizes(top, str(folder / "config.json"))  # before the tensors are read
+        file, state = read_state_file(folder / "model.safetensors")
         exported = True
     else:
         file, loaded = read_state_file(path)
         state = loaded.get("model", loaded.get("state_dict", loaded))
         top = {k: v for k, v in loaded.items() if k not in ("model", "state_dict")} if state is not loaded else {}
         exported = False
+        if isinstance(top.get("config"), dict) and "format_version" in top:  # written by cfmae's engine
+            check_checkpoint_sizes(top, str(file))
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CfmaeError(f"{file}: no state dict of tensors found (looked at 'model', 'state_dict' and the top level).")
+    if exported:  # timm's keys are the encoder's
+        check_tensors_agree(file, {f"encoder.{k}": v for k, v in state.items()}, export_claims(top))
+    elif isinstance(top.get("config"), dict) and "format_version" in top:
+        check_tensors_agree(file, state, checkpoint_claims(top))
     return file, state, top, exported
 
 
@@ -149,7 +160,7 @@ def arch_from_state(state: dict[str, Tensor]) -> tuple[EncoderArch, set[str]]:
             values.update(map_embed_dim=embed.shape[1], map_stride=patch // conv.shape[-1])
             if spec.classes == "instance_ids":
                 values["num_instance_ids"] = embed.shape[0] - 1
-    return EncoderArch(**values), set(values) - {"num_heads"}
+    return config_from_dict(values, "the encoder its tensors' shapes show", EncoderArch), set(values) - {"num_heads"}
 
 
 def fit_position_table(table: Tensor, own: Tensor, source: str | Path) -> Tensor:
