@@ -222,29 +222,31 @@ def written_by_cfmae(path: Path) -> bool:
 
 
 def check_output(path: str | Path, inputs: tuple[Path, ...] | list[Path] = (), what: str = "--out", *,
-                 command: str) -> Path:
+                 command: str, beside: Path | None = None) -> Path:
     """``path`` if ``command`` may write it: not one of the command's ``inputs``, not a folder, and either new or
     a file that the same command wrote before (:func:`stamped_by`). Anything else, a file of another command
     included, is refused with a :class:`CfmaeError`, before any work is done, so that no file of the user's (or
-    another command's record) is ever replaced."""
+    another command's record) is ever replaced. ``beside``: ``path`` is written next to this ``--out`` (the JSON of
+    a figure), and the message says so."""
     path = Path(path)
+    named = f"{what} {path}" if beside is None else f"{what} {beside}: {path} (written beside it)"
     for source in inputs:
         try:
             same = path.exists() and Path(source).exists() and os.path.samefile(path, source)
         except OSError:
             same = False
         if same:
-            raise CfmaeError(f"{what} {path}: that is an input of this command ({source}); it would be replaced. "
+            raise CfmaeError(f"{named}: that is an input of this command ({source}); it would be replaced. "
                              f"Choose another {what}.")
     if path.is_dir():
-        raise CfmaeError(f"{what} {path}: a folder; give a file name (e.g. {path / 'out.png'}).")
+        raise CfmaeError(f"{named}: a folder; give a file name (e.g. {path / 'out.png'}).")
     if path.exists() or path.is_symlink():
         by = stamped_by(path) if path.is_file() else None
         if by is None:
-            raise CfmaeError(f"{what} {path}: the file exists and was not written by cfmae; it is not replaced. "
+            raise CfmaeError(f"{named}: the file exists and was not written by cfmae; it is not replaced. "
                              f"Choose another {what}, or move the file away.")
         if by != command:
             maker = f"`cfmae {by}`" if by else "cfmae (a run's record, or an earlier version)"
-            raise CfmaeError(f"{what} {path}: the file was written by {maker}, not by `cfmae {command}`; it is not "
+            raise CfmaeError(f"{named}: the file was written by {maker}, not by `cfmae {command}`; it is not "
                              f"replaced. Choose another {what}, or move the file away.")
     return path

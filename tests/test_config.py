@@ -71,15 +71,18 @@ def test_a_run_written_before_the_blend_resumes_with_the_score_mix(tmp_path: Pat
     from cfmae_cli.cli.training import resumed_config
     from cfmae_cli.eval.config import FinetuneConfig
     from cfmae_cli.checkpoints import save_checkpoint
+    from cfmae_cli.model.cfmae import CFMAE
 
+    state = CFMAE(load_config("demo"), 3).state_dict()  # (a resume checks the config against its tensors)
     old = load_config("demo").model_dump(mode="json")
     del old["masking"]["mix"]
-    save_checkpoint(tmp_path / "pre/checkpoints/last.pt", {"model": {}, "config": old})
+    save_checkpoint(tmp_path / "pre/checkpoints/last.pt", {"model": state, "config": old})
     assert resumed_config(tmp_path / "pre", None, []).masking.mix == "score"
     assert load_config("demo").masking.mix == "quota"
     ft = load_config("ft-demo", schema=FinetuneConfig).model_dump(mode="json")
     del ft["model"]["train_pos_embed"]
-    save_checkpoint(tmp_path / "ft/checkpoints/last.pt", {"model": {}, "config": ft})
+    encoder = {k: v for k, v in state.items() if k.startswith("encoder.")}
+    save_checkpoint(tmp_path / "ft/checkpoints/last.pt", {"model": encoder, "config": ft})
     assert resumed_config(tmp_path / "ft", None, [], FinetuneConfig).model.train_pos_embed is False
 
 

@@ -209,7 +209,8 @@ def test_refused_claim_leaves_a_users_folder_as_it_was(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == ["a.jpg"]  # no lock file, no mark left behind
 
 
-def test_foreign_files_sees_what_no_pattern_covers(tmp_path: Path) -> None:
+def test_foreign_files_sees_what_no_pattern_covers(run: Path, tmp_path: Path) -> None:
+    assert foreign_files(run, RUN_FILES["pretrain"]) == []  # every file a real run writes is in the list
     for name in ("config.yaml", "metrics-epoch.csv", "checkpoints/last.pt", "checkpoints/diverged/epoch-0002.pt",
                  "mlruns/0/meta.yaml", "wandb/run-1/files/x", ".run.json.k2j3.tmp", "plots/.loss.png.tmp.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

@@ -53,8 +53,9 @@ def finetune(
     from cfmae_cli.checkpoints import checkpoint_path
     from cfmae_cli.config import check_weights_file
 
-    if checkpoint not in (None, "random") and resume is None:
-        check_weights_file(checkpoint)  # sizes checked before torch is imported (docs/export.md)
+    for weights in (checkpoint if resume is None else None, resume):  # sizes checked before torch is imported
+        if weights not in (None, "random"):
+            check_weights_file(weights)
     from cfmae_cli.cli.training import demo_preset_notice, dispatch, resumed_config, run_overrides
     from cfmae_cli.eval.finetune import finetune as run
 

@@ -52,10 +52,11 @@ def pretrain(
             read_packed_manifest(data)
         elif (data / MANIFEST_NAME).is_file():
             read_manifest(data)
-    if init is not None:
-        from cfmae_cli.config import check_weights_file
+    for weights in (init, resume):  # sizes checked before torch is imported (docs/export.md)
+        if weights is not None:
+            from cfmae_cli.config import check_weights_file
 
-        check_weights_file(init)  # sizes checked before torch is imported (docs/export.md)
+            check_weights_file(weights)
     from cfmae_cli.cli.training import demo_preset_notice, dispatch, resumed_config, run_overrides
     from cfmae_cli.train.pretraining import pretrain as run
 

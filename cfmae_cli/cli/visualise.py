@@ -109,8 +109,9 @@ def _outputs(out: Path, images: list[Path], checkpoint: Optional[str | Path], co
     """``out`` (and the files ``beside`` it, by suffix) if writing them replaces no input, no file of the user's and
     no file of another command (:func:`check_output`)."""
     inputs = [*images, *([Path(checkpoint)] if checkpoint not in (None, "random") else [])]
-    for path in (out, *(out.with_suffix(suffix) for suffix in beside)):
-        check_output(path, inputs, command=command)
+    check_output(out, inputs, command=command)
+    for suffix in beside:
+        check_output(out.with_suffix(suffix), inputs, command=command, beside=out)
     return out
 
 
