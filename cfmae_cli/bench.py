@@ -42,6 +42,16 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
+def load_warning(load1: float | None, cores: int) -> str | None:
+    """A warning when other work already keeps this machine busy (the 1-minute load average ``load1`` above half
+    its ``cores``, before the bench starts): the bench times with every core, so its figures (and their ratios)
+    would measure the sharing, not the step. None when idle or where the OS has no load average."""
+    if load1 is None or load1 <= cores / 2:
+        return None
+    return (f"the machine is busy (1-minute load average {load1:.1f} on {cores} core(s)): other work shares the "
+            f"cores, so these numbers are not meaningful; run cfmae bench again when the machine is idle")
+
+
 def synthetic_batch(b: int, size: int, map_size: int, objects: int, classes: int, g: torch.Generator,
                     device: torch.device) -> dict[str, Tensor]:
     """rgb (B, 3, S, S) normalised, instance and semantic (B, S/s, S/s) long, consistent with each other:
@@ -180,13 +190,16 @@ def time_step(rig: Rig, batch_size: int, steps: int, warmup: int) -> dict[str, A
         if step >= warmup:
             for key, a, b in zip(phases, marks, marks[1:]):
                 phases[key] += (b - a) * 1e3 / steps
-    start = time.perf_counter()  # the same steps without synchronisation: the speed a run gets
-    for step in range(steps):
-        batch = batches[step % 2]
-        rig.forward(rig.teacher_features(batch), rig.mask(batch, step)).backward()
-        rig.optimize()
-    rig.sync()
-    seconds = time.perf_counter() - start
+    if rig.device.type == "cuda":
+        start = time.perf_counter()  # the same steps without synchronisation: the speed a run gets
+        for step in range(steps):
+            batch = batches[step % 2]
+            rig.forward(rig.teacher_features(batch), rig.mask(batch, step)).backward()
+            rig.optimize()
+        rig.sync()
+        seconds = time.perf_counter() - start
+    else:  # on the CPU nothing runs asynchronously: the timed steps above are already the speed a run gets
+        seconds = sum(phases.values()) * steps / 1e3
     out: dict[str, Any] = {"batch_size": batch_size, "steps": steps, "ms_per_step": seconds * 1e3 / steps,
                            "img_per_s": batch_size * steps / seconds, "phases_ms": phases}
     if rig.device.type == "cuda":

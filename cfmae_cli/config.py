@@ -56,7 +56,7 @@ class _Strict(BaseModel):
 class ImageDataConfig(_Strict):
     """What every command that reads images shares (pre-training's and fine-tuning's ``data`` sections)."""
 
-    root: Optional[str] = Field(None, description="dataset folder (DESIGN §5.1); null = the built-in demo data")
+    root: Optional[str] = Field(None, description="dataset folder (docs/dataset-format.md); null = the built-in demo data")
     img_size: int = Field(224, ge=8, le=MAX_PIXELS, description="training resolution (square)")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -267,7 +267,9 @@ class RunConfig(_Strict):
     save_every: int = Field(20, ge=1, description="keep a checkpoint every N epochs (plus last.pt)")
     keep_last: int = Field(5, ge=0, description="periodic checkpoints kept (older ones are deleted); 0 = none")
     log_every: int = Field(20, ge=1, description="optimizer steps between metrics lines")
-    threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; null = torch's default")
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch per process; null = the cores "
+                                   "this process may use, shared among the local processes, minus data.num_workers "
+                                   "(at least 1)")
     compile: bool = Field(False, description="torch.compile the model's forward and loss (one graph, no break); "
                           "masks and the optimizer stay eager")
     loggers: list[Literal["tensorboard", "csv", "wandb", "mlflow"]] = Field(

@@ -60,6 +60,10 @@ def test_bench_cli_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     assert "img/s" in text and "GFLOP / image: forward" in text and f"step time demo / {mae}" in text
     assert "masks of a batch of 64" in text and "data path, folder: 0 worker(s)" in text
     assert "data path, packed: 0 worker(s)" in text
+    # a line before each phase: what it does and, for the CPU's steps, about how long
+    assert "bench: demo: counting the FLOPs" in text and "bench: demo: timing 0 untimed + 1 timed step(s) at " \
+        "batch 4, ~" in text and f"bench: {mae}: timing" in text and "bench: demo: building 3 kinds of masks" in text
+    assert "bench: data path: 11 batches of 16 from 48 generated ImageNet-sized samples" in text
     report = json.loads(out.read_text())
     demo = report["presets"]["demo"]
     assert set(demo["step"]["phases_ms"]) == {"data", "masking", "forward", "backward", "optimizer"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,7 +47,7 @@ def bench(
 ) -> None:
     """Measure the training step, the masks and the data path; print a table and write JSON.
 
-    Example, on a 2-core CPU in about a minute: cfmae bench --device cpu
+    Example, on a 2-core CPU in about 30 s when it is idle: cfmae bench --device cpu
 
     Example, on a GPU: cfmae bench --batch-size 256 --compile
 
@@ -55,7 +56,8 @@ def bench(
     """
     import torch
 
-    from cfmae_cli.bench import count_flops, peak_tflops, Rig, time_data, time_masks, time_step
+    from cfmae_cli.bench import count_flops, load_warning, peak_tflops, Rig, time_data, time_masks, time_step
+    from cfmae_cli.train.setup import load_average, usable_cores
 
     if what not in WHAT:
         raise CfmaeError(f"--what {what}: use one of {', '.join(WHAT)}.")
@@ -74,29 +76,56 @@ def bench(
     presets = [main] + ([compare] if compare != "none" and what in ("step", "all") else [])
     machine = torch.cuda.get_device_name(dev) if gpu else f"CPU ({platform.processor() or platform.machine()}, " \
                                                            f"{os.cpu_count()} cores)"
+    load = load_average()
+    busy = load_warning(load, usable_cores())
     report: dict[str, Any] = {**json_stamp("bench"), "device": machine, "torch": torch.__version__, "overrides": overrides,
-                              "batch_size": batch_size, "compiled": compile_model, "presets": {}}
+                              "batch_size": batch_size, "compiled": compile_model, "load_average_1min": load,
+                              "presets": {}}
+    if busy:
+        console.print(f"warning: {busy}", highlight=False)
     peak = peak_tflops(dev)
+    _say(f"measuring {' and '.join(presets)} on {machine}: " + ", ".join(
+        p for p, on in [("the training step", what in ("step", "all")), ("the masks", what in ("masks", "all")),
+                        ("the data path", what in ("data", "all"))] if on))
     for name in presets:
         cfg = load_config(preset, overrides) if name == main else load_config(name)
         entry: dict[str, Any] = {}
+        if what in ("step", "all"):
+            _say(f"{name}: counting the FLOPs of one step at batch 2 (seconds)")
+            start = time.perf_counter()
+            entry["flops_gflop_per_image"] = count_flops(cfg, classes)
+            per_image = (time.perf_counter() - start) / 2 * 0.6  # one counted forward + backward of 2 images
+            guess = "" if gpu else f", ~{max(per_image * batch_size * (steps + warmup), 1):.0f} s"
+            _say(f"{name}: timing {warmup} untimed + {steps} timed step(s) at batch {batch_size}"
+                 f"{', compiling first' if compile_model else ''}{guess}")
         rig = Rig(cfg, classes, dev, compile_model)
         if what in ("step", "all"):
-            entry["flops_gflop_per_image"] = count_flops(cfg, classes)
             entry["step"] = time_step(rig, batch_size, steps, warmup)
             achieved = entry["flops_gflop_per_image"]["step"] * entry["step"]["img_per_s"] / 1e3
             entry["achieved_tflops"] = achieved
             entry["mfu"] = achieved / peak if peak else None
         if what in ("masks", "all") and name == main:
+            _say(f"{name}: building 3 kinds of masks for a batch of {mask_batch}, 6 times each (seconds)")
             entry["masks_ms"] = time_masks(rig, mask_batch)
             entry["masking_mix"] = cfg.masking.mix
         if what in ("data", "all") and name == main:
+            source = str(data) if data else "48 generated ImageNet-sized samples (written and packed first)"
+            kinds = "its format" if data else "folder and packed"
+            _say(f"data path: 11 batches of 16 from {source} with {', '.join(map(str, counts))} worker(s), "
+                 f"{kinds}, ~{1 + (1 if data else 1.5) * len(counts):.0f} s on 2 idle CPU cores")
             entry["data"] = time_data(cfg, data, counts, batch_size=16, batches=10)
         report["presets"][name] = entry
         del rig
     _print(report, main, presets, mask_batch, peak)
+    if busy:
+        console.print("warning: measured on a busy machine (see the first line): not meaningful", highlight=False)
     atomic_write_text(path, json.dumps(report, indent=2) + "\n")
     console.print(f"JSON: {path}", highlight=False)
+
+
+def _say(text: str) -> None:
+    """What the bench is doing now and roughly how long it takes (a line before each phase)."""
+    console.print(f"bench: {text}", highlight=False)
 
 
 def _print(report: dict[str, Any], preset: str, presets: list[str], mask_batch: int, peak: float | None) -> None:

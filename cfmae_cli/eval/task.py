@@ -19,7 +19,7 @@ from cfmae_cli.eval.config import FinetuneConfig, FtOptimConfig
 from cfmae_cli.train import distributed
 from cfmae_cli.train.engine import Task
 from cfmae_cli.train.optim import LARS
-from cfmae_cli.train.setup import dataset_root
+from cfmae_cli.train.setup import dataset_root, set_threads
 
 
 def layer_decay_groups(model: nn.Module, optim: FtOptimConfig) -> list[dict[str, Any]]:
@@ -62,8 +62,7 @@ class FinetuneTask(Task):
         """What every fine-tuning task starts with: config, process, threads, the data folder (rank 0's
         choice); returns the encoder's architecture."""
         self.cfg, self.info, self.device, self.source = cfg, info, info.device, source
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        set_threads(cfg, info.world)  # train.threads, or the cores' share left beside the data workers
         assert cfg.model.encoder is not None, "initial_weights() fills model.encoder"
         self.root = Path(distributed.broadcast(str(dataset_root(cfg)) if info.is_main else None, info))
         return cfg.model.encoder

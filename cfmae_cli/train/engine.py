@@ -44,9 +44,25 @@ from cfmae_cli.train.plots import plot_losses
 from cfmae_cli.train.rundir import mark_finished, MetricsWriter, read_metrics, RunFolder
 from cfmae_cli.train.sampler import ChunkedSampler, chunk_id
 from cfmae_cli.train.trackers import check_available
-from cfmae_cli.train.setup import describe_schedule, make_plan
+from cfmae_cli.train.setup import describe_schedule, load_average, make_plan, slow_run_warning, usable_cores
 
 log = logging.getLogger(__name__)
+
+
+def too_few_images(root: Any, images: int, cfg: Any, world: int, accum: int) -> str:
+    """The message for ``images`` training images that make no optimizer step: the batch they need, and values
+    of both keys that give an epoch several steps (and, where the data is a held-out split, its share)."""
+    batch = 1
+    while batch * 2 * world * 4 <= images:  # at least 4 steps an epoch
+        batch *= 2
+    fix = (f"--set train.batch_size={batch} --set optim.effective_batch={batch * world}" if batch * world <= images
+           else "more images")
+    held = getattr(getattr(cfg, "data", None), "val_fraction", None)
+    share = (f"; data.val_fraction {held:g} holds {held:.0%} of each class out of training: a smaller share "
+             f"(e.g. --set data.val_fraction=0.2) leaves more") if held else ""
+    return (f"{root}: {images} training image(s) are fewer than one optimizer step needs (train.batch_size "
+            f"{cfg.train.batch_size} x {world} process(es) x {accum} accumulation step(s) = optim.effective_batch "
+            f"{cfg.train.batch_size * world * accum}); give {fix}{share}.")
 
 
 @dataclass
@@ -174,9 +190,8 @@ class Engine:
         self.accum = self.plan["accumulation_steps"]
         self.micro_per_epoch = self.plan["steps_per_epoch"] * self.accum
         if self.plan["steps_per_epoch"] == 0:
-            raise DataError(f"{getattr(task, 'root', 'the data')}: {len(self.dataset)} training images are fewer than one optimizer step needs "
-                            f"(batch {cfg.train.batch_size} x {info.world} process(es) x {self.accum} accumulation "
-                            f"steps); lower train.batch_size or optim.effective_batch")
+            raise DataError(too_few_images(getattr(task, "root", "the data"), len(self.dataset), cfg, info.world,
+                                           self.accum))
         self.sampler = ChunkedSampler(len(self.dataset), cfg.train.batch_size, info.world, info.rank, self.accum,
                                       cfg.train.seed)
         workers = cfg.data.num_workers
@@ -398,6 +413,11 @@ class Engine:
                      self.task.summary_line(summary), self.task.monitor_line(monitor) if monitor else "", lr,
                      summary["img_per_s"], rate,
                      f"  peak GPU memory {summary['gpu_mem_gib']:.2f} GiB" if "gpu_mem_gib" in summary else "")
+            if done == 1 and self.device.type == "cpu":  # once: say why a CPU run is slow, if it is
+                warning = slow_run_warning(usable_cores(), load_average() or 0.0, self.plan["threads"],
+                                           self.plan["procs"], self.plan["workers"], summary["img_per_s"])
+                if warning:
+                    log.warning("%s", warning)
         self.save(done, 0, None, summary, periodic=done % self.cfg.train.save_every == 0,
                   also=self.task.extra_checkpoints(summary))
         if self.info.is_main:

@@ -22,7 +22,8 @@ from cfmae_cli.train import distributed
 from cfmae_cli.train.engine import Progress, StepContext, Task, run_task
 from cfmae_cli.train.monitor import KnnMonitor, monitor_samples
 from cfmae_cli.train.optim import build_optimizer
-from cfmae_cli.train.setup import build_dataset, dataset_root, describe_tokens, monitor_root, resolve_device
+from cfmae_cli.train.setup import (build_dataset, dataset_root, describe_tokens, monitor_root, resolve_device,
+                                   set_threads)
 from cfmae_cli.viz.recon import class_legend, reconstruction_panels, save_grid
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,7 @@ class PretrainTask(Task):
 
     def __init__(self, cfg: Config, info: distributed.DistInfo):
         self.cfg, self.info, self.device = cfg, info, info.device
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        set_threads(cfg, info.world)  # train.threads, or the cores' share left beside the data workers
         self.root = Path(distributed.broadcast(str(dataset_root(cfg)) if info.is_main else None, info))
         labelled = distributed.broadcast(monitor_root(cfg) if info.is_main else None, info)
         samples, classes = (None, []) if is_packed(self.root) else \

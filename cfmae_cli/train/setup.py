@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,71 @@ def resolve_device(cfg: Config) -> torch.device:
                              "(or --set train.device=cpu)")
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS reports one (a container or
+    ``taskset`` may allow fewer than the machine has), else ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def local_processes(world: int) -> int:
+    """Training processes on this machine: the launcher's ``LOCAL_WORLD_SIZE``, else ``world`` (``--procs``)."""
+    return max(int(os.environ.get("LOCAL_WORLD_SIZE", world)), 1)
+
+
+def choose_threads(threads: int | None, workers: int, procs: int = 1, cores: int | None = None) -> int:
+    """torch's intra-op threads per process: ``threads`` when set (``train.threads``), else this process's share
+    of the cores (``cores`` among ``procs`` local processes) minus its ``workers`` DataLoader workers, at least
+    1 — so threads and workers together do not ask for more cores than there are (on 2 cores torch's default
+    of all cores beside a worker ran the demo 10x slower)."""
+    if threads:
+        return threads
+    cores = usable_cores() if cores is None else cores
+    return max(cores // max(procs, 1) - workers, 1)
+
+
+def train_threads(cfg: Any, world: int) -> int:
+    """The intra-op threads of a training run with ``cfg`` on ``world`` processes (see :func:`choose_threads`)."""
+    return choose_threads(cfg.train.threads, cfg.data.num_workers, local_processes(world))
+
+
+def set_threads(cfg: Any, world: int) -> int:
+    """Set torch's intra-op threads for this training process (pre-training and fine-tuning); returns them."""
+    threads = train_threads(cfg, world)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def slow_run_warning(cores: int, load1: float, threads: int, procs: int, workers: int, img_per_s: float
+                     ) -> str | None:
+    """Why a run's first epoch (at ``img_per_s``) is slower than this machine can go, or None: the 1-minute
+    load average ``load1`` is well above the ``cores`` (other work shares them: beyond this run's own
+    ``threads`` x ``procs`` + ``workers``, at least one more core's worth), or threads x processes + workers
+    ask for more than the cores (the run competes with itself)."""
+    asked = threads * procs + workers
+    reasons = []
+    if asked > cores:
+        reasons.append(f"{threads} thread(s) x {procs} process(es) + {workers} data worker(s) = {asked} ask for "
+                       f"more than the {cores} core(s); lower train.threads or data.num_workers (or leave "
+                       f"train.threads unset)")
+    if load1 > cores + 1:
+        reasons.append(f"the 1-minute load average is {load1:.1f} on {cores} core(s): other work shares this "
+                       f"machine")
+    if not reasons:
+        return None
+    return f"epoch 1 ran {img_per_s:.1f} img/s, slower than this machine can go: " + "; ".join(reasons)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the OS has none (Windows)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def dataset_root(cfg: Config) -> Path:
@@ -84,18 +150,22 @@ def make_plan(cfg: Any, images: int, world: int) -> dict[str, Any]:
     plan = derived(cfg, world) if isinstance(cfg, Config) else batch_plan(cfg.optim, cfg.train, world)
     steps = images // cfg.optim.effective_batch
     plan.update(images=images, steps_per_epoch=steps, total_steps=steps * cfg.train.epochs,
-                warmup_steps=int(cfg.optim.warmup_epochs * steps))
+                warmup_steps=int(cfg.optim.warmup_epochs * steps), threads=train_threads(cfg, world),
+                workers=cfg.data.num_workers, procs=local_processes(world))
     return plan
 
 
 def describe_schedule(plan: dict[str, Any], cfg: Any) -> list[str]:
-    """The batch and lr lines of the plan (printed at the start of every training run)."""
+    """The batch, lr and threads lines of the plan (printed at the start of every training run)."""
+    why = "" if cfg.train.threads else \
+        f" (train.threads unset: {usable_cores()} core(s) among {plan['procs']} process(es), minus the workers)"
     return [f"plan: {plan['devices']} process(es) x per-device batch {cfg.train.batch_size} x "
             f"{plan['accumulation_steps']} accumulation step(s) = effective batch {plan['effective_batch']}",
             f"plan: lr {plan['lr']:.3g} (base_lr {cfg.optim.base_lr:.3g} x {plan['effective_batch']} / 256"
             f"{', overridden by optim.lr' if cfg.optim.lr is not None else ''}); {plan['images']} images, "
             f"{plan['steps_per_epoch']} steps per epoch, {plan['total_steps']} steps in {cfg.train.epochs} epochs, "
-            f"warmup {plan['warmup_steps']} steps"]
+            f"warmup {plan['warmup_steps']} steps",
+            f"plan: threads {plan['threads']}, data workers {plan['workers']} per process{why}"]
 
 
 def describe_tokens(plan: dict[str, Any]) -> list[str]:
