@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -9,7 +10,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
@@ -39,6 +40,25 @@ def setup(verbose: bool) -> None:
         handler._cfmae_console = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.propagate = False
+
+
+@contextlib.contextmanager
+def logs_to(live: Console) -> Iterator[None]:
+    """While a live display (a progress line) is drawn through the console ``live``: print cfmae's log records
+    through it too, so that each starts on its own line above the display. Through another console on the same
+    terminal (``err_console``: stdout and stderr are one terminal) a record would land on the display's line,
+    glued to it, and the next redraw would erase it. Handlers of a stderr that is not a terminal are left as
+    they are: their records go to their file."""
+    handlers = [h for h in logging.getLogger("cfmae_cli").handlers
+                if isinstance(h, RichHandler) and getattr(h, "_cfmae_console", False)]
+    before = [h.console for h in handlers]
+    for handler in handlers:
+        handler.console = live
+    try:
+        yield
+    finally:
+        for handler, console_ in zip(handlers, before):
+            handler.console = console_
 
 
 class SafeStream:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cfmae_cli.cli.common import console, guarded, is_terminal, launch_workers
+from cfmae_cli.cli.common import console, guarded, is_terminal, launch_workers, logs_to
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import need_folder
 from cfmae_cli.ownership import writing
@@ -68,7 +68,7 @@ def build_backends(instance: str, semantic: str, detector_model: Optional[str], 
 @guarded
 def label(
     src: Path = typer.Argument(..., help="folder of images: SRC/<class>/<image> or SRC/<image>"),
-    out: Path = typer.Option(..., "--out", help="dataset folder to write (DESIGN §5.1 layout); reruns resume"),
+    out: Path = typer.Option(..., "--out", help="dataset folder to write (the layout of docs/dataset-format.md); reruns resume"),
     instance: str = typer.Option("classical", "--instance", help="classical | grounded-sam"),
     semantic: str = typer.Option("classical", "--semantic", help="classical | mask2former | oneformer"),
     detector_model: Optional[str] = typer.Option(None, "--detector-model", help="Grounding DINO folder or hub id"),
@@ -193,7 +193,7 @@ def _run(src, out, info, instance, semantic, detector_model, segmenter_model, se
     columns = (TextColumn("label"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     interactive = is_terminal() and info.is_main
-    with Progress(*columns, console=console, disable=not interactive) as bar:
+    with Progress(*columns, console=console, disable=not interactive) as bar, logs_to(console):
         task = bar.add_task("label", total=None, info="")
 
         def update(p: LabelProgress) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.progress import Progress
 
-from cfmae_cli.cli.common import console, guarded, is_terminal
+from cfmae_cli.cli.common import console, guarded, is_terminal, logs_to
 from cfmae_cli.formats import list_folder, need_folder
 from cfmae_cli.ownership import writing
 
@@ -37,7 +37,7 @@ def pack(
         shards = -(-(len(top.files) + sum(len(list_folder(rgb / d).files) for d in top.dirs)) // shard_size)
     else:
         shards = None
-    with writing(out, "--out"), Progress(console=console, disable=not is_terminal()) as bar:
+    with writing(out, "--out"), Progress(console=console, disable=not is_terminal()) as bar, logs_to(console):
         task = bar.add_task("shards", total=shards)
         manifest = pack_dataset(data, out, size, map_scale, shard_size, quality, workers,
                                 on_shard=lambda n: bar.update(task, completed=n))

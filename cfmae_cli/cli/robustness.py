@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cfmae_cli.cli.common import console, guarded, is_terminal, launch_workers
+from cfmae_cli.cli.common import console, guarded, is_terminal, launch_workers, logs_to
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.eval.suites import DATASETS
 
@@ -89,7 +89,7 @@ def eval_robustness(
     main = int(os.environ.get("RANK", "0")) == 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not (main and is_terminal())) as bar:
+    with Progress(*columns, console=console, disable=not (main and is_terminal())) as bar, logs_to(console):
         task = bar.add_task("images", total=None, rate="")
 
         def step(n: int) -> None:
