@@ -7,12 +7,15 @@ import errno
 import hashlib
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from cfmae_cli.checkpoints import save_checkpoint
@@ -61,7 +64,9 @@ def test_exported_encoder_gives_the_same_features_in_timm(tmp_path: Path) -> Non
                                          ([], "vit_tiny_patch16_224")])
 def test_export_names_the_timm_architecture_of_its_size(size: list[str], name: str, tmp_path: Path) -> None:
     """A ViT-S-sized encoder is exported as timm's vit_small_patch16_224; the demo's width 128 (no standard
-    size) as the nearest, tiny; timm builds either from the name and model_args and loads it strictly."""
+    size) as the nearest, tiny; timm builds either from the name and model_args and loads it strictly, and from
+    the folder with the printed call, whose preprocessing (timm's resolve_data_config + create_transform) gives
+    a photo the encoder takes (before: 224 px, which the demo's 64 px encoder refused)."""
     cfg = load_config("demo", size)
     model = CFMAE(cfg, 3)
     path = tmp_path / "ckpt.pt"
@@ -70,7 +75,14 @@ def test_export_names_the_timm_architecture_of_its_size(size: list[str], name: s
     result = runner.invoke(app, ["export", str(path), "--out", str(tmp_path / "export")])
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "export/config.json").read_text())
-    assert config["architecture"] == name and f"timm.create_model('{name}'" in result.output
+    assert config["architecture"] == name
+    printed = result.output.strip().splitlines()[-1]
+    assert printed == f"timm.create_model('local-dir:{tmp_path / 'export'}', pretrained=True)"
+    loaded = eval(printed, {"timm": timm})  # noqa: S307 (the line the command prints for the user to run)
+    data, transform = _preprocessing(loaded)
+    assert tuple(data["input_size"]) == (3, cfg.data.img_size, cfg.data.img_size)
+    with torch.no_grad():
+        assert loaded.eval().forward_features(transform(_photo())[None]).shape[-1] == cfg.model.embed_dim
     timm_model = timm.create_model(config["architecture"], pretrained=True, num_classes=0,
                                    pretrained_cfg_overlay=dict(file=str(tmp_path / "export/model.safetensors")),
                                    **config["model_args"])
@@ -297,17 +309,19 @@ def test_what_a_killed_export_left_does_not_block_the_rerun(tmp_path: Path) -> N
 # fine-tuning checkpoints given to export
 
 
-def _finetuned(path: Path, kind: str = "classification", drop: str = "", **top: object) -> Path:
+def _finetuned(path: Path, kind: str = "classification", drop: str = "", data: dict | None = None,
+               **top: object) -> Path:
     """A `cfmae finetune` checkpoint of the tiny encoder without training it: the model of ``kind`` (a detection
-    model as its backbone's keys), its stored config (``drop``: a dotted key left out, as in a file of another
-    version) and the top-level entries a run writes."""
+    model as its backbone's keys) with its weights moved off their initial values (a zero head would give equal
+    logits), its stored config (``data``: entries of its data section; ``drop``: a dotted key left out, as in a
+    file of another version) and the top-level entries a run writes."""
     from cfmae_cli.config import EncoderArch
     from cfmae_cli.eval.classifier import ViTClassifier
     from cfmae_cli.eval.config import FinetuneConfig
     from cfmae_cli.eval.segmentation import ViTSegmenter
 
     arch = EncoderArch(patch_size=8, embed_dim=32, depth=2, num_heads=2, map_stride=2, map_embed_dim=8)
-    cfg = FinetuneConfig.model_validate({"kind": kind, "data": {"img_size": 32, "max_size": 32},
+    cfg = FinetuneConfig.model_validate({"kind": kind, "data": {"img_size": 32, "max_size": 32, **(data or {})},
                                          "model": {"encoder": arch.model_dump(), "init": "runs/pretrain/demo",
                                                    "out_indices": [0, 0, 1, 1]}})
     if kind == "classification":
@@ -316,6 +330,9 @@ def _finetuned(path: Path, kind: str = "classification", drop: str = "", **top: 
         state = ViTSegmenter(arch, 32, 3, [0, 0, 1, 1], channels=8).state_dict()
         if kind == "detection":
             state = {f"backbone.{k}": v for k, v in state.items() if k.startswith("encoder.")}
+    gen = torch.Generator().manual_seed(0)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() and "running" not in k else v
+             for k, v in state.items()}
     raw = cfg.model_dump(mode="json")
     if drop:
         *sections, key = drop.split(".")
@@ -355,3 +372,101 @@ def test_fine_tuning_checkpoints_export_or_say_what_to_export_instead(tmp_path: 
     torch.save(torch.load(tmp_path / "cls.pt", weights_only=True)["model"], bare)
     code, text = export(bare)
     assert code == 2 and "bare weights of a fine-tuned classifier" in text and "checkpoints/best.pt" in text, text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the docs' loading snippets, and timm's transform path on an export
+
+EXPORT_DOC = Path(__file__).resolve().parents[1] / "docs" / "export.md"
+
+
+def doc_snippets(folder: str) -> list[str]:
+    """The Python blocks of docs/export.md that load the export in ``folder``, as written there."""
+    blocks = re.findall(r"```python\n(.*?)```", EXPORT_DOC.read_text(encoding="utf-8"), re.S)
+    return [b for b in blocks if re.search(rf"[:\"]{re.escape(folder)}[\"/]", b)]
+
+
+def _photo() -> Image.Image:
+    """A real photograph, not square (451 x 300), so that resizing and cropping both show."""
+    import skimage.data
+
+    return Image.fromarray(skimage.data.chelsea())
+
+
+def _preprocessing(model: torch.nn.Module) -> tuple[dict, object]:
+    """What timm's standard path reads off a loaded model: its data config and the transform made from it."""
+    data = timm.data.resolve_data_config({}, model=model)
+    return data, timm.data.create_transform(**data)
+
+
+def test_the_docs_load_an_encoder_export_with_the_runs_preprocessing(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every snippet of docs/export.md that loads an encoder export runs as written on one (the command's last
+    line is the snippet's call); timm's resolve_data_config + create_transform then give the run's input size,
+    mean and std and cfmae's own view of an image (bilinear, crop_pct 1.0: the centred square resized, as the
+    k-NN monitor sees it), and the encoder's features of a transformed photo are cfmae's. Before, the documented
+    load kept vit_tiny's 224 px and mean/std 0.5."""
+    from cfmae_cli.data.transforms import JointTransform
+    from cfmae_cli.model.convert import ENCODER_VIEW
+
+    model, path = _ours(tmp_path, "data.mean=[0.5,0.4,0.3]", "data.std=[0.2,0.25,0.3]")
+    d = tiny_config("data.mean=[0.5,0.4,0.3]", "data.std=[0.2,0.25,0.3]").data
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["export", str(path), "--out", "vitb-cfmae"])
+    assert result.exit_code == 0, result.output
+    snippets = doc_snippets("vitb-cfmae")
+    assert len(snippets) == 2, snippets  # local-dir, and by architecture name
+    printed = result.output.strip().splitlines()[-1]
+    assert printed == "timm.create_model('local-dir:vitb-cfmae', pretrained=True)"
+    assert printed.replace("'", '"') in snippets[0]
+    photo = _photo()
+    view, _ = JointTransform(d.img_size, 2, 16, d.crop_scale, d.crop_ratio, 0.0, d.mean, d.std, train=False)(
+        torch.from_numpy(np.array(photo)).permute(2, 0, 1).contiguous(), {})
+    for code in snippets:
+        names: dict = {}
+        exec(code, names)  # noqa: S102 (the documentation's own code)
+        encoder = names["encoder"].eval()
+        data, transform = _preprocessing(encoder)
+        assert tuple(data["input_size"]) == (3, d.img_size, d.img_size), (code, data)
+        assert tuple(data["mean"]) == tuple(d.mean) and tuple(data["std"]) == tuple(d.std), data
+        assert data["interpolation"] == ENCODER_VIEW["interpolation"] and data["crop_pct"] == ENCODER_VIEW["crop_pct"]
+        x = transform(photo)[None]
+        assert (x[0] - view).abs().mean() < 0.025  # PIL's resize of the whole image vs torch's of its square
+        with torch.no_grad():
+            ours = model.encoder(model.encoder.patch_embed(x) + model.encoder.patch_pos)
+            theirs = encoder.forward_features(x)
+        assert (ours - theirs).abs().max() < 1e-5
+        if "model" in names:  # the same with a new 1000-class head
+            assert names["model"].num_classes == 1000 and _preprocessing(names["model"])[0] == data
+
+
+def test_the_docs_load_a_classifier_export_with_its_evaluation_transform(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The classifier snippet of docs/export.md runs as written on the export of a classifier fine-tuned with a
+    non-default crop_pct, interpolation, mean and std: timm's resolve_data_config + create_transform give cfmae's
+    evaluation transform exactly, the class names come along, and timm's logits on a transformed photo are
+    those of cfmae's own classifier (loaded as `cfmae eval-robustness` loads it)."""
+    from cfmae_cli.eval.models import load_eval_model
+
+    data_cfg = {"crop_pct": 0.8, "interpolation": "bilinear", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    ckpt = _finetuned(tmp_path / "cls.pt", data=data_cfg)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["export", str(ckpt), "--out", "vitb-cfmae-in1k"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == "timm.create_model('local-dir:vitb-cfmae-in1k', pretrained=True)"
+    [code] = doc_snippets("vitb-cfmae-in1k")
+    names: dict = {}
+    exec(code, names)  # noqa: S102 (the documentation's own code)
+    model, transform = names["model"].eval(), names["transform"]
+    assert names["classes"] == ["a", "b", "c"]
+    data, _ = _preprocessing(model)
+    assert tuple(data["input_size"]) == (3, 32, 32) and data["crop_pct"] == 0.8
+    assert data["interpolation"] == "bilinear" and list(data["mean"]) == [0.5, 0.4, 0.3]
+    assert list(data["std"]) == [0.2, 0.25, 0.3]
+    ours = load_eval_model(str(ckpt), None, torch.device("cpu"))
+    photo = _photo()
+    x = transform(photo)[None]
+    assert torch.equal(x[0], ours.resize_transform()(photo))
+    with torch.no_grad():
+        theirs, expected = model(x), ours.forward(x)
+    assert expected.std() > 0.01 and (theirs - expected).abs().max() < 1e-5

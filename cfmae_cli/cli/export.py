@@ -28,7 +28,8 @@ def export(
 
     Example, a fine-tuned classifier: cfmae export runs/finetune/ft-vitb-400e/checkpoints/best.pt --out vitb-in1k
 
-    The last line printed is the timm.create_model call that loads it (strict keys).
+    The last line printed is the timm.create_model call that loads it (strict keys) with its preprocessing
+    (timm.data.resolve_data_config gives the run's input size, mean, std, interpolation and crop).
     """
     from cfmae_cli.config import check_weights_file
 

@@ -79,15 +79,31 @@ def timm_model_args(cfg: Config) -> dict[str, Any]:
             "num_heads": m.num_heads, "mlp_ratio": m.mlp_ratio}
 
 
+#: how cfmae shows a pre-trained encoder an image outside training (the k-NN monitor, reconstruct, attention-map:
+#: ``JointTransform(train=False)``): the centred square, resized bilinearly, i.e. timm's crop_pct 1.0
+ENCODER_VIEW = {"interpolation": "bilinear", "crop_pct": 1.0}
+
+
+def pretrained_cfg(size: int, mean: Any, std: Any, interpolation: str, crop_pct: float, classes: int
+                   ) -> dict[str, Any]:
+    """The ``pretrained_cfg`` of an export, complete as timm's hub configs are (the fields timm's own
+    ``save_config_for_hf`` writes for a ViT), so that ``timm.data.resolve_data_config`` on the loaded model gives
+    the run's preprocessing instead of the defaults of the architecture it is named after."""
+    return {"custom_load": False, "input_size": [3, size, size], "fixed_input_size": True,
+            "interpolation": interpolation, "crop_pct": crop_pct, "crop_mode": "center",
+            "mean": list(mean), "std": list(std), "num_classes": classes,
+            "pool_size": None, "first_conv": "patch_embed.proj", "classifier": "head"}
+
+
 def timm_config(cfg: Config, source: str) -> dict[str, Any]:
-    """``config.json`` of an exported encoder, in timm's hub format."""
+    """``config.json`` of an exported encoder, in timm's hub format; its preprocessing is the run's image size
+    and normalisation with cfmae's own view of an image (:data:`ENCODER_VIEW`)."""
     args = timm_model_args(cfg)
     name = timm_name(args["patch_size"], args["embed_dim"], args["depth"], args["num_heads"], args["img_size"])
     return {"architecture": name, "num_classes": 0, "num_features": cfg.model.embed_dim,
             "global_pool": "token", "model_args": args,
-            "pretrained_cfg": {"input_size": [3, cfg.data.img_size, cfg.data.img_size], "interpolation": "bicubic",
-                               "mean": list(cfg.data.mean), "std": list(cfg.data.std), "num_classes": 0,
-                               "first_conv": "patch_embed.proj", "classifier": "head", "crop_pct": 0.875},
+            "pretrained_cfg": pretrained_cfg(cfg.data.img_size, cfg.data.mean, cfg.data.std, classes=0,
+                                             **ENCODER_VIEW),
             "cfmae": {"source": source, "modalities": list(cfg.data.modalities)}}
 
 
@@ -97,9 +113,10 @@ def timm_classifier(top: dict[str, Any], state: dict[str, Tensor], path: Path
     its weights) as a timm ``VisionTransformer`` with its head: (weights, config.json).
 
     Average pooling maps to timm's ``global_pool='avg'`` (``fc_norm``, no final ``norm``), the global token to
-    ``'token'``. A linear probe's BatchNorm (no affine parameters) is folded into the linear layer. A
-    segmentation or detection model, a classifier that reads maps, and a checkpoint that lacks what the export
-    needs are refused in one line naming the file and what to export instead.
+    ``'token'``. A linear probe's BatchNorm (no affine parameters) is folded into the linear layer. The
+    ``pretrained_cfg`` is the fine-tuning's evaluation transform (``data``: img_size, crop_pct, interpolation, mean,
+    std). A segmentation or detection model, a classifier that reads maps, and a checkpoint that lacks what the
+    export needs are refused in one line naming the file and what to export instead.
     """
     cfg = top.get("config") if isinstance(top.get("config"), dict) else {}
     init = (cfg.get("model") or {}).get("init") if isinstance(cfg.get("model"), dict) else None
@@ -159,9 +176,6 @@ def timm_classifier(top: dict[str, Any], state: dict[str, Tensor], path: Path
     name = timm_name(dims["patch_size"], dims["embed_dim"], dims["depth"], dims["num_heads"], size)
     config = {"architecture": name, "num_classes": count, "num_features": dims["embed_dim"],
               "global_pool": pool, "model_args": args, "label_names": labels,
-              "pretrained_cfg": {"input_size": [3, size, size], "interpolation": pretrained["interpolation"],
-                                 "mean": list(pretrained["mean"]), "std": list(pretrained["std"]),
-                                 "num_classes": count, "first_conv": "patch_embed.proj", "classifier": "head",
-                                 "crop_pct": pretrained["crop_pct"]},
+              "pretrained_cfg": pretrained_cfg(size, classes=count, **pretrained),
             "cfmae": {"source": str(path), "task": "finetune", "mode": mode, "init": init}}
     return weights, config

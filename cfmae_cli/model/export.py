@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -215,11 +216,10 @@ def publish_export(out: Path, source: Path, write: Callable[[Path], None]) -> st
 
 
 def load_line(config: dict[str, Any], folder: Path) -> str:
-    """The ``timm.create_model`` call that loads the export in ``folder`` with strict key matching."""
-    classes = config["num_classes"]
-    return (f"timm.create_model('{config['architecture']}', pretrained=True, num_classes={classes}, "
-            f"pretrained_cfg_overlay=dict(file='{folder / 'model.safetensors'}', num_classes={classes}), "
-            f"**{config['model_args']})")
+    """The ``timm.create_model`` call of docs/export.md that loads the export in ``folder`` whole: the architecture
+    and weights (strict key matching; the head, if any) and the ``pretrained_cfg`` that
+    ``timm.data.resolve_data_config`` reads the preprocessing from."""
+    return f"timm.create_model({'local-dir:' + str(folder)!r}, pretrained=True)"
 
 
 def model_card(config: dict[str, Any], top: dict[str, Any], folder: Path) -> str:
@@ -231,6 +231,8 @@ def model_card(config: dict[str, Any], top: dict[str, Any], folder: Path) -> str
     finetuned = ours.get("task") == "finetune"
     data = (run.get("data") or {}).get("root") or "the built-in demo data (scikit-image's sample photographs)"
     args = ", ".join(f"{k} {v}" for k, v in config["model_args"].items())
+    pc = config["pretrained_cfg"]
+    side = pc["input_size"][1]
     lines = [f"# {folder.name}", "",
              ("A ViT classifier fine-tuned by cfmae" if finetuned else
               "A ViT encoder pre-trained with CFMAE (coarse-to-fine masked autoencoding of semantic maps, instance "
@@ -239,8 +241,9 @@ def model_card(config: dict[str, Any], top: dict[str, Any], folder: Path) -> str
              f"- timm `{config['architecture']}` with {args}",
              f"- {'a head of ' + str(config['num_classes']) + ' classes' if config['num_classes'] else 'no head'}; "
              f"features {config.get('num_features')}, pooling `{config.get('global_pool')}`",
-             f"- input {config['pretrained_cfg']['input_size'][1]} px, mean {config['pretrained_cfg']['mean']}, std "
-             f"{config['pretrained_cfg']['std']}", "",
+             f"- input {side} px: the short side resized to {math.floor(side / pc['crop_pct'])} px "
+             f"({pc['interpolation']}, crop_pct {pc['crop_pct']}), the centre {side} px cropped, mean {pc['mean']}, "
+             f"std {pc['std']} (config.json's `pretrained_cfg`)", "",
              "## Source", "",
              f"- checkpoint `{ours.get('source')}` (epoch {top.get('epoch', '?')}, step {top.get('step', '?')})",
              f"- data: {data}"]
@@ -255,6 +258,7 @@ def model_card(config: dict[str, Any], top: dict[str, Any], folder: Path) -> str
     last = top.get("metrics") or {}
     if "loss" in last:
         lines.append(f"- last epoch loss {last['loss']:.4f}")
-    lines += ["", "## Load", "", "```python", "import timm", load_line(config, folder), "```", "",
+    lines += ["", "## Load", "", "```python", "import timm", f"model = {load_line(config, folder)}",
+              "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))", "```", "",
               "The full config of the run is in its `config.yaml`; `config.json` here is timm's.", ""]
     return "\n".join(lines)
