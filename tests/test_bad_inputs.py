@@ -385,7 +385,8 @@ CLEAN: dict[str, tuple[Callable[[dict, Path], list], list[str]]] = {
                     ["cfmae-dataset.json: missing dataset manifest"]),
     "fewer images than a batch": (lambda w, t: ["pretrain", "--data", w["data"], "--out", t / "r", *SETS,
                                                 "--set", "train.batch_size=16", "--set", "optim.effective_batch=16"],
-                                  ["fewer than one optimizer step"]),
+                                  ["fewer than one optimizer step", "train.batch_size 16 x 1 process(es)",
+                                   "give --set train.batch_size=2 --set optim.effective_batch=2"]),
     "images without maps": (lambda w, t: ["pretrain", "--data", _without_map(w, t), "--out", t / "r", *SETS],
                             ["a_01.png (no instance map"]),
     "resume a missing run": (lambda w, t: ["pretrain", "--resume", t / "nope"], ["nope"]),
@@ -456,3 +457,31 @@ def test_already_clean(world, tmp_path, case, monkeypatch) -> None:
     make, names = CLEAN[case]
     bad(make(world, tmp_path), *names)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_folder_of_photos_points_to_label_and_a_refused_run_leaves_no_runs_folder(world, tmp_path,
+                                                                                    monkeypatch) -> None:
+    """Issue 26: a raw photo folder is not a dataset: the message says how it becomes one. A bad --checkpoint is
+    refused before the (demo) data is built, and neither leaves `runs/` behind in the working folder."""
+    photos = tmp_path / "photos"
+    (photos / "cats").mkdir(parents=True)
+    shutil.copy(world["photo"], photos / "cats" / "tom.png")
+    monkeypatch.chdir(tmp_path)
+    bad(["pretrain", "--data", photos, *SETS], f"{photos}: a folder of photos (1 image(s), e.g. cats/tom.png)",
+        f"cfmae label {photos} --out {tmp_path / 'photos-cfmae'}")
+    import cfmae_cli.labeling.demo as demo
+
+    monkeypatch.setattr(demo, "build_demo_dataset", lambda *a, **k: pytest.fail("the demo data was built"))
+    bad(["pretrain", "--checkpoint", tmp_path / "nonexistent.pt"], f"--checkpoint {tmp_path / 'nonexistent.pt'}: "
+        f"checkpoint not found")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no runs/pretrain left by either
+
+
+def test_the_advice_for_too_few_images_works(world, tmp_path) -> None:
+    """Issue 26: the advice of a "too few images" message failed again. The values it gives make a run."""
+    import re
+
+    text = bad(["pretrain", "--data", world["data"], "--out", tmp_path / "r", *SETS, "--set", "train.batch_size=16",
+                "--set", "optim.effective_batch=16"], "fewer than one optimizer step")
+    advice = re.search(r"give (--set \S+ --set \S+)", text).group(1).split()
+    ok(["pretrain", "--data", world["data"], "--out", tmp_path / "r2", "--epochs", "1", *SETS, *advice])

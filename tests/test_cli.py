@@ -51,8 +51,9 @@ def test_run_folders_are_numbered(tiny_data: Path, tmp_path: Path, monkeypatch) 
     for _ in range(2):
         result = runner.invoke(app, ["pretrain", "--data", str(tiny_data), "--epochs", "1"] + _sets())
         assert result.exit_code == 0, result.output
-    assert (tmp_path / "runs/pretrain/demo/checkpoints/last.pt").is_file()
-    assert (tmp_path / "runs/pretrain/demo-2/checkpoints/last.pt").is_file()
+    name = tiny_data.resolve().name  # --data without --preset: the run is named after the data folder
+    assert (tmp_path / f"runs/pretrain/{name}/checkpoints/last.pt").is_file()
+    assert (tmp_path / f"runs/pretrain/{name}-2/checkpoints/last.pt").is_file()
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tiny_data: Path, tmp_path: Path) -> None:

@@ -89,7 +89,7 @@ def values(records: list[dict]) -> list[float]:
 
 def test_a_held_out_share_of_each_class_is_scored_and_left_out_of_pre_training(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n_per_class=12, classes=("a", "b", "c"))
-    cfg = tiny_config(f"data.root={data}", "train.monitor.val_fraction=0.3")
+    cfg = tiny_config(f"data.root={data}", "train.monitor.val_fraction=0.3", "train.monitor.enabled=true")
     task = PretrainTask(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
     samples, _ = list_samples(data, ["instance", "semantic"])
     val = {s.rgb for s in samples if held_out(s, 0.3)}
@@ -99,9 +99,31 @@ def test_a_held_out_share_of_each_class_is_scored_and_left_out_of_pre_training(t
     assert {s.rgb for s in task.monitor.sets["bank"].dataset.samples} == trained
     assert {s.label for s in task.monitor.sets["val"].dataset.samples} == {0, 1, 2}  # every class is scored
     # the same images on every machine and run: the share depends on the file names only
-    again = PretrainTask(tiny_config(f"data.root={data}", "train.monitor.val_fraction=0.3", "train.seed=5"),
+    again = PretrainTask(tiny_config(f"data.root={data}", "train.monitor.val_fraction=0.3", "train.seed=5",
+                                     "train.monitor.enabled=true"),
                          DistInfo(0, 1, 0, torch.device("cpu")))
     assert {s.rgb for s in again.dataset.samples} == trained
+
+
+def test_the_monitor_scores_twenty_held_out_images_or_says_it_is_off(tmp_path: Path, caplog) -> None:
+    """Issue 26: 1 val image made the monitor report 100 % on a newcomer's 49 photos. By itself (enabled: null)
+    it scores a held-out share of 20 images or more; asked for explicitly, it warns that its numbers are noise."""
+    import logging
+
+    from cfmae_cli.train.monitor import MIN_VAL
+
+    data = make_dataset(tmp_path / "data", n_per_class=25, classes=("a", "b"))  # 50 photos
+    samples, classes = list_samples(data, ["instance", "semantic"])
+    with caplog.at_level(logging.INFO, logger="cfmae_cli"):
+        assert monitor_samples(tiny_config("train.monitor.val_fraction=0.2"), None, samples, classes) is None
+    assert f"fewer than the {MIN_VAL} a top-1 needs" in caplog.text and "k-NN monitor off" in caplog.text
+    found = monitor_samples(tiny_config("train.monitor.val_fraction=0.5"), None, samples, classes)
+    assert found is not None and len(found[2]) >= MIN_VAL
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cfmae_cli"):
+        asked = monitor_samples(tiny_config("train.monitor.val_fraction=0.2", "train.monitor.enabled=true"), None,
+                                samples, classes)
+    assert asked is not None and 0 < len(asked[2]) < MIN_VAL and "its numbers are noise" in caplog.text
 
 
 def test_the_monitor_is_off_without_labels_and_refused_when_asked_for_without_them(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from cfmae_cli.cli.common import guarded
+from cfmae_cli.cli.common import console, guarded
 from cfmae_cli.config import load_config
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.eval.config import FinetuneConfig
@@ -56,7 +56,7 @@ def finetune(
     for weights in (checkpoint if resume is None else None, resume):  # sizes checked before torch is imported
         if weights not in (None, "random"):
             check_weights_file(weights)
-    from cfmae_cli.cli.training import demo_preset_notice, dispatch, resumed_config, run_overrides
+    from cfmae_cli.cli.training import demo_preset_notice, dispatch, fit_to_data, resumed_config, run_overrides
     from cfmae_cli.eval.finetune import finetune as run
 
     if mode is not None and mode not in ("full", "linear"):
@@ -81,13 +81,36 @@ def finetune(
     if resume is not None:
         cfg = resumed_config(resume, preset, overrides, FinetuneConfig, mode)
     else:
+        if data is not None and preset is None and default == "ft-demo" and not (data / "train").is_dir() and \
+                not any(item.startswith("data.val_fraction=") for item in overrides):
+            overrides.append(f"data.val_fraction={OWN_VAL_FRACTION}")  # the demo's 0.75 is for its 12 crops a class
         cfg = load_config(preset or default, overrides, FinetuneConfig, mode)
         if data is not None and preset is None:
             real = {"segmentation": "ft-seg-vitb", "detection": "ft-det-vitb"}.get(task or "",
                                                                                   "ft-vitb-400e (or ft-vitb-1600e)")
             demo_preset_notice(default, "the demo's tiny encoder and schedule, for a few CPU minutes", real)
+            if default == "ft-demo" and ((data / "train").is_dir() or cfg.data.val_fraction):  # (else refused)
+                world = gpus if gpus else (procs if gpus == 0 else 1)
+                cfg, said = fit_to_data(cfg, _training_images(data, cfg.data.val_fraction), str(data), overrides,
+                                        world)
+                held = "" if (data / "train").is_dir() else \
+                    f" (data.val_fraction {cfg.data.val_fraction:g} of each class held out for validation)"
+                console.print(f"note: {said}{held}.", highlight=False)
     dispatch("finetune", cfg, functools.partial(run, cfg), _done, out=out, name=Path(preset or default).stem,
              resume=resume, gpus=gpus, procs=procs, extra_args=[])
+
+
+OWN_VAL_FRACTION = 0.2  # the share of each class held out of a single folder of the user's own images
+
+
+def _training_images(data: Path, val_fraction: float | None) -> int:
+    """Images that fine-tuning trains on: ``data/train``'s, or a single folder's minus its held-out share."""
+    from cfmae_cli.data.splits import held_out, list_split
+
+    if (data / "train").is_dir():
+        return len(list_split(data / "train", [])[0])
+    samples = list_split(data, [])[0]
+    return sum(not held_out(s, val_fraction) for s in samples) if val_fraction else len(samples)
 
 
 def _done(summary: dict[str, Any]) -> str:

@@ -52,12 +52,15 @@ def pretrain(
             read_packed_manifest(data)
         elif (data / MANIFEST_NAME).is_file():
             read_manifest(data)
-    for weights in (init, resume):  # sizes checked before torch is imported (docs/export.md)
+    for weights, flag in ((init, "--checkpoint"), (resume, "--resume")):  # before the demo data or torch
         if weights is not None:
+            from cfmae_cli.checkpoints import checkpoint_path
             from cfmae_cli.config import check_weights_file
 
-            check_weights_file(weights)
-    from cfmae_cli.cli.training import demo_preset_notice, dispatch, resumed_config, run_overrides
+            if not checkpoint_path(weights).is_file():
+                raise CfmaeError(f"{flag} {weights}: checkpoint not found (a run folder needs checkpoints/last.pt).")
+            check_weights_file(weights)  # sizes checked before anything is built (docs/export.md)
+    from cfmae_cli.cli.training import demo_preset_notice, dispatch, fit_to_data, resumed_config, run_overrides
     from cfmae_cli.train.pretraining import pretrain as run
 
     overrides = run_overrides(set_, data, epochs, seed, gpus, procs, resume, out)
@@ -68,12 +71,24 @@ def pretrain(
         raise CfmaeError("--resume continues a run with its own weights; it takes no --checkpoint (use --checkpoint "
                          "CKPT without --resume to start a new run from weights).")
     cfg = resumed_config(resume, preset, overrides) if resume is not None else load_config(preset or "demo", overrides)
+    name = Path(preset or "demo").stem
     if data is not None and preset is None and resume is None:
         demo_preset_notice("demo", "a 4-block ViT at 64 px for a few CPU minutes",
                            "vitb-400e (the paper's ViT-B), vits-400e or vitl-400e")
-    dispatch("pretrain", cfg, functools.partial(run, cfg, init=init), _done, out=out, name=Path(preset or "demo").stem,
+        world = gpus if gpus else (procs if gpus == 0 else 1)
+        cfg, said = fit_to_data(cfg, data_size(data), str(data), overrides, world)
+        name = data.resolve().name or name
+        console.print(f"note: {said}; the run is named after the data: {name}.", highlight=False)
+    dispatch("pretrain", cfg, functools.partial(run, cfg, init=init), _done, out=out, name=name,
              resume=resume, gpus=gpus, procs=procs, extra_args=["--checkpoint", str(init)] if init is not None else [],
              before_refusal=lambda world: _print_plan(cfg, world))
+
+
+def data_size(data: Path) -> int:
+    """Images of the dataset (or packed copy) ``data``."""
+    from cfmae_cli.data.layout import is_packed, list_samples, read_packed_manifest
+
+    return read_packed_manifest(data)["images"] if is_packed(data) else len(list_samples(data, maps=[])[0])
 
 
 def _done(summary: dict[str, Any]) -> str:

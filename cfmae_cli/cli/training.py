@@ -85,6 +85,34 @@ def demo_preset_notice(name: str, what: str, real: str) -> None:
                   f"work give --preset {real} (cfmae presets lists them all).", highlight=False)
 
 
+STEPS_PER_EPOCH = 8  # the fewest optimizer steps an epoch of a demo preset takes on the user's own data
+
+
+def fit_to_data(cfg: Any, images: int, source: str, overrides: list[str], world: int) -> tuple[Any, str]:
+    """A demo preset scaled to the user's ``images`` training images (``--data`` without ``--preset``): a batch
+    that gives an epoch at least :data:`STEPS_PER_EPOCH` optimizer steps (a power of two, at most the preset's),
+    the effective batch equal to it (no accumulation), and a warm-up of at most a tenth of the run. Keys given
+    with ``--set`` are kept. Returns the config (validated whole) and a sentence saying what was chosen."""
+    given = {item.split("=", 1)[0].strip() for item in overrides}
+    optim, train = cfg.optim.model_dump(), cfg.train.model_dump()
+    said = []
+    if not {"train.batch_size", "optim.effective_batch"} & given:
+        batch = 1
+        while batch * 2 <= min(cfg.train.batch_size, images // (STEPS_PER_EPOCH * world)):
+            batch *= 2
+        if batch != cfg.train.batch_size or batch * world != cfg.optim.effective_batch:
+            train["batch_size"], optim["effective_batch"] = batch, batch * world
+            said.append(f"train.batch_size {batch} and optim.effective_batch {batch * world} "
+                        f"({images // (batch * world)} steps per epoch)")
+    if "optim.warmup_epochs" not in given and cfg.optim.warmup_epochs > 0.1 * cfg.train.epochs:
+        optim["warmup_epochs"] = round(0.1 * cfg.train.epochs, 2)
+        said.append(f"optim.warmup_epochs {optim['warmup_epochs']:g} (a tenth of its {cfg.train.epochs} epochs)")
+    cfg = type(cfg).model_validate({**cfg.model_dump(), "optim": optim, "train": train})  # checked as a whole
+    what = f"scaled to the {images} training images of {source}: " + "; ".join(said) if said else \
+        f"the preset's batch and warm-up fit the {images} training images of {source}"
+    return cfg, what
+
+
 def complete_run(resume: Path, cfg: Any) -> int | None:
     """The epochs done, when the run of ``resume`` has finished all of ``cfg``'s epochs (else None)."""
     ckpt = load_checkpoint(checkpoint_path(resume), mmap=True)

@@ -115,6 +115,13 @@ def list_samples(root: str | Path, maps: tuple[str, ...] | list[str] | None = No
     rgb_root = root / "rgb"
     need_folder(root)
     if not rgb_root.is_dir():
+        photos = _photos_in(root)
+        if photos:  # a folder of photos, not yet a dataset: say how it becomes one
+            named = root if root.name else root.resolve()
+            dataset = named.with_name(f"{named.name}-cfmae")
+            raise DataError(f"{root}: a folder of photos ({photos}), not a cfmae dataset (no 'rgb' folder). Label "
+                            f"it first: cfmae label {root} --out {dataset} (docs/labelling.md), then give --data "
+                            f"{dataset}.")
         raise DataError(f"{rgb_root}: no 'rgb' folder. Expected DATA/rgb, DATA/instance, DATA/semantic "
                         f"(see docs/dataset-format.md).")
     class_dirs = list_folder(rgb_root).dirs
@@ -141,6 +148,16 @@ def list_samples(root: str | Path, maps: tuple[str, ...] | list[str] | None = No
     if not samples:
         raise DataError(f"{rgb_root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}).")
     return samples, class_dirs
+
+
+def _photos_in(root: Path) -> str:
+    """How many images ``root`` and its class folders hold (``"N images, e.g. NAME"``), or "" for none."""
+    listing = list_folder(root)
+    found = [root / n for n in listing.files if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+    for d in listing.dirs[:1000]:
+        found += [root / d / n for n in list_folder(root / d).files
+                  if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+    return f"{len(found)} image(s), e.g. {found[0].relative_to(root)}" if found else ""
 
 
 def _pngs(folder: Path) -> set[str]:

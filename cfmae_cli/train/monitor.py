@@ -55,6 +55,9 @@ def knn_accuracy(bank: Tensor, bank_labels: Tensor, queries: Tensor, labels: Ten
     return 100.0 * top1 / n, 100.0 * top5 / n
 
 
+MIN_VAL = 20  # the fewest held-out images the monitor scores by itself (train.monitor.enabled: null)
+
+
 def monitor_samples(cfg: Config, labelled: Path | None, samples: list[Sample] | None, classes: list[str]
                     ) -> tuple[list[Sample] | None, list[Sample], list[Sample], int] | None:
     """(the pre-training samples, the k-NN bank, the val set, the number of classes), or None when the monitor is
@@ -95,6 +98,14 @@ def monitor_samples(cfg: Config, labelled: Path | None, samples: list[Sample] | 
             log.info("k-NN monitor off: %s", why)
             return None
         raise DataError(f"{why}; raise or lower it, or give the monitor its own images (--monitor-data)")
+    if len(val) < MIN_VAL:
+        why = (f"train.monitor.val_fraction {m.val_fraction:g} of {len(samples)} images holds out {len(val)} to score, "
+               f"fewer than the {MIN_VAL} a top-1 needs to mean something (one image is 0 or 100 %)")
+        if m.enabled is None:
+            log.info("k-NN monitor off: %s; raise it, or give the monitor its own labelled images (--monitor-data)",
+                     why)
+            return None
+        log.warning("k-NN monitor: %s; its numbers are noise", why)
     return kept, spread(kept, m.train_images), spread(val, m.val_images), len(classes)
 
 

@@ -116,10 +116,11 @@ def unfinished_by(path: Path) -> str | None:
 
 
 class Claim:
-    """A run folder this process has claimed: it holds the folder's lock; ``created``: the folder is new."""
+    """A run folder this process has claimed: it holds the folder's lock; ``created``: the folder is new (and
+    ``parents``: the folders above it that were made for it, e.g. ``runs/pretrain``)."""
 
-    def __init__(self, path: Path, lock: FolderLock, created: bool):
-        self.path, self.lock, self.created = path, lock, created
+    def __init__(self, path: Path, lock: FolderLock, created: bool, parents: tuple[Path, ...] = ()):
+        self.path, self.lock, self.created, self.parents = path, lock, created, parents
 
     def release(self) -> None:
         self.lock.release()
@@ -130,10 +131,27 @@ class Claim:
         remove_files(self.path, RUN_FILES[command], keep=())
         self.lock.release()
         if self.created:
-            try:
-                self.path.rmdir()
-            except OSError:  # something else appeared in it meanwhile: it stays
-                pass
+            _remove_empty(self.path, *self.parents)
+
+
+def _remove_empty(*folders: Path) -> None:
+    """Remove each of ``folders`` (innermost first) while it is empty; one that holds something stays, and so do
+    the folders above it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # something else is (or appeared) in it
+            return
+
+
+def _missing(path: Path) -> tuple[Path, ...]:
+    """``path`` and the folders above it that do not exist yet, innermost first."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return tuple(missing)
 
 
 def claim_run_dir(command: str, name: str, out: str | Path | None = None, base: str | Path = "runs") -> Claim:
@@ -143,6 +161,7 @@ def claim_run_dir(command: str, name: str, out: str | Path | None = None, base: 
     (its files are removed); otherwise it is refused, with nothing changed."""
     if out is None:
         root = Path(base) / command
+        made = _missing(root)
         root.mkdir(parents=True, exist_ok=True)
         k = 1
         while True:
@@ -152,13 +171,14 @@ def claim_run_dir(command: str, name: str, out: str | Path | None = None, base: 
                 break
             except FileExistsError:
                 k += 1
-        claim = Claim(path, FolderLock(path, "--out").acquire(), created=True)
+        claim = Claim(path, FolderLock(path, "--out").acquire(), created=True, parents=made)
         mark_started(path, command)
         return claim
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise CfmaeError(f"--out {path}: a file, not a folder; give a new folder for the run.")
-    created = not path.exists()
+    made = _missing(path)
+    created = bool(made)
     path.mkdir(parents=True, exist_ok=True)
     had_lock = (path / LOCK_NAME).exists()
     lock = FolderLock(path, "--out")
@@ -168,13 +188,9 @@ def claim_run_dir(command: str, name: str, out: str | Path | None = None, base: 
         mark_started(path, command)
     except BaseException:
         lock.release(remove=not had_lock)  # a lock file that was there (a crashed run's) stays
-        if created:
-            try:
-                path.rmdir()
-            except OSError:
-                pass
+        _remove_empty(*made)
         raise
-    return Claim(path, lock, created)
+    return Claim(path, lock, created, made[1:])
 
 
 def _take(command: str, path: Path) -> None:
