@@ -195,23 +195,39 @@ def locked(folder: str | Path, what: str = "--out", lock_file: str | Path | None
 @contextlib.contextmanager
 def writing(folder: str | Path, what: str = "--out") -> Iterator[FolderLock]:
     """Hold the lock of the output folder ``folder`` inside the block, making the folder if it is missing. When
-    the block fails (a refusal), the folder is left as it was found: a folder made here and still empty is
+    the block fails (a refusal), the folder is left as it was found: the folders made here and still empty are
     removed again."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise CfmaeError(f"{what} {folder}: a file, not a folder; choose a new or empty folder.")
-    created = not folder.exists()
+    made = missing_folders(folder)
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with locked(folder, what) as lock:
             yield lock
     except BaseException:
-        if created:
-            try:
-                folder.rmdir()
-            except OSError:  # it holds something by now: it stays
-                pass
+        remove_empty(*made)
         raise
+
+
+def remove_empty(*folders: Path) -> None:
+    """Remove each of ``folders`` (innermost first) while it is empty; one that holds something stays, and so do
+    the folders above it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # something else is (or appeared) in it
+            return
+
+
+def missing_folders(path: Path) -> tuple[Path, ...]:
+    """``path`` and the folders above it that do not exist yet, innermost first."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return tuple(missing)
 
 
 def matches(relative: str, patterns: tuple[str, ...]) -> bool:

@@ -24,7 +24,7 @@ from cfmae_cli.train import distributed
 from cfmae_cli.train.engine import TrainingDiverged
 from cfmae_cli.train.faults import Preempted
 from cfmae_cli.train.rundir import claimed_run_dir, held
-from cfmae_cli.train.setup import dataset_root
+from cfmae_cli.train.setup import dataset_root, fitting_batch
 
 Runner = Callable[..., dict[str, Any]]
 
@@ -97,9 +97,7 @@ def fit_to_data(cfg: Any, images: int, source: str, overrides: list[str], world:
     optim, train = cfg.optim.model_dump(), cfg.train.model_dump()
     said = []
     if not {"train.batch_size", "optim.effective_batch"} & given:
-        batch = 1
-        while batch * 2 <= min(cfg.train.batch_size, images // (STEPS_PER_EPOCH * world)):
-            batch *= 2
+        batch = fitting_batch(images, world, STEPS_PER_EPOCH, cfg.train.batch_size)
         if batch != cfg.train.batch_size or batch * world != cfg.optim.effective_batch:
             train["batch_size"], optim["effective_batch"] = batch, batch * world
             said.append(f"train.batch_size {batch} and optim.effective_batch {batch * world} "

@@ -44,7 +44,8 @@ from cfmae_cli.train.plots import plot_losses
 from cfmae_cli.train.rundir import mark_finished, MetricsWriter, read_metrics, RunFolder
 from cfmae_cli.train.sampler import ChunkedSampler, chunk_id
 from cfmae_cli.train.trackers import check_available
-from cfmae_cli.train.setup import describe_schedule, load_average, make_plan, slow_run_warning, usable_cores
+from cfmae_cli.train.setup import (describe_schedule, fitting_batch, load_average, make_plan, slow_run_warning,
+                                   usable_cores)
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,7 @@ log = logging.getLogger(__name__)
 def too_few_images(root: Any, images: int, cfg: Any, world: int, accum: int) -> str:
     """The message for ``images`` training images that make no optimizer step: the batch they need, and values
     of both keys that give an epoch several steps (and, where the data is a held-out split, its share)."""
-    batch = 1
-    while batch * 2 * world * 4 <= images:  # at least 4 steps an epoch
-        batch *= 2
+    batch = fitting_batch(images, world, 4)  # at least 4 steps an epoch
     fix = (f"--set train.batch_size={batch} --set optim.effective_batch={batch * world}" if batch * world <= images
            else "more images")
     held = getattr(getattr(cfg, "data", None), "val_fraction", None)

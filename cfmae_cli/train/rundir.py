@@ -12,7 +12,8 @@ from cfmae_cli.checkpoints import checkpoint_path
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.train import distributed
 from cfmae_cli.formats import atomic_write_text, name_target
-from cfmae_cli.ownership import FolderLock, foreign_files, LOCK_NAME, locked, remove_files
+from cfmae_cli.ownership import (FolderLock, foreign_files, LOCK_NAME, locked, missing_folders, remove_empty,
+                                 remove_files)
 
 log = logging.getLogger(__name__)
 
@@ -131,27 +132,7 @@ class Claim:
         remove_files(self.path, RUN_FILES[command], keep=())
         self.lock.release()
         if self.created:
-            _remove_empty(self.path, *self.parents)
-
-
-def _remove_empty(*folders: Path) -> None:
-    """Remove each of ``folders`` (innermost first) while it is empty; one that holds something stays, and so do
-    the folders above it."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:  # something else is (or appeared) in it
-            return
-
-
-def _missing(path: Path) -> tuple[Path, ...]:
-    """``path`` and the folders above it that do not exist yet, innermost first."""
-    missing = []
-    for folder in (path, *path.parents):
-        if folder.exists():
-            break
-        missing.append(folder)
-    return tuple(missing)
+            remove_empty(self.path, *self.parents)
 
 
 def claim_run_dir(command: str, name: str, out: str | Path | None = None, base: str | Path = "runs") -> Claim:
@@ -161,7 +142,7 @@ def claim_run_dir(command: str, name: str, out: str | Path | None = None, base: 
     (its files are removed); otherwise it is refused, with nothing changed."""
     if out is None:
         root = Path(base) / command
-        made = _missing(root)
+        made = missing_folders(root)
         root.mkdir(parents=True, exist_ok=True)
         k = 1
         while True:
@@ -177,7 +158,7 @@ def claim_run_dir(command: str, name: str, out: str | Path | None = None, base: 
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise CfmaeError(f"--out {path}: a file, not a folder; give a new folder for the run.")
-    made = _missing(path)
+    made = missing_folders(path)
     created = bool(made)
     path.mkdir(parents=True, exist_ok=True)
     had_lock = (path / LOCK_NAME).exists()
@@ -188,7 +169,7 @@ def claim_run_dir(command: str, name: str, out: str | Path | None = None, base: 
         mark_started(path, command)
     except BaseException:
         lock.release(remove=not had_lock)  # a lock file that was there (a crashed run's) stays
-        _remove_empty(*made)
+        remove_empty(*made)
         raise
     return Claim(path, lock, created, made[1:])
 

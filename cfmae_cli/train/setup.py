@@ -29,6 +29,15 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
+def fitting_batch(images: int, world: int, steps: int, cap: int | None = None) -> int:
+    """The largest power-of-two per-device batch (at most ``cap``) with which ``images`` give an epoch at least
+    ``steps`` optimizer steps on ``world`` processes; 1 when even that gives fewer."""
+    batch = 1
+    while (cap is None or batch * 2 <= cap) and batch * 2 * world * steps <= images:
+        batch *= 2
+    return batch
+
+
 def usable_cores() -> int:
     """The cores this process may run on: its CPU affinity where the OS reports one (a container or
     ``taskset`` may allow fewer than the machine has), else ``os.cpu_count()``."""
