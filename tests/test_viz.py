@@ -113,12 +113,20 @@ def test_reconstruct_and_attention_handle_odd_images(trained: Path, tmp_path: Pa
         assert att.is_file()
 
 
-def test_masked_reconstruction_of_a_dataset_image_reports_every_modality(trained: Path, tmp_path: Path) -> None:
+def test_masked_reconstruction_of_a_dataset_image_reports_every_modality(trained: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    from cfmae_cli.viz import recon
+
     image = sorted((trained / "data" / "rgb" / "a").iterdir())[0]  # in a dataset: its own maps are used
     out = tmp_path / "all.png"
+    drawn = {}
+    real = recon.save_image_grid
+    monkeypatch.setattr(recon, "save_image_grid", lambda *a, **kw: drawn.update(labels=a[3]) or real(*a, **kw))
     result = runner.invoke(app, ["reconstruct", str(image), "--checkpoint", str(trained / "run"),
                                  "--modality", "rgb,instance,semantic", "--masking", "semantic", "--out", str(out)])
     assert result.exit_code == 0, result.output
+    # rows named after the file, as attention-map names them
+    assert drawn["labels"] == [f"{image.name}: {m}" for m in ("rgb", "instance", "semantic")]
     errors = json.loads(out.with_suffix(".json").read_text())["images"][0]["errors"]
     assert set(errors) == {"rgb", "instance", "semantic"}
     assert 0 <= errors["semantic"]["pixel_accuracy"] <= 1 and errors["rgb"]["mse"] >= 0

@@ -158,10 +158,10 @@ def reconstruct(
 
     model, cfg = net.model, net.cfg
     panels = reconstruction_panels(batch, mask, pred, model.modalities, model.classes, model.patches,
-                                   model.targets, cfg.data.mean, cfg.data.std)
+                                   model.targets, cfg.data.mean, cfg.data.std, net.classes)
     legend = class_legend(batch, mask, pred, model.modalities, net.classes)
     save_grid(panels, out, f"{net.path}: input {'+'.join(inputs)}, masking {masking}, {visible} visible", legend,
-              command="reconstruct")
+              command="reconstruct", samples=[p.name[-28:] for p in images])
     report = {**json_stamp("reconstruct"), "checkpoint": str(net.path), "inputs": inputs, "masking": masking,
               "num_visible": visible, "seed": seed,
               "images": [{"image": str(p), "errors": e}
@@ -267,8 +267,8 @@ def attention_map(
             for k in range(len(pixels))]
     where = "" if method == "rollout" else f", layer {layer % depth}"
     save_image_grid(rows, out, ["image"] + titles, [p.name[-28:] for p in images],
-                    f"{net.path}: {method} attention{where}, input {'+'.join(inputs)}",
-                    colorbar=(HEAT, "attention (each map scaled to its own range)"), command="attention-map")
+                    f"{net.path}: {method} attention{where}, input {'+'.join(inputs)}\n"
+                    "each map scaled to its own range", colorbar=(HEAT, "attention"), command="attention-map")
     console.print(f"wrote {out}", highlight=False)
 
 

@@ -14,7 +14,8 @@ from cfmae_cli.data.layout import map_path, read_manifest
 from cfmae_cli.formats import MANIFEST_NAME
 from cfmae_cli.labeling.pipeline import read_jsonl
 from cfmae_cli.viz.grid import fit, save_image_grid
-from cfmae_cli.viz.recon import palette
+from cfmae_cli.viz.recon import legend_title
+from cfmae_cli.viz.palette import instance_palette, legend_entries, semantic_palette
 
 SIDE = 192
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ def write_preview(data: Path, count: int, path: Path | None = None) -> Path | No
     per_class = [read_jsonl(sidecar) for sidecar in sorted((data / "meta").glob("*.jsonl"))]
     records = [c[k] for k in range(max((len(c) for c in per_class), default=0)) for c in per_class if k < len(c)]
     with_depth = bool(records[:count]) and all(r.get("depth") for r in records[:count])
-    colours = palette()
+    classes = read_manifest(data)["semantic_classes"] if (data / MANIFEST_NAME).is_file() else []
+    semantic, instance = semantic_palette(classes), instance_palette()
     rows, labels, shown = [], [], set()
     for r in records:
         if len(rows) == count:
@@ -46,7 +48,8 @@ def write_preview(data: Path, count: int, path: Path | None = None) -> Path | No
             log.warning("preview: %s left out (%s)", data / "rgb" / r["rgb"], reason)
             continue
         shown |= set(np.unique(maps[1]).tolist())
-        cells = [fit(rgb, SIDE, True)] + [fit(colours[np.clip(m, 0, 255)], SIDE, False) for m in maps[:2]]
+        cells = [fit(rgb, SIDE, True)] + [fit(colours[np.clip(m, 0, 255)], SIDE, False)
+                                          for colours, m in zip((instance, semantic), maps[:2])]
         if with_depth:
             depth = maps[2][0]  # in [0, 1] at the file's precision, stretched to its largest value
             grey = np.round(depth / depth.max() * 255 if depth.max() > 0 else depth).astype(np.uint8)
@@ -55,8 +58,7 @@ def write_preview(data: Path, count: int, path: Path | None = None) -> Path | No
         labels.append(f"{r['class']}/{r['stem']}"[-28:])
     if not rows:
         return None
-    names = read_manifest(data)["semantic_classes"] if (data / MANIFEST_NAME).is_file() else []
-    legend = [(names[c], tuple(int(x) for x in colours[c])) for c in sorted(shown) if c < len(names)]
     columns = ["rgb", "instance", "semantic", *(["depth"] if with_depth else [])]
     return save_image_grid(rows, path or data / "preview.png", columns, labels,
-                           f"{data.name}: {len(rows)} labelled image(s)", legend)
+                           f"{data.name}: {len(rows)} labelled image(s)", legend_entries(classes, shown),
+                           legend_title=legend_title(["instance", "semantic"]))

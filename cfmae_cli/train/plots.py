@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cfmae_cli.formats import atomic_write, software  # noqa: E402
 
@@ -48,8 +49,11 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = max(1, len(parts))
-    fig = plt.figure(figsize=(4.2 * cols + (4 if monitor else 0) + 1, 9), layout="constrained")
-    grid = fig.add_gridspec(4, cols + (1 if monitor else 0), height_ratios=[3, 2, 1.2, 1.2],
+    # rows: the total loss, each part's loss (pre-training only), the lr, the curriculum or the accuracy
+    heights = [3] + ([2] if parts else []) + [1.2, 2.2 if evals else 1.2]
+    fig = plt.figure(figsize=(4.2 * cols + (4 if monitor else 0) + 1, 1 + 1.1 * sum(heights)),
+                     layout="constrained")
+    grid = fig.add_gridspec(len(heights), cols + (1 if monitor else 0), height_ratios=heights,
                             width_ratios=[1] * cols + ([0.55 * cols + 0.3] if monitor else []))
     ax = fig.add_subplot(grid[0, :cols])
     x = [r["epoch_float"] for r in steps]
@@ -64,12 +68,12 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
         _curve(sub, [v[0] for v in values], [v[1] for v in values], f"C{j}", key.removeprefix("loss_"))
         sub.set_title(f"{key.removeprefix('loss_')} loss", fontsize=10)
         sub.grid(alpha=0.3)
-    lr = fig.add_subplot(grid[2, :cols], sharex=ax)
+    lr = fig.add_subplot(grid[len(heights) - 2, :cols], sharex=ax)
     lr.plot(x, [r.get("lr") for r in steps], color="C7", marker="o" if len(x) <= FEW else None, ms=3)
     lr.set_ylabel("lr")
     lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     lr.grid(alpha=0.3)
-    last = fig.add_subplot(grid[3, :cols], sharex=ax)
+    last = fig.add_subplot(grid[len(heights) - 1, :cols], sharex=ax)
     if evals:
         for key in ("top1", "top5"):
             last.plot([r["epoch"] for r in evals], [r[key] for r in evals], marker="o", ms=3, label=f"val {key}")
@@ -81,7 +85,9 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
         last.set_ylim(-0.05, 1.05)
         last.set_ylabel("curriculum")
     last.set_xlabel("epoch")
-    last.legend(loc="center right", fontsize=8)
+    if all(float(v).is_integer() for v in x):  # one point per epoch: whole epochs on the axis
+        last.xaxis.set_major_locator(MaxNLocator(integer=True))
+    last.legend(loc="best", fontsize=8)
     last.grid(alpha=0.3)
     if monitor:
         _plot_knn(fig.add_subplot(grid[:, cols]), monitor)

@@ -141,12 +141,16 @@ class PretrainTask(Task):
                  len(done.missing), len(done.unused))
 
     def plot_reconstructions(self, epoch: int, alpha_i: float, alpha_s: float, run_dir: Path) -> Path | None:
-        """The fixed first images of the dataset (centred square, no augmentation), masked with a fixed seed."""
+        """The fixed first images of the dataset (centred square, no augmentation), masked with a fixed seed; rows
+        named after their files where the dataset knows them."""
         fixed = self.dataset.with_transform(train=False)
-        items = [x for x in (fixed[i] for i in range(min(len(fixed), 4 * self.cfg.train.plot_samples)))
-                 if not isinstance(x, Skipped)][: self.cfg.train.plot_samples]
-        if not items:
+        kept = [(i, x) for i, x in ((i, fixed[i]) for i in range(min(len(fixed), 4 * self.cfg.train.plot_samples)))
+                if not isinstance(x, Skipped)][: self.cfg.train.plot_samples]
+        if not kept:
             return None
+        items = [x for _, x in kept]
+        files = getattr(fixed, "samples", None)
+        samples = [Path(files[i].rgb).stem[-20:] for i, _ in kept] if files else None
         batch = {m: v.to(self.device) for m, v in collate(items).items() if m in self.modalities}
         batch, mask = self.inputs_and_mask(batch, (alpha_i, alpha_s), mix_seed(self.cfg.train.seed, 2 ** 20))
         self.model.eval()
@@ -154,8 +158,9 @@ class PretrainTask(Task):
             pred = self.model(batch, mask)["pred"]
         self.model.train()
         panels = reconstruction_panels(batch, mask, pred, self.modalities, self.model.classes, self.model.patches,
-                                       self.model.targets, self.cfg.data.mean, self.cfg.data.std)
+                                       self.model.targets, self.cfg.data.mean, self.cfg.data.std,
+                                       self.semantic_classes)
         legend = class_legend(batch, mask, pred, self.modalities, self.semantic_classes)
         return save_grid(panels, run_dir / "plots" / f"recon-epoch-{epoch:04d}.png",
                          f"epoch {epoch}   α_I {alpha_i:.2f}   α_S {alpha_s:.2f}", legend,
-                         command="pretrain")
+                         command="pretrain", samples=samples)

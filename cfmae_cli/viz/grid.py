@@ -24,9 +24,10 @@ def fit(image: np.ndarray, side: int, smooth: bool) -> np.ndarray:
 
 def save_image_grid(rows: list[list[np.ndarray]], path: str | Path, columns: list[str], row_labels: list[str],
                     title: str = "", legend: list[tuple[str, tuple[int, int, int]]] | None = None,
-                    colorbar: tuple[str, str] | None = None, command: str | None = None) -> Path:
+                    colorbar: tuple[str, str] | None = None, command: str | None = None,
+                    legend_title: str = "semantic classes") -> Path:
     """A figure of cells (H×W×3 uint8) drawn with matplotlib: column titles, row labels, a title, an optional
-    legend of colour swatches (e.g. the semantic classes shown) and an optional colour bar ``(colormap,
+    legend of colour swatches titled ``legend_title`` (e.g. the semantic classes shown) and an optional colour bar ``(colormap,
     label)`` for cells that are heat maps of values in [0, 1]; written atomically as a PNG stamped with the
     ``command`` that drew it (:func:`cfmae_cli.formats.png_stamp`)."""
     import io
@@ -67,7 +68,7 @@ def save_image_grid(rows: list[list[np.ndarray]], path: str | Path, columns: lis
         handles = [Patch(facecolor=np.asarray(colour, float) / 255, edgecolor="black", label=name)
                    for name, colour in legend]
         fig.legend(handles=handles, loc="outside lower center", ncol=min(5, len(handles)), fontsize=8,
-                   frameon=False, title="semantic classes", title_fontsize=8)
+                   frameon=False, title=legend_title, title_fontsize=8)
     if colorbar:
         cmap, label = colorbar
         fig.colorbar(ScalarMappable(Normalize(0, 1), matplotlib.colormaps[cmap]), ax=axes, shrink=0.8,

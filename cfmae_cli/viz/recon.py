@@ -1,8 +1,9 @@
 """Reconstruction grids: for each modality, the masked input, the prediction and the reference.
 
 RGB predictions made with the norm-pix loss are mapped back to pixels with each reference patch's own mean
-and variance, and the visible patches are pasted back (as MAE's demo does). Maps are drawn with a fixed
-palette (id 255, unlabelled, in black); masked patches of the input are grey.
+and variance, and the visible patches are pasted back (as MAE's demo does). Semantic maps are drawn in the
+semantic palette (coloured by class name), instance maps in the instance palette (:mod:`cfmae_cli.viz.palette`);
+masked patches of the input are hatched grey.
 """
 
 from __future__ import annotations
@@ -14,23 +15,14 @@ import torch
 from torch import Tensor
 
 from cfmae_cli import modalities as table
-from cfmae_cli.formats import UNLABELLED
 from cfmae_cli.modalities import Modality
 from cfmae_cli.model.losses import patchify_map, patchify_rgb, unpatchify_rgb
 from cfmae_cli.viz.grid import fit, save_image_grid
+from cfmae_cli.viz.palette import legend_entries, map_palette
 
-GREY = np.array([128, 128, 128], np.uint8)
+GREY, HATCH_LINE = np.array([128, 128, 128], np.uint8), np.array([88, 88, 88], np.uint8)
+HATCH = 4  # pixels (of the panel's own resolution) between hatching lines
 MIN_SIDE = 112  # small demo images are drawn larger (nearest-neighbour)
-
-
-def palette(n: int = 256) -> np.ndarray:
-    """(n, 3) uint8 colours, fixed for every call: id 0 dark grey, 255 black, the rest spread in hue."""
-    rng = np.random.default_rng(1234)
-    colours = rng.integers(40, 256, size=(n, 3)).astype(np.uint8)
-    colours[0] = (60, 60, 60)
-    if n > UNLABELLED:
-        colours[UNLABELLED] = (0, 0, 0)
-    return colours
 
 
 def unmap_patches(cells: Tensor, grid: int) -> Tensor:
@@ -67,11 +59,14 @@ def rgb_pixels(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) 
 
 
 def _grey_out(pixels: np.ndarray, mask: Tensor, grid: int) -> np.ndarray:
-    """Paint masked patches grey: pixels (B, H, W, 3), mask (B, N)."""
+    """Paint masked patches grey with darker diagonal hatching (so that a masked patch never reads as a grey
+    class or a grey photo): pixels (B, H, W, 3), mask (B, N)."""
     b, h, w, _ = pixels.shape
     m = mask.reshape(b, grid, grid).cpu().numpy().repeat(h // grid, 1).repeat(w // grid, 2)
+    y, x = np.mgrid[:h, :w]
+    hatch = np.where(((x + y) % HATCH == 0)[None, ..., None], HATCH_LINE, GREY)
     out = pixels.copy()
-    out[m] = GREY
+    out[m] = np.broadcast_to(hatch, pixels.shape)[m]
     return out
 
 
@@ -99,15 +94,15 @@ def display_span(images: Tensor) -> tuple[Tensor, Tensor]:
 
 def reconstruction_panels(batch: dict[str, Tensor], mask: Tensor, pred: dict[str, Tensor], modalities: list[str],
                           classes: dict[str, int], patches: dict[str, int], targets: dict[str, str | None],
-                          mean: tuple[float, ...], std: tuple[float, ...]
+                          mean: tuple[float, ...], std: tuple[float, ...], class_names: list[str] | None = None
                           ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per modality: (masked input, prediction, reference) as uint8 (B, S, S, 3) arrays at image size; images
-    as pixels, id maps in the palette (the table of modalities says which). ``targets``: each image modality's
+    as pixels, id maps in their palette (the table of modalities says which; semantic colours by
+    ``class_names``). ``targets``: each image modality's
     regression target (:attr:`CFMAE.targets`): a ``patch_norm`` prediction is mapped back with the reference
     patches' statistics; a ``standardise`` image (depth) is drawn over its reference's 2–98 % range."""
     first = table.embedding_modality()
     size = batch[first].shape[-1] if first in batch else None
-    colours = palette()
     panels = {}
     for i, name in enumerate(modalities):
         m, spec, x = mask[:, i], table.get(name), batch[name]
@@ -118,6 +113,7 @@ def reconstruction_panels(batch: dict[str, Tensor], mask: Tensor, pred: dict[str
             guess = rgb_prediction(pred[name], x, m, patches[name], targets.get(name) == "patch_norm")
             out = image_pixels(guess, spec, mean, std, span)
         else:
+            colours = map_palette(spec.classes, class_names)
             ref = colours[x.clamp(0, 255).cpu().numpy()]
             out = colours[map_prediction(pred[name], x, m, classes[name]).clamp(0, 255).cpu().numpy()]
         side = max(size or ref.shape[1], MIN_SIDE)
@@ -135,18 +131,26 @@ def class_legend(batch: dict[str, Tensor], mask: Tensor, pred: dict[str, Tensor]
         return []
     i, name = modalities.index(named[0]), named[0]
     ids = map_prediction(pred[name], batch[name], mask[:, i], len(classes))
-    present = sorted(set(torch.unique(ids).tolist()) | set(torch.unique(batch[name]).tolist()))
-    colours = palette()
-    return [(classes[c], tuple(int(x) for x in colours[c])) for c in present if c < len(classes)]
+    return legend_entries(classes, set(torch.unique(ids).tolist()) | set(torch.unique(batch[name]).tolist()))
 
 
 def save_grid(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: str | Path, title: str = "",
-              legend: list[tuple[str, tuple[int, int, int]]] | None = None, command: str | None = None) -> Path:
-    """Rows = (sample, modality), columns = masked input / prediction / reference; written atomically, stamped
-    with ``command``."""
+              legend: list[tuple[str, tuple[int, int, int]]] | None = None, command: str | None = None,
+              samples: list[str] | None = None) -> Path:
+    """Rows = (sample, modality), columns = masked input / prediction / reference; each row labelled with its
+    sample's name (``samples``, e.g. the file names; default "image 1", "image 2", …) and modality; the legend
+    titled for the maps shown; written atomically, stamped with ``command``."""
     names = list(panels)
     count = panels[names[0]][0].shape[0]
+    samples = samples or [f"image {k + 1}" for k in range(count)]
     rows = [[image[k] for image in panels[name]] for k in range(count) for name in names]
-    labels = [f"image {k + 1}: {name}" for k in range(count) for name in names]
+    labels = [f"{samples[k]}: {name}" for k in range(count) for name in names]
     return save_image_grid(rows, path, ["masked input", "prediction", "reference"], labels, title, legend,
-                           command=command)
+                           command=command, legend_title=legend_title(names))
+
+
+def legend_title(modalities: list[str]) -> str:
+    """The title of a figure's semantic legend; it says how instance maps are coloured when the figure has one."""
+    if any(table.get(m).classes == "instance_ids" for m in modalities if m in table.names()):
+        return "semantic classes (instance maps: one colour per object, background black)"
+    return "semantic classes"
