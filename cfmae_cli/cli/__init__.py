@@ -7,14 +7,14 @@ import os
 
 import click
 import typer
-from typer.core import TyperGroup
-
 from cfmae_cli import __version__
 from cfmae_cli.cli import common
+from cfmae_cli.cli.helptext import HelpCommand, HelpGroup
 
 # Old spellings, per command, kept working (not shown in the help): one vocabulary across the commands.
 ALIASES = {"pretrain": {"--init": "--checkpoint"}, "reconstruct": {"--modality": "--modalities"},
-           "attention-map": {"--modality": "--modalities"}, "eval-robustness": {"--root": "--data"}}
+           "attention-map": {"--modality": "--modalities", "--images": "--limit"},
+           "eval-robustness": {"--root": "--data"}}
 VERBOSE = ("-v", "--verbose")
 
 
@@ -35,7 +35,7 @@ def canonical(args: list[str]) -> list[str]:
 COMMAND_LINE = "CFMAE_COMMAND_LINE"  # the user's command line, for run.json (worker processes inherit it)
 
 
-class _Group(TyperGroup):
+class _Group(HelpGroup):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):  # not a worker of a launcher
             os.environ[COMMAND_LINE] = json.dumps(["cfmae", *args])
@@ -72,17 +72,21 @@ from cfmae_cli.cli import pretrain as _pretrain  # noqa: E402
 from cfmae_cli.cli import robustness as _robustness  # noqa: E402
 from cfmae_cli.cli import visualise as _visualise  # noqa: E402
 
-app.command("bench")(_bench.bench)
-app.command("export")(_export.export)
-app.command("finetune")(_finetune.finetune)
-app.command("label")(_label.label)
-app.command("pack")(_pack.pack)
-app.command("pretrain")(_pretrain.pretrain)
-app.command("presets")(_presets.presets)
-app.command("eval-robustness")(_robustness.eval_robustness)
-app.command("reconstruct")(_visualise.reconstruct)
-app.command("attention-map")(_visualise.attention_map)
-
+# name: (function, its line in `cfmae --help`: one whole sentence that fits 80 columns)
+COMMANDS = {
+    "attention-map": (_visualise.attention_map, "Draw encoder attention, or measure it over a dataset."),
+    "bench": (_bench.bench, "Time the training step, the masks and the data path."),
+    "eval-robustness": (_robustness.eval_robustness, "Score a classifier on ImageNet-A, -R, -Sketch and -C."),
+    "export": (_export.export, "Export an encoder or a classifier as a timm model."),
+    "finetune": (_finetune.finetune, "Fine-tune a pre-trained encoder, evaluating each epoch."),
+    "label": (_label.label, "Pseudo-label images with instance and semantic maps."),
+    "pack": (_pack.pack, "Pack a dataset into shards for fast pre-training."),
+    "presets": (_presets.presets, "List the presets, or print one resolved."),
+    "pretrain": (_pretrain.pretrain, "Pre-train a ViT with CFMAE."),
+    "reconstruct": (_visualise.reconstruct, "Draw masked reconstructions and predicted maps."),
+}
+for _name, (_function, _summary) in COMMANDS.items():
+    app.command(_name, cls=HelpCommand, short_help=_summary)(_function)
 
 def main() -> None:
     """The ``cfmae`` program: output that cannot stop the work (:func:`common.protect_streams`); a worker of a

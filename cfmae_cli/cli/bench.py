@@ -22,28 +22,35 @@ WHAT = ("step", "masks", "data", "all")
 
 @guarded
 def bench(
-    preset: str = typer.Option("vitb-400e", "--preset", "-p", help="the preset to measure"),
-    compare: str = typer.Option("mae-vitb", "--compare", help="a second preset measured in the same process "
-                                "(the MAE-equivalent by default); 'none' to skip"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if there is one]"),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, max=1, help="0 = the CPU, 1 = one GPU (the same as "
-                                       "--device cpu / cuda) [default: --device]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="per-step batch [default: 256 on a "
-                                             "GPU, 4 on the CPU]"),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="timed steps [default: 30 GPU, 2 CPU]"),
-    warmup: Optional[int] = typer.Option(None, "--warmup", min=0, help="untimed steps first [default: 10 GPU, 1 "
-                                         "CPU]"),
-    what: str = typer.Option("all", "--what", help="step, masks, data or all"),
+    preset: str = typer.Option("vitb-400e", "--preset", "-p", metavar="NAME", help="the preset to measure (see "
+                               "`cfmae presets`) or a YAML file"),
+    compare: str = typer.Option("mae-vitb", "--compare", metavar="NAME", help="a second preset measured in the same "
+                                "process (the MAE-equivalent by default); 'none' to skip"),
+    device: Optional[str] = typer.Option(None, "--device", metavar="NAME", show_default="cuda if there is a GPU, "
+                                         "else cpu", help="cpu or cuda"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, max=1, metavar="N", show_default="--device's",
+                                       help="0 = the CPU, 1 = one GPU (the same as --device cpu / cuda)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N", show_default="256 on a GPU, "
+                                             "4 on the CPU", help="per-step batch"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, metavar="N", show_default="30 on a GPU, 2 on the "
+                                        "CPU", help="timed steps"),
+    warmup: Optional[int] = typer.Option(None, "--warmup", min=0, metavar="N", show_default="10 on a GPU, 1 on the "
+                                         "CPU", help="untimed steps first"),
+    what: str = typer.Option("all", "--what", metavar="NAME", help="step, masks, data or all"),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (forward + loss)"),
-    mask_batch: int = typer.Option(64, "--mask-batch", min=1, help="batch for the masks' timing"),
-    data: Optional[Path] = typer.Option(None, "--data", help="dataset for --what data [default: 48 generated "
-                                        "ImageNet-sized samples]"),
-    workers: Optional[str] = typer.Option(None, "--workers", help="worker counts for --what data, e.g. 1,4,16 "
-                                          "[default: 1 and all cores]"),
-    classes: int = typer.Option(133, "--classes", min=2, help="semantic classes (COCO panoptic: 133)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="JSON file [default: runs/bench/<preset>-<device>.json]"),
-    overrides: list[str] = typer.Option([], "--set", help="override a key of --preset (not of --compare), e.g. "
-                                        "model.align.enabled=true"),
+    mask_batch: int = typer.Option(64, "--mask-batch", min=1, metavar="N", help="batch for the masks' timing"),
+    data: Optional[Path] = typer.Option(None, "--data", metavar="FOLDER", show_default="48 generated "
+                                        "ImageNet-sized samples", help="dataset for --what data"),
+    workers: Optional[str] = typer.Option(None, "--workers", metavar="N[,N...]", show_default="1 and all cores",
+                                          help="DataLoader worker processes for --what data (0 = the main process): "
+                                          "one count, or several to compare (e.g. 1,4,16)"),
+    classes: int = typer.Option(133, "--classes", min=2, metavar="N", help="semantic classes, at least 2 (COCO "
+                                "panoptic: 133)"),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="FILE", show_default="runs/bench/<preset>-<device>"
+                                       ".json", help="JSON file"),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", show_default="the preset's values",
+                                        help="override a config key of --preset (repeatable; not of --compare), "
+                                        "e.g. --set model.align.enabled=true"),
 ) -> None:
     """Measure the training step, the masks and the data path; print a table and write JSON.
 
@@ -54,6 +61,7 @@ def bench(
     Example, the price of feature alignment: cfmae bench --compare vitb-400e --set model.align.enabled=true
     --set model.align.teacher=vit_base_patch16_224 --set model.align.weights=vitb.safetensors
     """
+    counts = worker_counts(workers) if workers else sorted({1, os.cpu_count() or 1})  # checked before torch loads
     import torch
 
     from cfmae_cli.bench import count_flops, load_warning, peak_tflops, Rig, time_data, time_masks, time_step
@@ -71,7 +79,6 @@ def bench(
     batch_size = batch_size or (256 if gpu else 4)
     steps = steps or (30 if gpu else 2)
     warmup = warmup if warmup is not None else (10 if gpu else 1)
-    counts = [int(w) for w in workers.split(",")] if workers else sorted({1, os.cpu_count() or 1})
     main = f"{preset} with --set" if overrides else preset  # the column of --preset (it may be --compare's too)
     presets = [main] + ([compare] if compare != "none" and what in ("step", "all") else [])
     machine = torch.cuda.get_device_name(dev) if gpu else f"CPU ({platform.processor() or platform.machine()}, " \
@@ -121,6 +128,14 @@ def bench(
         console.print("warning: measured on a busy machine (see the first line): not meaningful", highlight=False)
     atomic_write_text(path, json.dumps(report, indent=2) + "\n")
     console.print(f"JSON: {path}", highlight=False)
+
+
+def worker_counts(text: str) -> list[int]:
+    """``--workers N[,N...]``: the worker counts to time, each a whole number (0 = read in the main process)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise CfmaeError(f"--workers {text}: give worker counts as whole numbers >= 0, comma-separated (e.g. 1,4,16).")
+    return [int(p) for p in parts]
 
 
 def _say(text: str) -> None:

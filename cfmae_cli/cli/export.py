@@ -16,11 +16,14 @@ from cfmae_cli.ownership import locked
 
 @guarded
 def export(
-    checkpoint: Optional[Path] = typer.Argument(None, help="cfmae pre-training or fine-tuning checkpoint, or run "
-                                                "folder (or give it as -c/--checkpoint)"),
-    out: Path = typer.Option(..., "--out", help="new folder for model.safetensors, config.json and README.md"),
-    option: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="the checkpoint, as for the other "
-                                          "commands (instead of the argument)"),
+    checkpoint: Optional[Path] = typer.Argument(None, metavar="CKPT", show_default="the -c/--checkpoint value",
+                                                help="cfmae pre-training or fine-tuning checkpoint, or run folder "
+                                                "(give it here or as -c/--checkpoint)"),
+    out: Path = typer.Option(..., "--out", metavar="FOLDER", help="new folder for model.safetensors, config.json "
+                             "and README.md"),
+    option: Optional[Path] = typer.Option(None, "--checkpoint", "-c", metavar="CKPT", show_default="the CKPT "
+                                          "argument", help="the checkpoint, as for the other commands (instead of "
+                                          "the argument)"),
 ) -> None:
     """Export the encoder to timm (model.safetensors + config.json); a fine-tuned classifier with its head.
 

@@ -16,28 +16,41 @@ from cfmae_cli.eval.config import FinetuneConfig
 
 @guarded
 def finetune(
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="pre-trained weights: a cfmae "
-                                             "checkpoint or run folder, an MAE / MultiMAE / timm file, or 'random' "
-                                             "(the no-pre-training baseline) [default: the newest pre-training run]"),
-    data: Optional[Path] = typer.Option(None, "--data", help="folder with train/ and val/ (ImageFolder, or the "
-                                        "dataset layout for multi-granular input); default: the built-in demo data"),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="ft-demo, ft-vitb-400e, ft-vitb-1600e or a "
-                                         "YAML file [default: ft-demo]"),
-    task: Optional[str] = typer.Option(None, "--task", help="classification (the default), segmentation (UperNet; "
-                                       "ft-seg-vitb, ft-seg-demo) or detection (Mask R-CNN; ft-det-vitb, ft-det-demo)"),
-    mode: Optional[str] = typer.Option(None, "--mode", help="full (fine-tune everything) or linear (a linear probe "
-                                       "on the frozen encoder, MAE's recipe) [default: full]"),
-    modalities: Optional[str] = typer.Option(None, "--modalities", help="encoder input: rgb, or "
-                                             "rgb,instance,semantic (multi-granular fine-tuning, the paper's †)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/finetune/<preset>[-k])"),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help="GPUs on this machine, one process each "
-                                       "(0 = CPU); default: 1 GPU if there is one, else the CPU"),
-    procs: int = typer.Option(1, "--procs", min=1, help="with --gpus 0: CPU processes (gloo)"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="override train.epochs"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="override train.seed"),
-    set_: list[str] = typer.Option([], "--set", help="override any key, e.g. --set optim.layer_decay=0.65"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="continue a fine-tuning run exactly: its folder "
-                                          "or one of its checkpoints"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", metavar="CKPT",
+                                             show_default="the newest pre-training run",
+                                             help="pre-trained weights: a cfmae checkpoint or run folder, an MAE / "
+                                             "MultiMAE / timm file, or 'random' (the no-pre-training baseline)"),
+    data: Optional[Path] = typer.Option(None, "--data", metavar="FOLDER", show_default="the built-in demo data",
+                                        help="folder with train/ and val/ (ImageFolder, or the dataset layout for "
+                                        "multi-granular input), or one folder of classes (a share held out)"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", metavar="NAME",
+                                         show_default="ft-demo; ft-seg-demo, ft-det-demo with --task",
+                                         help="ft-demo, ft-vitb-400e, ft-vitb-1600e, ft-seg-vitb, ft-det-vitb … "
+                                         "(see `cfmae presets`) or a YAML file"),
+    task: Optional[str] = typer.Option(None, "--task", metavar="NAME", show_default="the preset's (classification)",
+                                       help="classification, segmentation (UperNet; ft-seg-vitb, ft-seg-demo) or "
+                                       "detection (Mask R-CNN; ft-det-vitb, ft-det-demo)"),
+    mode: Optional[str] = typer.Option(None, "--mode", metavar="NAME", show_default="the preset's (full)",
+                                       help="full (fine-tune everything) or linear (a linear probe on the frozen "
+                                       "encoder, MAE's recipe)"),
+    modalities: Optional[str] = typer.Option(None, "--modalities", metavar="LIST",
+                                             show_default="the preset's data.modalities (rgb)",
+                                             help="encoder input: rgb, or rgb,instance,semantic (multi-granular "
+                                             "fine-tuning, the paper's †)"),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="FOLDER", show_default="runs/finetune/<preset>[-k]",
+                                       help="run folder"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, metavar="N", show_default="1 if there is a GPU, else 0",
+                                       help="GPUs on this machine, one process each (0 = the CPU)"),
+    procs: int = typer.Option(1, "--procs", min=1, metavar="N", help="with --gpus 0: CPU processes (gloo)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, metavar="N",
+                                         show_default="the preset's train.epochs", help="epochs to train"),
+    seed: Optional[int] = typer.Option(None, "--seed", metavar="N", show_default="the preset's train.seed",
+                                       help="random seed"),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", show_default="the preset's values",
+                                   help="override any config key (repeatable), e.g. --set optim.layer_decay=0.65"),
+    resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN", show_default="a new run",
+                                          help="continue a fine-tuning run exactly: its folder or one of its "
+                                          "checkpoints"),
 ) -> None:
     """Fine-tune a pre-trained encoder: classification, segmentation or detection; evaluates after every epoch.
 

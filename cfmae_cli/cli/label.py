@@ -67,31 +67,47 @@ def build_backends(instance: str, semantic: str, detector_model: Optional[str], 
 
 @guarded
 def label(
-    src: Path = typer.Argument(..., help="folder of images: SRC/<class>/<image> or SRC/<image>"),
-    out: Path = typer.Option(..., "--out", help="dataset folder to write (the layout of docs/dataset-format.md); reruns resume"),
-    instance: str = typer.Option("classical", "--instance", help="classical | grounded-sam"),
-    semantic: str = typer.Option("classical", "--semantic", help="classical | mask2former | oneformer"),
-    detector_model: Optional[str] = typer.Option(None, "--detector-model", help="Grounding DINO folder or hub id"),
-    segmenter_model: Optional[str] = typer.Option(None, "--segmenter-model", help="SAM-HQ / SAM folder or hub id"),
-    semantic_model: Optional[str] = typer.Option(None, "--semantic-model", help="Mask2Former / OneFormer folder "
-                                                 "or hub id (COCO-panoptic: 133 classes)"),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help="GPUs, one process each (0 = CPU); default: "
-                                       "1 GPU if there is one"),
-    procs: int = typer.Option(1, "--procs", min=1, help="with --gpus 0: CPU processes sharing the images"),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="images per model call"),
-    workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", min=0, help="image-reading processes"),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="only the first N images (sorted)"),
-    rgb: str = typer.Option("copy", "--rgb", help="how originals go to DATA/rgb: copy | symlink | hardlink"),
-    preview: int = typer.Option(0, "--preview", min=0, help="write DATA/preview.png with N labelled images"),
-    box_threshold: float = typer.Option(0.45, "--box-threshold", min=0, max=1, help="grounded-sam: first "
-                                        "detection threshold"),
-    threshold_floor: float = typer.Option(0.2, "--threshold-floor", min=0, max=1, help="grounded-sam: lowest "
-                                          "threshold for images with too few objects"),
-    depth: str = typer.Option("none", "--depth", help="none | depth-anything (any transformers "
-                              "AutoModelForDepthEstimation, with --depth-model) | classical (a depth cue from "
+    src: Path = typer.Argument(..., metavar="SRC", help="folder of images: SRC/<class>/<image> or SRC/<image>"),
+    out: Path = typer.Option(..., "--out", metavar="FOLDER", help="dataset folder to write (the layout of "
+                             "docs/dataset-format.md); reruns resume"),
+    instance: str = typer.Option("classical", "--instance", metavar="NAME", help="classical or grounded-sam"),
+    semantic: str = typer.Option("classical", "--semantic", metavar="NAME", help="classical, mask2former or "
+                                 "oneformer"),
+    detector_model: Optional[str] = typer.Option(None, "--detector-model", metavar="MODEL", show_default="none; "
+                                                 "needed with --instance grounded-sam",
+                                                 help="Grounding DINO folder or hub id"),
+    segmenter_model: Optional[str] = typer.Option(None, "--segmenter-model", metavar="MODEL", show_default="none; "
+                                                  "needed with --instance grounded-sam",
+                                                  help="SAM-HQ / SAM folder or hub id"),
+    semantic_model: Optional[str] = typer.Option(None, "--semantic-model", metavar="MODEL", show_default="none; "
+                                                 "needed with --semantic mask2former or oneformer",
+                                                 help="Mask2Former / OneFormer folder or hub id (COCO-panoptic: 133 "
+                                                 "classes)"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, metavar="N", show_default="1 if there is a GPU, else 0",
+                                       help="GPUs, one process each (0 = the CPU)"),
+    procs: int = typer.Option(1, "--procs", min=1, metavar="N", help="with --gpus 0: CPU processes sharing the "
+                              "images"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, metavar="N", help="images per model call"),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", min=0, metavar="N",
+                                show_default="4, or the cores if fewer", help="image-reading processes (0 = read "
+                                "in the main process)"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, metavar="N", show_default="all images",
+                                        help="only the first N images (sorted)"),
+    rgb: str = typer.Option("copy", "--rgb", metavar="NAME", help="how originals go to DATA/rgb: copy, symlink or "
+                            "hardlink"),
+    preview: int = typer.Option(0, "--preview", min=0, metavar="N", help="write DATA/preview.png with N labelled "
+                                "images (0 = no preview)"),
+    box_threshold: float = typer.Option(0.45, "--box-threshold", min=0, max=1, metavar="SCORE",
+                                        help="grounded-sam: first detection threshold, 0 to 1"),
+    threshold_floor: float = typer.Option(0.2, "--threshold-floor", min=0, max=1, metavar="SCORE",
+                                          help="grounded-sam: lowest threshold, 0 to 1, for images with too few "
+                                          "objects"),
+    depth: str = typer.Option("none", "--depth", metavar="NAME", help="none, depth-anything (any transformers "
+                              "AutoModelForDepthEstimation, with --depth-model) or classical (a depth cue from "
                               "height, detail and figure, no weights): also write DATA/depth/"),
-    depth_model: Optional[str] = typer.Option(None, "--depth-model", help="Depth Anything / DPT folder or hub id "
-                                              "[default: none; needed with --depth depth-anything]"),
+    depth_model: Optional[str] = typer.Option(None, "--depth-model", metavar="MODEL", show_default="none; needed "
+                                              "with --depth depth-anything",
+                                              help="Depth Anything / DPT folder or hub id"),
 ) -> None:
     """Pseudo-label every image under SRC with instance and semantic maps.
 

@@ -15,14 +15,17 @@ from cfmae_cli.ownership import writing
 
 @guarded
 def pack(
-    data: Path = typer.Argument(..., help="a dataset in the layout of docs/dataset-format.md (both maps)"),
-    out: Path = typer.Option(..., "--out", help="new or empty folder for the packed copy"),
-    size: int = typer.Option(256, "--size", min=32, help="side of the stored square image (short side resized "
-                             "to it, centre-cropped)"),
-    map_scale: int = typer.Option(2, "--map-scale", min=1, help="maps are stored at size / map-scale"),
-    shard_size: int = typer.Option(4096, "--shard-size", min=1, help="images per shard"),
-    quality: int = typer.Option(95, "--quality", min=50, max=100, help="JPEG quality of the stored images"),
-    workers: int = typer.Option(os.cpu_count() or 1, "--workers", min=1, help="processes, one shard each"),
+    data: Path = typer.Argument(..., metavar="DATA", help="a dataset in the layout of docs/dataset-format.md (both "
+                                "maps)"),
+    out: Path = typer.Option(..., "--out", metavar="FOLDER", help="new or empty folder for the packed copy"),
+    size: int = typer.Option(256, "--size", min=32, metavar="N", help="side in pixels, at least 32, of the stored "
+                             "square image (short side resized to it, centre-cropped)"),
+    map_scale: int = typer.Option(2, "--map-scale", min=1, metavar="N", help="maps are stored at size / map-scale"),
+    shard_size: int = typer.Option(4096, "--shard-size", min=1, metavar="N", help="images per shard"),
+    quality: int = typer.Option(95, "--quality", min=50, max=100, metavar="N", help="JPEG quality of the stored "
+                                "images, 50 to 100"),
+    workers: int = typer.Option(os.cpu_count() or 1, "--workers", min=1, metavar="N", show_default="all cores",
+                                help="processes, one shard each"),
 ) -> None:
     """Pack a dataset for fast pre-training reads: small square JPEGs and raw maps in shards.
 

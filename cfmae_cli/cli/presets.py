@@ -29,9 +29,11 @@ def describe_derived(info: dict, optim: OptimConfig) -> list[str]:
 
 @guarded
 def presets(
-    name: Optional[str] = typer.Argument(None, help="preset name or YAML file to print resolved"),
-    gpus: int = typer.Option(1, "--gpus", min=1, help="devices to derive accumulation steps for"),
-    set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set optim.base_lr=1.5e-4"),
+    name: Optional[str] = typer.Argument(None, metavar="NAME", show_default="list the presets",
+                                         help="preset name or YAML file to print resolved"),
+    gpus: int = typer.Option(1, "--gpus", min=1, metavar="N", help="devices to derive accumulation steps for"),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", show_default="the preset's values",
+                                   help="override any config key (repeatable), e.g. --set optim.base_lr=1.5e-4"),
 ) -> None:
     """List the presets, or print one resolved (YAML) with derived values.
 

@@ -16,25 +16,30 @@ from cfmae_cli.formats import MANIFEST_NAME, need_folder
 
 @guarded
 def pretrain(
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="preset name (see `cfmae presets`) or a "
-                                         "YAML file [default: demo]"),
-    data: Optional[Path] = typer.Option(None, "--data", help="dataset folder (docs/dataset-format.md); "
-                                        "default: the built-in demo data"),
-    out: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/pretrain/<preset>[-k])"),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help="GPUs on this machine, one process each "
-                                       "(0 = CPU); default: 1 GPU if there is one, else the CPU"),
-    procs: int = typer.Option(1, "--procs", min=1, help="with --gpus 0: CPU processes (gloo)"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="override train.epochs"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="override train.seed"),
-    set_: list[str] = typer.Option([], "--set", help="override any key, e.g. --set optim.base_lr=1.5e-4"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="continue a run exactly: its folder or one of "
-                                          "its checkpoints"),
-    init: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="start a new run from these weights only: "
-                                        "a cfmae checkpoint or run folder, an MAE / MultiMAE / timm file (old "
-                                        "spelling: --init)"),
-    monitor_data: Optional[Path] = typer.Option(None, "--monitor-data", help="labelled ImageFolder (train/ and "
-                                                "val/, e.g. ImageNet's) for the k-NN monitor (docs/monitoring.md); "
-                                                "default: a held-out share of the data's class folders"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", metavar="NAME", show_default="demo",
+                                         help="preset name (see `cfmae presets`) or a YAML file"),
+    data: Optional[Path] = typer.Option(None, "--data", metavar="FOLDER", show_default="the built-in demo data",
+                                        help="dataset folder (docs/dataset-format.md) or a packed copy"),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="FOLDER", show_default="runs/pretrain/<preset>[-k]",
+                                       help="run folder"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, metavar="N", show_default="1 if there is a GPU, else 0",
+                                       help="GPUs on this machine, one process each (0 = the CPU)"),
+    procs: int = typer.Option(1, "--procs", min=1, metavar="N", help="with --gpus 0: CPU processes (gloo)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, metavar="N",
+                                         show_default="the preset's train.epochs", help="epochs to train"),
+    seed: Optional[int] = typer.Option(None, "--seed", metavar="N", show_default="the preset's train.seed",
+                                       help="random seed"),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", show_default="the preset's values",
+                                   help="override any config key (repeatable), e.g. --set optim.base_lr=1.5e-4"),
+    resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN", show_default="a new run",
+                                          help="continue a run exactly: its folder or one of its checkpoints"),
+    init: Optional[Path] = typer.Option(None, "--checkpoint", "-c", metavar="CKPT", show_default="random weights",
+                                        help="start a new run from these weights only: a cfmae checkpoint or run "
+                                        "folder, an MAE / MultiMAE / timm file"),
+    monitor_data: Optional[Path] = typer.Option(None, "--monitor-data", metavar="FOLDER",
+                                                show_default="a held-out share of the data's class folders",
+                                                help="labelled ImageFolder (train/ and val/, e.g. ImageNet's) for "
+                                                "the k-NN monitor (docs/monitoring.md)"),
 ) -> None:
     """Pre-train a ViT with CFMAE.
 

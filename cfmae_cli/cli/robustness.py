@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cfmae_cli.cli.common import console, guarded, is_terminal, launch_workers, logs_to
+from cfmae_cli.cli.helptext import REQUIRED
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.eval.suites import DATASETS
 
@@ -19,26 +20,36 @@ SUITES = {"imagenet-ood": DATASETS}
 
 @guarded
 def eval_robustness(
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="a `cfmae finetune` checkpoint or "
-                                             "run folder, an exported timm folder, or with --model: a weights file"),
-    suite: str = typer.Option("imagenet-ood", "--suite", help="imagenet-ood: ImageNet-A, -R, -Sketch and -C"),
-    root: Path = typer.Option(..., "--data", help="folder holding imagenet-a/, imagenet-r/, imagenet-sketch/ (or "
-                              "sketch/) and imagenet-c/"),
-    datasets: str = typer.Option(",".join(DATASETS), "--datasets", help="which of a, r, sketch, c"),
-    model: Optional[str] = typer.Option(None, "--model", help="a timm model name, with --checkpoint its local "
-                                        "weights (to evaluate baselines the same way)"),
-    batch_size: int = typer.Option(256, "--batch-size", min=1, help="images per batch and device"),
-    workers: int = typer.Option(8, "--workers", min=0, help="DataLoader worker processes per device"),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help="GPUs, one process each (0 = CPU); default: "
-                                       "1 GPU if there is one"),
-    procs: int = typer.Option(1, "--procs", min=1, help="with --gpus 0: CPU processes"),
-    out: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/eval-robustness/<name>)"),
-    img_size: Optional[int] = typer.Option(None, "--img-size", min=8, help="override the model's input size"),
-    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", min=0.01, max=1.0, help="override the centre-crop "
-                                             "fraction (resize to img_size / crop_pct)"),
-    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="bicubic or bilinear"),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="only the first N images of each split: a "
-                                        "quick look, not the benchmark"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", metavar="CKPT", show_default=REQUIRED,
+                                             help="a `cfmae finetune` checkpoint or run folder, an exported timm "
+                                             "folder, or with --model: a weights file"),
+    suite: str = typer.Option("imagenet-ood", "--suite", metavar="NAME", help="imagenet-ood: ImageNet-A, -R, "
+                              "-Sketch and -C"),
+    root: Path = typer.Option(..., "--data", metavar="FOLDER", help="folder holding imagenet-a/, imagenet-r/, "
+                              "imagenet-sketch/ (or sketch/) and imagenet-c/"),
+    datasets: str = typer.Option(",".join(DATASETS), "--datasets", metavar="LIST", help="which of a, r, sketch, c "
+                                 "(comma-separated)"),
+    model: Optional[str] = typer.Option(None, "--model", metavar="MODEL", show_default="none (--checkpoint is a cfmae "
+                                        "checkpoint or a timm folder)", help="a timm model name, with "
+                                        "--checkpoint its local weights (to evaluate baselines the same way)"),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, metavar="N", help="images per batch and device"),
+    workers: int = typer.Option(8, "--workers", min=0, metavar="N", help="DataLoader worker processes per device "
+                                "(0 = read in the main process)"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, metavar="N", show_default="1 if there is a GPU, else 0",
+                                       help="GPUs, one process each (0 = the CPU)"),
+    procs: int = typer.Option(1, "--procs", min=1, metavar="N", help="with --gpus 0: CPU processes"),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="FOLDER", show_default="runs/eval-robustness/<name>[-k]",
+                                       help="run folder"),
+    img_size: Optional[int] = typer.Option(None, "--img-size", min=8, metavar="N", show_default="the model's",
+                                           help="input size in pixels (at least 8)"),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", min=0.01, max=1.0, metavar="FRACTION",
+                                             show_default="the model's", help="centre-crop fraction, 0.01 to 1 "
+                                             "(resize to img_size / crop_pct)"),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", metavar="NAME", show_default="the model's",
+                                                help="bicubic or bilinear"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, metavar="N", show_default="all images",
+                                        help="only the first N images of each split: a quick look, not the "
+                                        "benchmark"),
 ) -> None:
     """Robustness of an ImageNet-1k classifier: IN-A, IN-R, IN-Sketch top-1, IN-C mCE and the Score.
 

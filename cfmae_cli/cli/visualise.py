@@ -117,19 +117,25 @@ def _outputs(out: Path, images: list[Path], checkpoint: Optional[str | Path], co
 
 @guarded
 def reconstruct(
-    images: list[Path] = typer.Argument(..., help="image file(s); maps come from their dataset folder if they "
-                                        "are in one, else from the classical labeller"),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="checkpoint or run folder (default: the "
-                                              "newest runs/pretrain/*/checkpoints/last.pt)"),
-    modality: str = typer.Option("rgb", "--modalities", help="input modalities, e.g. rgb or rgb,instance,semantic; "
-                                 "the others are predicted"),
-    masking: str = typer.Option("random", "--masking", help="random | semantic | instance | progressive"),
-    num_visible: Optional[int] = typer.Option(None, "--num-visible", min=1, help="visible input tokens (default: "
-                                              "all of a single input; the config's num_visible for several)"),
-    seed: int = typer.Option(0, "--seed", help="seed of the masks"),
-    out: Optional[Path] = typer.Option(None, "--out", help="grid PNG (a JSON of errors is written beside it)"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, max=1, help=GPUS_HELP + " [default: --device]"),
+    images: list[Path] = typer.Argument(..., metavar="IMAGE", help="image file(s); maps come from their dataset "
+                                        "folder if they are in one, else from the classical labeller"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", metavar="CKPT",
+                                              show_default="the newest pre-training run",
+                                              help="pre-training checkpoint or run folder"),
+    modality: str = typer.Option("rgb", "--modalities", metavar="LIST", help="input modalities, e.g. rgb or "
+                                 "rgb,instance,semantic; the others are predicted"),
+    masking: str = typer.Option("random", "--masking", metavar="NAME", help="random, semantic, instance or "
+                                "progressive"),
+    num_visible: Optional[int] = typer.Option(None, "--num-visible", min=1, metavar="N",
+                                              show_default="all of a single input; the config's num_visible for "
+                                              "several", help="visible input tokens"),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="seed of the masks"),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="FILE", show_default="<first image>-reconstruct.png",
+                                       help="grid PNG (a JSON of errors is written "
+                                       "beside it)"),
+    device: str = typer.Option("auto", "--device", metavar="NAME", help="auto, cpu or cuda"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, max=1, metavar="N", show_default="--device's",
+                                       help=GPUS_HELP),
 ) -> None:
     """Masked multi-granular reconstruction (paper Fig. 3) or single-modality prediction (Fig. 4, 8-10).
 
@@ -172,28 +178,36 @@ def reconstruct(
 
 @guarded
 def attention_map(
-    images: Optional[list[Path]] = typer.Argument(None, help="image file(s) (none with --stats)"),
-    checkpoint: Optional[list[str]] = typer.Option(None, "--checkpoint", "-c", help="checkpoint or run folder "
-                                                   "(default: the newest pre-training run); with --stats "
+    images: Optional[list[Path]] = typer.Argument(None, metavar="IMAGE", show_default="none: give --stats",
+                                                  help="image file(s) (none with --stats)"),
+    checkpoint: Optional[list[str]] = typer.Option(None, "--checkpoint", "-c", metavar="CKPT",
+                                                   show_default="the newest pre-training run",
+                                                   help="pre-training checkpoint or run folder; with --stats "
                                                    "repeatable, any weights file, or 'random'"),
-    method: str = typer.Option("cls", "--method", help="cls (global token, DINO) | mean (received) | rollout"),
-    layer: int = typer.Option(-1, "--layer", help="encoder block for cls / mean (-1 = the last)"),
-    head: str = typer.Option("all", "--head", help="a head index, mean, or all (one panel per head)"),
-    modality: str = typer.Option("rgb", "--modalities", help="input modalities (all their tokens visible)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="grid PNG; with --stats the JSON (default "
-                                       "attention-stats.json)"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, max=1, help=GPUS_HELP + " [default: --device]"),
-    stats: Optional[Path] = typer.Option(None, "--stats", help="a labelled dataset folder (rgb/, instance/, "
-                                         "semantic/): attention statistics over its images, one column per model"),
-    model: Optional[list[str]] = typer.Option(None, "--model", help="with --stats: a timm model name (repeatable), "
-                                              "each with its --weights"),
-    weights: Optional[list[Path]] = typer.Option(None, "--weights", help="with --stats: the local weights file (or "
-                                                 "exported folder) of each --model, in order"),
-    max_images: int = typer.Option(1000, "--images", min=1, help="with --stats: at most this many images, spread "
-                                   "evenly over the classes"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="with --stats: images per forward"),
-    seed: int = typer.Option(0, "--seed", help="with --stats: seed of 'random' and of the bootstrap"),
+    method: str = typer.Option("cls", "--method", metavar="NAME", help="cls (global token, DINO), mean (received) "
+                               "or rollout"),
+    layer: int = typer.Option(-1, "--layer", metavar="N", help="encoder block for cls / mean (-1 = the last)"),
+    head: str = typer.Option("all", "--head", metavar="HEAD", help="a head index, mean, or all (one panel per head)"),
+    modality: str = typer.Option("rgb", "--modalities", metavar="LIST", help="input modalities (all their tokens "
+                                 "visible)"),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="FILE", show_default="<first image>-attention-<method>"
+                                       ".png; with --stats attention-stats.json", help="grid PNG; with --stats the JSON"),
+    device: str = typer.Option("auto", "--device", metavar="NAME", help="auto, cpu or cuda"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, max=1, metavar="N", show_default="--device's",
+                                       help=GPUS_HELP),
+    stats: Optional[Path] = typer.Option(None, "--stats", metavar="FOLDER", show_default="none: draw the images",
+                                         help="a labelled dataset folder (rgb/, instance/, semantic/): attention "
+                                         "statistics over its images, one column per model"),
+    model: Optional[list[str]] = typer.Option(None, "--model", metavar="MODEL", show_default="none",
+                                              help="with --stats: a timm model name (repeatable), each with its "
+                                              "--weights"),
+    weights: Optional[list[Path]] = typer.Option(None, "--weights", metavar="FILE", show_default="none",
+                                                 help="with --stats: the local weights file (or exported folder) of "
+                                                 "each --model, in order"),
+    max_images: int = typer.Option(1000, "--limit", min=1, metavar="N", help="with --stats: at most N images, "
+                                   "spread evenly over the classes"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, metavar="N", help="with --stats: images per forward"),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="with --stats: seed of 'random' and of the bootstrap"),
 ) -> None:
     """Encoder attention over the image (paper Fig. 1), computed with fused attention left on; with --stats, as
     numbers over a dataset (object share, region and spatial entropy; per block the patch tokens' mean attention
