@@ -117,6 +117,12 @@ def test_the_monitor_scores_twenty_held_out_images_or_says_it_is_off(tmp_path: P
     with caplog.at_level(logging.INFO, logger="cfmae_cli"):
         assert monitor_samples(tiny_config("train.monitor.val_fraction=0.2"), None, samples, classes) is None
     assert f"fewer than the {MIN_VAL} a top-1 needs" in caplog.text and "k-NN monitor off" in caplog.text
+    # the message names the setting that works, and it does
+    import re
+
+    share = re.search(r"--set train\.monitor\.val_fraction=([0-9.]+) holds out enough", caplog.text).group(1)
+    enough = monitor_samples(tiny_config(f"train.monitor.val_fraction={share}"), None, samples, classes)
+    assert enough is not None and len(enough[2]) >= MIN_VAL
     found = monitor_samples(tiny_config("train.monitor.val_fraction=0.5"), None, samples, classes)
     assert found is not None and len(found[2]) >= MIN_VAL
     caplog.clear()

@@ -69,7 +69,8 @@ def finetune(
     for weights in (checkpoint if resume is None else None, resume):  # sizes checked before torch is imported
         if weights not in (None, "random"):
             check_weights_file(weights)
-    from cfmae_cli.cli.training import demo_preset_notice, dispatch, fit_to_data, resumed_config, run_overrides
+    from cfmae_cli.cli.training import (demo_preset_notice, dispatch, fit_to_data, own_data_run, resumed_config,
+                                         run_overrides)
     from cfmae_cli.eval.finetune import finetune as run
 
     if mode is not None and mode not in ("full", "linear"):
@@ -91,6 +92,7 @@ def finetune(
             checkpoint = str(checkpoint_path(checkpoint).resolve())
         overrides.append(f"model.init={checkpoint}")
     default = {"segmentation": "ft-seg-demo", "detection": "ft-det-demo"}.get(task or "", "ft-demo")
+    name = Path(preset or default).stem
     if resume is not None:
         cfg = resumed_config(resume, preset, overrides, FinetuneConfig, mode)
     else:
@@ -108,8 +110,9 @@ def finetune(
                                         world)
                 held = "" if (data / "train").is_dir() else \
                     f" (data.val_fraction {cfg.data.val_fraction:g} of each class held out for validation)"
-                console.print(f"note: {said}{held}.", highlight=False)
-    dispatch("finetune", cfg, functools.partial(run, cfg), _done, out=out, name=Path(preset or default).stem,
+                name, where = own_data_run(data, out, name)
+                console.print(f"note: {said}{held}; {where}.", highlight=False)
+    dispatch("finetune", cfg, functools.partial(run, cfg), _done, out=out, name=name,
              resume=resume, gpus=gpus, procs=procs, extra_args=[])
 
 

@@ -65,7 +65,8 @@ def pretrain(
             if not checkpoint_path(weights).is_file():
                 raise CfmaeError(f"{flag} {weights}: checkpoint not found (a run folder needs checkpoints/last.pt).")
             check_weights_file(weights)  # sizes checked before anything is built (docs/export.md)
-    from cfmae_cli.cli.training import demo_preset_notice, dispatch, fit_to_data, resumed_config, run_overrides
+    from cfmae_cli.cli.training import (demo_preset_notice, dispatch, fit_to_data, own_data_run, resumed_config,
+                                         run_overrides)
     from cfmae_cli.train.pretraining import pretrain as run
 
     overrides = run_overrides(set_, data, epochs, seed, gpus, procs, resume, out)
@@ -81,19 +82,14 @@ def pretrain(
         demo_preset_notice("demo", "a 4-block ViT at 64 px for a few CPU minutes",
                            "vitb-400e (the paper's ViT-B), vits-400e or vitl-400e")
         world = gpus if gpus else (procs if gpus == 0 else 1)
-        cfg, said = fit_to_data(cfg, data_size(data), str(data), overrides, world)
-        name = data.resolve().name or name
-        console.print(f"note: {said}; the run is named after the data: {name}.", highlight=False)
+        from cfmae_cli.train.pretraining import pretraining_images
+
+        cfg, said = fit_to_data(cfg, pretraining_images(cfg), str(data), overrides, world)
+        name, where = own_data_run(data, out, name)
+        console.print(f"note: {said}; {where}.", highlight=False)
     dispatch("pretrain", cfg, functools.partial(run, cfg, init=init), _done, out=out, name=name,
              resume=resume, gpus=gpus, procs=procs, extra_args=["--checkpoint", str(init)] if init is not None else [],
              before_refusal=lambda world: _print_plan(cfg, world))
-
-
-def data_size(data: Path) -> int:
-    """Images of the dataset (or packed copy) ``data``."""
-    from cfmae_cli.data.layout import is_packed, list_samples, read_packed_manifest
-
-    return read_packed_manifest(data)["images"] if is_packed(data) else len(list_samples(data, maps=[])[0])
 
 
 def _done(summary: dict[str, Any]) -> str:

@@ -111,6 +111,13 @@ def fit_to_data(cfg: Any, images: int, source: str, overrides: list[str], world:
     return cfg, what
 
 
+def own_data_run(data: Path, out: Optional[Path], name: str) -> tuple[str, str]:
+    """The run name for ``--data`` without ``--preset`` (the data folder's), and the words that say where the run
+    goes: ``--out`` when given, else the folder named after the data."""
+    name = data.resolve().name or name
+    return name, (f"the run goes to {out}" if out is not None else f"the run is named after the data: {name}")
+
+
 def complete_run(resume: Path, cfg: Any) -> int | None:
     """The epochs done, when the run of ``resume`` has finished all of ``cfg``'s epochs (else None)."""
     ckpt = load_checkpoint(checkpoint_path(resume), mmap=True)

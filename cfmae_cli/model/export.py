@@ -234,7 +234,7 @@ def model_card(config: dict[str, Any], top: dict[str, Any], folder: Path) -> str
     pc = config["pretrained_cfg"]
     side = pc["input_size"][1]
     lines = [f"# {folder.name}", "",
-             ("A ViT classifier fine-tuned by cfmae" if finetuned else
+             ("A ViT classifier fine-tuned and exported by" if finetuned else
               "A ViT encoder pre-trained with CFMAE (coarse-to-fine masked autoencoding of semantic maps, instance "
               "maps and RGB), exported by") + f" {software()} in timm's format.", "",
              "## Architecture", "",

@@ -58,16 +58,18 @@ def knn_accuracy(bank: Tensor, bank_labels: Tensor, queries: Tensor, labels: Ten
 MIN_VAL = 20  # the fewest held-out images the monitor scores by itself (train.monitor.enabled: null)
 
 
-def monitor_samples(cfg: Config, labelled: Path | None, samples: list[Sample] | None, classes: list[str]
-                    ) -> tuple[list[Sample] | None, list[Sample], list[Sample], int] | None:
+def monitor_samples(cfg: Config, labelled: Path | None, samples: list[Sample] | None, classes: list[str],
+                    quiet: bool = False) -> tuple[list[Sample] | None, list[Sample], list[Sample], int] | None:
     """(the pre-training samples, the k-NN bank, the val set, the number of classes), or None when the monitor is
     off (``train.monitor.enabled`` false; or null and no labels, or a held-out share with no image in it).
 
     ``labelled``: the monitor's own ImageFolder (``train.monitor.data``, or the demo's close-ups); its
     ``train/`` is the bank and its ``val/`` the val set. Otherwise ``val_fraction`` of each class of the
     pre-training data is held out of pre-training (by a hash of the file name) and the bank is the rest.
-    ``samples`` None: packed data, whose file names are gone (only a labelled folder can serve it)."""
+    ``samples`` None: packed data, whose file names are gone (only a labelled folder can serve it). ``quiet``:
+    the same answer without the log lines (the command line asks before the run, which says them)."""
     m = cfg.train.monitor
+    say = (lambda *args: None) if quiet else log.info
     if m.enabled is False:
         return None
     if labelled is not None:
@@ -95,17 +97,22 @@ def monitor_samples(cfg: Config, labelled: Path | None, samples: list[Sample] | 
         why = (f"train.monitor.val_fraction: {m.val_fraction} of {len(samples)} images leaves {len(val)} to score "
                f"and {len(kept)} to pre-train on")
         if m.enabled is None:
-            log.info("k-NN monitor off: %s", why)
+            say("k-NN monitor off: %s", why)
             return None
         raise DataError(f"{why}; raise or lower it, or give the monitor its own images (--monitor-data)")
     if len(val) < MIN_VAL:
         why = (f"train.monitor.val_fraction {m.val_fraction:g} of {len(samples)} images holds out {len(val)} to score, "
                f"fewer than the {MIN_VAL} a top-1 needs to mean something (one image is 0 or 100 %)")
+        enough = next((f / 20 for f in range(1, 11)  # the smallest share (steps of 0.05, at most half) that holds
+                       if sum(held_out(s, f / 20) for s in samples) >= MIN_VAL), None)  # out MIN_VAL images
+        fix = (f"--set train.monitor.val_fraction={enough:g} holds out enough" if enough else
+               "the data is too small to hold out enough") + \
+            ", or give the monitor its own labelled images (--monitor-data)"
         if m.enabled is None:
-            log.info("k-NN monitor off: %s; raise it, or give the monitor its own labelled images (--monitor-data)",
-                     why)
+            say("k-NN monitor off: %s; %s", why, fix)
             return None
-        log.warning("k-NN monitor: %s; its numbers are noise", why)
+        if not quiet:
+            log.warning("k-NN monitor: %s; its numbers are noise (%s)", why, fix)
     return kept, spread(kept, m.train_images), spread(val, m.val_images), len(classes)
 
 

@@ -12,8 +12,7 @@ from torch import Tensor, nn
 from cfmae_cli import modalities as table
 from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import Skipped, collate
-from cfmae_cli.data.layout import list_samples
-from cfmae_cli.data.layout import is_packed
+from cfmae_cli.data.layout import Sample, is_packed, list_samples, read_packed_manifest
 from cfmae_cli.data.transforms import inputs_on_device
 from cfmae_cli.masking import MaskGenerator, schedule
 from cfmae_cli.model import CFMAE
@@ -40,6 +39,23 @@ def pretrain(cfg: Config, *, out: str | Path | None = None, name: str = "run", r
     return summary
 
 
+def pretraining_samples(cfg: Config, root: Path, labelled: Path | None, quiet: bool = False
+                        ) -> tuple[list[Sample] | None, Any]:
+    """The samples of ``root`` (None for packed data) and the k-NN monitor's choice (:func:`monitor_samples`:
+    the samples left to pre-train on, the bank, the val set, the classes; None when the monitor is off)."""
+    samples, classes = (None, []) if is_packed(root) else list_samples(root, maps=table.maps_of(cfg.data.modalities))
+    return samples, monitor_samples(cfg, labelled, samples, classes, quiet)
+
+
+def pretraining_images(cfg: Config) -> int:
+    """The images a run of ``cfg`` pre-trains on: its data less the share the k-NN monitor holds out."""
+    root = dataset_root(cfg)
+    samples, picked = pretraining_samples(cfg, root, monitor_root(cfg), quiet=True)
+    if picked and picked[0] is not None:
+        return len(picked[0])
+    return len(samples) if samples is not None else int(read_packed_manifest(root)["images"])
+
+
 class PretrainTask(Task):
     command = "pretrain"
 
@@ -48,9 +64,7 @@ class PretrainTask(Task):
         set_threads(cfg, info.world)  # train.threads, or the cores' share left beside the data workers
         self.root = Path(distributed.broadcast(str(dataset_root(cfg)) if info.is_main else None, info))
         labelled = distributed.broadcast(monitor_root(cfg) if info.is_main else None, info)
-        samples, classes = (None, []) if is_packed(self.root) else \
-            list_samples(self.root, maps=table.maps_of(cfg.data.modalities))
-        picked = monitor_samples(cfg, labelled, samples, classes)
+        samples, picked = pretraining_samples(cfg, self.root, labelled)
         self.dataset, manifest = build_dataset(cfg, self.root, samples=picked[0] if picked else samples)
         self.monitor = KnnMonitor(cfg, *picked[1:], info) if picked else None
         self.semantic_classes = list(manifest["semantic_classes"])
