@@ -104,7 +104,9 @@ def test_mask_rcnn_finetuning_on_the_dataset_layout(tmp_path: Path) -> None:
                                  str(tmp_path / "data"), "--out", str(out), *[x for s in sets for x in ("--set", s)]])
     assert result.exit_code == 0, result.output
     epoch = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "epoch"][0]
-    assert {"AP_box", "AP_mask", "AP50_box", "loss_mask", "loss_objectness"} <= set(epoch)
+    assert {"AP_box", "AP_mask", "AP50_box", "APs_box", "APm_box", "APl_box", "APs_mask", "APl_mask", "loss_mask",
+            "loss_objectness"} <= set(epoch)
+    assert "APs/APm/APl box" in result.output
     assert 0 <= epoch["AP_box"] <= 100 and (out / "checkpoints/best.pt").is_file()
 
 
@@ -188,3 +190,124 @@ def test_the_1x_schedule_is_mmdetections() -> None:
                      tuple(m / epochs for m in cfg.optim.milestones))
 
     assert [lr_in(e) for e in (1, 8, 9, 11, 12)] == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01])
+
+
+def _box(image_id: int, ann_id: int, x: int, y: int, w: int, h: int) -> dict:
+    mask = np.zeros((300, 300), np.uint8)
+    mask[y:y + h, x:x + w] = 1
+    from cfmae_cli.eval.coco import rle
+    return {"id": ann_id, "image_id": image_id, "category_id": 1, "bbox": [float(x), float(y), float(w), float(h)],
+            "area": float(w * h), "iscrowd": 0, "segmentation": rle(mask)}
+
+
+def test_ap_by_object_size_follows_cocos_area_ranges() -> None:
+    """APs / APm / APl are pycocotools' stats[3..5] (areas < 32², 32²…96², > 96²), for boxes and masks: on a
+    set whose answer is known — the small object and one of the two medium ones found exactly, the large one
+    missed — APs is 100, APm 100 x 51/101 (recall 1/2 on COCO's 101 recall points), APl 0; each object sits
+    just on its side of a threshold (1,023 and 1,089 px around 32² = 1,024; 9,025 and 9,409 around 96²)."""
+    anns = [_box(1, 1, 5, 5, 31, 33), _box(1, 2, 60, 5, 33, 33), _box(1, 3, 5, 100, 95, 95),
+            _box(1, 4, 150, 150, 97, 97)]  # small, medium, medium, large
+    coco = {"images": [{"id": 1, "file_name": "a.png", "height": 300, "width": 300}],
+            "categories": [{"id": 1, "name": "thing"}], "annotations": anns}
+    found = [{"image_id": 1, "category_id": 1, "score": 1.0, "bbox": a["bbox"], "segmentation": a["segmentation"]}
+             for a in (anns[0], anns[2])]
+    ap = coco_ap(coco, found)
+    for kind in ("box", "mask"):
+        assert ap[f"APs_{kind}"] == pytest.approx(100.0)
+        assert ap[f"APm_{kind}"] == pytest.approx(100 * 51 / 101)
+        assert ap[f"APl_{kind}"] == pytest.approx(0.0)
+        assert ap[f"AP50_{kind}"] == pytest.approx(100 * 51 / 101)  # two of four objects, all sizes
+    no_large = {**coco, "annotations": anns[:3]}
+    assert coco_ap(no_large, found)["APl_box"] is None  # no ground truth of that size: pycocotools' -1
+
+
+def test_windowed_attention_keeps_windows_apart() -> None:
+    """ViTDet's windowed block: a token changed in one window changes no token of another window (nor the
+    global token) after a windowed block, and changes every token after a global block; the grid (8 x 8)
+    is padded to a multiple of the window (3 → 9 x 9)."""
+    from cfmae_cli.model.encoder import WindowedAttention, build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder(EncoderArch(patch_size=8, embed_dim=32, depth=8, num_heads=2), 64, window_size=3).eval()
+    assert enc.windowed == [0, 2, 4, 6] and isinstance(enc.blocks[0].attn, WindowedAttention)
+    x = torch.randn(1, 1 + 64, 32)
+    y = x.clone()
+    y[0, 1 + 0 * 8 + 1] += torch.randn(32)  # patch (row 0, column 1): window (0, 0) holds rows 0-2, columns 0-2
+    window_of = torch.tensor([(r // 3) * 3 + c // 3 for r in range(8) for c in range(8)])
+    with torch.no_grad():
+        a, b = enc.blocks[0](x), enc.blocks[0](y)
+        changed = (a - b).abs().amax(-1)[0] > 1e-6
+        assert not changed[0]  # the global token
+        assert changed[1:][window_of == 0].all() and not changed[1:][window_of != 0].any()
+        assert ((enc.blocks[1](x) - enc.blocks[1](y)).abs().amax(-1)[0] > 1e-6).all()  # global: everything
+        with pytest.raises(ValueError, match="whole 8 x 8 patch grid"):
+            enc.blocks[0](x[:, :10])  # visible tokens only (pre-training's input): refused
+
+
+def test_global_blocks_are_the_last_of_each_quarter() -> None:
+    from cfmae_cli.model.encoder import build_encoder, global_blocks
+
+    assert global_blocks(12) == [2, 5, 8, 11] and global_blocks(24) == [5, 11, 17, 23]
+    assert global_blocks(4) == [0, 1, 2, 3]  # the demo's depth: every block global
+    enc = build_encoder(EncoderArch(patch_size=8, embed_dim=32, depth=12, num_heads=2), 64, window_size=4)
+    assert enc.windowed == [0, 1, 3, 4, 6, 7, 9, 10]
+    shallow = build_encoder(EncoderArch(patch_size=8, embed_dim=32, depth=4, num_heads=2), 64, window_size=4)
+    assert shallow.windowed == []
+    assert build_encoder(EncoderArch(patch_size=8, embed_dim=32, depth=12, num_heads=2), 64).windowed == []
+
+
+def test_windowed_backbone_loads_the_same_weights() -> None:
+    """The windowed encoder has the global one's parameters, key for key: one seed builds the same weights,
+    and pre-trained weights load into it unchanged."""
+    from cfmae_cli.eval.classifier import load_encoder_weights
+    from cfmae_cli.model.encoder import build_encoder
+
+    arch = EncoderArch(patch_size=8, embed_dim=32, depth=8, num_heads=2)
+    torch.manual_seed(0)
+    plain = ViTDetBackbone(arch, 64, channels=16)
+    torch.manual_seed(0)
+    windowed = ViTDetBackbone(arch, 64, channels=16, window_size=4)
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in windowed.state_dict().items()}
+    assert all(torch.equal(v, windowed.state_dict()[k]) for k, v in plain.state_dict().items())
+    torch.manual_seed(1)
+    pretrained = {f"encoder.{k}": v for k, v in build_encoder(arch, 32).state_dict().items()}
+    load_encoder_weights(windowed, pretrained, "test")
+    load_encoder_weights(plain, pretrained, "test")
+    loaded = windowed.encoder.state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in plain.encoder.state_dict().items())
+    blocks = [k for k in pretrained if k.startswith("encoder.blocks.")]
+    assert len(blocks) == 8 * 12 and all(torch.equal(loaded[k.removeprefix("encoder.")], pretrained[k]) for k in blocks)
+    assert [f.shape for f in windowed(torch.randn(1, 3, 64, 64)).values()] == \
+        [f.shape for f in plain(torch.randn(1, 3, 64, 64)).values()]
+
+
+def test_the_learning_rates_of_tables_9_and_10_are_read_one_way() -> None:
+    """docs/reproduce.md: the "base learning rate" of Tables 9 and 10 is per 256 images, as the paper's rule
+    for Tables 7 and 8 (lr = base_lr x batch / 256), in both presets: 3e-3 → 1.875e-4 and 4e-4 → 2.5e-5 at
+    batch 16; neither preset sets an absolute optim.lr."""
+    from cfmae_cli.config import batch_plan
+
+    for preset, table in (("ft-det-vitb", 3e-3), ("ft-seg-vitb", 4e-4)):
+        cfg = load_config(preset, schema=FinetuneConfig)
+        assert cfg.optim.lr is None and cfg.optim.base_lr == pytest.approx(table), preset
+        plan = batch_plan(cfg.optim, cfg.train, 8)
+        assert plan["effective_batch"] == 16 and plan["lr"] == pytest.approx(table * 16 / 256), preset
+
+
+def test_window_size_is_for_detection_only() -> None:
+    from cfmae_cli.errors import ConfigError
+
+    assert load_config("ft-det-vitb", schema=FinetuneConfig).model.window_size == 14
+    assert load_config("ft-det-demo", schema=FinetuneConfig).model.window_size == 0
+    with pytest.raises(ConfigError, match="window_size"):
+        load_config("ft-seg-vitb", ["model.window_size=14"], FinetuneConfig)
+
+
+def test_a_window_as_large_as_the_grid_is_refused(tmp_path: Path) -> None:
+    make_dataset(tmp_path / "data", n_per_class=1, seed=0)
+    _, ckpt = _ours(tmp_path)  # patch 8
+    result = runner.invoke(app, ["finetune", "--task", "detection", "--checkpoint", str(ckpt), "--data",
+                                 str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--set", "data.img_size=48",
+                                 "--set", "data.max_size=48", "--set", "model.window_size=6"])
+    assert result.exit_code == 2
+    assert "model.window_size: 6 is not smaller than the 6 x 6 patch grid" in " ".join(result.output.split())

@@ -110,3 +110,194 @@ def test_segmentation_finetuning_on_the_dataset_layout(tmp_path: Path) -> None:
                           atol=1e-6)
     result = runner.invoke(app, ["export", str(out), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "segmentation model" in " ".join(result.output.split())
+
+
+# -- issue 27: mmsegmentation's ADE20K protocol ----------------------------------------------------------------
+class StripePeriod(torch.nn.Module):
+    """A segmenter for the test whose answer depends on texture scale: class 0 where the horizontal stripes
+    repeat every 4 px (a grey value 2 px away differs), class 1 where they repeat every 8 px (4 px away differs),
+    each read over a 9 px neighbourhood. Squashing the image horizontally changes the periods."""
+
+    @staticmethod
+    def _lag(g: torch.Tensor, k: int) -> torch.Tensor:
+        return (g - torch.nn.functional.pad(g, (0, k, 0, 0), mode="replicate")[..., k:]).abs()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        g = batch["rgb"].mean(1, keepdim=True)
+        d = torch.cat([self._lag(g, 2), self._lag(g, 4)], dim=1)
+        return torch.nn.functional.avg_pool2d(d, (1, 9), stride=1, padding=(0, 4), count_include_pad=False)
+
+
+def striped(height: int = 16, width: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    cols = torch.arange(width)
+    left = (cols % 4 < 2).float()  # period 4: class 0
+    right = (cols % 8 < 4).float()  # period 8: class 1
+    row = torch.where(cols < width // 2, left, right)
+    image = row.expand(1, 3, height, width).clone()
+    return image, (cols >= width // 2).long().expand(height, width)
+
+
+def test_slide_inference_keeps_the_texture_scale_that_a_squashed_resize_loses() -> None:
+    from cfmae_cli.eval.segmentation import Inference, predict
+
+    image, target = striped()  # 16 x 64: the short side is the window already (scale (64, 16))
+    model = StripePeriod()
+    inner = torch.zeros_like(target, dtype=torch.bool)
+    inner[:, 8:24] = inner[:, 40:56] = True  # away from the edges and the border between the halves
+    for mode in ("slide", "whole"):
+        how = Inference(scale=(64, 16), crop=16, stride=10, mode=mode)
+        pred = predict(model, image, (16, 64), how, patch=8).argmax(1)[0]
+        assert pred.shape == target.shape
+        assert torch.equal(pred[inner], target[inner]), mode  # both halves right
+    # the old evaluation: the whole image squashed to the 16 x 16 window, the logits resized back
+    squashed = torch.nn.functional.interpolate(image, size=(16, 16), mode="bilinear", align_corners=False)
+    logits = torch.nn.functional.interpolate(model({"rgb": squashed}), size=(16, 64), mode="bilinear",
+                                             align_corners=False)
+    wrong = logits.argmax(1)[0][inner] != target[inner]
+    assert wrong.float().mean() > 0.4  # the right half's 8 px stripes become 2 px ones: read as class 0
+
+
+def test_slide_windows_cover_the_image_and_average_where_they_overlap() -> None:
+    from cfmae_cli.eval.segmentation import slide_logits
+
+    class Counter(torch.nn.Module):
+        def forward(self, batch):
+            x = batch["rgb"]
+            return torch.cat([x[:, :1], torch.ones_like(x[:, :1])], dim=1)  # the image itself, and a constant
+
+    image = torch.arange(20 * 45, dtype=torch.float32).reshape(1, 1, 20, 45).expand(1, 3, 20, 45).contiguous()
+    out = slide_logits(Counter(), image, crop=16, stride=10, max_batch=3)
+    assert out.shape == (1, 2, 20, 45)
+    assert torch.allclose(out[0, 0], image[0, 0]) and torch.allclose(out[0, 1], torch.ones(20, 45))
+    small = image[..., :10, :12]  # shorter than the window: padded, the padding's logits dropped
+    assert torch.allclose(slide_logits(Counter(), small, crop=16, stride=10)[0, 0], small[0, 0])
+
+
+def test_the_training_resize_keeps_the_aspect_ratio() -> None:
+    from cfmae_cli.eval.seg_data import SegTrainTransform, rescale_size
+    from cfmae_cli.seeding import sample_rng
+
+    assert rescale_size(683, 512, (2048, 512)) == (683, 512) and rescale_size(375, 500, (2048, 512)) == (512, 683)
+    assert rescale_size(100, 1000, (2048, 512)) == (205, 2048)  # the long side's cap binds
+    t = SegTrainTransform(64, (256, 64), (0.5, 2.0), 1.0, 0.0, None, (0, 0, 0))
+    rgb = torch.randint(0, 256, (3, 60, 180), dtype=torch.uint8)
+    label = (torch.arange(180) // 60).expand(60, 180).contiguous()  # three vertical bands
+    shorts = []
+    for i in range(12):
+        with sample_rng(0, 0, i):
+            out, lab = t.resize(rgb, label)
+        h, w = out.shape[-2:]
+        assert lab.shape == (h, w) and abs(w / h - 3) < 0.1  # 60 x 180 stays 1 : 3
+        assert set(lab.unique().tolist()) == {0, 1, 2}  # nearest: no new ids
+        shorts.append(h)
+    assert min(shorts) >= 32 and max(shorts) <= 128 and max(shorts) - min(shorts) > 30  # 64 x [0.5, 2]
+    with sample_rng(0, 0, 0):
+        image, maps = t(rgb, {"semantic": label})
+    assert image.shape == (3, 64, 64) and maps["semantic"].shape == (64, 64)
+
+
+def test_cat_max_ratio_rejects_a_crop_dominated_by_one_class_and_gives_up_after_ten_tries(monkeypatch) -> None:
+    from cfmae_cli.eval import seg_data
+    from cfmae_cli.seeding import sample_rng
+
+    half = torch.zeros(32, 64, dtype=torch.long)
+    half[:, 32:] = 1  # left half class 0, right half class 1: a 32 px window is balanced only near the middle
+    assert seg_data.dominated(half[:, :32], 0.75) and seg_data.dominated(half[:, 6:38], 0.75)  # 1, then 26/32
+    assert not seg_data.dominated(half[:, 12:44], 0.75)  # 20/32 = 0.625
+    ignored = half.clone()
+    ignored[:, 16:32] = UNLABELLED
+    assert seg_data.dominated(ignored[:, 16:48], 0.75)  # 255 is not a class: one class left
+    dominated_any = False
+    for i in range(20):
+        with sample_rng(0, 0, i):
+            top, left = seg_data.cat_max_crop(half, 32, 0.75)
+        assert not seg_data.dominated(half[top:top + 32, left:left + 32], 0.75)
+        with sample_rng(0, 0, i):
+            top, left = seg_data.cat_max_crop(half, 32, 1.0)  # off: any window
+        dominated_any |= seg_data.dominated(half[top:top + 32, left:left + 32], 0.75)
+    assert dominated_any
+    draws = []
+    real = seg_data.crop_origin
+
+    def counted(h, w, crop):
+        draws.append(real(h, w, crop))
+        return draws[-1]
+
+    monkeypatch.setattr(seg_data, "crop_origin", counted)
+    single = torch.zeros(32, 64, dtype=torch.long)  # every window is one class
+    with sample_rng(0, 0, 0):
+        corner = seg_data.cat_max_crop(single, 32, 0.75)
+    assert len(draws) == 11 and corner == draws[-1]  # 10 checked draws, then one more kept unchecked
+
+
+def test_photometric_distortion_changes_pixels_and_leaves_labels_untouched() -> None:
+    from cfmae_cli.eval.seg_data import Photometric, SegTrainTransform, hsv_to_rgb, rgb_to_hsv
+    from cfmae_cli.seeding import sample_rng
+
+    x = torch.randint(0, 256, (3, 8, 8)).float()
+    assert torch.allclose(hsv_to_rgb(*rgb_to_hsv(x)), x, atol=1e-3)
+    rgb = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+    label = torch.randint(0, 5, (40, 50))
+    plain = SegTrainTransform(32, (128, 32), (0.5, 2.0), 0.75, 0.5, None, (124, 116, 104))
+    distorted = SegTrainTransform(32, (128, 32), (0.5, 2.0), 0.75, 0.5, Photometric(), (124, 116, 104))
+    changed = 0
+    for i in range(6):
+        with sample_rng(3, 1, i):
+            a, la = plain(rgb, {"semantic": label})
+        with sample_rng(3, 1, i):
+            b, lb = distorted(rgb, {"semantic": label})
+        assert torch.equal(la["semantic"], lb["semantic"])  # the same crop and flip, labels as they were
+        assert a.dtype == b.dtype == torch.uint8 and a.shape == b.shape == (3, 32, 32)
+        changed += int(not torch.equal(a, b))
+    assert changed >= 3  # four steps of probability 1/2: most draws change the pixels
+
+
+def test_the_auxiliary_loss_is_in_the_training_total_and_absent_at_evaluation() -> None:
+    from cfmae_cli.eval.segmentation import SegmentationTask
+
+    model = ViTSegmenter(ARCH, 32, 3, [0, 1, 1, 2], channels=8, aux_channels=8).train()
+    task = SegmentationTask.__new__(SegmentationTask)
+    task.cfg = type("Cfg", (), {"data": type("Data", (), {"mean": (0.5,) * 3, "std": (0.25,) * 3})})()
+    task.noted_single, task.aux_weight = False, 0.4
+    batch = {"rgb": torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8),
+             "semantic": torch.randint(0, 3, (2, 32, 32))}
+    torch.manual_seed(0)
+    total, values = task.forward(model, batch, None)
+    torch.manual_seed(0)
+    logits, aux = model(task.inputs(batch))  # the same dropout draws
+    main = torch.nn.functional.cross_entropy(logits, batch["semantic"])
+    aux_loss = torch.nn.functional.cross_entropy(aux, batch["semantic"])
+    assert total.item() == pytest.approx(main.item() + 0.4 * aux_loss.item(), rel=1e-6)
+    assert values.tolist() == pytest.approx([total.item(), main.item(), aux_loss.item()], rel=1e-6)
+    assert abs(aux_loss.item() - main.item()) > 1e-4  # two heads, two losses
+    total.backward()
+    assert model.aux_head.classifier.weight.grad.abs().sum() > 0
+    calls = []
+    model.aux_head.register_forward_hook(lambda *a: calls.append(1))
+    model.eval()
+    out = model(task.inputs(batch))
+    assert torch.is_tensor(out) and out.shape == (2, 3, 32, 32) and not calls  # no auxiliary logits at evaluation
+
+
+def test_whole_inference_reads_an_image_of_another_size() -> None:
+    torch.manual_seed(0)
+    model = ViTSegmenter(ARCH, 32, 3, [0, 1, 1, 2], channels=8).eval()
+    x = torch.randn(1, 3, 32, 32)
+    same = model._features_any_size(x)  # the generic path at the table's own grid: the encoder's own
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(same, model.features(x)))
+    assert model({"rgb": torch.randn(1, 3, 32, 48)}).shape == (1, 3, 32, 48)
+
+
+def test_the_presets_carry_the_protocol() -> None:
+    from cfmae_cli.config import load_config
+    from cfmae_cli.eval.segmentation import Inference
+
+    vitb = load_config("ft-seg-vitb", [], FinetuneConfig)
+    how = Inference.of(vitb)
+    assert (how.mode, how.crop, how.stride, how.scale) == ("slide", 512, 341, (2048, 512))
+    assert vitb.model.head_channels == 768 and vitb.seg.aux_weight == 0.4 and vitb.seg.aux_channels == 256
+    assert vitb.seg.ratio_range == (0.5, 2.0) and vitb.seg.cat_max_ratio == 0.75 and vitb.seg.photometric
+    demo = Inference.of(load_config("ft-seg-demo", [], FinetuneConfig))
+    assert (demo.crop, demo.stride, demo.scale) == (64, 42, (256, 64))
+    aug = Inference.of(load_config("ft-seg-vitb", ["seg.aug_test=true", "seg.inference=whole"], FinetuneConfig))
+    assert aug.flip and aug.ratios == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) and aug.mode == "whole"

@@ -279,24 +279,32 @@ def coco_results(outputs: list[dict[str, Tensor]], image_ids: list[int], categor
     return records
 
 
-def coco_ap(ground_truth: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, float]:
-    """Box and mask AP, AP50, AP75 (in %) with pycocotools; 0 where there is nothing to score."""
+#: pycocotools' ``stats[0..5]`` under our names: AP at IoU .50:.95, .50, .75, and for small (area < 32²),
+#: medium (32²…96²) and large (> 96²) objects; each key ends in ``_box`` or ``_mask``
+AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def coco_ap(ground_truth: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Box and mask AP, AP50, AP75, APs, APm, APl (in %, pycocotools' ``stats[0..5]``; keys ``AP_box``,
+    ``APs_mask``, …). AP, AP50, AP75 are 0 where there is nothing to score; APs / APm / APl are None where
+    the ground truth holds no object of that size (pycocotools' -1)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    out = {}
+    out: dict[str, float | None] = {}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
         gt = COCO()
         gt.dataset = json.loads(json.dumps(ground_truth))
         gt.createIndex()
         for kind, name in (("bbox", "box"), ("segm", "mask")):
             if not results or not ground_truth["annotations"]:
-                out.update({f"AP_{name}": 0.0, f"AP50_{name}": 0.0, f"AP75_{name}": 0.0})
+                out.update({f"{k}_{name}": 0.0 if i < 3 else None for i, k in enumerate(AP_KEYS)})
                 continue
             ev = COCOeval(gt, gt.loadRes(json.loads(json.dumps(results))), kind)
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-            stats = [max(float(v), 0.0) for v in ev.stats[:3]]  # -1 = no ground truth of that kind
-            out.update({f"AP_{name}": 100 * stats[0], f"AP50_{name}": 100 * stats[1], f"AP75_{name}": 100 * stats[2]})
+            for i, key in enumerate(AP_KEYS):  # -1 = no ground truth of that kind (of that size)
+                value = float(ev.stats[i])
+                out[f"{key}_{name}"] = 100 * max(value, 0.0) if i < 3 or value >= 0 else None
     return out

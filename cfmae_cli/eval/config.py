@@ -78,6 +78,9 @@ class FtModelConfig(_Strict):
                     "top-scoring anchors per level before it)")
     fpn_channels: int = Field(256, ge=8, description="detection: channels of the pyramid and the mask head")
     detections_per_image: int = Field(100, ge=1, description="detection: most detections kept per image")
+    window_size: int = Field(0, ge=0, description="detection: ViTDet's windowed attention, windows of this many "
+                             "patches a side in every block but the last of each quarter of the depth (2, 5, 8, 11 "
+                             "of 12 stay global); 0 = global attention in every block")
 
 
 class FtOptimConfig(_Strict):
@@ -101,6 +104,36 @@ class FtOptimConfig(_Strict):
     clip_grad: Optional[float] = Field(None, gt=0, description="max gradient norm; null = no clipping")
 
 
+class SegConfig(_Strict):
+    """Segmentation (``kind: segmentation``): mmsegmentation's ADE20K pipeline, auxiliary head and inference."""
+
+    scale: Optional[tuple[int, int]] = Field(None, description="resize target (long-side cap, short side) of "
+                                             "training (times a ratio of ratio_range) and evaluation, the aspect "
+                                             "kept; null = (4 x img_size, img_size): mmseg's (2048, 512) at 512")
+    ratio_range: tuple[float, float] = Field((0.5, 2.0), description="training: range of the resize ratio")
+    cat_max_ratio: float = Field(0.75, gt=0, le=1, description="training crop: redraw (up to 10 times) a crop "
+                                 "whose largest class covers this share of its labelled pixels; 1 = off")
+    photometric: bool = Field(True, description="training: mmseg's photometric distortion (brightness, contrast, "
+                              "saturation, hue, each with probability 0.5)")
+    brightness_delta: float = Field(32, ge=0, description="photometric: brightness shift range, +-, of 255")
+    contrast_range: tuple[float, float] = Field((0.5, 1.5), description="photometric: contrast factor range")
+    saturation_range: tuple[float, float] = Field((0.5, 1.5), description="photometric: saturation factor range")
+    hue_delta: int = Field(18, ge=0, le=90, description="photometric: hue shift range, +-, in OpenCV's units "
+                           "(180 a turn)")
+    aux_weight: float = Field(0.4, ge=0, description="loss weight of the auxiliary FCN head on the third pyramid "
+                              "level (training only); 0 = no auxiliary head")
+    aux_channels: int = Field(256, ge=8, description="channels of the auxiliary FCN head's 3x3 conv")
+    inference: Literal["slide", "whole"] = Field("slide", description="evaluation: slide = img_size windows at "
+                                                 "seg.stride over the resized image, logits averaged; whole = the "
+                                                 "whole resized image at once (position table interpolated)")
+    stride: Optional[int] = Field(None, ge=1, description="slide inference: window stride; null = 2/3 of "
+                                  "img_size (341 at 512)")
+    aug_test: bool = Field(False, description="evaluation: multi-scale + flip (seg.aug_ratios x {as is, "
+                           "flipped}, class probabilities averaged) instead of one scale")
+    aug_ratios: list[Annotated[float, Field(gt=0)]] = Field([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], min_length=1,
+                                                            description="aug_test: ratios of seg.scale")
+
+
 class FtTrainConfig(RunConfig):
     epochs: int = Field(100, ge=1)
     save_every: int = Field(10, ge=1, description="keep a checkpoint every N epochs (plus last.pt, best.pt)")
@@ -110,7 +143,7 @@ class FinetuneConfig(_Strict):
     """The fine-tuning config (``cfmae finetune``)."""
 
     TASK: ClassVar[str] = "finetune"
-    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"model.train_pos_embed": False}
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"model.train_pos_embed": False, "seg.aux_weight": 0.0}
     kind: Literal["classification", "segmentation", "detection"] = Field(
         "classification", description="what is trained: an image classifier, per-pixel classes, or Mask R-CNN")
     mode: Literal["full", "linear"] = Field("full", description="full fine-tuning, or a linear probe on the "
@@ -120,6 +153,7 @@ class FinetuneConfig(_Strict):
     aug: AugConfig = AugConfig()
     optim: FtOptimConfig = FtOptimConfig()
     train: FtTrainConfig = FtTrainConfig()
+    seg: SegConfig = SegConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":
@@ -127,6 +161,9 @@ class FinetuneConfig(_Strict):
         image_only = self.data.modalities == [table.embedding_modality()]
         if self.kind == "detection" and (self.mode == "linear" or not image_only):
             raise ValueError("kind: detection fine-tunes the whole encoder on RGB (mode full, modalities [rgb])")
+        if self.model.window_size and self.kind != "detection":
+            raise ValueError(f"model.window_size: {self.model.window_size}: windowed attention is for kind: detection "
+                             f"(0 = global attention)")
         if self.kind == "detection" and self.data.max_size > self.data.img_size:
             raise ValueError(f"data.max_size: {self.data.max_size} exceeds data.img_size {self.data.img_size}, the "
                              f"padded input of the encoder")
@@ -135,6 +172,9 @@ class FinetuneConfig(_Strict):
                 raise ValueError("kind: segmentation fine-tunes the whole encoder on RGB (mode full, modalities [rgb])")
             if self.train.batch_size < 2:
                 raise ValueError("train.batch_size: segmentation needs at least 2 images per device (BatchNorm)")
+            if self.seg.stride is not None and self.seg.stride > self.data.img_size:
+                raise ValueError(f"seg.stride: {self.seg.stride} exceeds the window, data.img_size "
+                                 f"{self.data.img_size}; windows would leave pixels out")
             if enc is not None and max(self.model.out_indices) != enc.depth - 1:
                 raise ValueError(f"model.out_indices: {self.model.out_indices} must end at the encoder's last block "
                                  f"({enc.depth - 1}; depth {enc.depth}), so that every block is trained")

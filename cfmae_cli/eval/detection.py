@@ -6,8 +6,12 @@ p/4, p/2, p, 2p (transposed convolutions, identity, max-pool), each to 256 chann
 convolution with LayerNorm, and a 4p level for the RPN. The encoder's position table has the grid of
 ``data.img_size`` (the pre-trained one resized to it), so every batch is padded to img_size x img_size
 (ViTDet pads to 1024); images are resized by Mask R-CNN's own transform first (``data.min_size`` short side,
-at most ``data.max_size``). Global attention in every block (ViTDet's
-windowed attention is not used).
+at most ``data.max_size``). ``model.window_size`` > 0: ViTDet's windowed attention (windows of that many
+patches in every block but 2, 5, 8, 11 of 12; :class:`~cfmae_cli.model.encoder.WindowedAttention`), without
+ViTDet's relative position bias; 0: global attention in every block.
+
+Metrics (:func:`~cfmae_cli.eval.coco.coco_ap`): AP, AP50, AP75, APs, APm, APl of boxes (``_box``) and masks
+(``_mask``) every epoch.
 """
 
 from __future__ import annotations
@@ -30,13 +34,13 @@ from cfmae_cli.config import EncoderArch
 from cfmae_cli.data.layout import read_manifest
 from cfmae_cli.data.maps import resample_map
 from cfmae_cli.data.splits import find_splits
-from cfmae_cli.errors import DataError
+from cfmae_cli.errors import ConfigError, DataError
 from cfmae_cli.eval.classifier import load_encoder_weights
 from cfmae_cli.eval.coco import CocoDetection, coco_ap, coco_from_layout, coco_results, collate_detection, read_coco
 from cfmae_cli.eval.config import FinetuneConfig
 from cfmae_cli.eval.evaluate import shard_loader
 from cfmae_cli.eval.task import FinetuneTask
-from cfmae_cli.model.encoder import build_encoder
+from cfmae_cli.model.encoder import build_encoder, global_blocks
 from cfmae_cli.train import distributed
 from cfmae_cli.train.engine import StepContext
 
@@ -47,11 +51,12 @@ class ViTDetBackbone(nn.Module):
     """(B, 3, S, S) → OrderedDict of 256-channel maps '0'..'3' at strides p/4 … 2p and 'pool' at 4p."""
 
     def __init__(self, arch: EncoderArch, img_size: int, drop_path: float = 0.0, channels: int = 256,
-                 train_pos_embed: bool = True):
+                 train_pos_embed: bool = True, window_size: int = 0):
         super().__init__()
         d = arch.embed_dim
         self.img_size = img_size
-        self.encoder = build_encoder(arch, img_size, drop_path, final_norm=False)  # ViTDet: the last block as is
+        self.encoder = build_encoder(arch, img_size, drop_path, final_norm=False,  # ViTDet: the last block as is
+                                     window_size=window_size)
         self.encoder.pos_embed.requires_grad_(train_pos_embed)
         self.scales = nn.ModuleList([
             nn.Sequential(nn.ConvTranspose2d(d, d // 2, 2, 2), LayerNorm2d(d // 2), nn.GELU(),
@@ -103,7 +108,8 @@ class ViTMaskRCNN(MaskRCNN):
     def __init__(self, arch: EncoderArch, cfg: FinetuneConfig, num_classes: int):
         d = cfg.data
         c = cfg.model.fpn_channels
-        backbone = ViTDetBackbone(arch, d.img_size, cfg.model.drop_path, c, cfg.model.train_pos_embed)
+        backbone = ViTDetBackbone(arch, d.img_size, cfg.model.drop_path, c, cfg.model.train_pos_embed,
+                                  cfg.model.window_size)
         anchors = AnchorGenerator(tuple((s,) for s in cfg.model.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
         train_n, test_n = cfg.model.rpn_proposals
         super().__init__(backbone, None, rpn_anchor_generator=anchors,
@@ -122,6 +128,17 @@ class ViTMaskRCNN(MaskRCNN):
 
     def no_weight_decay(self) -> set[str]:
         return {"backbone.encoder.cls_token", "backbone.encoder.pos_embed"}
+
+
+def attention_line(window_size: int, depth: int, grid: int) -> str:
+    """What the encoder's attention is, for the log."""
+    windowed = [i for i in range(depth) if i not in global_blocks(depth)] if window_size else []
+    if not windowed:
+        return f"attention: global in all {depth} blocks ({grid} x {grid} patches)"
+    side = -(-grid // window_size)
+    return (f"attention: windows of {window_size} x {window_size} patches ({side} x {side} windows over the "
+            f"{grid} x {grid} grid{', zero-padded' if grid % window_size else ''}) in blocks {windowed}, global in "
+            f"{global_blocks(depth)}")
 
 
 def detection_data(cfg: FinetuneConfig, root: Path) -> dict[str, Any]:
@@ -158,6 +175,11 @@ class DetectionTask(FinetuneTask):
     def __init__(self, cfg: FinetuneConfig, info: distributed.DistInfo, state: dict[str, Tensor] | None,
                  source: str):
         arch = self.setup(cfg, info, source)
+        grid = cfg.data.img_size // arch.patch_size
+        if cfg.model.window_size >= grid:
+            raise ConfigError(f"model.window_size: {cfg.model.window_size} is not smaller than the {grid} x {grid} "
+                              f"patch grid of data.img_size {cfg.data.img_size} (patch {arch.patch_size}); set 0 for "
+                              f"global attention")
         data = detection_data(cfg, self.root)
         self.dataset, self.val_dataset = data["train"], data["val"]
         self.val_coco, self.category_ids = data["val_coco"], data["categories"]
@@ -207,8 +229,12 @@ class DetectionTask(FinetuneTask):
         return {**metrics, "best_AP_box": self.best["AP_box"], "best_epoch": self.best["epoch"], **problems}
 
     def summary_line(self, summary: dict[str, Any]) -> str:
-        return (f"val AP box {summary['AP_box']:.2f} mask {summary['AP_mask']:.2f} (best box {summary['best_AP_box']:.2f}"
-                f" at epoch {summary['best_epoch']}) ")
+        def aps(kind: str) -> str:
+            return "/".join("-" if summary[f"{k}_{kind}"] is None else f"{summary[f'{k}_{kind}']:.1f}"
+                            for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+
+        return (f"val AP/AP50/AP75/APs/APm/APl box {aps('box')} mask {aps('mask')} (best box AP "
+                f"{summary['best_AP_box']:.2f} at epoch {summary['best_epoch']}) ")
 
     def describe(self, plan: dict[str, Any]) -> list[str]:
         arch, d = self.cfg.model.encoder, self.cfg.data
@@ -219,5 +245,6 @@ class DetectionTask(FinetuneTask):
                 f"{self.dataset.without_annotations} train image(s) without a usable annotation skipped",
                 f"model: Mask R-CNN on ViT patch {arch.patch_size}, dim {arch.embed_dim}, depth {arch.depth} with a "
                 f"simple pyramid; anchors {self.cfg.model.anchor_sizes}; initial weights: {self.source}",
+                attention_line(self.cfg.model.window_size, arch.depth, self.cfg.data.img_size // arch.patch_size),
                 self.recipe()]
 

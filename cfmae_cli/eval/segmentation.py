@@ -1,10 +1,19 @@
 """Semantic segmentation transfer (the paper's Table 3): the ViT encoder with a simple feature pyramid and an
-UperNet head, trained per pixel, evaluated by mIoU every epoch — as a task of the training engine.
+UperNet head, trained per pixel, evaluated by mIoU every epoch — as a task of the training engine — by
+mmsegmentation's ADE20K protocol.
 
 Pyramid (MAE / BEiT practice): the patch tokens of four blocks (``model.out_indices``) as (B, D, H/p, W/p)
 maps, brought to strides p/4, p/2, p and 2p by two transposed convolutions, one, none and a max-pool.
 UperNet: pyramid pooling (scales 1, 2, 3, 6) on the coarsest level, FPN top-down fusion, a 3x3 fusion of all
-levels, a 1x1 classifier; logits are upsampled to the input size. Loss: cross-entropy, ignore index 255.
+levels, a 1x1 classifier; logits are upsampled to the input size. An auxiliary FCN head (mmseg's FCNHead: a
+3x3 conv-BN-ReLU, dropout 0.1, a 1x1 classifier) on the third level adds ``seg.aux_weight`` x its loss in
+training only. Loss: cross-entropy, ignore index 255.
+
+Training data: :mod:`cfmae_cli.eval.seg_data` (resize 0.5-2 x scale, crop with cat_max_ratio, flip, photometric
+distortion, padding). Evaluation (:func:`predict`): each image resized so that it fits ``seg.scale`` with its
+aspect kept (short side img_size), then slide (img_size windows at ``seg.stride``, logits averaged where they
+overlap) or whole inference, optionally at several scales with flips; the logits are resized to the
+annotation's own size before the argmax, and the confusion matrix is summed over all processes.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,10 +33,11 @@ from cfmae_cli.config import EncoderArch
 from cfmae_cli.data.dataset import MultiGranularDataset
 from cfmae_cli.data.layout import read_manifest, Sample
 from cfmae_cli.data.splits import find_splits
-from cfmae_cli.data.transforms import JointTransform, normalize_on_device
+from cfmae_cli.data.transforms import normalize_on_device
 from cfmae_cli.errors import DataError
 from cfmae_cli.eval.classifier import load_encoder_weights
 from cfmae_cli.eval.config import FinetuneConfig
+from cfmae_cli.eval.seg_data import Photometric, SegEvalTransform, SegTrainTransform, rescale_size
 from cfmae_cli.eval.evaluate import shard_loader
 from cfmae_cli.eval.task import FinetuneTask
 from cfmae_cli.formats import UNLABELLED
@@ -86,35 +97,168 @@ class UperHead(nn.Module):
         return self.classifier(self.dropout(fused))
 
 
+class FCNHead(nn.Module):
+    """mmseg's FCNHead with one conv (the auxiliary head of UperNet): 3x3 conv-BN-ReLU to ``channels``,
+    dropout 0.1, 1x1 classifier."""
+
+    def __init__(self, dim: int, channels: int, num_classes: int):
+        super().__init__()
+        self.conv = conv_bn_relu(dim, channels, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.dropout(self.conv(x)))
+
+
 class ViTSegmenter(nn.Module):
-    """batch {rgb (B, 3, S, S)} → logits (B, classes, S, S)."""
+    """batch {rgb (B, 3, H, W)} → logits (B, classes, H, W); in training with an auxiliary head (``aux_channels``
+    > 0) → (logits, auxiliary logits), both at the input size. An input of another size than ``img_size`` (whole
+    inference) reads the position table resized bicubically to its patch grid."""
+
+    AUX_LEVEL = 2  # the third pyramid level (stride p), mmseg's in_index=2
 
     def __init__(self, arch: EncoderArch, img_size: int, num_classes: int, out_indices: list[int],
-                 channels: int = 512, drop_path: float = 0.0, train_pos_embed: bool = True):
+                 channels: int = 512, drop_path: float = 0.0, train_pos_embed: bool = True, aux_channels: int = 0):
         super().__init__()
         self.encoder = build_encoder(arch, img_size, drop_path, final_norm=False)  # the pyramid reads blocks
+        self.img_size = img_size
         self.out_indices = list(out_indices)
         self.pyramid = SimplePyramid(arch.embed_dim)
         self.head = UperHead(arch.embed_dim, channels, num_classes)
+        self.aux_head = FCNHead(arch.embed_dim, aux_channels, num_classes) if aux_channels > 0 else None
         init_weights(self)
         nn.init.normal_(self.encoder.cls_token, std=0.02)
         self.encoder.pos_embed.requires_grad_(train_pos_embed)
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """Layer-wise decay as for classification: stem 0, block i at i+1, pyramid and head last."""
+        """Layer-wise decay as for classification: stem 0, block i at i+1, pyramid and heads last."""
         return {"stem": r"^encoder\.(?:cls_token|pos_embed|patch_embed)", "blocks": [(r"^encoder\.blocks\.(\d+)", None)]}
 
     def no_weight_decay(self) -> set[str]:
         return {"encoder.cls_token", "encoder.pos_embed"}
 
     def features(self, x: Tensor) -> list[Tensor]:
-        """The patch tokens after the blocks of ``out_indices``, each (B, D, S/p, S/p)."""
-        return self.encoder.block_maps(x, self.out_indices)
+        """The patch tokens after the blocks of ``out_indices``, each (B, D, H/p, W/p)."""
+        if tuple(x.shape[-2:]) == (self.img_size, self.img_size):
+            return self.encoder.block_maps(x, self.out_indices)
+        return self._features_any_size(x)
 
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+    def _features_any_size(self, x: Tensor) -> list[Tensor]:
+        """:meth:`features` of an input whose patch grid is not the position table's: the table resized
+        bicubically (MAE's interpolation) to the grid, the blocks as the encoder runs them."""
+        enc = self.encoder
+        tokens = enc.patch_embed.proj(x)
+        b, d, h, w = tokens.shape
+        tokens = enc.patch_embed.norm(tokens.flatten(2).transpose(1, 2))
+        g = enc.grid
+        table = enc.patch_pos.reshape(1, g, g, d).permute(0, 3, 1, 2)
+        pos = F.interpolate(table.float(), size=(h, w), mode="bicubic", align_corners=False)
+        pos = pos.to(tokens.dtype).flatten(2).transpose(1, 2)
+        glob = (enc.cls_token + enc.pos_embed[:, :1]).expand(b, -1, -1)
+        z = enc.norm_pre(enc.patch_drop(enc.pos_drop(torch.cat([glob, tokens + pos], dim=1))))
+        wanted, maps = set(self.out_indices), {}
+        for i, block in enumerate(enc.blocks[:max(self.out_indices) + 1]):
+            z = block(z)
+            if i in wanted:
+                maps[i] = z[:, 1:].transpose(1, 2).reshape(b, d, h, w)
+        return [maps[i] for i in self.out_indices]
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor | tuple[Tensor, Tensor]:
         x = batch["rgb"]
-        logits = self.head(self.pyramid(self.features(x)))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        levels = self.pyramid(self.features(x))
+        logits = F.interpolate(self.head(levels), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if self.training and self.aux_head is not None:
+            aux = self.aux_head(levels[self.AUX_LEVEL])
+            return logits, F.interpolate(aux, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+
+@dataclass(frozen=True)
+class Inference:
+    """How a validation image is predicted (``seg.*``): the resize target, the windows, the scales and flips."""
+
+    scale: tuple[int, int]
+    crop: int
+    stride: int
+    mode: str = "slide"
+    ratios: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    max_batch: int = 8
+
+    @classmethod
+    def of(cls, cfg: FinetuneConfig) -> "Inference":
+        s, size = cfg.seg, cfg.data.img_size
+        return cls(scale=seg_scale(cfg), crop=size, stride=s.stride or max(1, size * 2 // 3), mode=s.inference,
+                   ratios=tuple(s.aug_ratios) if s.aug_test else (1.0,), flip=s.aug_test,
+                   max_batch=max(1, cfg.train.batch_size))
+
+
+def seg_scale(cfg: FinetuneConfig) -> tuple[int, int]:
+    """``seg.scale``, or (4 x img_size, img_size): mmseg's (2048, 512) for 512 crops."""
+    return tuple(cfg.seg.scale) if cfg.seg.scale is not None else (4 * cfg.data.img_size, cfg.data.img_size)
+
+
+def slide_logits(model: nn.Module, image: Tensor, crop: int, stride: int, max_batch: int = 8) -> Tensor:
+    """mmseg's slide inference: (1, 3, H, W) → (1, C, H, W) logits, the mean over the ``crop`` windows at
+    ``stride`` that cover each pixel (the last window of a row or column flush with the edge). A side shorter
+    than ``crop`` is padded with 0 (the mean colour after normalisation) and the padding's logits dropped."""
+    h, w = image.shape[-2:]
+    rows = max(h - crop + stride - 1, 0) // stride + 1
+    cols = max(w - crop + stride - 1, 0) // stride + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + crop, h), min(c * stride + crop, w)
+            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    total: Tensor | None = None
+    count = image.new_zeros(1, 1, h, w)
+    for start in range(0, len(boxes), max_batch):
+        chunk = boxes[start:start + max_batch]
+        windows = torch.cat([F.pad(image[..., y1:y2, x1:x2], (0, crop - (x2 - x1), 0, crop - (y2 - y1)))
+                             for y1, y2, x1, x2 in chunk])
+        out = model({"rgb": windows}).float()
+        if total is None:
+            total = out.new_zeros(1, out.shape[1], h, w)
+        for (y1, y2, x1, x2), logits in zip(chunk, out):
+            total[0, :, y1:y2, x1:x2] += logits[:, :y2 - y1, :x2 - x1]
+            count[..., y1:y2, x1:x2] += 1
+    return total / count
+
+
+def whole_logits(model: nn.Module, image: Tensor, patch: int) -> Tensor:
+    """The whole (1, 3, H, W) image at once → (1, C, H, W); a side that is not a multiple of the patch is padded
+    (0) to one and the padding's logits dropped."""
+    h, w = image.shape[-2:]
+    ph, pw = -h % patch, -w % patch
+    out = model({"rgb": F.pad(image, (0, pw, 0, ph))}).float()
+    return out[..., :h, :w]
+
+
+def predict(model: nn.Module, image: Tensor, out_size: tuple[int, int], how: Inference, patch: int) -> Tensor:
+    """Scores (1, C, *out_size) of a normalised (1, 3, H, W) image, mmseg's test pipeline: per ratio (and flip),
+    the image resized to fit ratio x ``how.scale`` with its aspect kept (bilinear), slide or whole logits,
+    flipped back, resized (bilinear) to ``out_size``, the annotation's size. One scale without flip: those
+    logits; several or flips: the mean of their softmax probabilities (mmseg's aug_test)."""
+    h, w = image.shape[-2:]
+    several = len(how.ratios) > 1 or how.flip
+    acc: Tensor | None = None
+    n = 0
+    for ratio in how.ratios:
+        size = rescale_size(h, w, (int(how.scale[0] * ratio), int(how.scale[1] * ratio)))
+        resized = F.interpolate(image, size=size, mode="bilinear", align_corners=False) \
+            if size != (h, w) else image
+        for flip in ((False, True) if how.flip else (False,)):
+            x = resized.flip(-1) if flip else resized
+            logits = slide_logits(model, x, how.crop, how.stride, how.max_batch) if how.mode == "slide" \
+                else whole_logits(model, x, patch)
+            logits = logits.flip(-1) if flip else logits
+            logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+            scores = logits.softmax(1) if several else logits
+            acc = scores if acc is None else acc + scores
+            n += 1
+    assert acc is not None
+    return acc / n
 
 
 def confusion(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
@@ -155,12 +299,14 @@ def segmentation_datasets(cfg: FinetuneConfig, root: Path) -> dict[str, Any]:
         train, val, _, meta = find_splits(root, d.val_fraction, ["semantic"])
         classes, reduce = d.num_classes or int(read_manifest(meta)["num_semantic_classes"]), False
 
-    def joint(training: bool) -> JointTransform:
-        return JointTransform(d.img_size, 1, 2, aug.scale, aug.ratio, aug.hflip, d.mean, d.std, train=training,
-                              normalize=False, whole=not training)
-
-    return {"train": MultiGranularDataset(train, joint(True), ["semantic"], classes, cfg.train.seed, reduce),
-            "val": MultiGranularDataset(val, joint(False), ["semantic"], classes, cfg.train.seed, reduce),
+    s = cfg.seg
+    photometric = Photometric(s.brightness_delta, tuple(s.contrast_range), tuple(s.saturation_range),
+                              s.hue_delta) if s.photometric else None
+    pad = tuple(int(round(255 * m)) for m in d.mean)  # 0 once normalised, as mmseg pads the normalised image
+    train_t = SegTrainTransform(d.img_size, seg_scale(cfg), tuple(s.ratio_range), s.cat_max_ratio, aug.hflip,
+                                photometric, pad)
+    return {"train": MultiGranularDataset(train, train_t, ["semantic"], classes, cfg.train.seed, reduce),
+            "val": MultiGranularDataset(val, SegEvalTransform(), ["semantic"], classes, cfg.train.seed, reduce),
             "num_classes": classes}
 
 
@@ -176,16 +322,20 @@ class SegmentationTask(FinetuneTask):
         self.classes = [str(i) for i in range(self.num_classes)]
         self.modalities = ["rgb"]
         torch.manual_seed(cfg.train.seed)
+        self.aux_weight = cfg.seg.aux_weight
         model = ViTSegmenter(arch, cfg.data.img_size, self.num_classes, cfg.model.out_indices,
-                             cfg.model.head_channels, cfg.model.drop_path, cfg.model.train_pos_embed)
+                             cfg.model.head_channels, cfg.model.drop_path, cfg.model.train_pos_embed,
+                             aux_channels=cfg.seg.aux_channels if self.aux_weight > 0 else 0)
         if state is not None:
             load_encoder_weights(model, state, source)
         if info.distributed and info.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
-        self.names = ["loss"]
+        self.names = ["loss", "loss_seg", "loss_aux"] if self.aux_weight > 0 else ["loss"]
         self.bf16 = info.bf16  # decided once, by the engine (train.precision)
-        self.val_loader = shard_loader(self.val_dataset, cfg.train.batch_size, cfg.data.num_workers, info)
+        # images of their own sizes: one a batch (this rank's share; the confusion matrix is summed over ranks)
+        self.val_loader = shard_loader(self.val_dataset, 1, cfg.data.num_workers, info)
+        self.how = Inference.of(cfg)
         self.best: dict[str, Any] = {"mIoU": -math.inf, "epoch": 0}
         self.improved = False
         self.noted_single = False
@@ -197,9 +347,14 @@ class SegmentationTask(FinetuneTask):
         inputs, target = self.inputs(batch), batch["semantic"]
         if net.training and target.shape[0] == 1:
             inputs, target = self.doubled(inputs, target)
-        logits = net(inputs)
+        out = net(inputs)
+        logits, aux = out if isinstance(out, tuple) else (out, None)
         loss = F.cross_entropy(logits.float(), target, ignore_index=UNLABELLED)
-        return loss, loss.detach().reshape(1)
+        if aux is None:
+            return loss, loss.detach().reshape(1)
+        aux_loss = F.cross_entropy(aux.float(), target, ignore_index=UNLABELLED)
+        total = loss + self.aux_weight * aux_loss
+        return total, torch.stack([total, loss, aux_loss]).detach()
 
     def doubled(self, inputs: dict[str, Tensor], target: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """A training batch of one image (the others of its batch were unreadable and skipped, or
@@ -221,9 +376,11 @@ class SegmentationTask(FinetuneTask):
             if batch["size"] == 0:
                 continue
             batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
+            target = batch["semantic"]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                pred = self.model(self.inputs(batch)).argmax(1)
-            conf += confusion(pred, batch["semantic"], self.num_classes)
+                scores = predict(self.model, self.inputs(batch)["rgb"], tuple(target.shape[-2:]), self.how,
+                                 self.cfg.model.encoder.patch_size)
+            conf += confusion(scores.argmax(1), target, self.num_classes)
         if self.info.distributed:
             dist.all_reduce(conf)
         self.model.train()
@@ -239,10 +396,20 @@ class SegmentationTask(FinetuneTask):
                 f" at epoch {summary['best_epoch']}) ")
 
     def describe(self, plan: dict[str, Any]) -> list[str]:
-        arch = self.cfg.model.encoder
+        arch, s, how = self.cfg.model.encoder, self.cfg.seg, self.how
+        aux = (f"auxiliary FCN head ({s.aux_channels} channels, loss weight {s.aux_weight:g})" if self.aux_weight > 0
+               else "no auxiliary head")
+        photo = "photometric distortion" if s.photometric else "no photometric distortion"
+        crop = self.cfg.data.img_size
+        inference = (f"slide windows {crop}x{crop} at stride {how.stride}" if how.mode == "slide" else "whole image")
+        if how.flip or len(how.ratios) > 1:
+            inference += f", ratios {list(how.ratios)} with flips, probabilities averaged"
         return [f"data {self.root}: {self.num_classes} classes; {len(self.dataset)} train / {len(self.val_dataset)}"
-                f" val images; segmentation at {self.cfg.data.img_size} px",
+                f" val images; segmentation crops {crop} px",
+                f"training: resize to {how.scale} x [{s.ratio_range[0]:g}, {s.ratio_range[1]:g}] (aspect kept), crop "
+                f"{crop} (cat_max_ratio {s.cat_max_ratio:g}), flip {self.cfg.aug.hflip:g}, {photo}, pad 255",
+                f"evaluation: resized to fit {how.scale} (aspect kept), {inference}; scored at the annotation's size",
                 f"model: ViT patch {arch.patch_size}, dim {arch.embed_dim}, depth {arch.depth}; pyramid of blocks "
-                f"{self.cfg.model.out_indices}; UperNet {self.cfg.model.head_channels} channels; initial weights: "
-                f"{self.source}",
+                f"{self.cfg.model.out_indices}; UperNet {self.cfg.model.head_channels} channels; {aux}; initial "
+                f"weights: {self.source}",
                 self.recipe()]

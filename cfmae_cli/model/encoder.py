@@ -10,6 +10,11 @@ Forwards: :meth:`ViTEncoder.forward` takes the tokens that are already embedded 
 pre-training, of every input modality, with positions) and puts the global token first;
 :meth:`ViTEncoder.forward_image` does the same for a whole RGB image; timm's ``forward_intermediates`` takes an
 image and gives the outputs of chosen blocks (the dense heads).
+
+Windowed attention (ViTDet's, for detection at high resolution): ``window_size`` > 0 makes every block but
+the last of each quarter of the depth (:func:`global_blocks`: 2, 5, 8, 11 of 12) attend within windows of
+``window_size`` x ``window_size`` patches (:class:`WindowedAttention`). The parameters are the same, key for
+key, so pre-trained weights load unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from functools import partial
 from typing import Any
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from cfmae_cli.config import EncoderArch
@@ -29,21 +35,66 @@ SIZES: dict[str, tuple[int, int, int]] = {"tiny": (192, 12, 3), "small": (384, 1
                                           "large": (1024, 24, 16), "huge": (1280, 32, 16), "demo": (128, 4, 4)}
 
 
+def global_blocks(depth: int) -> list[int]:
+    """The blocks that keep global attention when the others are windowed: the last block of each quarter
+    of the depth (ViTDet's 2, 5, 8, 11 for 12 blocks; 5, 11, 17, 23 for 24; every block for 4 or fewer)."""
+    return sorted({(k + 1) * depth // 4 - 1 for k in range(4)} - {-1})
+
+
+class WindowedAttention(Attention):
+    """timm's ``Attention`` within non-overlapping windows of the patch grid (ViTDet's windowed blocks).
+
+    The input is the global token followed by the ``grid`` x ``grid`` patch tokens in row order. The patch
+    grid is padded with zeros to a multiple of ``window`` (the padded tokens are keys, as in ViTDet, and are
+    dropped from the output), each ``window`` x ``window`` window attends within itself, and the global token
+    attends to itself alone, so no information crosses windows in this block. Same parameters as
+    ``Attention``; ``window`` and ``grid`` are set by :class:`ViTEncoder`.
+    """
+
+    window: int = 0
+    grid: int = 0
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        b, n, c = x.shape
+        g, w = self.grid, self.window
+        if attn_mask is not None or is_causal or n != 1 + g * g:
+            raise ValueError(f"windowed attention takes the global token and the whole {g} x {g} patch grid "
+                             f"({1 + g * g} tokens, no mask); got {n} tokens")
+        side = -(-g // w) * w
+        patches = nn.functional.pad(x[:, 1:].reshape(b, g, g, c), (0, 0, 0, side - g, 0, side - g))
+        k = side // w
+        windows = patches.reshape(b, k, w, k, w, c).permute(0, 1, 3, 2, 4, 5).reshape(b * k * k, w * w, c)
+        out = super().forward(windows).reshape(b, k, k, w, w, c).permute(0, 1, 3, 2, 4, 5)
+        out = out.reshape(b, side, side, c)[:, :g, :g].reshape(b, g * g, c)
+        return torch.cat([super().forward(x[:, :1]), out], dim=1)
+
+
 class ViTEncoder(VisionTransformer):
     """timm's ``VisionTransformer`` with the global token, our fixed sin-cos positions and no head.
 
     timm's own initialisation is skipped (the models apply MAE's, :func:`~cfmae_cli.model.layers.init_weights`)
     and so is its learned position table, so that building one draws exactly what the layers draw.
-    ``final_norm=False`` leaves the final norm out (the dense heads read the blocks).
+    ``final_norm=False`` leaves the final norm out (the dense heads read the blocks). ``window_size`` > 0:
+    windowed attention outside :func:`global_blocks` (``windowed`` lists the blocks); such an encoder takes
+    whole images of ``img_size`` only.
     """
 
     def __init__(self, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0, final_norm: bool = True):
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0, final_norm: bool = True, window_size: int = 0):
+        windowed = [i for i in range(depth) if i not in global_blocks(depth)] if window_size > 0 else []
+
+        def block(*, depth: int, attn_layer: type[nn.Module], **kwargs: Any) -> Block:
+            # the same layers in the same order either way: one seed draws the same weights
+            return Block(depth=depth, attn_layer=WindowedAttention if depth in windowed else attn_layer, **kwargs)
+
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=3, num_classes=0, global_pool="token",
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
                          class_token=True, pos_embed="none", drop_path_rate=drop_path, weight_init="skip",
-                         norm_layer=partial(nn.LayerNorm, eps=1e-6), final_norm=final_norm)
+                         norm_layer=partial(nn.LayerNorm, eps=1e-6), final_norm=final_norm, block_fn=block)
         self.grid = img_size // patch_size
+        self.window_size, self.windowed = window_size, windowed
+        for i in windowed:
+            self.blocks[i].attn.window, self.blocks[i].attn.grid = window_size, self.grid
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         pos = torch.cat([torch.zeros(1, embed_dim), sincos_pos_embed(embed_dim, self.grid)]).unsqueeze(0)
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
@@ -85,13 +136,14 @@ def architecture(name: str) -> dict[str, Any]:
 
 
 def build_encoder(arch: str | EncoderArch, img_size: int, drop_path: float = 0.0, final_norm: bool = True,
-                  **overrides: Any) -> ViTEncoder:
+                  window_size: int = 0, **overrides: Any) -> ViTEncoder:
     """The encoder of every model: a named architecture (:func:`architecture`) or an :class:`EncoderArch`,
-    with ``overrides`` (any of patch_size, embed_dim, depth, num_heads, mlp_ratio) on top."""
+    with ``overrides`` (any of patch_size, embed_dim, depth, num_heads, mlp_ratio) on top; ``window_size`` > 0
+    for ViTDet's windowed attention (:class:`ViTEncoder`)."""
     fields = architecture(arch) if isinstance(arch, str) else \
         {k: getattr(arch, k) for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")}
     fields.update(overrides)
-    return ViTEncoder(img_size, drop_path=drop_path, final_norm=final_norm, **fields)
+    return ViTEncoder(img_size, drop_path=drop_path, final_norm=final_norm, window_size=window_size, **fields)
 
 
 def timm_name(patch_size: int, embed_dim: int, depth: int, num_heads: int, img_size: int) -> str:
