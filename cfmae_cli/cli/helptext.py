@@ -17,9 +17,18 @@ from __future__ import annotations
 from typing import Optional
 
 import click
+import typer
 from typer.core import TyperCommand, TyperGroup
 
 REQUIRED = "required"
+
+# The options that pretrain and finetune declare alike (one declaration, read by both commands).
+GPUS = typer.Option(None, "--gpus", min=0, metavar="N", show_default="1 if there is a GPU, else 0",
+                    help="GPUs on this machine, one process each (0 = the CPU)")
+PROCS = typer.Option(1, "--procs", min=1, metavar="N", help="with --gpus 0: CPU processes (gloo)")
+EPOCHS = typer.Option(None, "--epochs", min=1, metavar="N", show_default="the preset's train.epochs",
+                      help="epochs to train")
+SEED = typer.Option(None, "--seed", metavar="N", show_default="the preset's train.seed", help="random seed")
 
 
 def default_text(param: click.Parameter) -> Optional[str]:

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import typer
 
+from cfmae_cli.cli import helptext
 from cfmae_cli.cli.common import console, guarded
 from cfmae_cli.config import Config, load_config
 from cfmae_cli.errors import CfmaeError
@@ -22,13 +23,10 @@ def pretrain(
                                         help="dataset folder (docs/dataset-format.md) or a packed copy"),
     out: Optional[Path] = typer.Option(None, "--out", metavar="FOLDER", show_default="runs/pretrain/<preset>[-k]",
                                        help="run folder"),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, metavar="N", show_default="1 if there is a GPU, else 0",
-                                       help="GPUs on this machine, one process each (0 = the CPU)"),
-    procs: int = typer.Option(1, "--procs", min=1, metavar="N", help="with --gpus 0: CPU processes (gloo)"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, metavar="N",
-                                         show_default="the preset's train.epochs", help="epochs to train"),
-    seed: Optional[int] = typer.Option(None, "--seed", metavar="N", show_default="the preset's train.seed",
-                                       help="random seed"),
+    gpus: Optional[int] = helptext.GPUS,
+    procs: int = helptext.PROCS,
+    epochs: Optional[int] = helptext.EPOCHS,
+    seed: Optional[int] = helptext.SEED,
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", show_default="the preset's values",
                                    help="override any config key (repeatable), e.g. --set optim.base_lr=1.5e-4"),
     resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN", show_default="a new run",
