@@ -1,4 +1,4 @@
-"""Mask building vs. one training step at ViT-B size (DESIGN §7: masks must cost far less than a step).
+"""Mask building vs. one training step at ViT-B size (docs/design.md §7: masks must cost far less than a step).
 
 Run:  python benchmarks/bench_masking.py [--device cpu|cuda] [--batch 256] [--step-batch 8]
 

@@ -1,4 +1,4 @@
-"""Checkpoint files (DESIGN §5.2): plain data that loads with ``torch.load(weights_only=True)``, written
+"""Checkpoint files (docs/design.md §5.2): plain data that loads with ``torch.load(weights_only=True)``, written
 atomically; where a run keeps them; the RNG states they carry; a look at what a file holds without torch
 (:func:`peek_checkpoint`, :func:`safetensors_shapes`: the sizes are checked before anything costs memory).
 Below the model and training layers, so that both read and write checkpoints without importing each other.

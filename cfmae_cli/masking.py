@@ -1,4 +1,4 @@
-"""Progressive masking (paper §3.3, Appendix C, Eqs. 4, 6–11; DESIGN §4), batched on the batch's device.
+"""Progressive masking (paper §3.3, App. C, Eqs. 4, 6–11; docs/design.md §4.3–4.4), batched on the batch's device.
 
 Shapes: B samples, M input modalities (in ``data.modalities`` order), N patches per modality.
 A mask is ``(B, M, N)`` bool with True = masked. Every sample masks exactly ``M·N − num_visible`` tokens.
@@ -165,7 +165,7 @@ def object_patches(instance: Tensor, grid: int, num_ids: int, min_area: float, t
 
 
 def schedule(progress: float, order: list[str], breakpoints: list[float]) -> tuple[float, float]:
-    """(α_I, α_S) at training progress p ∈ [0, 1] (paper Fig. 5; DESIGN §4).
+    """(α_I, α_S) at training progress p ∈ [0, 1] (paper Fig. 5; docs/design.md §4.4).
 
     Phase j runs at full weight between breakpoints ``2j−1`` and ``2j`` (0 and 1 at the ends) and hands
     over linearly to phase j+1 between breakpoints ``2j`` and ``2j+1``. Random is what α_I + α_S leave.

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny synthetic dataset in the layout of DESIGN §5.1 and a tiny config."""
+"""Shared fixtures: a tiny synthetic dataset in the layout of docs/design.md §5.1 and a tiny config."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cfmae_cli"
 LAYERS = [
     ["cfmae_cli", "cfmae_cli.errors", "cfmae_cli.formats", "cfmae_cli.seeding", "cfmae_cli.checkpoints",
      "cfmae_cli.modalities", "cfmae_cli.procs", "cfmae_cli.ownership"],
-    ["cfmae_cli.config"],
+    ["cfmae_cli.config", "cfmae_cli.config_sizes", "cfmae_cli.config_schema", "cfmae_cli.config_loading",
+     "cfmae_cli.config_stored"],
     ["cfmae_cli.data", "cfmae_cli.masking", "cfmae_cli.model"],
     ["cfmae_cli.viz"],
     ["cfmae_cli.labeling"],

@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cfmae_cli import config as config_module
+from cfmae_cli import config_sizes as config_module  # machine_memory lives there
 from cfmae_cli.checkpoints import TensorShape, peek_checkpoint, save_checkpoint
 from cfmae_cli.cli import app
 from cfmae_cli.config import (ConfigError, check_config_sizes, check_weights_file, load_config, pretrain_parameters)

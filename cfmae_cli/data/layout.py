@@ -1,4 +1,4 @@
-"""The dataset layout (DESIGN §5.1): reading and writing ``DATA/{rgb,instance,semantic}/<class>/<stem>.*``.
+"""The dataset layout (docs/design.md §5.1): reading and writing ``DATA/{rgb,instance,semantic}/<class>/<stem>.*``.
 
 ::
 

@@ -1,4 +1,4 @@
-"""Joint augmentation of RGB + instance + semantic maps, and canonical instance ids (DESIGN §4).
+"""Joint augmentation of RGB + instance + semantic maps, and canonical instance ids (docs/design.md §4.1).
 
 One random-resized-crop and one flip draw apply to all three; the image is resized bilinearly (antialiased,
 torchvision ``transforms.v2``) to ``img_size``, the maps from the same crop box with centre-aligned nearest

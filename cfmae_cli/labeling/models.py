@@ -1,4 +1,4 @@
-"""Learned labelling backends (DESIGN §2 ``cfmae label``, paper App. B) — the public interface.
+"""Learned labelling backends (docs/design.md §2 ``cfmae label``, paper App. B) — the public interface.
 
 * :class:`GroundedSamBackend` (``--instance grounded-sam``): Grounding DINO boxes from the class name,
   SAM-HQ (or SAM) masks → (H, W) uint16 instance-id maps.

@@ -1,4 +1,4 @@
-"""``cfmae label``: any image folder → the dataset layout (DESIGN §5.1), resumable and shardable.
+"""``cfmae label``: any image folder → the dataset layout (docs/design.md §5.1), resumable and shardable.
 
 Per image: read (converting CMYK / 16-bit / grey / alpha), label in batches on the device, then writer
 threads save the RGB file (copy, link, or PNG when converted), the two maps and one line of metadata in the

@@ -1,4 +1,4 @@
-"""The bad-file ledger of a training run (DESIGN §6): which samples could not be used and why, shared by the
+"""The bad-file ledger of a training run (docs/design.md §6): which samples could not be used and why, shared by the
 ranks, written to ``bad_files.txt``, and the stop past ``data.max_bad_fraction``; and the weight-0 replay
 that keeps DDP in step when a rank's whole micro-batch is unreadable."""
 

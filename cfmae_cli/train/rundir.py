@@ -1,4 +1,4 @@
-"""Run folders (DESIGN §2): ``runs/<command>/<name>[-k]/`` with config.yaml, metrics.jsonl, log.txt, …"""
+"""Run folders (docs/design.md §2): ``runs/<command>/<name>[-k]/`` with config.yaml, metrics.jsonl, log.txt, …"""
 
 from __future__ import annotations
 
