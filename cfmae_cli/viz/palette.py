@@ -3,7 +3,7 @@
 Semantic classes are coloured by their names: a class whose name is a colour word ("red", "orange-brown",
 "gray", the classical labeller's classes) is drawn in that colour, so that a legend never says "orange-brown"
 beside a light-blue swatch; other classes ("person", "dog") take well-separated colours from a fixed
-sequence that skips the colours already given by name. Instances have their own palette (bright hues in a
+sequence, each the farthest of a few candidates from the colours already used. Instances have their own palette (bright hues in a
 fixed order, background black), because an instance id is not a class: the same id is a different object in
 another image. Id 255 (unlabelled) is black in both.
 """
