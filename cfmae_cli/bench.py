@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image
+from skimage import data as skdata
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
@@ -24,10 +26,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from cfmae_cli import modalities as table
 from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import collate
-from cfmae_cli.masking import MaskGenerator, schedule
+from cfmae_cli.data.layout import is_packed, save_map, write_manifest
+from cfmae_cli.data.packed import pack_dataset
+from cfmae_cli.masking import MaskGenerator, Masks, schedule
 from cfmae_cli.model import CFMAE
+from cfmae_cli.model.align import Teacher
 from cfmae_cli.train import distributed
 from cfmae_cli.train.optim import build_optimizer
+from cfmae_cli.train.setup import build_dataset
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +91,11 @@ class Rig:
         self.cfg, self.classes, self.device = cfg, classes, device
         self.teacher = None
         if cfg.model.align.enabled:  # the teacher forward is what alignment costs
-            from cfmae_cli.model.align import Teacher
 
             self.teacher = Teacher(cfg.model.align, device, distributed.uses_bf16(cfg.train.precision, device),
                                    cfg.data.mean, cfg.data.std)
         torch.manual_seed(0)
-        self.model = CFMAE(cfg, classes, align_dim=self.teacher.dim if self.teacher else None).to(device)
+        self.model = CFMAE.from_config(cfg, classes, align_dim=self.teacher.dim if self.teacher else None).to(device)
         self.net: Callable[..., dict[str, Any]] = torch.compile(self.model) if compile_model else self.model
         self.optimizer = build_optimizer(self.model, cfg.optim, 1e-4, device)
         self.masks = MaskGenerator(cfg.masking, cfg.data.modalities, self.model.grid, classes,
@@ -114,17 +119,18 @@ class Rig:
         """The batch with the teacher's features added (alignment on), else as it is."""
         if self.teacher is None:
             return batch
-        return {**batch, "teacher": self.teacher(batch["rgb"], self.model.grid)}
+        return {**batch, "teacher": self.teacher(batch[table.embedding_modality()], self.model.grid)}
 
-    def mask(self, batch: dict[str, Tensor], step: int, progress: float = 0.3) -> Tensor:
+    def mask(self, batch: dict[str, Tensor], step: int, progress: float = 0.3) -> Masks:
         alpha_i, alpha_s = schedule(progress, self.cfg.masking.order, self.cfg.masking.breakpoints)
         with torch.no_grad():
-            return self.masks(alpha_i, alpha_s, batch["rgb"].shape[0], self.device, seed=step,
-                              **table.guide_maps(batch, self.cfg.data.modalities)).mask
+            return self.masks(alpha_i, alpha_s, len(batch[table.embedding_modality()]), self.device, seed=step,
+                              **table.guide_maps(batch, self.cfg.data.modalities))
 
-    def forward(self, batch: dict[str, Tensor], mask: Tensor) -> Tensor:
+    def forward(self, batch: dict[str, Tensor], masks: Masks) -> Tensor:
+        inputs = {m: batch[m] for m in [*self.cfg.data.modalities, "teacher"] if m in batch}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.net({m: batch[m] for m in [*self.cfg.data.modalities, "teacher"] if m in batch}, mask)["loss"]
+            return self.net(inputs, masks.mask, masks.ids_keep)["loss"]
 
     def optimize(self) -> None:
         self.optimizer.step()
@@ -139,12 +145,12 @@ def count_flops(cfg: Config, classes: int) -> dict[str, Any]:
     """GFLOP per image of one training step (forward, backward), and of the forward by top-level module."""
     rig = Rig(cfg, classes, torch.device("cpu"))
     batch = rig.batch(2)
-    mask = rig.mask(batch, 0)
+    masks = rig.mask(batch, 0)
     # attention through the math kernel: its matmuls are counted (the fused CPU kernel has no FLOP formula)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as teacher:
         batch = rig.teacher_features(batch)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fwd:
-        loss = rig.forward(batch, mask)
+        loss = rig.forward(batch, masks)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as bwd:
         loss.backward()
     counts = {k: sum(v.values()) for k, v in fwd.get_flop_counts().items() if "." in k}
@@ -171,14 +177,14 @@ def time_step(rig: Rig, batch_size: int, steps: int, warmup: int) -> dict[str, A
         batch = batches[step % 2]
         rig.sync()
         marks.append(time.perf_counter())
-        mask = rig.mask(batch, step)
+        masks = rig.mask(batch, step)
         rig.sync()
         marks.append(time.perf_counter())
         if rig.teacher is not None:
             batch = rig.teacher_features(batch)
             rig.sync()
             marks.append(time.perf_counter())
-        loss = rig.forward(batch, mask)
+        loss = rig.forward(batch, masks)
         rig.sync()
         marks.append(time.perf_counter())
         loss.backward()
@@ -231,10 +237,7 @@ def time_masks(rig: Rig, batch_size: int, repeats: int = 5) -> dict[str, float]:
 def imagenet_like_samples(root: Path, count: int = 48) -> Path:
     """A dataset in the layout of docs/dataset-format.md with ImageNet-sized files: 500 x 375 JPEGs (quality
     90) of scikit-image photographs and their classical-label PNG maps."""
-    from PIL import Image
-    from skimage import data as skdata
 
-    from cfmae_cli.data.layout import save_map, write_manifest
 
     photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket()]
     rng = np.random.default_rng(0)
@@ -260,9 +263,6 @@ def time_data(cfg: Config, root: Path | None, workers: list[int], batch_size: in
     """Samples/s of the training data path (read, decode, joint crop + flip, canonical ids, collate) with
     each number of DataLoader workers, after the first batch — for the folder and, with ``packed``, for its
     ``cfmae pack`` copy."""
-    from cfmae_cli.data.layout import is_packed
-    from cfmae_cli.data.packed import pack_dataset
-    from cfmae_cli.train.setup import build_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(root) if root is not None else imagenet_like_samples(Path(tmp) / "folder")

@@ -14,7 +14,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import atomic_write
@@ -28,7 +28,7 @@ FORMAT_VERSION = 1
 def __getattr__(name: str) -> Any:
     """``checkpoints.torch`` (as when torch was imported at the top): torch, imported when first asked for."""
     if name == "torch":
-        import torch
+        import torch  # heavy: keeps cfmae --help fast
 
         return torch
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -36,10 +36,10 @@ def __getattr__(name: str) -> Any:
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy, torch (and CUDA) RNG states as plain data."""
-    import numpy as np
-    import torch
+    import numpy as np  # heavy: keeps cfmae --help fast
+    import torch  # heavy: keeps cfmae --help fast
 
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    name, keys, pos, has_gauss, cached = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     state = {
         "python": random.getstate(),
         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
@@ -52,8 +52,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
+    import numpy as np  # heavy: keeps cfmae --help fast
+    import torch  # heavy: keeps cfmae --help fast
 
     random.setstate(_as_tuple(state["python"]))
     n = state["numpy"]
@@ -71,7 +71,7 @@ def _as_tuple(x: Any) -> Any:
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` (plus the format version) to a temporary file in the same folder, fsync it, then rename
     it over ``path``: a crash, a power loss or a full disk never leaves a broken checkpoint behind."""
-    import torch
+    import torch  # heavy: keeps cfmae --help fast
 
     path = Path(path)
     try:
@@ -108,7 +108,7 @@ def read_torch_file(path: Path, map_location: str | torch.device = "cpu", mmap: 
     a file can fail to be a checkpoint: empty, not written by ``torch.save`` at all, damaged (cut off,
     corrupt), or holding Python objects besides tensors (refused, as loading those runs code; never the advice
     to turn that check off). ``mmap`` maps the tensors (cheap for the config alone) where the format allows."""
-    import torch
+    import torch  # heavy: keeps cfmae --help fast
 
     size = path.stat().st_size
     if size == 0:

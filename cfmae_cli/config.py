@@ -14,9 +14,9 @@ from __future__ import annotations
 from cfmae_cli.config_loading import (PRESET_DIR, config_from_dict, deep_merge, dump_config, list_presets, load_config,
                                       parse_override, preset_task)
 from cfmae_cli.config_schema import (IMAGENET_MEAN, IMAGENET_STD, AlignConfig, Config, DataConfig, DecoderConfig,
-                                     EncoderArch, ImageDataConfig, MaskingConfig, Modality, ModelConfig, MonitorConfig,
-                                     OptimConfig, RunConfig, Strategy, TrainConfig, _Strict, batch_plan, check_inputs,
-                                     decoder_summary, derived)
+                                     EncoderArch, ImageDataConfig, LrSchedule, MaskingConfig, Modality, ModelConfig,
+                                     MonitorConfig, OptimBase, OptimConfig, RunConfig, Strategy, TrainConfig, _Strict,
+                                     batch_plan, check_inputs, decoder_summary, derived)
 from cfmae_cli.config_sizes import (BYTES_PER_PARAMETER, MAX_CLASSES, MAX_DEPTH, MAX_GRID, MAX_MLP_RATIO, MAX_PATCH,
                                     MAX_PIXELS, MAX_WIDTH, block_parameters, encoder_parameters, finetune_parameters,
                                     grid_problem, machine_memory, memory_problem, pretrain_parameters)
@@ -28,8 +28,9 @@ from cfmae_cli.errors import ConfigError
 __all__ = [
     # config_schema
     "Modality", "Strategy", "IMAGENET_MEAN", "IMAGENET_STD", "_Strict", "ImageDataConfig", "DataConfig",
-    "check_inputs", "DecoderConfig", "AlignConfig", "ModelConfig", "EncoderArch", "MaskingConfig", "OptimConfig",
-    "RunConfig", "MonitorConfig", "TrainConfig", "Config", "batch_plan", "derived", "decoder_summary",
+    "check_inputs", "DecoderConfig", "AlignConfig", "ModelConfig", "EncoderArch", "MaskingConfig", "LrSchedule",
+    "OptimBase", "OptimConfig", "RunConfig", "MonitorConfig", "TrainConfig", "Config", "batch_plan", "derived",
+    "decoder_summary",
     # config_loading
     "PRESET_DIR", "list_presets", "preset_task", "deep_merge", "parse_override", "load_config", "config_from_dict",
     "dump_config",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -153,7 +153,13 @@ def config_from_dict(raw: dict[str, Any], source: str = "config", schema: type[A
         raise _explain(exc, source, schema) from None
 
 
-def dump_config(cfg: BaseModel) -> str:
+class Dumpable(Protocol):
+    """A config as :func:`dump_config` reads it (pre-training's, fine-tuning's, or the engine's view of either)."""
+
+    def model_dump(self, *, mode: str = "python") -> dict[str, Any]: ...
+
+
+def dump_config(cfg: Dumpable) -> str:
     """The resolved config as YAML (what goes into ``config.yaml`` of a run); a fine-tuning config starts with
     ``task: finetune`` so that the file works as a ``--preset`` of the right command."""
     data = cfg.model_dump(mode="json")

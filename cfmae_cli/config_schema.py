@@ -132,17 +132,47 @@ class AlignConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class EncoderArch(_Strict):
+    """The encoder's architecture, declared once: a pre-training config's model section holds these fields (flat,
+    as :class:`ModelConfig` inherits them) and a fine-tuning config's ``model.encoder`` is one."""
+
+    #: the fields that are arguments of timm's ``VisionTransformer`` (:meth:`timm_kwargs`); the rest shape the maps
+    TIMM_FIELDS: ClassVar[tuple[str, ...]] = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+
     patch_size: int = Field(16, ge=1, le=MAX_PATCH)
     map_stride: int = Field(4, ge=1, description="maps are consumed at image_size / map_stride")
     embed_dim: int = Field(768, ge=8, le=MAX_WIDTH)
     depth: int = Field(12, ge=1, le=MAX_DEPTH)
     num_heads: int = Field(12, ge=1, le=MAX_WIDTH)
     mlp_ratio: float = Field(4.0, gt=0, le=MAX_MLP_RATIO)
-    drop_path: float = Field(0.0, ge=0, lt=1)
     map_embed_dim: int = Field(64, ge=1, le=MAX_WIDTH, description="per-pixel class embedding width of the map "
                                "adapters")
     num_instance_ids: int = Field(16, ge=2, le=255, description="K: background + K-1 largest instances")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EncoderArch":
+        problem = memory_problem(encoder_parameters(self.embed_dim, self.depth, self.mlp_ratio, self.patch_size))
+        if problem:
+            raise ValueError(f"the encoder (embed_dim {self.embed_dim}, depth {self.depth}, mlp_ratio "
+                             f"{self.mlp_ratio}) {problem}")
+        return self
+
+    @classmethod
+    def of(cls, model: "EncoderArch") -> "EncoderArch":
+        """The architecture alone, e.g. of a :class:`ModelConfig` (without its decoder and loss fields)."""
+        return cls(**{k: getattr(model, k) for k in cls.model_fields})
+
+    def timm_kwargs(self, img_size: int, **extra: Any) -> dict[str, Any]:
+        """The arguments of timm's ``VisionTransformer`` for this shape at ``img_size`` (``model_args`` of an
+        export, the shape of :class:`~cfmae_cli.model.encoder.ViTEncoder`), then ``extra``."""
+        return {"img_size": img_size, **{k: getattr(self, k) for k in self.TIMM_FIELDS}, **extra}
+
+
+class ModelConfig(EncoderArch):
+    """Pre-training's model: the encoder's architecture (its fields, inherited, come first in the section),
+    the decoder, the losses and the alignment."""
+
+    drop_path: float = Field(0.0, ge=0, lt=1)
     norm_pix_loss: bool = Field(True, description="RGB loss on per-patch normalised pixels (MAE)")
     loss_weights: dict[Modality, float] = Field({"semantic": 1.0, "instance": 1.0, "rgb": 1.0},
                                                 description="lambda_S, lambda_I, lambda_R")
@@ -154,7 +184,7 @@ class ModelConfig(_Strict):
     align: AlignConfig = AlignConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> "ModelConfig":  # replaces EncoderArch's _check: Config checks the whole model's memory
         if self.embed_dim % 4:
             raise ValueError(f"model.embed_dim: {self.embed_dim} must be divisible by 4 (2-D sin-cos positions)")
         if self.decoder.dim % 4:
@@ -166,31 +196,6 @@ class ModelConfig(_Strict):
         if any(w < 0 for w in self.loss_weights.values()):
             raise ValueError("model.loss_weights: weights must be >= 0")
         return self
-
-
-class EncoderArch(_Strict):
-    """The encoder's architecture (a pre-training config's model section, without the decoder)."""
-
-    patch_size: int = Field(16, ge=1, le=MAX_PATCH)
-    embed_dim: int = Field(768, ge=8, le=MAX_WIDTH)
-    depth: int = Field(12, ge=1, le=MAX_DEPTH)
-    num_heads: int = Field(12, ge=1, le=MAX_WIDTH)
-    mlp_ratio: float = Field(4.0, gt=0, le=MAX_MLP_RATIO)
-    map_stride: int = Field(4, ge=1)
-    map_embed_dim: int = Field(64, ge=1, le=MAX_WIDTH)
-    num_instance_ids: int = Field(16, ge=2, le=255)
-
-    @model_validator(mode="after")
-    def _check(self) -> "EncoderArch":
-        problem = memory_problem(encoder_parameters(self.embed_dim, self.depth, self.mlp_ratio, self.patch_size))
-        if problem:
-            raise ValueError(f"the encoder (embed_dim {self.embed_dim}, depth {self.depth}, mlp_ratio "
-                             f"{self.mlp_ratio}) {problem}")
-        return self
-
-    @classmethod
-    def of(cls, model: ModelConfig) -> "EncoderArch":
-        return cls(**{k: getattr(model, k) for k in cls.model_fields})
 
 
 class MaskingConfig(_Strict):
@@ -225,7 +230,13 @@ class MaskingConfig(_Strict):
         return self
 
 
-class OptimConfig(_Strict):
+LrSchedule = Literal["cosine", "linear", "step"]  # the lr's decay after the warmup
+
+
+class OptimBase(_Strict):
+    """The optimizer's fields that pre-training and fine-tuning share (fine-tuning's ``FtOptimConfig`` extends it
+    with its own defaults); the defaults here are pre-training's."""
+
     base_lr: float = Field(1e-4, gt=0, description="lr = base_lr * effective_batch / 256")
     lr: Optional[float] = Field(None, gt=0, description="absolute lr; overrides the scaling rule")
     weight_decay: float = Field(0.05, ge=0)
@@ -234,6 +245,15 @@ class OptimConfig(_Strict):
     min_lr: float = Field(0.0, ge=0)
     effective_batch: int = Field(2048, ge=1, description="per-device batch x devices x accumulation steps")
     clip_grad: Optional[float] = Field(None, gt=0, description="max gradient norm; null = no clipping")
+
+    def lr_decay(self) -> tuple[LrSchedule, tuple[float, ...]]:
+        """The lr's decay after the warmup and its milestones in epochs: cosine without milestones for
+        pre-training, whose config has no keys for them; fine-tuning's ``optim.schedule`` and ``optim.milestones``."""
+        return "cosine", ()
+
+
+class OptimConfig(OptimBase):
+    """Pre-training's optimizer: AdamW, the lr decayed by a cosine after the warmup."""
 
 
 class RunConfig(_Strict):
@@ -320,7 +340,7 @@ class Config(_Strict):
         if missing:
             raise ValueError(f"model.decoder.order: {self.model.decoder.order} has no place for "
                              f"{', '.join(missing)} of data.modalities; list every input modality")
-        if self.model.align.enabled and "rgb" not in self.data.modalities:
+        if self.model.align.enabled and table.embedding_modality() not in self.data.modalities:
             raise ValueError("model.align: the teacher reads RGB, which is not in data.modalities")
         return self
 
@@ -329,7 +349,7 @@ class Config(_Strict):
         return (self.data.img_size // self.model.patch_size) ** 2
 
 
-def batch_plan(optim: Any, train: Any, world_size: int = 1) -> dict[str, Any]:
+def batch_plan(optim: OptimBase, train: RunConfig, world_size: int = 1) -> dict[str, Any]:
     """Devices, accumulation steps, effective batch and actual lr (lr = base_lr x effective_batch / 256, unless
     ``optim.lr`` is set) for any config with these ``optim`` and ``train`` fields (pre-training, fine-tuning)."""
     per_step = train.batch_size * world_size

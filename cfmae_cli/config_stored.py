@@ -119,7 +119,7 @@ def check_config_sizes(raw: dict[str, Any], source: str, task: str = "pretrain",
         modalities = ["rgb"] if fine else list(DataConfig.model_fields["modalities"].default)
     modalities = [m for m in modalities if isinstance(m, str)]
     if fine:
-        kind = raw.get("kind") if raw.get("kind") in ("segmentation", "detection") else "classification"
+        kind = raw["kind"] if raw.get("kind") in ("segmentation", "detection") else "classification"
         channels = _value(raw, "model.head_channels" if kind == "segmentation" else "model.fpn_channels", 256)
         params = finetune_parameters(arch, img, modalities, kind, max(classes, _value(raw, "data.num_classes", 0)),
                                      channels)
@@ -156,7 +156,7 @@ def check_checkpoint_sizes(ckpt: dict[str, Any], source: str) -> None:
 def check_export_sizes(config: dict[str, Any], source: str) -> None:
     """The bounds and the memory check for a timm ``config.json`` (an export's): ``model_args`` (ViT keys; what
     it lacks is timm's to decide and not checked) and ``num_classes``."""
-    args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
+    args = config["model_args"] if isinstance(config.get("model_args"), dict) else {}
     sizes = {"embed_dim": "width", "depth": "depth", "num_heads": "width", "mlp_ratio": "mlp_ratio",
              "patch_size": "patch", "img_size": "pixels"}
     for key, kind in sizes.items():
@@ -203,7 +203,7 @@ def checkpoint_claims(top: dict[str, Any]) -> dict[str, tuple[str, Any]]:
 
 def export_claims(config: dict[str, Any]) -> dict[str, tuple[str, Any]]:
     """What an export's ``config.json`` says about the shapes of its tensors (``model_args``)."""
-    args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
+    args = config["model_args"] if isinstance(config.get("model_args"), dict) else {}
     return {k: (f"model_args.{k}", args[k]) for k in ("embed_dim", "patch_size", "depth", "mlp_ratio", "img_size")
             if k in args}
 
@@ -228,7 +228,7 @@ def check_tensors_agree(source: str | Path, state: dict[str, Any], claims: dict[
         expect["mlp_hidden"] = int(values["embed_dim"] * values["mlp_ratio"])
     if isinstance(values.get("img_size"), int) and isinstance(values.get("patch_size"), int) and values["patch_size"]:
         expect["grid_rows"] = (values["img_size"] // values["patch_size"]) ** 2 + 1
-    keys = {name: key for name, (key, _) in claims.items()}
+    keys: dict[str, str | None] = {name: key for name, (key, _) in claims.items()}
     keys.update(mlp_hidden=keys.get("mlp_ratio"), grid_rows=keys.get("img_size"))
     for name, (value, tensor) in found.items():
         if name in expect and expect[name] != value:
@@ -273,8 +273,9 @@ def _shapes(state: dict[str, Any]) -> dict[str, tuple[int, str]]:
     width = next((k for k in state if k == "decoder.embed.weight" or
                   (k.startswith("decoder.tasks.") and k.endswith(".proj_context.weight"))), None)
     task = next((k.split(".")[2] for k in state if k.startswith("decoder.tasks.")), None)
-    if width is not None and shape(width, 2) and task is not None:
-        out["decoder.dim"] = (shape(width, 2)[0], width)  # type: ignore[index]
+    dims = shape(width, 2) if width is not None else None
+    if width is not None and dims and task is not None:
+        out["decoder.dim"] = (dims[0], width)
         self_blocks = numbered(f"decoder.tasks.{task}.blocks.")
         out["decoder.self_blocks"] = (1 + max(self_blocks) if self_blocks else 0,
                                       f"decoder.tasks.{task}.blocks" + (f".{max(self_blocks)}" if self_blocks else ""))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable
 
+from cfmae_cli import __version__
 from cfmae_cli.errors import CfmaeError
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def temporary_name(name: str, tag: str) -> str:
     return f".{fit_name(name, NAME_MAX - 2 - len(os.fsencode(tag)))}.{tag}"
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], binary: bool = False,
+def atomic_write(path: str | Path, write: Callable[[IO[Any]], object], binary: bool = False,
                  durable: bool = False) -> Path:
     """Publish ``path``: ``write(fh)`` fills a temporary file in the same folder, which then replaces ``path``
     (with the usual file mode). ``durable``: fsync the file before and the folder after the rename (a power
@@ -173,8 +175,6 @@ def software() -> str:
     """The stamp written into every file cfmae makes for a user to look at (PNG ``Software`` text, JSON
     ``"tool"``), with the command that made it (:func:`png_stamp`, :func:`json_stamp`), so that a later run of the
     same command knows it may replace that file."""
-    from cfmae_cli import __version__
-
     return f"cfmae {__version__}"
 
 
@@ -199,15 +199,13 @@ def stamped_by(path: Path) -> str | None:
         with path.open("rb") as fh:
             head = fh.read(8)
         if head == b"\x89PNG\r\n\x1a\n":
-            from PIL import Image
+            from PIL import Image  # heavy: keeps cfmae --help fast
 
             with Image.open(path) as im:
                 if str(im.info.get("Software", "")).startswith("cfmae"):
                     return str(im.info.get(COMMAND_KEY, ""))
                 return None
         if head.lstrip()[:1] == b"{":
-            import json
-
             data = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(data, dict) and str(data.get("tool", "")).startswith("cfmae"):
                 return str(data.get("command", "")) if isinstance(data.get("command"), str) else ""

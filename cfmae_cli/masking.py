@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import cast, Sequence
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ def blend_masks(masks: list[Tensor], quotas: Tensor, generator: torch.Generator 
     within one of their expected number.
     """
     n = quotas.sum(-1)  # (B, M) = n_m
-    weight = sum(q.unsqueeze(-1) * mk.long() for q, mk in zip(quotas.unbind(-1), masks))
+    weight = cast(Tensor, sum(q.unsqueeze(-1) * mk.long() for q, mk in zip(quotas.unbind(-1), masks)))
     pattern = sum(mk.double() * 2 ** s for s, mk in enumerate(masks))
     key = pattern + torch.rand(pattern.shape, device=n.device, dtype=torch.float64, generator=generator)
     order = torch.argsort(key, dim=-1)
@@ -164,7 +165,7 @@ def object_patches(instance: Tensor, grid: int, num_ids: int, min_area: float, t
     return 2 * per_patch >= cells
 
 
-def schedule(progress: float, order: list[str], breakpoints: list[float]) -> tuple[float, float]:
+def schedule(progress: float, order: Sequence[str], breakpoints: Sequence[float]) -> tuple[float, float]:
     """(α_I, α_S) at training progress p ∈ [0, 1] (paper Fig. 5; docs/design.md §4.4).
 
     Phase j runs at full weight between breakpoints ``2j−1`` and ``2j`` (0 and 1 at the ends) and hands
@@ -186,12 +187,23 @@ def schedule(progress: float, order: list[str], breakpoints: list[float]) -> tup
     return weights["instance"], weights["semantic"]
 
 
+def visible_indices(mask: Tensor, num_visible: int | None = None) -> Tensor:
+    """mask (B, M, N) bool, True = masked → (B, V) positions of the visible tokens in the flattened (M·N)
+    sequence, in sequence order (a stable sort of the mask). Every sample must have exactly V visible tokens;
+    V is counted from the first sample unless given."""
+    flat = mask.reshape(mask.shape[0], -1).to(torch.uint8)
+    v = int((flat[0] == 0).sum()) if num_visible is None else num_visible
+    return torch.argsort(flat, dim=1, stable=True)[:, :v]
+
+
 @dataclass
 class Masks:
-    """mask: (B, M, N) bool, True = masked; visible: (B, M) long visible tokens per modality."""
+    """mask: (B, M, N) bool, True = masked; visible: (B, M) long visible tokens per modality; ids_keep: (B, V)
+    long, the visible tokens' positions (:func:`visible_indices`), what the model encodes."""
 
     mask: Tensor
     visible: Tensor
+    ids_keep: Tensor
 
 
 class MaskGenerator:
@@ -288,7 +300,8 @@ class MaskGenerator:
         visible = self.budgets(batch, device, seed)
         n_masked = self.n - visible
         mix = self.blend if self.cfg.mix == "quota" else self.score_mix
-        return Masks(mix(alpha_i, alpha_s, n_masked, instance, semantic, gen), visible)
+        mask = mix(alpha_i, alpha_s, n_masked, instance, semantic, gen)
+        return Masks(mask, visible, visible_indices(mask, self.cfg.num_visible))
 
     def blend(self, alpha_i: float, alpha_s: float, n_masked: Tensor, instance: Tensor | None = None,
               semantic: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
@@ -301,9 +314,11 @@ class MaskGenerator:
             if guide is None:  # no guide map: that strategy's share is masked at random
                 weights["random"] += weights.pop(name)
         active = [name for name, w in weights.items() if w > 1e-12]
-        groups = {"random": lambda: self.random_groups(n_masked),
-                  "instance": lambda: self.instance_groups(instance, n_masked),
-                  "semantic": lambda: self.semantic_groups(semantic, n_masked)}
+        groups = {"random": lambda: self.random_groups(n_masked)}
+        if instance is not None:
+            groups["instance"] = lambda: self.instance_groups(instance, n_masked)
+        if semantic is not None:
+            groups["semantic"] = lambda: self.semantic_groups(semantic, n_masked)
         masks = [select_in_groups(*groups[name](), generator) for name in active]
         if len(active) == 1:
             return masks[0]

@@ -10,17 +10,19 @@ its adapters, heads and losses from it, the pre-training task hands the masks th
 figures draw by it. Nothing outside this file branches on a modality's name.
 
 A new modality is one :func:`register` call: ``register(Modality("edge", kind="image", channels=1,
-loss=my_l1))`` and ``DATA/edge/<class>/<stem>.png`` next to the other maps.
+loss="l1"))`` and ``DATA/edge/<class>/<stem>.png`` next to the other maps (a loss of its own:
+:func:`cfmae_cli.model.losses.register_loss` first, under the name the entry gives).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, get_args
+from typing import Any, Literal, Mapping, Sequence, get_args
 
 Kind = Literal["image", "ids"]
 Target = Literal["standardise", "patch_norm", "raw"]  # an image's regression target (and input), see Modality
 TARGETS: tuple[str, ...] = get_args(Target)
+CROSS_ENTROPY = "cross_entropy"  # the loss of every map of ids (cfmae_cli.model.losses.id_map_loss)
 TRIM = 0.1  # standardise: the share of values dropped at each end before the mean and variance (MultiMAE)
 
 
@@ -51,11 +53,14 @@ class Modality:
       - ``"raw"``: the input's values as they are, input and target.
 
       None (the default) = ``"raw"`` for an image; a map of ids has none.
-    * ``loss``: for an image, the loss of its masked patches, ``loss(pred, target, mask)`` with pred and target
-      (B, N, patch values) and mask (B, N) bool; None = the mean squared error.
-    * ``modes``: for an image map, the PIL modes its files may have (others are refused, naming the file);
+    * ``loss``: the name of the loss of its masked patches, a key of :data:`cfmae_cli.model.losses.LOSSES` for an
+      image (``loss(pred, target, mask)`` with pred and target (B, N, patch values) and mask (B, N) bool), and
+      ``"cross_entropy"`` for a map of ids. None (the default) = ``"mse"`` for an image.
+    * ``pil_modes``: for an image map, the PIL modes its files may have (others are refused, naming the file);
       None = any (converted). A single-channel map is read at its full precision as float32 in [0, 1]:
       8-bit grey (``L``) as value / 255, 16-bit grey (``I;16``, ``I``) as value / 65535.
+    * ``on_request``: its maps are made only for runs that ask for it: the built-in demo data adds them (a
+      dataset of its own) when ``data.modalities`` includes the modality (depth's classical cue).
     """
 
     name: str
@@ -67,11 +72,16 @@ class Modality:
     guides: Literal["instance", "semantic"] | None = None
     patch_embedding: bool = False
     normalise: bool = False
-    loss: Callable[..., Any] | None = None
-    modes: tuple[str, ...] | None = None
+    loss: str | None = None
+    pil_modes: tuple[str, ...] | None = None
     target: Target | None = None
+    on_request: bool = False
 
     def __post_init__(self) -> None:
+        if self.loss is None:
+            object.__setattr__(self, "loss", CROSS_ENTROPY if self.kind == "ids" else "mse")
+        elif self.kind == "ids" and self.loss != CROSS_ENTROPY:
+            raise ValueError(f"modality {self.name}: a map of ids is scored by {CROSS_ENTROPY} (loss={self.loss!r})")
         if self.target is None:
             object.__setattr__(self, "target", None if self.kind == "ids" else "raw")
         elif self.kind == "ids":
@@ -114,13 +124,19 @@ def names() -> list[str]:
 
 
 def embedding_modality() -> str:
-    """The modality of the encoder's patch embedding (RGB)."""
+    """The modality of the encoder's patch embedding (RGB): the reference image, the one that the alignment
+    teacher, the k-NN monitor and fine-tuning read, and the folder ``DATA/<name>/`` of a dataset's images."""
     return next(m.name for m in TABLE.values() if m.patch_embedding)
 
 
 def guide_maps(batch: dict[str, Any], modalities: list[str]) -> dict[str, Any]:
     """The maps the masking strategies read, by strategy (``instance``, ``semantic``), from a batch."""
-    return {TABLE[m].guides: batch[m] for m in modalities if TABLE[m].guides is not None and m in batch}
+    maps: dict[str, Any] = {}
+    for m in modalities:
+        strategy = TABLE[m].guides
+        if strategy is not None and m in batch:
+            maps[strategy] = batch[m]
+    return maps
 
 
 def num_classes(modality: Modality, semantic_classes: int, instance_ids: int) -> int:
@@ -167,14 +183,6 @@ def standardise_per_image(x: Any) -> Any:
     return (x - mean) / (var + 1e-6).sqrt()
 
 
-def l1_loss(pred: Any, target: Any, mask: Any) -> Any:
-    """Mean absolute error over the masked patches (MultiMAE's depth loss): pred, target (B, N, P) tensors,
-    mask (B, N) bool."""
-    per_token = (pred.float() - target).abs().mean(-1)
-    weight = mask.float()
-    return (per_token * weight).sum() / weight.sum().clamp(min=1)
-
-
 GREY_MODES = ("L", "I;16", "I;16L", "I;16B", "I")
 
 
@@ -182,10 +190,15 @@ register(Modality("rgb", kind="image", channels=3, at_map_stride=False, patch_em
                   target="patch_norm"))
 register(Modality("instance", kind="ids", classes="instance_ids", canonical=True, guides="instance"))
 register(Modality("semantic", kind="ids", classes="manifest", guides="semantic"))
-register(Modality("depth", kind="image", channels=1, at_map_stride=False, target="standardise", loss=l1_loss,
-                  modes=GREY_MODES))
+register(Modality("depth", kind="image", channels=1, at_map_stride=False, target="standardise", loss="l1",
+                  pil_modes=GREY_MODES, on_request=True))
 
 
 def maps_of(modalities: list[str]) -> list[str]:
     """The modalities of ``modalities`` read from map folders beside the image (all but the patch embedding's)."""
     return [m for m in modalities if get(m).is_map]
+
+
+def on_request_maps(modalities: Sequence[str]) -> list[str]:
+    """The modalities of ``modalities`` whose maps are made only on request (:attr:`Modality.on_request`)."""
+    return [m for m in modalities if get(m).on_request]

@@ -35,7 +35,7 @@ HELD_ENV = "CFMAE_HELD_FOLDERS"  # JSON [[pid, folder], …]: the folders held, 
 try:  # Windows has no flock: there the folders are not locked
     import fcntl
 except ImportError:  # pragma: no cover - not a Linux or macOS machine
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # (Windows: no fcntl; the locks say so)
 
 
 def _key(folder: Path) -> str:

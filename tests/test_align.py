@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from cfmae_cli.cli import app
 from cfmae_cli.config import AlignConfig
+from cfmae_cli.masking import visible_indices
 from cfmae_cli.model import CFMAE
 from cfmae_cli.model.align import Teacher, align_loss, pooled_encoder_tokens
 from tests.conftest import TINY_OVERRIDES, make_dataset, tiny_config
@@ -91,14 +92,14 @@ def test_only_the_student_learns(tmp_path: Path, stage: str) -> None:
     cfg = tiny_config("model.align.enabled=true", f"model.align.teacher={tiny_teacher(tmp_path / 't')}",
                       f"model.align.stage={stage}")
     teacher = Teacher(cfg.model.align, torch.device("cpu"), mean=cfg.data.mean, std=cfg.data.std)
-    model = CFMAE(cfg, 3, align_dim=teacher.dim)
+    model = CFMAE.from_config(cfg, 3, align_dim=teacher.dim)
     assert not any(n.startswith("teacher") for n in model.state_dict())  # not saved, not optimised
     batch = {"rgb": torch.randn(2, 3, 32, 32), "instance": torch.randint(0, 16, (2, 16, 16)),
              "semantic": torch.randint(0, 3, (2, 16, 16))}
     mask = torch.ones(2, 3, 16, dtype=torch.bool)
     mask[:, 0, :8] = False
     batch["teacher"] = teacher(batch["rgb"], model.grid)
-    out = model(batch, mask)
+    out = model(batch, mask, visible_indices(mask))
     out["loss"].backward()
     assert all(p.grad is None and not p.requires_grad for p in teacher.module.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.align_head.parameters())

@@ -108,7 +108,7 @@ def test_blocks_are_reduced_as_they_run() -> None:
     from cfmae_cli.viz.attention_stats import BlockStats, stream_attention
 
     torch.manual_seed(0)
-    model = CFMAE(tiny_config(), 3).eval()
+    model = CFMAE.from_config(tiny_config(), 3).eval()
     images = torch.randn(2, 3, 32, 32)
     seen: list[tuple[int, ...]] = []
     stats = BlockStats(prefix=1)
@@ -172,13 +172,14 @@ def test_with_query_and_key_zeroed_the_attention_is_uniform_in_every_statistic(t
 
     from cfmae_cli.data.layout import list_samples
     from cfmae_cli.viz import attention_stats as st
+    from cfmae_cli.viz import attention_subjects as su
 
     samples, _ = list_samples(trained / "data", ["instance", "semantic"])
     cpu = torch.device("cpu")
-    ours, _ = st.ours(trained / "run", cpu)
+    ours, _ = su.ours(trained / "run", cpu)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=64, reg_tokens=2, no_embed_class=True)
-    theirs = st.Subject("timm", "", vit.blocks, vit.forward_features, 64, 16, vit.num_prefix_tokens,
-                        st.IMAGENET_MEAN, st.IMAGENET_STD)
+    theirs = su.Subject("timm", "", vit.blocks, vit.forward_features, 64, 16, vit.num_prefix_tokens,
+                        su.IMAGENET_MEAN, su.IMAGENET_STD)
     uniform = mean_pairwise_distance(4)  # both see a 4 x 4 grid
     for subject, depth in ((ours, 2), (theirs, 12)):
         assert subject.grid == 4
@@ -268,13 +269,13 @@ def test_stats_table_for_a_run_a_random_init_and_timm_models(trained: Path, tmp_
         assert (cells[0] == "-") == (block >= 2) and (cells[3] == "-") == (block >= 2)
     assert _cells(text, "block 1")[0].startswith(f"{stats['mean_distance_b01']['run']['mean']:.3f} [")
     # 'random' is the encoder the run started from (its seed 0)
-    from cfmae_cli.viz import attention_stats as st
+    from cfmae_cli.viz import attention_subjects as su
 
-    _, template = st.ours(trained / "run", torch.device("cpu"))
-    first = st.random_init(template, torch.device("cpu"), seed=0)
+    _, template = su.ours(trained / "run", torch.device("cpu"))
+    first = su.random_init(template, torch.device("cpu"), seed=0)
     ckpt = torch.load(trained / "run/checkpoints/epoch-0001.pt", weights_only=True)
     torch.manual_seed(ckpt["config"]["train"]["seed"])
-    start = CFMAE(tiny_config(), 3).encoder
+    start = CFMAE.from_config(tiny_config(), 3).encoder
     ours, theirs = first.blocks.state_dict(), start.blocks.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 

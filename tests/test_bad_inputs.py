@@ -337,14 +337,14 @@ def test_an_exploding_then_diverging_run_keeps_the_checkpoint_from_before_the_ex
     import cfmae_cli.model.losses as losses
 
     calls = {"n": 0}
-    real = losses.rgb_loss
+    real = losses.image_loss
 
     def exploding(*args, **kwargs):  # 2 micro-batches an epoch: epoch 3 explodes, epoch 4 is NaN
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * 1e6 if calls["n"] in (5, 6) else loss * float("nan") if calls["n"] > 6 else loss
 
-    monkeypatch.setattr(losses, "rgb_loss", exploding)
+    monkeypatch.setattr(losses, "image_loss", exploding)
     out = tmp_path / "r"
     text = bad(["pretrain", "--data", world["data"], "--out", out, "--epochs", "5", *SETS,
                 "--set", "train.keep_last=5"], "non-finite loss at step 7", code=1)

@@ -26,13 +26,13 @@ def test_the_model_step_is_one_graph(extra: list[str]) -> None:
     cfg = tiny_config(*extra)
     rig = Rig(cfg, 3, torch.device("cpu"))
     batch = rig.batch(4)
-    mask = rig.mask(batch, 0)
-    inputs = {m: batch[m] for m in cfg.data.modalities}
+    masks = rig.mask(batch, 0)
+    args = ({m: batch[m] for m in cfg.data.modalities}, masks.mask, masks.ids_keep)
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(rig.model)(inputs, mask)
+    explained = torch._dynamo.explain(rig.model)(*args)
     assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
     compiled = torch.compile(rig.model, fullgraph=True, backend="eager")
-    assert torch.allclose(compiled(inputs, mask)["loss"], rig.model(inputs, mask)["loss"])
+    assert torch.allclose(compiled(*args)["loss"], rig.model(*args)["loss"])
 
 
 def test_flops_are_counted_per_module() -> None:

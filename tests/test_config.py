@@ -73,7 +73,7 @@ def test_a_run_written_before_the_blend_resumes_with_the_score_mix(tmp_path: Pat
     from cfmae_cli.checkpoints import save_checkpoint
     from cfmae_cli.model.cfmae import CFMAE
 
-    state = CFMAE(load_config("demo"), 3).state_dict()  # (a resume checks the config against its tensors)
+    state = CFMAE.from_config(load_config("demo"), 3).state_dict()  # (a resume checks the config against its tensors)
     old = load_config("demo").model_dump(mode="json")
     del old["masking"]["mix"]
     save_checkpoint(tmp_path / "pre/checkpoints/last.pt", {"model": state, "config": old})
@@ -126,13 +126,13 @@ def test_ablation_presets_change_only_their_row(name: str) -> None:
         assert node == value, key
     tiny = load_config(name, [o for o in TINY_OVERRIDES if not o.startswith("masking.")] + ["masking.num_visible=8"])
     torch.manual_seed(0)
-    model = CFMAE(tiny, 3)
+    model = CFMAE.from_config(tiny, 3)
     batch = {"rgb": torch.randn(2, 3, 32, 32), "instance": torch.randint(0, 4, (2, 16, 16)),
              "semantic": torch.randint(0, 3, (2, 16, 16)), "depth": torch.rand(2, 1, 32, 32)}
     masks = MaskGenerator(tiny.masking, tiny.data.modalities, model.grid, 3, tiny.model.num_instance_ids)
-    mask = masks(*schedule(0.3, tiny.masking.order, tiny.masking.breakpoints), 2, torch.device("cpu"),
+    made = masks(*schedule(0.3, tiny.masking.order, tiny.masking.breakpoints), 2, torch.device("cpu"),
                  instance=batch["instance"] if "instance" in tiny.data.modalities else None,
-                 semantic=batch["semantic"] if "semantic" in tiny.data.modalities else None, seed=0).mask
-    out = model({m: batch[m] for m in tiny.data.modalities}, mask)
+                 semantic=batch["semantic"] if "semantic" in tiny.data.modalities else None, seed=0)
+    out = model({m: batch[m] for m in tiny.data.modalities}, made.mask, made.ids_keep)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and set(out["losses"]) == set(tiny.data.modalities)

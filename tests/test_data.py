@@ -54,7 +54,7 @@ def test_joint_transform_keeps_rgb_and_maps_aligned() -> None:
 
 
 def test_uint8_from_the_loader_normalised_on_the_device_is_the_same_image() -> None:
-    from cfmae_cli.data.transforms import normalize_on_device
+    from cfmae_cli.data.transforms import normalise_on_device
 
     rgb = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -62,10 +62,10 @@ def test_uint8_from_the_loader_normalised_on_the_device_is_the_same_image() -> N
     torch.manual_seed(3)
     floats = JointTransform(*args)(rgb, {})[0]
     torch.manual_seed(3)
-    raw = JointTransform(*args, normalize=False)(rgb, {})[0]
+    raw = JointTransform(*args, normalise=False)(rgb, {})[0]
     assert raw.dtype == torch.uint8  # a quarter of the bytes through the loader
-    assert torch.allclose(normalize_on_device(raw[None], mean, std)[0], floats, atol=1e-5)
-    assert normalize_on_device(floats, mean, std) is floats  # already normalised: left alone
+    assert torch.allclose(normalise_on_device(raw[None], mean, std)[0], floats, atol=1e-5)
+    assert normalise_on_device(floats, mean, std) is floats  # already normalised: left alone
 
 
 def test_list_samples_flat_and_class_folders(tmp_path: Path) -> None:
@@ -170,7 +170,7 @@ def test_maps_stay_on_the_image_over_random_crops() -> None:
     many random crops (nearest-neighbour at the cells' corners would shift the maps by ~0.5 cell right and
     down). Maps at the image's size, and maps at half of it (as packed data keeps them)."""
     rgb, inst, sem = bar_images(90, 120, (38, 62), (20, 44))
-    t = JointTransform(64, 4, 16, (0.2, 1.0), (0.75, 1.33), 0.0, (0.0,) * 3, (1.0,) * 3, normalize=False)
+    t = JointTransform(64, 4, 16, (0.2, 1.0), (0.75, 1.33), 0.0, (0.0,) * 3, (1.0,) * 3, normalise=False)
     torch.manual_seed(0)
     dx, dy = mean_misalignment([joint(t, rgb, inst, sem) for _ in range(300)], 16)
     assert abs(dx) < 0.1 and abs(dy) < 0.1, (dx, dy)
@@ -208,3 +208,37 @@ def test_a_manifest_class_count_must_be_the_whole_count_of_its_names(tmp_path: P
                                                          "num_semantic_classes": 255}))
     with pytest.raises(DataError, match="255 semantic classes; at most 254 fit in uint8 maps"):
         read_manifest(root)
+
+
+def test_fine_tuning_images_skip_an_unreadable_file_raise_a_failing_transform_and_seed_every_generator(
+        tmp_path: Path) -> None:
+    import random
+
+    from cfmae_cli.data.layout import Sample
+    from cfmae_cli.eval.data import ImageListDataset
+
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.new("RGB", (8, 8)).save(good)
+    bad.write_bytes(b"not an image")
+    samples = [Sample(good, {}, 0), Sample(bad, {}, 1)]
+
+    def draw(image):  # what timm's transforms draw from: Python's, NumPy's and torch's generators
+        return (random.random(), float(np.random.rand()), float(torch.rand(())))
+
+    ds = ImageListDataset(samples, draw, seed=3)
+    first, again = ds[(1, 0)], ds[(1, 0)]
+    assert first == again and first["rgb"] != ds[(2, 0)]["rgb"] and first["label"] == 0
+    skipped = ds[(1, 1)]
+    assert isinstance(skipped, Skipped) and skipped.path == str(bad)
+    assert skipped.reason.startswith("unreadable: UnidentifiedImageError: ")
+
+    def broken(image):
+        raise ValueError("a bug in a transform")
+
+    with pytest.raises(ValueError, match="a bug in a transform"):
+        ImageListDataset(samples, broken)[0]
+    from cfmae_cli.eval.coco import CocoDetection  # the detection images: the same record
+
+    coco = {"images": [{"id": 1, "file_name": str(bad), "height": 8, "width": 8}], "annotations": [],
+            "categories": []}
+    assert CocoDetection(coco, train=False)[(0, 0)] == Skipped(str(bad), skipped.reason)

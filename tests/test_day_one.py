@@ -62,8 +62,8 @@ def test_the_run_folder_says_how_it_was_made_and_how_it_ended(made) -> None:
 def test_a_failed_run_says_failed_with_the_reason(made, tmp_path, monkeypatch) -> None:
     import cfmae_cli.model.losses as losses
 
-    real = losses.rgb_loss
-    monkeypatch.setattr(losses, "rgb_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = losses.image_loss
+    monkeypatch.setattr(losses, "image_loss", lambda *a, **k: real(*a, **k) * float("nan"))
     result = runner.invoke(app, ["pretrain", "--data", str(made["data"]), "--out", str(tmp_path / "r"), *SETS])
     assert result.exit_code == 1
     s = json.loads((tmp_path / "r" / "run.json").read_text())["sessions"][-1]

@@ -12,6 +12,7 @@ import torch
 
 from cfmae_cli.checkpoints import save_checkpoint
 from cfmae_cli.config import Config, load_config
+from cfmae_cli.masking import visible_indices
 from cfmae_cli.model import CFMAE
 from tests.conftest import make_dataset
 from tests.test_distributed import cli, sets, steps
@@ -38,7 +39,7 @@ def batch_and_mask(cfg: Config, b: int = 4, seed: int = 0) -> tuple[dict[str, to
 def final_global_token_grad(cfg: Config) -> torch.Tensor:
     """One pre-training forward and backward → the gradient of the encoder's output row 0 (B, D)."""
     torch.manual_seed(0)
-    model = CFMAE(cfg, 3)
+    model = CFMAE.from_config(cfg, 3)
     seen = {}
 
     def keep(module, args, out):
@@ -46,7 +47,8 @@ def final_global_token_grad(cfg: Config) -> torch.Tensor:
         seen["out"] = out
 
     model.encoder.register_forward_hook(keep)
-    model(*batch_and_mask(cfg))["loss"].backward()
+    batch, mask = batch_and_mask(cfg)
+    model(batch, mask, visible_indices(mask))["loss"].backward()
     return seen["out"].grad[:, 0]
 
 
@@ -95,9 +97,9 @@ def test_multimae_cross_attends_to_the_visible_tokens_and_the_global_token_only(
     global token: V + 1 per sample, not the M·N-long H with mask tokens."""
     cfg = load_config("demo", MULTIMAE)
     torch.manual_seed(0)
-    model = CFMAE(cfg, 3).eval()
+    model = CFMAE.from_config(cfg, 3).eval()
     batch, mask = batch_and_mask(cfg)
-    encoded, ids_keep = model.encode(batch, mask)
+    encoded, ids_keep = model.encode(batch, visible_indices(mask))
     n, v = cfg.tokens_per_modality, cfg.masking.num_visible
     for name, adapter in model.decoder.tasks.items():
         seen = {}
@@ -120,14 +122,14 @@ def test_what_H_holds_at_masked_positions_reaches_only_the_cfmae_decoder(kind: s
     (its embedding), cfmae's (whose K/V is all of H) does."""
     cfg = load_config("demo", MULTIMAE if kind == "multimae" else [])
     torch.manual_seed(0)
-    model = CFMAE(cfg, 3).eval()
+    model = CFMAE.from_config(cfg, 3).eval()
     batch, _ = batch_and_mask(cfg)
     n, v, sem = cfg.tokens_per_modality, cfg.masking.num_visible, model.modalities.index("semantic")
     mask = torch.ones(4, 3, n, dtype=torch.bool)
     others = [i for i in range(3) if i != sem]
     mask[:, others[0], : v // 2] = False
     mask[:, others[1], : v - v // 2] = False
-    encoded, ids_keep = model.encode(batch, mask)
+    encoded, ids_keep = model.encode(batch, visible_indices(mask))
     with torch.no_grad():
         before = model.decoder(encoded, ids_keep)["rgb"]
         embed = model.decoder.tasks["rgb"].task_embed if kind == "multimae" else model.decoder.modality_embed
@@ -137,7 +139,7 @@ def test_what_H_holds_at_masked_positions_reaches_only_the_cfmae_decoder(kind: s
 
 
 def test_multimae_heads_are_its_output_projection() -> None:
-    model = CFMAE(load_config("demo", MULTIMAE), 3)
+    model = CFMAE.from_config(load_config("demo", MULTIMAE), 3)
     assert all(isinstance(h[0], torch.nn.Identity) and isinstance(h[1], torch.nn.Linear) for h in model.heads.values())
     assert {k for k in model.no_weight_decay() if k.startswith("decoder.")} == \
         {f"decoder.tasks.{m}.{p}" for m in ("rgb", "instance", "semantic") for p in ("mask_token", "task_embed")}

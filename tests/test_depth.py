@@ -21,7 +21,7 @@ from cfmae_cli.cli import app
 from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import BadSample, read_map
 from cfmae_cli.masking import MaskGenerator
-from cfmae_cli.model.losses import modality_loss, normalise_patches, patchify_rgb
+from cfmae_cli.model.losses import modality_loss, normalise_patches, patchify_image
 from tests.conftest import TINY_OVERRIDES, make_dataset
 from tests.tiny_label_models import make_dpt_depth
 
@@ -91,7 +91,7 @@ def _through_the_reader(paths: list[Path], targets: dict[str, str] | None = None
     from cfmae_cli.data.transforms import JointTransform, inputs_on_device
 
     t = JointTransform(16, 4, 16, (0.2, 1.0), (0.75, 1.33), 0.0, (0.5,) * 3, (0.5,) * 3, train=False,
-                       normalize=False)
+                       normalise=False)
     items = [make_item(*t(torch.zeros(3, 24, 24, dtype=torch.uint8), {"depth": read_map(p, (24, 24),
                                                                                           table.get("depth"))}), 0)
              for p in paths]
@@ -148,7 +148,7 @@ def test_the_default_depth_target_and_input_are_multimaes_truncated_standardisat
     torch.manual_seed(0)
     pred = torch.randn(2, 4, 64)
     mask = torch.tensor([[True, False, True, True], [False, False, True, False]])
-    want = (pred - patchify_rgb(x, 8)).abs().mean(-1)[mask].mean()
+    want = (pred - patchify_image(x, 8)).abs().mean(-1)[mask].mean()
     assert torch.allclose(modality_loss(depth, pred, x, mask, 8, 0, norm_pix=True), want, atol=1e-5)
 
 
@@ -164,11 +164,11 @@ def test_model_image_targets_switches_depth_back_to_per_patch_normalisation(tmp_
     torch.manual_seed(0)
     pred = torch.randn(2, 4, 64)
     mask = torch.tensor([[True, False, True, True], [False, False, True, False]])
-    want = (pred - normalise_patches(patchify_rgb(x, 8))).abs().mean(-1)[mask].mean()
+    want = (pred - normalise_patches(patchify_image(x, 8))).abs().mean(-1)[mask].mean()
     got = modality_loss(depth, pred, x, mask, 8, 0, cfg.norm_pix_loss, cfg.image_targets)
     assert torch.allclose(got, want)
     raw = modality_loss(depth, pred, x, mask, 8, 0, cfg.norm_pix_loss, {"depth": "raw"})
-    assert torch.allclose(raw, (pred - patchify_rgb(x, 8)).abs().mean(-1)[mask].mean())
+    assert torch.allclose(raw, (pred - patchify_image(x, 8)).abs().mean(-1)[mask].mean())
     # RGB keeps MAE's norm-pix loss under model.norm_pix_loss, whatever depth does
     rgb = table.get("rgb")
     assert table.target_of(rgb, cfg.image_targets, True) == "patch_norm"
@@ -213,7 +213,7 @@ def test_pack_leaves_depth_to_the_folder_layout_and_says_so(tmp_path: Path, capl
     with caplog.at_level("WARNING"):
         manifest = pack_dataset(data, tmp_path / "packed", size=32)
     assert manifest["maps"] == ["instance", "semantic"] and "depth/ not packed" in caplog.text
-    t = JointTransform(32, 2, 16, (0.3, 1.0), (0.75, 1.33), 0.0, (0.0,) * 3, (1.0,) * 3, normalize=False)
+    t = JointTransform(32, 2, 16, (0.3, 1.0), (0.75, 1.33), 0.0, (0.0,) * 3, (1.0,) * 3, normalise=False)
     with pytest.raises(DataError, match="asks for depth too: `cfmae pack` stores the id maps only"):
         PackedDataset(tmp_path / "packed", t, ["instance", "semantic", "depth"])
 
@@ -227,7 +227,7 @@ def test_the_model_loss_follows_model_image_targets() -> None:
     four = ["data.modalities=[rgb,instance,semantic,depth]", "model.decoder.order=[semantic,instance,depth,rgb]"]
     cfg = tiny_config(*four, "model.image_targets={depth: patch_norm}")
     torch.manual_seed(0)
-    model = CFMAE(cfg, 3)
+    model = CFMAE.from_config(cfg, 3)
     n = model.grid ** 2
     x = torch.rand(2, 1, 32, 32)
     batch = {"rgb": torch.randn(2, 3, 32, 32), "instance": torch.zeros(2, 16, 16, dtype=torch.long),
@@ -235,7 +235,7 @@ def test_the_model_loss_follows_model_image_targets() -> None:
     pred = {name: torch.randn(2, n, model.head_dim(name)) for name in model.modalities}
     mask = torch.ones(2, 4, n, dtype=torch.bool)
     got = model.losses(pred, batch, mask)["losses"]["depth"]
-    want = (pred["depth"] - normalise_patches(patchify_rgb(x, 8))).abs().mean(-1).mean()
+    want = (pred["depth"] - normalise_patches(patchify_image(x, 8))).abs().mean(-1).mean()
     assert torch.allclose(got, want)
 
 

@@ -66,7 +66,7 @@ def _grad_worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     cfg = tiny_config()
-    model = CFMAE(cfg, 3)
+    model = CFMAE.from_config(cfg, 3)
     net = DistributedDataParallel(model)
     g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
     s, ms, n = cfg.data.img_size, cfg.data.img_size // cfg.model.map_stride, cfg.tokens_per_modality

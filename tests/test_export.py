@@ -31,7 +31,7 @@ runner = CliRunner()
 def _ours(tmp_path: Path, *extra: str) -> tuple[CFMAE, Path]:
     torch.manual_seed(0)
     cfg = tiny_config(*extra)
-    model = CFMAE(cfg, 3)
+    model = CFMAE.from_config(cfg, 3)
     with torch.no_grad():  # non-trivial norms and tokens so that a wrong mapping shows
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -68,7 +68,7 @@ def test_export_names_the_timm_architecture_of_its_size(size: list[str], name: s
     the folder with the printed call, whose preprocessing (timm's resolve_data_config + create_transform) gives
     a photo the encoder takes (before: 224 px, which the demo's 64 px encoder refused)."""
     cfg = load_config("demo", size)
-    model = CFMAE(cfg, 3)
+    model = CFMAE.from_config(cfg, 3)
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, {"model": model.state_dict(), "config": cfg.model_dump(mode="json"),
                            "semantic_classes": ["a", "b", "c"]})

@@ -103,3 +103,10 @@ def test_the_module_graph_has_no_cycle() -> None:
 def test_the_layers_name_every_module() -> None:
     for name in import_graph():
         layer_of(name)
+
+
+def test_no_module_is_over_400_lines() -> None:
+    """A module a reader can hold in mind (docs/architecture.md, "Checks that keep the seams")."""
+    long = {str(p.relative_to(PACKAGE)): n for p in sorted(PACKAGE.rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
+    assert not long, f"split these modules along a seam: {long}"

@@ -31,9 +31,13 @@ def l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tor
 @pytest.fixture
 def edge():
     """A grey-level edge map: an image modality of one channel, at the image's resolution, with an L1 loss."""
-    spec = table.register(Modality("edge", kind="image", channels=1, at_map_stride=False, loss=l1_loss))
+    from cfmae_cli.model import losses
+
+    losses.register_loss("edge_l1", l1_loss)
+    spec = table.register(Modality("edge", kind="image", channels=1, at_map_stride=False, loss="edge_l1"))
     yield spec
     table.unregister("edge")
+    losses.LOSSES.pop("edge_l1")
 
 
 def add_edge_maps(root: Path) -> None:
@@ -70,12 +74,12 @@ def test_a_modality_registered_in_a_test_pretrains_the_tiny_model(edge: Modality
 
 def test_the_loss_of_the_entry_is_the_one_used(edge: Modality) -> None:
     """The model scores the registered modality with the entry's own loss (L1 here), on the masked patches."""
-    from cfmae_cli.model.losses import modality_loss, patchify_rgb
+    from cfmae_cli.model.losses import modality_loss, patchify_image
 
     x = torch.rand(2, 1, 16, 16)
     pred = torch.rand(2, 4, 64)
     mask = torch.tensor([[True, False, True, False], [False, False, True, True]])
-    want = l1_loss(pred, patchify_rgb(x, 8), mask)
+    want = l1_loss(pred, patchify_image(x, 8), mask)
     assert torch.allclose(modality_loss(edge, pred, x, mask, 8, 0, norm_pix=True), want)
 
 
@@ -84,3 +88,23 @@ def test_an_unregistered_modality_is_refused_by_name() -> None:
         load_config("demo", ["data.modalities=[rgb,edge]"])
     with pytest.raises(ConfigError, match="model.decoder.order.*has no place for semantic"):
         load_config("demo", ["model.decoder.order=[instance,rgb]"])
+
+
+def test_the_table_names_its_losses_and_the_loss_module_holds_them() -> None:
+    """The table (bottom layer) holds each loss by name; model/losses.py maps the names to functions."""
+    from cfmae_cli.model import losses
+
+    assert {m.name: m.loss for m in table.TABLE.values()} == {"rgb": "mse", "instance": "cross_entropy",
+                                                              "semantic": "cross_entropy", "depth": "l1"}
+    assert all(isinstance(m.loss, str) for m in table.TABLE.values())
+    assert all(m.loss in losses.LOSSES for m in table.TABLE.values() if m.kind == "image")
+    with pytest.raises(ValueError, match="scored by cross_entropy"):
+        Modality("bad", kind="ids", classes="manifest", loss="mse")
+    with pytest.raises(KeyError, match="unknown image loss 'huber'"):
+        losses.loss_named("huber")
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    mask = torch.tensor([[True, False, True, False], [False, False, False, False]])
+    want = (pred - target).abs().mean(-1)[mask].mean()
+    assert torch.equal(losses.LOSSES["l1"](pred, target, mask), losses.l1_loss(pred, target, mask))
+    assert torch.allclose(losses.l1_loss(pred, target, mask), want)

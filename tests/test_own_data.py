@@ -18,11 +18,11 @@ def test_the_demo_preset_is_scaled_to_fifty_photos(tmp_path: Path) -> None:
         cfg = load_config("demo", [f"train.epochs={epochs}"])
         fitted, said = fit_to_data(cfg, 50, str(data), [f"train.epochs={epochs}"], world)
         plan = make_plan(fitted, 50, world)
-        assert plan["steps_per_epoch"] >= STEPS_PER_EPOCH, (epochs, world, plan)  # the preset's 32 gives 1
-        assert plan["warmup_steps"] <= 0.1 * plan["total_steps"] + 1e-9, plan
+        assert plan.steps_per_epoch >= STEPS_PER_EPOCH, (epochs, world, plan)  # the preset's 32 gives 1
+        assert plan.warmup_steps <= 0.1 * plan.total_steps + 1e-9, plan
         assert fitted.train.batch_size * world == fitted.optim.effective_batch
         assert f"scaled to the 50 training images of {data}" in said and "steps per epoch" in said
-    assert make_plan(load_config("demo", ["train.epochs=5"]), 50, 1)["steps_per_epoch"] == 1  # what it was
+    assert make_plan(load_config("demo", ["train.epochs=5"]), 50, 1).steps_per_epoch == 1  # what it was
     kept, said = fit_to_data(load_config("demo", ["train.batch_size=16"]), 50, str(data), ["train.batch_size=16"], 1)
     assert kept.train.batch_size == 16 and "train.batch_size" not in said  # a key the user set stays
 

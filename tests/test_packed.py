@@ -65,7 +65,7 @@ def test_packed_items_keep_image_and_maps_aligned(tmp_path: Path) -> None:
         assert result.exit_code == 0, result.output
     manifest = read_packed_manifest(tmp_path / "packed2")
     assert (manifest["images"], manifest["size"], manifest["map_size"]) == (6, 64, 32)
-    t = JointTransform(32, 2, 16, (0.3, 1.0), (0.75, 1.33), 0.5, (0.5,) * 3, (0.5,) * 3, normalize=False)
+    t = JointTransform(32, 2, 16, (0.3, 1.0), (0.75, 1.33), 0.5, (0.5,) * 3, (0.5,) * 3, normalise=False)
     full, half = (PackedDataset(tmp_path / f"packed{s}", t, ["instance", "semantic"]) for s in ("1", "2"))
     item = half[(0, 0)]
     assert item["rgb"].dtype == torch.uint8 and item["rgb"].shape == (3, 32, 32)
@@ -108,7 +108,7 @@ def test_packed_maps_stay_on_the_packed_image() -> None:
     from tests.test_data import bar_images, joint, mean_misalignment
 
     rng = np.random.default_rng(0)
-    t = JointTransform(32, 2, 16, (0.3, 1.0), (0.75, 1.33), 0.0, (0.0,) * 3, (1.0,) * 3, normalize=False)
+    t = JointTransform(32, 2, 16, (0.3, 1.0), (0.75, 1.33), 0.0, (0.0,) * 3, (1.0,) * 3, normalise=False)
     torch.manual_seed(0)
     pairs = []
     for _ in range(60):
@@ -124,7 +124,7 @@ def test_packed_maps_stay_on_the_packed_image() -> None:
 
 
 # -- a packed folder is checked before anything is sized by it -----------------------------------------------
-T = JointTransform(32, 2, 16, (0.5, 1.0), (0.75, 1.33), 0.5, (0.5,) * 3, (0.5,) * 3, normalize=False)
+T = JointTransform(32, 2, 16, (0.5, 1.0), (0.75, 1.33), 0.5, (0.5,) * 3, (0.5,) * 3, normalise=False)
 
 
 @pytest.fixture(scope="module")

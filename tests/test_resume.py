@@ -175,14 +175,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data: Path, tm
     import cfmae_cli.model.losses as model_mod
 
     calls = {"n": 0}
-    real = model_mod.rgb_loss
+    real = model_mod.image_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 3 else loss  # steps 1-3 are fine: last.pt (step 2) is good
 
-    monkeypatch.setattr(model_mod, "rgb_loss", poisoned)
+    monkeypatch.setattr(model_mod, "image_loss", poisoned)
     out = tmp_path / "run"
     result = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(out), "--epochs", "3", *sets()])
     assert result.exit_code == 1

@@ -41,7 +41,7 @@ def checkpoint(path: Path, *sets: str, **model: object) -> Path:
     torch.manual_seed(0)
     raw = cfg.model_dump(mode="json")
     raw["model"].update(model)
-    save_checkpoint(path, {"model": CFMAE(cfg, 3).state_dict(), "config": raw, "semantic_classes": ["a", "b", "c"],
+    save_checkpoint(path, {"model": CFMAE.from_config(cfg, 3).state_dict(), "config": raw, "semantic_classes": ["a", "b", "c"],
                            "task": "pretrain", "epoch": 1, "step": 2})
     return path
 
@@ -128,7 +128,7 @@ def test_the_estimate_is_the_count_of_the_model_built() -> None:
     for sets in ([], ["model.decoder.kind=multimae", "model.decoder.cascade=false"],
                  ["data.modalities=[rgb,depth,semantic]", "model.decoder.order=[semantic,depth,rgb]"]):
         cfg = tiny_config(*sets)
-        built = sum(p.numel() for p in CFMAE(cfg, 3).parameters())
+        built = sum(p.numel() for p in CFMAE.from_config(cfg, 3).parameters())
         estimate = pretrain_parameters(cfg.model.model_dump(mode="json"), cfg.data.img_size, cfg.data.modalities, 3)
         assert abs(estimate / built - 1) < 0.02, (sets, estimate, built)
 

@@ -74,7 +74,7 @@ def test_finetuning_sets_the_threads(monkeypatch: pytest.MonkeyPatch, keep_threa
 
     monkeypatch.setattr(setup, "usable_cores", lambda: 3)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    cfg = SimpleNamespace(train=SimpleNamespace(threads=None), data=SimpleNamespace(num_workers=1, root="data"),
+    cfg = SimpleNamespace(train=SimpleNamespace(threads=None), data=SimpleNamespace(num_workers=1, root="data", val_fraction=None),
                           model=SimpleNamespace(encoder="vit"))
     torch.set_num_threads(1)
     FinetuneTask().setup(cfg, distributed.DistInfo(0, 1, 0, torch.device("cpu")), "src")  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from cfmae_cli.checkpoints import save_checkpoint
 from cfmae_cli.cli import app
 from cfmae_cli.labeling.demo import load_photo
 from cfmae_cli.model import CFMAE
-from cfmae_cli.model.losses import normalise_patches, patchify_rgb
+from cfmae_cli.model.losses import normalise_patches, patchify_image
 from cfmae_cli.viz.attention import encoder_attention, keep_mass, rollout
 from cfmae_cli.viz.recon import rgb_prediction
 from tests.conftest import pretrained_run, tiny_config
@@ -24,7 +24,7 @@ runner = CliRunner()
 
 def test_fused_attention_weights_equal_the_explicit_softmax() -> None:
     torch.manual_seed(0)
-    model = CFMAE(tiny_config(), 3).eval()
+    model = CFMAE.from_config(tiny_config(), 3).eval()
     blocks = model.encoder.blocks
     assert all(b.attn.fused_attn for b in blocks)  # SDPA stays on
     x = torch.randn(2, 9, model.encoder.cls_token.shape[-1])
@@ -69,13 +69,13 @@ def test_keep_mass_keeps_the_top_sixty_percent() -> None:
 def test_unnormalising_the_normalised_target_gives_back_the_image() -> None:
     torch.manual_seed(0)
     images = torch.randn(2, 3, 16, 16)
-    pred = normalise_patches(patchify_rgb(images, 8))
+    pred = normalise_patches(patchify_image(images, 8))
     mask = torch.ones(2, 4, dtype=torch.bool)
     assert torch.allclose(rgb_prediction(pred, images, mask, 8, norm_pix=True), images, atol=1e-4)
     partly = torch.tensor([[True, False, True, False]] * 2)
     zeros = torch.zeros_like(pred)
     out = rgb_prediction(zeros, images, partly, 8, norm_pix=False)
-    assert torch.equal(patchify_rgb(out, 8)[:, 1], patchify_rgb(images, 8)[:, 1])  # visible patches pasted
+    assert torch.equal(patchify_image(out, 8)[:, 1], patchify_image(images, 8)[:, 1])  # visible patches pasted
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def layouts(tmp_path: Path) -> dict[str, tuple[Path, dict[str, torch.Tensor]]]:
 def test_every_layout_loads_through_the_one_door(tmp_path: Path) -> None:
     for name, (path, expected) in layouts(tmp_path).items():
         weights = read_weights(path)
-        assert weights.layout == name.removesuffix("-safetensors"), name
+        assert weights.format == name.removesuffix("-safetensors"), name
         arch, _ = weights.encoder_arch()
         model = ViTClassifier(arch.model_copy(update={"num_heads": 2}), 32, 5, ["rgb"])
         load_encoder_weights(model, weights.state, weights.source)
@@ -78,11 +78,11 @@ def test_a_file_of_another_size_or_kind_gets_one_clear_message(tmp_path: Path) -
         load_encoder_weights(model, weights.state, weights.source)
     resnet = tmp_path / "resnet.pth"
     torch.save(timm.create_model("resnet18", pretrained=False, num_classes=3).state_dict(), resnet)
-    with pytest.raises(CfmaeError, match=rf"{resnet}: unknown checkpoint layout"):
+    with pytest.raises(CfmaeError, match=rf"{resnet}: unknown weights format"):
         read_weights(resnet)
     for command in (["finetune", "--checkpoint", str(resnet)], ["export", str(resnet), "--out", str(tmp_path / "x")],
                     ["pretrain", "--init", str(resnet), "--out", str(tmp_path / "y")]):
         result = runner.invoke(app, command)
         lines = [line for line in result.output.splitlines() if line.startswith("error")]
-        assert result.exit_code == 2 and len(lines) == 1 and "unknown checkpoint layout" in lines[0], command
+        assert result.exit_code == 2 and len(lines) == 1 and "unknown weights format" in lines[0], command
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
-import click
 import typer
 from cfmae_cli import __version__
 from cfmae_cli.cli import common
 from cfmae_cli.cli.helptext import HelpCommand, HelpGroup
+
+if TYPE_CHECKING:
+    from typer._click.core import Context  # what typer (0.29+, its own copy of click) passes
 
 # Old spellings, per command, kept working (not shown in the help): one vocabulary across the commands.
 ALIASES = {"pretrain": {"--init": "--checkpoint"}, "reconstruct": {"--modality": "--modalities"},
@@ -36,7 +39,7 @@ COMMAND_LINE = "CFMAE_COMMAND_LINE"  # the user's command line, for run.json (wo
 
 
 class _Group(HelpGroup):
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
         if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):  # not a worker of a launcher
             os.environ[COMMAND_LINE] = json.dumps(["cfmae", *args])
         return super().parse_args(ctx, canonical(list(args)))

@@ -37,7 +37,7 @@ def setup(verbose: bool) -> None:
         else:
             handler = _CurrentStderr()
             handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        handler._cfmae_console = True  # type: ignore[attr-defined]
+        handler._cfmae_console = True  # type: ignore[attr-defined]  # our mark on the handler
         logger.addHandler(handler)
     logger.propagate = False
 
@@ -134,7 +134,7 @@ def protect_streams() -> None:
 class _CurrentStderr(logging.StreamHandler):
     """A stream handler that writes to whatever ``sys.stderr`` is at the time of the record."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self):  # noqa: ANN201
         return sys.stderr
 

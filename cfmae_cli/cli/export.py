@@ -39,6 +39,7 @@ def export(
     if (checkpoint is None) == (option is None):
         raise CfmaeError("export: give the checkpoint once, as the argument or as -c/--checkpoint.")
     checkpoint = checkpoint or option
+    assert checkpoint is not None  # exactly one of the two was given
     check_weights_file(checkpoint)  # sizes beyond reason refused before torch is imported or a tensor read
 
     from cfmae_cli.model.export import export_timm, load_line

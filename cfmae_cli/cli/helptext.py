@@ -9,16 +9,19 @@
 - Allowed ranges are not printed as ``x>=1``: where a range matters, the help says it in words.
 - Arguments in the usage line as ``SRC``, ``[NAME]``, ``IMAGE...``.
 
-Only click and typer are imported here: ``--help`` stays fast.
+Only typer is imported here: ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import click
 import typer
 from typer.core import TyperCommand, TyperGroup
+
+if TYPE_CHECKING:  # typer (0.29+) runs on its own copy of click: these are the objects it passes
+    from typer._click.core import Context, Parameter
+    from typer._click.formatting import HelpFormatter
 
 REQUIRED = "required"
 
@@ -31,7 +34,7 @@ EPOCHS = typer.Option(None, "--epochs", min=1, metavar="N", show_default="the pr
 SEED = typer.Option(None, "--seed", metavar="N", show_default="the preset's train.seed", help="random seed")
 
 
-def default_text(param: click.Parameter) -> Optional[str]:
+def default_text(param: Parameter) -> Optional[str]:
     """What ``[default: …]`` says for ``param``; None when it has nothing to say (then its help must)."""
     shown = getattr(param, "show_default", None)
     if isinstance(shown, str):
@@ -48,11 +51,16 @@ def default_text(param: click.Parameter) -> Optional[str]:
     return str(value)
 
 
-def metavar(param: click.Parameter) -> str:
+def join_options(opts: Sequence[str]) -> str:
+    """An option's spellings as one column entry, shorter prefixes first (``-c, --checkpoint``), as click does."""
+    return ", ".join(sorted(opts, key=lambda opt: len(opt) - len(opt.lstrip(opt[:1]))))
+
+
+def metavar(param: Parameter) -> str:
     return param.metavar or (param.name or "value").upper()
 
 
-def help_record(param: click.Parameter) -> Optional[tuple[str, str]]:
+def help_record(param: Parameter) -> Optional[tuple[str, str]]:
     """(the left column, the help with its ``[default: …]`` / ``[required]``) of one parameter; None if hidden."""
     if getattr(param, "hidden", False):
         return None
@@ -60,7 +68,7 @@ def help_record(param: click.Parameter) -> Optional[tuple[str, str]]:
     if is_argument:
         name = metavar(param) + ("..." if param.nargs != 1 else "")
     else:
-        name = click.formatting.join_options(param.opts)[0]
+        name = join_options(param.opts)
         if not (getattr(param, "is_flag", False) or getattr(param, "count", False)):
             name += f" {metavar(param)}"
     text = (getattr(param, "help", None) or "").strip()
@@ -76,14 +84,14 @@ def help_record(param: click.Parameter) -> Optional[tuple[str, str]]:
     return name, text
 
 
-def usage_piece(param: click.Parameter) -> str:
+def usage_piece(param: Parameter) -> str:
     piece = metavar(param)
     if not param.required:
         piece = f"[{piece}]"
     return piece + ("..." if param.nargs != 1 else "")
 
 
-def _write(ctx: click.Context, formatter: click.HelpFormatter) -> None:
+def _write(ctx: Context, formatter: HelpFormatter) -> None:
     params = ctx.command.get_params(ctx)
     for title, kind in (("Arguments", "argument"), ("Options", "option")):
         rows = [r for p in params if p.param_type_name == kind and (r := help_record(p)) is not None]
@@ -95,21 +103,21 @@ def _write(ctx: click.Context, formatter: click.HelpFormatter) -> None:
 class HelpCommand(TyperCommand):
     """A cfmae command: its help in the style of this module."""
 
-    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+    def collect_usage_pieces(self, ctx: Context) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
         return pieces + [usage_piece(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
 
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_options(self, ctx: Context, formatter: HelpFormatter) -> None:
         _write(ctx, formatter)
 
 
 class HelpGroup(TyperGroup):
     """The ``cfmae`` group: its options in the style of this module, its commands in alphabetical order."""
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx: Context) -> list[str]:
         return sorted(self.commands)
 
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_options(self, ctx: Context, formatter: HelpFormatter) -> None:
         _write(ctx, formatter)
         self.format_commands(ctx, formatter)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -18,6 +18,7 @@ from cfmae_cli.ownership import writing
 if TYPE_CHECKING:  # torch and the labelling models are imported by the command itself (a fast --help)
     import torch
 
+    from cfmae_cli.labeling.base import InstanceBackend, SemanticBackend
     from cfmae_cli.labeling.pipeline import LabelProgress
 
 SUGGEST = {"--detector-model": "IDEA-Research/grounding-dino-base",
@@ -34,6 +35,10 @@ def _need(value: Optional[str], option: str, why: str) -> str:
     return value
 
 
+def _no_prompt(_: Optional[str]) -> str:
+    return ""
+
+
 def build_backends(instance: str, semantic: str, detector_model: Optional[str], segmenter_model: Optional[str],
                    semantic_model: Optional[str], device: torch.device, batch_size: int, box_threshold: float,
                    threshold_floor: float):
@@ -41,6 +46,8 @@ def build_backends(instance: str, semantic: str, detector_model: Optional[str], 
     from cfmae_cli.labeling.base import ClassicalBackend
 
     classical = ClassicalBackend() if "classical" in (instance, semantic) else None
+    inst: InstanceBackend | None
+    sem: SemanticBackend | None
     if instance == "classical":
         inst = classical
     else:
@@ -201,11 +208,9 @@ def _run(src, out, info, instance, semantic, detector_model, segmenter_model, se
         from cfmae_cli.labeling.depth import DepthBackend
 
         depth_backend = DepthBackend(depth_model, info.device, batch_size, bf16=info.device.type == "cuda")
+    prompt_for: Callable[[Optional[str]], str] = _no_prompt
     if instance == "grounded-sam":
         from cfmae_cli.labeling.models import prompt_for
-    else:
-        def prompt_for(_: Optional[str]) -> str:
-            return ""
     columns = (TextColumn("label"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     interactive = is_terminal() and info.is_main

@@ -110,7 +110,7 @@ class TrainingView:
         self.live: Live | None = None
         self._stack = contextlib.ExitStack()
         self._start: tuple[float, int] | None = None  # (time, micro-batches done) of the first update
-        self._last_step_logged = -1
+        self._last_step_logged: float | None = -1  # the "step" of the last line printed
 
     def __enter__(self) -> "TrainingView":
         if self.interactive:

@@ -41,17 +41,16 @@ def image_maps(path: Path, image: np.ndarray, names: list[str]) -> tuple[dict[st
     return {m: labelled[m].astype(np.int64) for m in names}, list(SEMANTIC_CLASSES), "classical labeller"
 
 
-HEAT = "inferno"  # the colour map of attention
 GPUS_HELP = "0 = the CPU, 1 = one GPU (the same as --device cpu / cuda)"
 
 
 def _device(name: str, gpus: Optional[int] = None) -> torch.device:
     import torch
 
-    name = device_of(name, gpus)
-    if name == "cuda" and not torch.cuda.is_available():
+    chosen = device_of(name, gpus)
+    if chosen == "cuda" and not torch.cuda.is_available():
         raise CfmaeError("--device cuda: no GPU is visible.")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+    return torch.device("cuda" if chosen == "cuda" or (chosen == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def _inputs(text: str, net: Pretrained) -> list[str]:
@@ -157,9 +156,10 @@ def reconstruct(
     pixels, maps, ok = _load(images, net, need_maps=True)
     _refuse_foreign_classes(inputs, ok)
     batch = prepare(net, pixels, maps, net.model.encoder.cls_token.device)
-    mask, visible = input_masks(net, inputs, masking, num_visible, batch, seed)
+    mask, ids_keep = input_masks(net, inputs, masking, num_visible, batch, seed)
+    visible = ids_keep.shape[1]
     with torch.no_grad():
-        pred = net.model.predict(batch, mask, visible)
+        pred = net.model.predict(batch, ids_keep)
     from cfmae_cli.viz.recon import class_legend, reconstruction_panels, save_grid
 
     model, cfg = net.model, net.cfg
@@ -218,10 +218,9 @@ def attention_map(
     Example: cfmae attention-map --stats DATA --checkpoint runs/pretrain/demo --checkpoint random --model
     vit_base_patch16_224.mae --weights mae_pretrain_vit_base.pth
     """
-    for path in [*(c for c in checkpoint or [] if c != "random"), *(weights or [])]:
+    to_check: list[str | Path] = [*(c for c in checkpoint or [] if c != "random"), *(weights or [])]
+    for path in to_check:
         check_weights_file(path)  # sizes checked before torch is imported (docs/export.md)
-    import torch
-
     from cfmae_cli.viz.inference import load_pretrained, prepare
 
     checkpoints, models, weights = list(checkpoint or []), list(model or []), list(weights or [])
@@ -237,48 +236,24 @@ def attention_map(
     if len(checkpoints) > 1 or "random" in checkpoints:
         raise CfmaeError("--checkpoint: one pre-training checkpoint for the figures (several, and 'random', go "
                          "with --stats).")
-    checkpoint = checkpoints[0] if checkpoints else None
+    chosen = checkpoints[0] if checkpoints else None
     if method not in ("cls", "mean", "rollout"):
         raise CfmaeError(f"--method {method}: choose cls, mean or rollout.")
-    out = _outputs(out or Path(f"{images[0].stem}-attention-{method}.png"), images, checkpoint, "attention-map")
-    net = load_pretrained(checkpoint, _device(device, gpus))
-    model = net.model
-    depth = len(model.encoder.blocks)
+    out = _outputs(out or Path(f"{images[0].stem}-attention-{method}.png"), images, chosen, "attention-map")
+    net = load_pretrained(chosen, _device(device, gpus))
+    cfmae = net.model
+    depth = len(cfmae.encoder.blocks)
     if not -depth <= layer < depth:
         raise CfmaeError(f"--layer {layer}: the encoder has {depth} blocks (0..{depth - 1}, or -1 for the last).")
     inputs = _inputs(modality, net)
     pixels, maps, ok = _load(images, net, need_maps=bool(table.maps_of(inputs)))
     _refuse_foreign_classes(inputs, ok)
-    batch = prepare(net, pixels, maps, model.encoder.cls_token.device)
-    from cfmae_cli.viz.attention import encoder_attention, patch_maps
+    batch = prepare(net, pixels, maps, cfmae.encoder.cls_token.device)
+    from cfmae_cli.viz.attention_figure import figure_rows, HEAT, patch_attention, pick_heads
     from cfmae_cli.viz.grid import save_image_grid
-    from cfmae_cli.viz.recon import rgb_pixels
 
-    n, names = model.grid ** 2, model.modalities
-    image = batch[table.embedding_modality()]
-    mask = torch.ones(len(pixels), len(names), n, dtype=torch.bool, device=image.device)
-    for m in inputs:
-        mask[:, names.index(m)] = False
-    visible = n * len(inputs)
-    (_, keep), layers = encoder_attention(model.encoder.blocks, lambda: model.encode(batch, mask, visible))
-    per_token = patch_maps(layers, method, layer)  # (B, H, V)
-    per_patch = torch.zeros(*per_token.shape[:2], n, device=per_token.device)
-    per_patch.scatter_add_(2, (keep % n).unsqueeze(1).expand_as(per_token), per_token)  # modalities summed
-    heads = per_patch.shape[1]
-    if head == "mean":
-        per_patch, titles = per_patch.mean(1, keepdim=True), ["mean of heads"]
-    elif head == "all" or method == "rollout":
-        titles = [f"head {h}" for h in range(heads)] if heads > 1 else [method]
-    else:
-        if not head.isdigit() or int(head) >= heads:
-            raise CfmaeError(f"--head {head}: a head index 0..{heads - 1}, mean, or all.")
-        per_patch, titles = per_patch[:, int(head):int(head) + 1], [f"head {head}"]
-    from cfmae_cli.viz.grid import fit
-
-    rgb = [fit(x, max(x.shape[0], 160), smooth=True)  # small models' images are drawn larger
-           for x in rgb_pixels(image, net.cfg.data.mean, net.cfg.data.std)]
-    rows = [[rgb[k]] + [_overlay(rgb[k], per_patch[k, h], model.grid) for h in range(per_patch.shape[1])]
-            for k in range(len(pixels))]
+    per_patch, titles = pick_heads(patch_attention(cfmae, batch, inputs, method, layer), head, method)
+    rows = figure_rows(batch[table.embedding_modality()], per_patch, cfmae.grid, net.cfg.data.mean, net.cfg.data.std)
     where = "" if method == "rollout" else f", layer {layer % depth}"
     save_image_grid(rows, out, ["image"] + titles, [p.name[-28:] for p in images],
                     f"{net.path}: {method} attention{where}, input {'+'.join(inputs)}\n"
@@ -297,6 +272,7 @@ def _attention_stats(root: Path, checkpoints: list[str], models: list[str], weig
     from cfmae_cli.data.layout import list_samples, read_manifest
     from cfmae_cli.data.splits import spread
     from cfmae_cli.viz import attention_stats as st
+    from cfmae_cli.viz.attention_subjects import subjects as subjects_of
 
     if len(models) != len(weights):
         raise CfmaeError(f"--model / --weights: {len(models)} model name(s) and {len(weights)} weights file(s); "
@@ -316,24 +292,8 @@ def _attention_stats(root: Path, checkpoints: list[str], models: list[str], weig
     device = _device(device_name, gpus)
     if not checkpoints and not models:
         checkpoints = [str(newest_checkpoint())]
-    subjects: list[st.Subject | None] = []
-    template = None
-    for spec in checkpoints:
-        if spec == "random":
-            subjects.append(None)
-            continue
-        subject, found = st.ours(spec, device)
-        template = template or found
-        subjects.append(subject)
-    template = template or st.demo_template(classes or 0)
-    subjects = [s or st.random_init(template, device, seed) for s in subjects]
-    subjects += [st.timm_subject(name, file, device) for name, file in zip(models, weights)]
-    names: list[str] = []
-    for subject in subjects:  # unique column names
-        base, k = subject.name, 2
-        while subject.name in names:
-            subject.name, k = f"{base} ({k})", k + 1
-        names.append(subject.name)
+    subjects = subjects_of(checkpoints, models, weights, classes, device, seed)
+    names = [subject.name for subject in subjects]
     results = {}
     for subject in subjects:
         console.print(f"{subject.name}: {subject.description}; {subject.img_size} px, {subject.grid}x{subject.grid} "
@@ -341,15 +301,6 @@ def _attention_stats(root: Path, checkpoints: list[str], models: list[str], weig
         values = st.measure(subject, samples, classes, batch_size, device)
         results[subject.name] = st.summarise_all(values, seed)
     rows = st.table_rows(key for name in names for key in results[name])
-
-    def cell(name: str, row: st.Row) -> str:
-        found = [results[name].get(key) for key in row.keys]
-        if any(c is None or c["mean"] is None for c in found):
-            return "-"
-        if len(found) == 2:  # the nearest and the farthest head
-            return f"{found[0]['mean']:.3f} - {found[1]['mean']:.3f}"
-        c = found[0]
-        return f"{c['mean']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]"
 
     view = Table(title=f"attention statistics over {len(samples)} images of {root} (mean [95 % bootstrap interval])",
                  caption=st.BLOCK_NOTE if any(row.section for row in rows) else None, caption_justify="left")
@@ -361,38 +312,17 @@ def _attention_stats(root: Path, checkpoints: list[str], models: list[str], weig
         if row.section != section:
             section = row.section
             view.add_row(f"[bold]{section or 'global token -> patches'}[/bold]", *[""] * len(names))
-        view.add_row(row.label if not row.section else f"  {row.label}", *[cell(name, row) for name in names])
+        view.add_row(row.label if not row.section else f"  {row.label}", *[st.cell_text(results[name], row) for name in names])
     labels = [row.section or "global token -> patches" for row in rows] + [f"  {row.label}" for row in rows]
     widest = max(len(label) for label in labels)
-    cells = [len(cell(name, row)) for name in names for row in rows] + [len(name) for name in names]
+    cells = [len(st.cell_text(results[name], row)) for name in names for row in rows] + [len(name) for name in names]
     # never cut the intervals off
     Console(width=max(console.width, widest + 4 + (max(cells) + 3) * len(names))).print(view)
     if not semantic:
         console.print(f"note: {root} has no semantic/ folder: no region entropy.", highlight=False)
-    statistics = {}
-    for row in rows:
-        for key, label in zip(row.keys, row.long):
-            statistics[key] = {"label": label, **({"block": row.block} if row.block is not None else {}),
-                               **{name: results[name][key] for name in names if key in results[name]}}
-    report = {**json_stamp("attention-map"), "data": str(root), "images": len(samples), "cells_per_patch": st.CELLS, "seed": seed,
-              "models": [{"name": s.name, "description": s.description, "img_size": s.img_size,
-                          "patch_size": s.patch_size, "grid": s.grid,
-                          "blocks": len(s.blocks)} for s in subjects],
-              "statistics": statistics}
+    report = {**json_stamp("attention-map"), "data": str(root), "images": len(samples), "cells_per_patch": st.CELLS,
+              "seed": seed, "models": [st.subject_json(s) for s in subjects],
+              "statistics": st.statistics_json(rows, results)}
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {out}", highlight=False)
 
-
-def _overlay(rgb: np.ndarray, values: torch.Tensor, grid: int) -> np.ndarray:
-    """Heat map of per-patch values (normalised to [0, 1]) blended over the image."""
-    import numpy as np
-
-    import matplotlib
-
-    from cfmae_cli.viz.grid import fit
-
-    v = values.float().reshape(grid, grid).cpu().numpy()
-    v = (v - v.min()) / max(float(v.max() - v.min()), 1e-12)
-    heat = (matplotlib.colormaps[HEAT](v)[..., :3] * 255).astype(np.uint8)
-    heat = fit(heat, rgb.shape[0], smooth=False)
-    return (0.45 * rgb + 0.55 * heat).astype(np.uint8)

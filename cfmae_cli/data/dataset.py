@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ContextManager, Protocol, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from cfmae_cli import modalities as table
 from cfmae_cli.data.layout import Sample
-from cfmae_cli.data.maps import BadSample, check_class_ids, check_size, opened, read_ids
-from cfmae_cli.data.transforms import JointTransform
+from cfmae_cli.data.maps import BadSample, check_class_ids, check_size, opened, read_ids, UNREADABLE
 from cfmae_cli.formats import UNLABELLED
 from cfmae_cli.seeding import sample_rng
-
-UNREADABLE = (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -40,8 +37,13 @@ def skip_reason(exc: Exception) -> str | None:
     if isinstance(exc, BadSample):
         return str(exc)
     if isinstance(exc, UNREADABLE):
-        return f"unreadable: {type(exc).__name__}: {exc}"
+        return unreadable_reason(exc)
     return None
+
+
+def unreadable_reason(exc: Exception) -> str:
+    """Why a file that raised one of :data:`UNREADABLE` is skipped."""
+    return f"unreadable: {type(exc).__name__}: {exc}"
 
 
 def read_map(path, expect_size: tuple[int, int], modality: table.Modality) -> Tensor:
@@ -53,7 +55,7 @@ def read_map(path, expect_size: tuple[int, int], modality: table.Modality) -> Te
         return torch.from_numpy(read_ids(path, expect_size, modality.name))
     with opened(path) as im:
         check_size(path, im.size, expect_size)
-        if modality.modes is not None and im.mode not in modality.modes:
+        if modality.pil_modes is not None and im.mode not in modality.pil_modes:
             raise BadSample(f"{path}: a {modality.name} map must be a single-channel 8- or 16-bit PNG, got PIL "
                             f"mode {im.mode}")
         if modality.channels == 1:
@@ -85,13 +87,19 @@ def read_maps(sample: Sample, size: tuple[int, int], names: list[str], classes: 
 
 class SeededDataset(Dataset):
     """Keys are an index, or ``(epoch, index)``: then the augmentation is drawn from a generator seeded by
-    (seed, epoch, index), the same whichever process or worker loads the sample. A sample that
-    :meth:`skipped` recognises as bad becomes a :class:`Skipped` record instead of an error."""
+    (seed, epoch, index) (:meth:`rng`), the same whichever process or worker loads the sample, so that a
+    resumed run is identical to an unbroken one. A sample that :meth:`skipped` recognises as bad becomes a
+    :class:`Skipped` record instead of an error."""
 
     seed: int
 
     def load(self, index: int) -> dict[str, Any]:
         raise NotImplementedError
+
+    def rng(self, epoch: int, index: int) -> ContextManager[None]:
+        """The generators seeded for sample ``index`` of ``epoch`` while it loads: torch's CPU generator
+        (:func:`~cfmae_cli.seeding.sample_rng`)."""
+        return sample_rng(self.seed, epoch, index)
 
     def skipped(self, index: int, exc: Exception) -> Skipped | None:
         """The record of a bad sample, or None for an error that should propagate."""
@@ -102,7 +110,7 @@ class SeededDataset(Dataset):
         try:
             if epoch is None:
                 return self.load(index)
-            with sample_rng(self.seed, epoch, index):
+            with self.rng(epoch, index):
                 return self.load(index)
         except Exception as exc:
             record = self.skipped(index, exc)
@@ -111,13 +119,22 @@ class SeededDataset(Dataset):
             return record
 
 
+class PairTransform(Protocol):
+    """What a :class:`MultiGranularDataset` applies to an image and its maps together: the joint augmentation
+    (:class:`~cfmae_cli.data.transforms.JointTransform`) or segmentation's; ``train`` picks training or evaluation."""
+
+    train: bool
+
+    def __call__(self, rgb: Tensor, maps: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+
 class MultiGranularDataset(SeededDataset):
     """Items are dicts: ``rgb`` (3, S, S), each map of ``modalities`` (ids (S/s, S/s) long, a one-channel image
     (1, S, S) float32 in [0, 1], as the table of modalities says), ``label`` (class folder index) — or a
     :class:`Skipped` record. ``reduce_zero_label`` (ADE20K): 0 = 'other' of the manifest-class map becomes
     unlabelled, k becomes k-1."""
 
-    def __init__(self, samples: list[Sample], transform: JointTransform, modalities: list[str],
+    def __init__(self, samples: list[Sample], transform: PairTransform, modalities: list[str],
                  num_semantic_classes: int, seed: int = 0, reduce_zero_label: bool = False):
         self.reduce_zero_label = reduce_zero_label  # ADE20K: 0 = 'other' → unlabelled, k → k-1
         self.seed = seed
@@ -155,7 +172,7 @@ def make_item(rgb: Tensor, maps: dict[str, Tensor], label: int) -> dict[str, Any
     return {"rgb": rgb, **maps, "label": label}
 
 
-def collate(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
+def collate(items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
     """Stack the good items; ``skipped`` lists the bad ones. Tensors are stacked in their dtype (id maps long,
     RGB uint8 or float32, a one-channel image map float32 at its full precision), integers (``label``, …)
     become a long tensor; ``size`` = count."""

@@ -18,7 +18,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from PIL import Image
@@ -249,7 +249,7 @@ def pack_again(manifest: dict[str, Any]) -> str:
     return f"pack the data again (cfmae pack {manifest.get('source', 'DATA')} --out NEW)"
 
 
-def _whole(value: Any, low: int, high: int | float) -> bool:
+def _whole(value: Any, low: int, high: int | float) -> TypeGuard[int]:
     return type(value) is int and low <= value <= high
 
 

@@ -40,6 +40,10 @@ SAVE_IDS = ("save the ids as an 8-bit grey PNG (16-bit grey for ids above 255; c
             "picks the depth) or as a palette PNG whose indices are the ids")
 
 
+#: What reading a bad image file raises (not a bug): the one list of the reasons to skip an unreadable file.
+UNREADABLE = (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
+
+
 class BadSample(Exception):
     """A sample that cannot be used; the message names the file and says why."""
 
@@ -51,7 +55,7 @@ def opened(path: str | Path) -> Iterator[Image.Image]:
     try:
         with Image.open(path) as im:
             yield im
-    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except UNREADABLE as exc:
         raise BadSample(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
 
 

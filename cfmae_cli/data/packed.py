@@ -20,12 +20,14 @@ reasons, in the same words. A packed folder is checked before anything is sized 
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,7 +65,8 @@ def decode(data: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
-def _square_geometry(w: int, h: int, side: int) -> tuple[tuple[int, int], tuple[int, int], tuple[float, ...]]:
+def _square_geometry(w: int, h: int, side: int
+                     ) -> tuple[tuple[int, int], tuple[int, int], tuple[float, float, float, float]]:
     """How a (w, h) image becomes its stored square: resized to ``(nw, nh)`` (short side ``side``), cropped
     at ``(left, top)``; and that square as a box (top, left, height, width) in the original's pixels."""
     scale = side / min(w, h)
@@ -89,7 +92,9 @@ def _pack_shard(job: tuple[Path, int, list[Sample], int, int, int, int]) -> tupl
     """Write one shard; returns (images written, [(file, why skipped)])."""
     out, k, samples, size, map_size, quality, classes = job
     names = list(samples[0].maps) if samples else []
-    blobs, labels, skipped = [], [], []
+    blobs: list[bytes] = []
+    labels: list[int] = []
+    skipped: list[tuple[str, str]] = []
     arrays = {name: np.zeros((len(samples), map_size, map_size), np.uint16) for name in names}
     for sample in samples:
         try:  # read as training reads it: the same samples kept, the same skipped, with the same reasons
@@ -117,8 +122,12 @@ def _pack_shard(job: tuple[Path, int, list[Sample], int, int, int, int]) -> tupl
     stored = {name: a[:n] if a[:n].max(initial=0) > 255 else a[:n].astype(np.uint8)  # most maps: < 256 ids
               for name, a in arrays.items()}
     for name, array in (("offsets", offsets), *stored.items(), ("labels", np.array(labels, np.int32))):
-        _publish(Path(f"{stem}.{name}.npy"), lambda fh, a=array: np.save(fh, a))
+        _publish(Path(f"{stem}.{name}.npy"), partial(_save_array, array))
     return n, skipped
+
+
+def _save_array(array: np.ndarray, fh: Any) -> None:
+    np.save(fh, array)
 
 
 def _publish(path: Path, write: Callable[[Any], Any]) -> None:
@@ -274,7 +283,6 @@ class PackedDataset(SeededDataset):
         return self._open[k]
 
     def with_transform(self, train: bool) -> "PackedDataset":
-        import copy
 
         t = copy.copy(self.transform)
         t.train = train

@@ -50,8 +50,8 @@ def _scaled_box(top: int, left: int, height: int, width: int, h: int, w: int, si
 class JointTransform:
     """(rgb uint8 (3, H, W), {modality: map}) → augmented, resized tensors, the same crop and flip for all.
 
-    Returns rgb float (3, S, S) normalised with ``mean``/``std`` — or, with ``normalize=False``, uint8 (3, S, S)
-    for :func:`normalize_on_device` (a quarter of the bytes through the loader and to the GPU) — and the maps
+    Returns rgb float (3, S, S) normalised with ``mean``/``std`` — or, with ``normalise=False``, uint8 (3, S, S)
+    for :func:`normalise_on_device` (a quarter of the bytes through the loader and to the GPU) — and the maps
     as the table of modalities says: id maps long (S/s, S/s) at the cells' centres, canonical ids where the
     entry asks (instance); image maps (C, S', S') resampled like the image (bilinear, antialiased) in their
     own dtype: uint8 stays uint8, a float map (depth, read at its full precision) stays float32 and is not
@@ -60,8 +60,8 @@ class JointTransform:
 
     def __init__(self, img_size: int, map_stride: int, num_instance_ids: int, scale: tuple[float, float],
                  ratio: tuple[float, float], hflip: float, mean: tuple[float, ...], std: tuple[float, ...],
-                 train: bool = True, normalize: bool = True, whole: bool = False):
-        self.normalize = normalize
+                 train: bool = True, normalise: bool = True, whole: bool = False):
+        self.normalise = normalise
         self.whole = whole  # evaluation: the whole image resized to a square (segmentation), not its centre
         self.img_size = img_size
         self.map_size = img_size // map_stride
@@ -94,12 +94,12 @@ class JointTransform:
                 out[name] = canonical_instance_ids(out[name], self.num_instance_ids)
         if flip:
             image = TF.horizontal_flip(image)
-        if self.normalize:
+        if self.normalise:
             image = TF.normalize(TF.to_dtype(image, torch.float32, scale=True), self.mean, self.std)
         return image.as_subclass(Tensor), out
 
 
-def normalize_on_device(rgb: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+def normalise_on_device(rgb: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """uint8 (B, 3, S, S) → float32 normalised with ``mean``/``std``, where the tensor is (the GPU); a float
     tensor is returned as it is (already normalised)."""
     if rgb.dtype != torch.uint8:
@@ -121,7 +121,7 @@ def inputs_on_device(batch: dict[str, Tensor], modalities: list[str], mean: tupl
         x, spec = batch[name], table.get(name)
         if spec.kind == "image":
             if spec.normalise:
-                x = normalize_on_device(x, mean, std)
+                x = normalise_on_device(x, mean, std)
             else:
                 x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
             if table.target_of(spec, targets) == "standardise":

@@ -9,7 +9,7 @@ __all__ = ["finetune"]
 
 def __getattr__(name: str) -> Any:
     if name == "finetune":
-        from cfmae_cli.eval.finetune import finetune
+        from cfmae_cli.eval.finetune import finetune  # heavy: keeps cfmae --help fast (torch)
 
         return finetune
     raise AttributeError(f"module 'cfmae_cli.eval' has no attribute {name!r}")

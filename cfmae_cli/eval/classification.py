@@ -8,7 +8,6 @@ the best top-1.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -17,16 +16,17 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 
 from cfmae_cli import modalities as table
+from cfmae_cli.data.dataset import MultiGranularDataset
 from cfmae_cli.data.transforms import inputs_on_device
 from cfmae_cli.errors import DataError
 from cfmae_cli.eval.classifier import ViTClassifier, load_encoder_weights
 from cfmae_cli.eval.config import AugConfig, FinetuneConfig
-from cfmae_cli.eval.data import build_datasets
+from cfmae_cli.eval.data import ImageListDataset, build_datasets
 from cfmae_cli.eval.evaluate import evaluate, shard_loader
 from cfmae_cli.eval.task import FinetuneTask
 from cfmae_cli.seeding import seeded
 from cfmae_cli.train import distributed
-from cfmae_cli.train.engine import StepContext
+from cfmae_cli.train.task import Plan, StepContext
 
 
 class Mixer:
@@ -70,6 +70,10 @@ class Mixer:
 class ClassificationTask(FinetuneTask):
     """Fine-tuning or linear probing of an image classifier; val top-1 / top-5 every epoch."""
 
+    best_metric, best_also = "top1", ("top5",)
+    dataset: ImageListDataset | MultiGranularDataset
+    val_dataset: ImageListDataset | MultiGranularDataset
+
     def __init__(self, cfg: FinetuneConfig, info: distributed.DistInfo, state: dict[str, Tensor] | None,
                  source: str):
         arch = self.setup(cfg, info, source)
@@ -96,8 +100,6 @@ class ClassificationTask(FinetuneTask):
         self.names = ["loss"]
         self.bf16 = info.bf16  # decided once, by the engine (train.precision)
         self.val_loader = shard_loader(self.val_dataset, cfg.train.batch_size, cfg.data.num_workers, info)
-        self.best: dict[str, Any] = {"top1": -math.inf, "top5": -math.inf, "epoch": 0}
-        self.improved = False
 
     def inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return inputs_on_device(batch, self.modalities, self.cfg.data.mean, self.cfg.data.std)
@@ -112,17 +114,14 @@ class ClassificationTask(FinetuneTask):
         bad = sum(distributed.gather(len(skipped), self.info))
         if metrics["val_images"] == 0:
             raise DataError(f"{self.root}: no image of the val split could be read.")
-        self.improved = metrics["top1"] > self.best["top1"]
-        if self.improved:
-            self.best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": done}
-        return {**metrics, "val_skipped": bad, "best_top1": self.best["top1"], "best_epoch": self.best["epoch"]}
+        return {**metrics, "val_skipped": bad, **self.track_best(metrics, done)}
 
     def summary_line(self, summary: dict[str, Any]) -> str:
         return (f"val top-1 {summary['top1']:.2f} top-5 {summary['top5']:.2f} (best {summary['best_top1']:.2f} "
                 f"at epoch {summary['best_epoch']}) ")
 
-    def describe(self, plan: dict[str, Any]) -> list[str]:
-        cfg, arch = self.cfg, self.cfg.model.encoder
+    def describe(self, plan: Plan) -> list[str]:
+        cfg, arch = self.cfg, self.arch
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return [f"data {self.root}: {len(self.classes)} classes; {len(self.dataset)} train / "
                 f"{len(self.val_dataset)} val images; input {' + '.join(self.modalities)}",

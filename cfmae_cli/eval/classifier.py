@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from cfmae_cli import modalities as table
-from cfmae_cli.config import EncoderArch
+from cfmae_cli.config import EncoderArch, stored_config
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.eval.config import FinetuneConfig
 from cfmae_cli.model.encoder import build_encoder
@@ -103,11 +103,9 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu"
                     ) -> tuple[ViTClassifier, FinetuneConfig, list[str]]:
     """A ``cfmae finetune`` checkpoint (file or run folder) as an eval-mode classifier, its config and its
     class names."""
-    from cfmae_cli.config import stored_config
-
     w = read_weights(path)
-    if w.layout != "cfmae-finetune":
-        raise CfmaeError(f"{w.path}: a {w.layout.removeprefix('cfmae-')} checkpoint, not a classifier; fine-tune it "
+    if w.format != "cfmae-finetune":
+        raise CfmaeError(f"{w.path}: a {w.format.removeprefix('cfmae-')} checkpoint, not a classifier; fine-tune it "
                          f"first with `cfmae finetune --checkpoint {path}`.")
     cfg = stored_config(w.top["config"], f"the config in {w.path}", FinetuneConfig)  # sizes checked: read_weights
     if cfg.kind != "classification":

@@ -13,17 +13,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from cfmae_cli.data.dataset import skip_reason, Skipped
-from cfmae_cli.data.maps import check_class_ids, read_ids
+from cfmae_cli.data.dataset import SeededDataset, skip_reason, Skipped, unreadable_reason
+from cfmae_cli.data.maps import check_class_ids, read_ids, UNREADABLE
 from cfmae_cli.data.layout import Sample
 from cfmae_cli.errors import DataError
 from cfmae_cli.formats import UNLABELLED
-from cfmae_cli.seeding import sample_rng
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ def coco_from_layout(samples: list[Sample], semantic_classes: list[str], min_are
     """COCO dict of the dataset layout: each instance id > 0 of an image is an object, its category the most
     frequent semantic class under it (unlabelled pixels aside); objects smaller than ``min_area`` of the image
     are left out."""
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for image_id, sample in enumerate(samples, start=1):
         try:  # the one reader of id maps, as training reads them; a map it would skip is left out, named
             with Image.open(sample.rgb) as im:
@@ -108,7 +109,7 @@ def check_coco(coco: dict[str, Any], path: Path) -> None:
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco[key], list):
             raise DataError(f"{path}: '{key}' is not a list.")
-    sizes: dict[int, tuple[int, int]] = {}
+    sizes: dict[Any, tuple[int, int]] = {}  # by image id (an annotation may name any value)
     for k, image in enumerate(coco["images"]):
         what = f"{path}: image {image.get('id', f'#{k}') if isinstance(image, dict) else f'#{k}'}"
         if not isinstance(image, dict) or not isinstance(image.get("id"), int):
@@ -184,7 +185,7 @@ def clip_box(bbox: list[float], h: int, w: int) -> list[float]:
     return [max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)]
 
 
-class CocoDetection(Dataset):
+class CocoDetection(SeededDataset):
     """Items: {'image': uint8 (3, H, W), 'target': {boxes (N, 4) xyxy, labels (N,) in 1..C, masks (N, H, W)
     uint8, image_id}} or a :class:`Skipped` record. Problems with annotations are counted in ``problems``:
     unknown category ids and degenerate boxes are dropped, boxes are clipped to the image.
@@ -248,13 +249,10 @@ class CocoDetection(Dataset):
             target["masks"] = target["masks"].flip(-1)
         return {"image": rgb, "target": target}
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | Skipped:
-        epoch, index = key if isinstance(key, tuple) else (None, key)
-        try:
-            with sample_rng(self.seed, epoch, index) if epoch is not None else contextlib.nullcontext():
-                return self.load(index)
-        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            return Skipped(str(self.images[index]["file_name"]), f"unreadable: {type(exc).__name__}: {exc}")
+    def skipped(self, index: int, exc: Exception) -> Skipped | None:
+        """An image file that cannot be read is skipped; any other error is raised."""
+        return Skipped(str(self.images[index]["file_name"]), unreadable_reason(exc)) if isinstance(exc, UNREADABLE) \
+            else None
 
 
 def collate_detection(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
@@ -288,8 +286,6 @@ def coco_ap(ground_truth: dict[str, Any], results: list[dict[str, Any]]) -> dict
     """Box and mask AP, AP50, AP75, APs, APm, APl (in %, pycocotools' ``stats[0..5]``; keys ``AP_box``,
     ``APs_mask``, …). AP, AP50, AP75 are 0 where there is nothing to score; APs / APm / APl are None where
     the ground truth holds no object of that size (pycocotools' -1)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     out: dict[str, float | None] = {}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables

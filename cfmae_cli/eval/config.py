@@ -11,7 +11,8 @@ from typing import Annotated, Any, ClassVar, Literal, Optional
 from pydantic import Field, model_validator
 
 from cfmae_cli import modalities as table
-from cfmae_cli.config import EncoderArch, ImageDataConfig, Modality, RunConfig, _Strict, check_inputs
+from cfmae_cli.config import (EncoderArch, ImageDataConfig, LrSchedule, Modality, OptimBase, RunConfig, _Strict,
+                              check_inputs)
 
 
 class FtDataConfig(ImageDataConfig):
@@ -83,25 +84,27 @@ class FtModelConfig(_Strict):
                              "of 12 stay global); 0 = global attention in every block")
 
 
-class FtOptimConfig(_Strict):
+class FtOptimConfig(OptimBase):
+    """Fine-tuning's optimizer: the shared fields with Table 8's defaults, and its own (the optimizer's name, the
+    lr schedule, layer decay, LARS's settings)."""
+
+    base_lr: float = Field(1e-3, gt=0, description="lr = base_lr * effective_batch / 256")
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = Field(5, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
     name: Literal["adamw", "lars"] = Field("adamw", description="lars for linear probing (MAE's LARS: the trust "
                                            "ratio on every weight of two or more dimensions, at any weight decay)")
-    schedule: Literal["cosine", "linear", "step"] = Field("cosine", description="decay after the warmup; step = "
-                                                          "x0.1 at each of optim.milestones")
+    schedule: LrSchedule = Field("cosine", description="decay after the warmup; step = x0.1 at each of "
+                                 "optim.milestones")
     milestones: list[float] = Field([], description="step schedule: the lr drops 10x once this many epochs are "
                                     "done (MMDetection's step=[8, 11])")
-    base_lr: float = Field(1e-3, gt=0, description="lr = base_lr * effective_batch / 256")
-    lr: Optional[float] = Field(None, gt=0, description="absolute lr; overrides the scaling rule")
     layer_decay: float = Field(0.7, gt=0, le=1, description="layer-wise lr decay (1 = none)")
-    weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = Field(0.9, ge=0, lt=1, description="LARS momentum")
     trust_coefficient: float = Field(0.001, gt=0, description="LARS: each weight's step is scaled to this share "
                                      "of its norm (MAE's 0.001); biases and norms take no trust ratio")
-    warmup_epochs: float = Field(5, ge=0)
-    min_lr: float = Field(1e-6, ge=0)
-    effective_batch: int = Field(2048, ge=1, description="per-device batch x devices x accumulation steps")
-    clip_grad: Optional[float] = Field(None, gt=0, description="max gradient norm; null = no clipping")
+
+    def lr_decay(self) -> tuple[LrSchedule, tuple[float, ...]]:
+        return self.schedule, tuple(self.milestones)
 
 
 class SegConfig(_Strict):

@@ -8,25 +8,28 @@ decides, so the split never changes). Items are the dicts of :mod:`cfmae_cli.dat
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from timm.data import create_transform
-from torch.utils.data import Dataset
 
 from cfmae_cli import modalities as table
 from cfmae_cli.config import EncoderArch
-from cfmae_cli.data.dataset import MultiGranularDataset, Skipped
+from cfmae_cli.data.dataset import MultiGranularDataset, SeededDataset, skip_reason, Skipped
 from cfmae_cli.data.layout import read_manifest, Sample
+from cfmae_cli.data.maps import UNREADABLE
 from cfmae_cli.data.splits import find_splits
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.eval.config import FinetuneConfig
 from cfmae_cli.seeding import mix_seed, seeded
 
 
-class ImageListDataset(Dataset):
+class _Unreadable(Exception):
+    """An image file that could not be read (the message: why); unlike a failing transform, not a bug."""
+
+
+class ImageListDataset(SeededDataset):
     """RGB images with class labels through a PIL transform → {'rgb', 'label'}, or a :class:`Skipped` record.
 
     A key ``(epoch, index)`` draws the augmentation from generators seeded by (seed, epoch, index): the same
@@ -39,16 +42,21 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | Skipped:
-        epoch, index = key if isinstance(key, tuple) else (None, key)
+    def rng(self, epoch: int, index: int) -> ContextManager[None]:
+        """Python's, NumPy's and torch's generators seeded: timm's transforms draw from all three."""
+        return seeded(mix_seed(self.seed, epoch, index))
+
+    def load(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         try:  # a file that cannot be read is skipped; a failing transform is a bug and is raised
             with Image.open(sample.rgb) as im:
                 image = im.convert("RGB")
-        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            return Skipped(str(sample.rgb), f"unreadable: {type(exc).__name__}: {exc}")
-        with seeded(mix_seed(self.seed, epoch, index)) if epoch is not None else contextlib.nullcontext():
-            return {"rgb": self.transform(image), "label": sample.label}
+        except UNREADABLE as exc:
+            raise _Unreadable(skip_reason(exc)) from exc
+        return {"rgb": self.transform(image), "label": sample.label}
+
+    def skipped(self, index: int, exc: Exception) -> Skipped | None:
+        return Skipped(str(self.samples[index].rgb), str(exc)) if isinstance(exc, _Unreadable) else None
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
@@ -86,7 +94,8 @@ def build_datasets(cfg: FinetuneConfig, arch: EncoderArch, root: Path) -> dict[s
                 "val": MultiGranularDataset(val, joint(False), maps, c_sem, cfg.train.seed),
                 "classes": classes, "num_semantic_classes": c_sem}
     train_tf = pillow_safe(create_transform(d.img_size, is_training=True, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
-                                color_jitter=aug.color_jitter, auto_augment=aug.auto_augment,
+                                color_jitter=aug.color_jitter,  # type: ignore[arg-type]  # timm: None = none
+                                auto_augment=aug.auto_augment,
                                 interpolation=d.interpolation, re_prob=aug.reprob, re_mode="pixel", re_count=1,
                                 mean=d.mean, std=d.std))
     val_tf = create_transform(d.img_size, is_training=False, crop_pct=d.crop_pct, interpolation=d.interpolation,

@@ -16,7 +16,6 @@ Metrics (:func:`~cfmae_cli.eval.coco.coco_ap`): AP, AP50, AP75, APs, APm, APl of
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from cfmae_cli.eval.evaluate import shard_loader
 from cfmae_cli.eval.task import FinetuneTask
 from cfmae_cli.model.encoder import build_encoder, global_blocks
 from cfmae_cli.train import distributed
-from cfmae_cli.train.engine import StepContext
+from cfmae_cli.train.task import Plan, StepContext
 
 LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
@@ -69,7 +68,7 @@ class ViTDetBackbone(nn.Module):
         self.out_channels = channels
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        top = self.encoder.block_maps(x, [len(self.encoder.blocks) - 1])[0]
+        top = self.encoder.block_features(x, [len(self.encoder.blocks) - 1])[0]
         feats = OrderedDict((str(i), out(scale(top))) for i, (scale, out) in enumerate(zip(self.scales, self.outputs)))
         feats["pool"] = nn.functional.max_pool2d(feats["3"], 1, 2)
         return feats
@@ -89,7 +88,7 @@ class FixedSizeTransform(GeneralizedRCNNTransform):
         masks = None if target is None else target.pop("masks", None)
         image, target = super().resize(image, target)
         if masks is not None and target is not None:
-            target["masks"] = resample_map(masks, image.shape[-2:])
+            target["masks"] = resample_map(masks, (image.shape[-2], image.shape[-1]))
         return image, target
 
     def batch_images(self, images: list[Tensor], size_divisible: int = 32) -> Tensor:
@@ -169,8 +168,12 @@ def detection_data(cfg: FinetuneConfig, root: Path) -> dict[str, Any]:
 
 
 class DetectionTask(FinetuneTask):
-    """Mask R-CNN fine-tuning; optimizer (layer-wise decay), checkpoints and best.pt are the classification
-    task's; the summed loss and each of Mask R-CNN's five terms are logged."""
+    """Mask R-CNN fine-tuning; optimizer (layer-wise decay) and checkpoints are every fine-tuning task's, best.pt
+    follows the box AP; the summed loss and each of Mask R-CNN's five terms are logged."""
+
+    best_metric = "AP_box"
+    dataset: CocoDetection
+    val_dataset: CocoDetection
 
     def __init__(self, cfg: FinetuneConfig, info: distributed.DistInfo, state: dict[str, Tensor] | None,
                  source: str):
@@ -184,7 +187,6 @@ class DetectionTask(FinetuneTask):
         self.dataset, self.val_dataset = data["train"], data["val"]
         self.val_coco, self.category_ids = data["val_coco"], data["categories"]
         self.classes = [str(c) for c in self.category_ids]
-        self.collate = collate_detection
         torch.manual_seed(cfg.train.seed)
         model = ViTMaskRCNN(arch, cfg, len(self.category_ids))
         if state is not None:
@@ -194,8 +196,9 @@ class DetectionTask(FinetuneTask):
         self.bf16 = info.bf16  # decided once, by the engine (train.precision)
         self.val_loader = shard_loader(self.val_dataset, cfg.train.batch_size, cfg.data.num_workers, info,
                                        collate_detection)
-        self.best: dict[str, Any] = {"AP_box": -math.inf, "epoch": 0}
-        self.improved = False
+
+    def collate(self, items: list[Any]) -> dict[str, Any]:
+        return collate_detection(items)
 
     def images(self, batch: dict[str, Any]) -> list[Tensor]:
         return [img.to(self.device, non_blocking=True).float() / 255 for img in batch["images"]]
@@ -222,11 +225,9 @@ class DetectionTask(FinetuneTask):
         everything = [r for part in distributed.gather(records, self.info) for r in part]
         metrics = coco_ap(self.val_coco, everything) if self.info.is_main else None
         metrics = distributed.broadcast(metrics, self.info)
-        self.improved = metrics["AP_box"] > self.best["AP_box"]
-        if self.improved:
-            self.best = {"AP_box": metrics["AP_box"], "epoch": done}
+        best = self.track_best(metrics, done)
         problems = {f"annotations_{k}": v for k, v in self.dataset.problems.items() if v}
-        return {**metrics, "best_AP_box": self.best["AP_box"], "best_epoch": self.best["epoch"], **problems}
+        return {**metrics, **best, **problems}
 
     def summary_line(self, summary: dict[str, Any]) -> str:
         def aps(kind: str) -> str:
@@ -236,8 +237,8 @@ class DetectionTask(FinetuneTask):
         return (f"val AP/AP50/AP75/APs/APm/APl box {aps('box')} mask {aps('mask')} (best box AP "
                 f"{summary['best_AP_box']:.2f} at epoch {summary['best_epoch']}) ")
 
-    def describe(self, plan: dict[str, Any]) -> list[str]:
-        arch, d = self.cfg.model.encoder, self.cfg.data
+    def describe(self, plan: Plan) -> list[str]:
+        arch, d = self.arch, self.cfg.data
         return [f"data {self.root}: {len(self.category_ids)} categories; {len(self.dataset)} train / "
                 f"{len(self.val_dataset)} val images; short side {d.min_size} (max {d.max_size}), padded to "
                 f"{d.img_size}",

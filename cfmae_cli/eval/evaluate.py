@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Sized
+from typing import Any, Callable, cast
 
 import torch
 import torch.distributed as dist
@@ -17,7 +18,7 @@ from cfmae_cli.train import distributed
 def shard_loader(dataset: Dataset, batch_size: int, workers: int, info: distributed.DistInfo,
                  collate_fn: Callable = collate) -> DataLoader:
     """This rank's share of ``dataset`` (every world-th item), in order, unshuffled."""
-    part = Subset(dataset, range(info.rank, len(dataset), info.world)) if info.distributed else dataset
+    part = Subset(dataset, range(info.rank, len(cast(Sized, dataset)), info.world)) if info.distributed else dataset
     return DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_fn,
                       pin_memory=info.device.type == "cuda", persistent_workers=workers > 0,
                       generator=torch.Generator())

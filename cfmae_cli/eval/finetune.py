@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from torch import Tensor
 
+from cfmae_cli.checkpoints import newest_checkpoint
 from cfmae_cli.config import EncoderArch, config_from_dict, load_config
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.eval.classification import ClassificationTask
@@ -40,15 +41,13 @@ def initial_weights(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict[str, Tens
     ``model.init``: a cfmae checkpoint or run folder (architecture from its config), an MAE / MultiMAE / timm
     file (architecture from the tensor shapes), 'random', or null = the newest run under runs/pretrain.
     """
-    from cfmae_cli.checkpoints import newest_checkpoint
-
     init = cfg.model.init or str(newest_checkpoint().resolve())
     if init == "random":
         arch = cfg.model.encoder or EncoderArch.of(load_config(cfg.model.arch).model)
         state, source = None, "random"
     else:
         weights = read_weights(init)
-        state, source = weights.state, f"{init} ({weights.layout} format)"
+        state, source = weights.state, f"{init} ({weights.format} format)"
         arch, seen = weights.encoder_arch()
         wanted = cfg.model.encoder
         if wanted is not None:  # what the file does not show (a foreign file's head count, …) the config decides

@@ -16,6 +16,8 @@ from torchvision.transforms import v2
 
 from cfmae_cli import modalities as table
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.eval.classifier import load_classifier
+from cfmae_cli.model.weights import read_state, timm_model
 
 Interp = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}
 
@@ -65,8 +67,6 @@ def load_eval_model(checkpoint: str | None, model_name: str | None, device: torc
 
 
 def _ours(path: Path, device: torch.device) -> EvalModel:
-    from cfmae_cli.eval.classifier import load_classifier
-
     model, cfg, classes = load_classifier(path, device)
     if table.maps_of(cfg.data.modalities):
         raise CfmaeError(f"{path}: this classifier reads {' + '.join(cfg.data.modalities)}; the ImageNet variants "
@@ -87,8 +87,6 @@ def _from_timm(module: nn.Module, description: str, classes: list[str] | None, d
 
 
 def _timm_folder(path: Path, device: torch.device) -> EvalModel:
-    from cfmae_cli.model.weights import read_state, timm_model
-
     _, state, config, _ = read_state(path)  # its config.json's sizes checked before timm builds it
     classes = config.get("num_classes", 0)
     if not isinstance(classes, int) or classes == 0:
@@ -105,8 +103,6 @@ def _timm_folder(path: Path, device: torch.device) -> EvalModel:
 
 
 def _timm_by_name(name: str, weights: str | None, device: torch.device) -> EvalModel:
-    from cfmae_cli.model.weights import read_state, timm_model
-
     if weights is None or not Path(weights).is_file():
         raise CfmaeError(f"--model {name}: give its weights as a local file with --checkpoint FILE (nothing is "
                          f"downloaded).")

@@ -25,15 +25,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from cfmae_cli.data.dataset import Skipped, collate
+from cfmae_cli.data.dataset import collate, Skipped, unreadable_reason
+from cfmae_cli.data.maps import UNREADABLE
 from cfmae_cli.errors import DataError
+from cfmae_cli.eval.models import load_eval_model
 from cfmae_cli.eval.suites import DATASETS
-from cfmae_cli.formats import IMAGE_EXTENSIONS, list_folder, need_folder
+from cfmae_cli.formats import atomic_write_text, IMAGE_EXTENSIONS, list_folder, need_folder
 from cfmae_cli.train import distributed
+from cfmae_cli.train.rundir import attach_log_file, claim_run_dir, mark_finished
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +180,8 @@ class SuiteDataset(Dataset):
         try:
             with Image.open(path) as im:
                 image = im.convert("RGB")
-        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            return Skipped(str(path), f"unreadable: {type(exc).__name__}: {exc}")
+        except UNREADABLE as exc:
+            return Skipped(str(path), unreadable_reason(exc))
         return {"rgb": self.transforms[self.resize_of[k]](image), "label": label, "split": k}
 
 
@@ -300,8 +303,6 @@ def run_robustness(checkpoint: str | None, model_name: str | None, root: Path, d
     ``bad_files.txt``) into a run folder (``out`` or ``runs/eval-robustness/<name>[-k]``). In a process group
     every rank calls this and takes its share of the images. ``preprocessing`` overrides img_size, crop_pct,
     interpolation of the model's own."""
-    from cfmae_cli.eval.models import load_eval_model
-    from cfmae_cli.train.rundir import attach_log_file, claim_run_dir, mark_finished
 
     info = distributed.init(device)
     handler, claim = None, None
@@ -348,7 +349,6 @@ def run_robustness(checkpoint: str | None, model_name: str | None, root: Path, d
 
 
 def _write_results(run_dir: Path, results: dict[str, Any], bad: list[Skipped]) -> None:
-    from cfmae_cli.formats import atomic_write_text
 
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(run_dir / "results.csv", "dataset,metric,value\n" + "".join(

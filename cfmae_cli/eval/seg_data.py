@@ -144,6 +144,8 @@ class SegTrainTransform:
     """(rgb uint8 (3, H, W), {'semantic': (H, W) long}) → rgb uint8 (3, crop, crop) and labels (crop, crop) long,
     by mmseg's ADE20K training pipeline (the module's docstring)."""
 
+    train = True
+
     def __init__(self, crop: int, scale: tuple[int, int], ratio_range: tuple[float, float], cat_max_ratio: float,
                  hflip: float, photometric: Photometric | None, pad_rgb: tuple[int, int, int]):
         self.crop, self.scale, self.ratio_range = crop, tuple(scale), tuple(ratio_range)
@@ -156,7 +158,7 @@ class SegTrainTransform:
         kept; bilinear image (no antialiasing, as OpenCV's), nearest labels."""
         ratio = _uniform(*self.ratio_range)
         scale = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
-        size = rescale_size(*rgb.shape[-2:], scale)
+        size = rescale_size(rgb.shape[-2], rgb.shape[-1], scale)
         rgb = TF.resize(rgb, list(size), interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
         return rgb, resample_map(label, size)
 

@@ -111,7 +111,7 @@ class ViTSegmenter(nn.Module):
     def features(self, x: Tensor) -> list[Tensor]:
         """The patch tokens after the blocks of ``out_indices``, each (B, D, H/p, W/p)."""
         if tuple(x.shape[-2:]) == (self.img_size, self.img_size):
-            return self.encoder.block_maps(x, self.out_indices)
+            return self.encoder.block_features(x, self.out_indices)
         return self._features_any_size(x)
 
     def _features_any_size(self, x: Tensor) -> list[Tensor]:

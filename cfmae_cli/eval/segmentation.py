@@ -18,7 +18,7 @@ import logging
 import math
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from cfmae_cli.data.dataset import MultiGranularDataset
 from cfmae_cli.data.layout import read_manifest, Sample
 from cfmae_cli.data.splits import find_splits
-from cfmae_cli.data.transforms import normalize_on_device
+from cfmae_cli.data.transforms import normalise_on_device
 from cfmae_cli.errors import DataError
 from cfmae_cli.eval.classifier import load_encoder_weights
 from cfmae_cli.eval.config import FinetuneConfig
@@ -38,7 +38,7 @@ from cfmae_cli.eval.evaluate import shard_loader
 from cfmae_cli.eval.task import FinetuneTask
 from cfmae_cli.formats import UNLABELLED
 from cfmae_cli.train import distributed
-from cfmae_cli.train.task import StepContext
+from cfmae_cli.train.task import Plan, StepContext
 
 ADE20K_CLASSES = 150
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Inference:
 
 def seg_scale(cfg: FinetuneConfig) -> tuple[int, int]:
     """``seg.scale``, or (4 x img_size, img_size): mmseg's (2048, 512) for 512 crops."""
-    return tuple(cfg.seg.scale) if cfg.seg.scale is not None else (4 * cfg.data.img_size, cfg.data.img_size)
+    return cfg.seg.scale if cfg.seg.scale is not None else (4 * cfg.data.img_size, cfg.data.img_size)
 
 
 def slide_logits(model: nn.Module, image: Tensor, crop: int, stride: int, max_batch: int = 8) -> Tensor:
@@ -93,6 +93,7 @@ def slide_logits(model: nn.Module, image: Tensor, crop: int, stride: int, max_ba
         for (y1, y2, x1, x2), logits in zip(chunk, out):
             total[0, :, y1:y2, x1:x2] += logits[:, :y2 - y1, :x2 - x1]
             count[..., y1:y2, x1:x2] += 1
+    assert total is not None  # one window at least
     return total / count
 
 
@@ -170,19 +171,28 @@ def segmentation_datasets(cfg: FinetuneConfig, root: Path) -> dict[str, Any]:
         classes, reduce = d.num_classes or int(read_manifest(meta)["num_semantic_classes"]), False
 
     s = cfg.seg
-    photometric = Photometric(s.brightness_delta, tuple(s.contrast_range), tuple(s.saturation_range),
+    photometric = Photometric(s.brightness_delta, s.contrast_range, s.saturation_range,
                               s.hue_delta) if s.photometric else None
-    pad = tuple(int(round(255 * m)) for m in d.mean)  # 0 once normalised, as mmseg pads the normalised image
-    train_t = SegTrainTransform(d.img_size, seg_scale(cfg), tuple(s.ratio_range), s.cat_max_ratio, aug.hflip,
+    # 0 once normalised, as mmseg pads the normalised image
+    pad = cast("tuple[int, int, int]", tuple(int(round(255 * m)) for m in d.mean))
+    train_t = SegTrainTransform(d.img_size, seg_scale(cfg), s.ratio_range, s.cat_max_ratio, aug.hflip,
                                 photometric, pad)
-    return {"train": MultiGranularDataset(train, train_t, ["semantic"], classes, cfg.train.seed, reduce),
-            "val": MultiGranularDataset(val, SegEvalTransform(), ["semantic"], classes, cfg.train.seed, reduce),
+    # MultiGranularDataset takes any joint transform (its annotation names JointTransform alone)
+    train_set = MultiGranularDataset(train, train_t, ["semantic"], classes,
+                                     cfg.train.seed, reduce)
+    val_set = MultiGranularDataset(val, SegEvalTransform(), ["semantic"], classes,
+                                   cfg.train.seed, reduce)
+    return {"train": train_set, "val": val_set,
             "num_classes": classes}
 
 
 class SegmentationTask(FinetuneTask):
-    """Fine-tuning for semantic segmentation; the optimizer (layer-wise decay), checkpoints and best.pt
-    bookkeeping are the classification task's."""
+    """Fine-tuning for semantic segmentation; the optimizer (layer-wise decay) and checkpoints are every
+    fine-tuning task's, best.pt follows the mIoU."""
+
+    best_metric = "mIoU"
+    dataset: MultiGranularDataset
+    val_dataset: MultiGranularDataset
 
     def __init__(self, cfg: FinetuneConfig, info: distributed.DistInfo, state: dict[str, Tensor] | None,
                  source: str):
@@ -206,12 +216,10 @@ class SegmentationTask(FinetuneTask):
         # images of their own sizes: one a batch (this rank's share; the confusion matrix is summed over ranks)
         self.val_loader = shard_loader(self.val_dataset, 1, cfg.data.num_workers, info)
         self.how = Inference.of(cfg)
-        self.best: dict[str, Any] = {"mIoU": -math.inf, "epoch": 0}
-        self.improved = False
         self.noted_single = False
 
     def inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"rgb": normalize_on_device(batch["rgb"], self.cfg.data.mean, self.cfg.data.std)}
+        return {"rgb": normalise_on_device(batch["rgb"], self.cfg.data.mean, self.cfg.data.std)}
 
     def forward(self, net: nn.Module, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, Tensor]:
         inputs, target = self.inputs(batch), batch["semantic"]
@@ -249,24 +257,21 @@ class SegmentationTask(FinetuneTask):
             target = batch["semantic"]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 scores = predict(self.model, self.inputs(batch)["rgb"], tuple(target.shape[-2:]), self.how,
-                                 self.cfg.model.encoder.patch_size)
+                                 self.arch.patch_size)
             conf += confusion(scores.argmax(1), target, self.num_classes)
         if self.info.distributed:
             dist.all_reduce(conf)
         self.model.train()
         metrics = segmentation_metrics(conf)
-        self.improved = metrics["mIoU"] > self.best["mIoU"]
-        if self.improved:
-            self.best = {"mIoU": metrics["mIoU"], "epoch": done}
         return {"mIoU": metrics["mIoU"], "pixel_acc": metrics["pixel_acc"], "mAcc": metrics["mAcc"],
-                "best_mIoU": self.best["mIoU"], "best_epoch": self.best["epoch"]}
+                **self.track_best(metrics, done)}
 
     def summary_line(self, summary: dict[str, Any]) -> str:
         return (f"val mIoU {summary['mIoU']:.2f} pixel acc {summary['pixel_acc']:.2f} (best {summary['best_mIoU']:.2f}"
                 f" at epoch {summary['best_epoch']}) ")
 
-    def describe(self, plan: dict[str, Any]) -> list[str]:
-        arch, s, how = self.cfg.model.encoder, self.cfg.seg, self.how
+    def describe(self, plan: Plan) -> list[str]:
+        arch, s, how = self.arch, self.cfg.seg, self.how
         aux = (f"auxiliary FCN head ({s.aux_channels} channels, loss weight {s.aux_weight:g})" if self.aux_weight > 0
                else "no auxiliary head")
         photo = "photometric distortion" if s.photometric else "no photometric distortion"

@@ -8,7 +8,7 @@ group's ``lr_scale``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from timm.optim import param_groups_layer_decay
@@ -27,7 +27,8 @@ def layer_decay_groups(model: nn.Module, optim: FtOptimConfig) -> list[dict[str,
     the patch embedding, tokens and map adapters at layer 0, block i at i+1, the norms and head at depth+1
     (scale 1); no weight decay on biases, norms and tokens."""
     return param_groups_layer_decay(model, weight_decay=optim.weight_decay,
-                                    no_weight_decay_list=model.no_weight_decay(), layer_decay=optim.layer_decay)
+                                    no_weight_decay_list=cast(Any, model).no_weight_decay(),
+                                    layer_decay=optim.layer_decay)
 
 
 def finetune_optimizer(model: nn.Module, optim: FtOptimConfig, lr: float, device: torch.device
@@ -38,7 +39,7 @@ def finetune_optimizer(model: nn.Module, optim: FtOptimConfig, lr: float, device
     if optim.name == "lars":
         return LARS(groups, lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
                     trust_coefficient=optim.trust_coefficient)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=optim.betas, fused=device.type == "cuda")
 
 
 def recipe_name(optim: FtOptimConfig) -> str:
@@ -50,12 +51,11 @@ def recipe_name(optim: FtOptimConfig) -> str:
 
 
 class FinetuneTask(Task):
-    """The base of the classification, segmentation and detection tasks. A subclass calls :meth:`setup`
-    first in its ``__init__``, builds its data and model, and sets ``best`` (its best validation numbers)."""
+    """The base of the classification, segmentation and detection tasks. A subclass names its ``best_metric``,
+    calls :meth:`setup` first in its ``__init__``, builds its data and model, and returns
+    :meth:`track_best`'s numbers from its ``end_epoch``."""
 
     command = "finetune"
-    improved = False
-    best: dict[str, Any]
     classes: list[str]
 
     def setup(self, cfg: FinetuneConfig, info: distributed.DistInfo, source: str) -> EncoderArch:
@@ -64,14 +64,20 @@ class FinetuneTask(Task):
         self.cfg, self.info, self.device, self.source = cfg, info, info.device, source
         set_threads(cfg, info.world)  # train.threads, or the cores' share left beside the data workers
         assert cfg.model.encoder is not None, "initial_weights() fills model.encoder"
-        self.root = Path(distributed.broadcast(str(dataset_root(cfg)) if info.is_main else None, info))
+        root = dataset_root(cfg) if info.is_main else None
+        self.root = Path(distributed.broadcast(str(root) if root is not None else None, info))
+        self.val_fraction = cfg.data.val_fraction
+        self.start_best()
         return cfg.model.encoder
+
+    @property
+    def arch(self) -> EncoderArch:
+        """The encoder's architecture (``model.encoder``, which :meth:`setup` checked)."""
+        assert self.cfg.model.encoder is not None
+        return self.cfg.model.encoder
 
     def build_optimizer(self, lr: float, device: torch.device) -> torch.optim.Optimizer:
         return finetune_optimizer(self.model, self.cfg.optim, lr, device)
-
-    def extra_checkpoints(self, summary: dict[str, Any]) -> list[str]:
-        return ["best.pt"] if self.improved else []
 
     def recipe(self) -> str:
         """The optimizer line of :meth:`describe`, shared by the three kinds of fine-tuning."""
@@ -80,8 +86,5 @@ class FinetuneTask(Task):
                 f"{o.weight_decay}, drop path {self.cfg.model.drop_path}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"task": "finetune", "kind": self.cfg.kind, "classes": self.classes, "best": self.best,
+        return {"task": "finetune", "kind": self.cfg.kind, "classes": self.classes, **super().state_dict(),
                 "init": self.source}
-
-    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        self.best = dict(ckpt.get("best", self.best))

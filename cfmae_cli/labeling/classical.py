@@ -204,7 +204,8 @@ class ClassicalLabeller:
         flat = regions.ravel()
         counts = np.maximum(np.bincount(flat, minlength=n_reg), 1).astype(np.float64)
         pixels = work.reshape(-1, 3).astype(np.float64) / 255.0
-        means = np.stack([np.bincount(flat, weights=pixels[:, c], minlength=n_reg) for c in range(3)], 1)
+        # float64 (bincount with weights; numpy's stubs say an int array)
+        means: np.ndarray = np.stack([np.bincount(flat, weights=pixels[:, c], minlength=n_reg) for c in range(3)], 1)
         means /= counts[:, None]
         gray = work.astype(np.float64).mean(axis=2) / 255.0
         local_mean = ndimage.uniform_filter(gray, size=5, mode="reflect")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import skimage.data
 from PIL import Image
 
 from cfmae_cli import __version__
@@ -77,8 +78,6 @@ def default_monitor_root() -> Path:
 
 def load_photo(name: str) -> np.ndarray:
     """One of :data:`DEMO_PHOTOS` as ``(H, W, 3)`` uint8 (the left view for ``stereo_motorcycle``)."""
-    import skimage.data
-
     if name not in DEMO_PHOTOS:
         raise DataError(f"unknown demo photo {name!r}; expected one of {', '.join(DEMO_PHOTOS)}.")
     image = getattr(skimage.data, name)()

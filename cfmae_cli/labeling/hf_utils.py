@@ -81,7 +81,7 @@ def load_or_fail(option: str, spec: str, what: str, loader: Callable[[], T]) -> 
 def transformers_module(option: str) -> Any:
     """The ``transformers`` package, or a CfmaeError saying how to install it."""
     try:
-        import transformers
+        import transformers  # optional dependency
     except ImportError as exc:
         raise CfmaeError(f"{option}: the learned labelling backends need transformers>=5: "
                          "pip install 'transformers>=5'") from exc
@@ -100,7 +100,7 @@ def load_config_checked(option: str, spec: str, allowed: tuple[str, ...]) -> Any
 
 @functools.lru_cache(maxsize=1)
 def _imagenet_info() -> Any:
-    from timm.data import ImageNetInfo
+    from timm.data import ImageNetInfo  # heavy: only for a WordNet-id class folder's prompt
 
     return ImageNetInfo()
 

@@ -130,7 +130,7 @@ class PanopticSemanticBackend:
                     inputs = {k: torch.cat([encoded[i][k] for i in group]) for k in encoded[group[0]]}
                 for i, labels in zip(group, self._forward(inputs, [images[i].shape[:2] for i in group])):
                     out[i] = labels
-        return out  # type: ignore[return-value]
+        return out  # type: ignore[return-value]  # every slot was filled by the loop above
 
     def _encode(self, images: list[np.ndarray]) -> dict[str, torch.Tensor]:
         kwargs: dict[str, Any] = {"task_inputs": ["semantic"] * len(images)} if self.name == "oneformer" else {}
@@ -146,7 +146,8 @@ class PanopticSemanticBackend:
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         with inference_context(self.device, self.bf16):
             outputs = self.model(**inputs)
-        input_size = tuple(inputs["pixel_values"].shape[-2:])
+        height, width = inputs["pixel_values"].shape[-2:]
+        input_size = (height, width)
         result = []
         for b, size in enumerate(sizes):
             labels = semantic_labels(outputs.class_queries_logits[b], outputs.masks_queries_logits[b], input_size,

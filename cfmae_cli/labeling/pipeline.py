@@ -23,80 +23,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from cfmae_cli import __version__
-from cfmae_cli.data.layout import map_path, read_image, save_map, save_rgb, write_manifest
+from cfmae_cli.data.layout import map_path, save_map, save_rgb, write_manifest
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.formats import (atomic_write, atomic_write_text, IMAGE_EXTENSIONS, list_folder, MANIFEST_NAME,
-                               name_target, need_folder, temporary_name)
+from cfmae_cli.formats import (atomic_write, atomic_write_text, list_folder, MANIFEST_NAME, name_target,
+                               temporary_name)
 from cfmae_cli.labeling.base import InstanceBackend, SemanticBackend, label_batch
+from cfmae_cli.labeling.sources import collate_sources, list_sources, SourceImage, Sources
 from cfmae_cli.ownership import LOCK_NAME
 
 log = logging.getLogger(__name__)
 ERRORS_NAME = "label-errors.jsonl"
 FLAT = "_flat"  # sidecar name for images without a class folder
-
-
-@dataclass(frozen=True)
-class SourceImage:
-    path: Path
-    class_dir: str  # "" when the source folder is flat
-    stem: str
-
-
-def list_sources(src: Path, limit: int | None = None) -> tuple[list[SourceImage], list[dict[str, str]]]:
-    """Images under ``src/<class>/`` (or directly in ``src`` when it has no class folders), sorted.
-
-    Returns (images, problems): a second file with the same stem in a folder is a problem, not an image.
-    """
-    classes = [d for d in list_folder(need_folder(src, "source")).dirs if not d.startswith(".")]
-    groups = [(c, src / c) for c in classes] if classes else [("", src)]
-    images: list[SourceImage] = []
-    problems: list[dict[str, str]] = []
-    ignored = 0
-    for class_dir, folder in groups:
-        seen: dict[str, Path] = {}
-        for name in list_folder(folder).files:
-            stem, ext = os.path.splitext(name)
-            if ext.lower() not in IMAGE_EXTENSIONS:
-                ignored += 1
-                continue
-            if stem in seen:
-                problems.append({"path": str((folder / name).resolve()),
-                                 "error": f"same name as {seen[stem].name}; skipped"})
-                continue
-            seen[stem] = folder / name
-            images.append(SourceImage(folder / name, class_dir, stem))
-    if ignored:
-        log.info("ignored %d file(s) that are not images (by extension)", ignored)
-    if not images:
-        raise CfmaeError(f"{src}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}).")
-    return images[:limit] if limit else images, problems
-
-
-class _Sources(Dataset):
-    """Items: the decoded image and, with ``raw``, the file's bytes (what ``--rgb copy`` writes: read here, so
-    that a source that cannot be read is listed as unreadable, and a failed write is the output's)."""
-
-    def __init__(self, images: list[SourceImage], raw: bool = False):
-        self.images, self.raw = images, raw
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        try:
-            image, converted = read_image(self.images[i].path)
-            raw = self.images[i].path.read_bytes() if self.raw and not converted else None
-            return {"index": i, "image": image, "converted": converted, "raw": raw, "error": None}
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is listed, not fatal
-            return {"index": i, "image": None, "converted": False, "raw": None,
-                    "error": f"{type(exc).__name__}: {exc}"}
-
-
-def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return items
 
 
 def sidecar_path(data: Path, class_dir: str) -> Path:
@@ -242,10 +182,12 @@ def output_error_line(exc: OSError, data: Path) -> str:
         free = f", {shutil.disk_usage(data).free / 2**20:,.0f} MiB free"
     except OSError:
         free = ""
-    fix = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space within your quota on that disk",
-           errno.EROFS: "make it writable, or label into a --out on another disk",
-           errno.EACCES: f"make {data} writable for you", errno.EPERM: f"make {data} writable for you",
-           errno.EIO: "check the disk (e.g. `dmesg`)"}.get(exc.errno, "fix the cause")
+    fixes: dict[int | None, str] = {
+        errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space within your quota on that disk",
+        errno.EROFS: "make it writable, or label into a --out on another disk",
+        errno.EACCES: f"make {data} writable for you", errno.EPERM: f"make {data} writable for you",
+        errno.EIO: "check the disk (e.g. `dmesg`)"}
+    fix = fixes.get(exc.errno, "fix the cause")
     return (f"{path}: could not be written ({reason}; the disk of {data} is mounted at {disk}{free}). Labelling "
             f"stopped; the images labelled so far are kept and no temporary file is left: {fix}, then run the same "
             f"command again: it resumes.")
@@ -389,8 +331,8 @@ def label_folder(src: Path, data: Path, instance: InstanceBackend, semantic: Sem
     log.info("%d image(s) in %s; %d of this process's %d already labelled; %d to do", len(images), src,
              len(mine) - len(todo), len(mine), len(todo))
     progress = LabelProgress(total=len(todo))
-    loader = DataLoader(_Sources(todo, raw=rgb_mode != "symlink"), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate)
+    loader = DataLoader(Sources(todo, raw=rgb_mode != "symlink"), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_sources)
     writer = Writer(data, rgb_mode)
     start = time.perf_counter()
     try:

@@ -31,7 +31,9 @@ def write_preview(data: Path, count: int, path: Path | None = None) -> Path | No
     with_depth = bool(records[:count]) and all(r.get("depth") for r in records[:count])
     classes = read_manifest(data)["semantic_classes"] if (data / MANIFEST_NAME).is_file() else []
     semantic, instance = semantic_palette(classes), instance_palette()
-    rows, labels, shown = [], [], set()
+    rows: list[list[np.ndarray]] = []
+    labels: list[str] = []
+    shown: set[int] = set()
     for r in records:
         if len(rows) == count:
             break

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from cfmae_cli.config import AlignConfig
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.model.losses import _masked_mean
+from cfmae_cli.model.weights import read_state, timm_model
 
 #: timm's default normalisation, for a teacher whose pretrained_cfg does not say.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -59,7 +60,7 @@ class Teacher:
     def features(self, x: Tensor) -> Tensor:
         """The teacher's (B, C, h, w) feature map of an image in its own normalisation and size."""
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.module.forward_features(x)
+            out = cast(Any, self.module).forward_features(x)  # a timm model (or our encoder)
         if isinstance(out, (list, tuple)):
             out = out[-1]
         if out.ndim == 3:  # tokens (B, T, C)
@@ -95,7 +96,6 @@ class Teacher:
 def build_teacher(cfg: AlignConfig, **kwargs: Any) -> tuple[nn.Module, str]:
     """The teacher's timm module and a description; clear errors (exit 2) for a name timm does not know, a
     missing file, or weights of another model."""
-    from cfmae_cli.model.weights import read_state, timm_model
 
     spec = str(cfg.teacher)
     folder = Path(spec).expanduser()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from cfmae_cli import modalities as table
-from cfmae_cli.config import Config, EncoderArch
+from cfmae_cli.config import Config, EncoderArch, ModelConfig
 from cfmae_cli.model.align import AlignHead, align_loss, pooled_encoder_tokens
 from cfmae_cli.model.decoder import build_decoder
 from cfmae_cli.model.encoder import build_encoder
@@ -17,27 +16,29 @@ from cfmae_cli.model.losses import modality_loss
 
 
 class CFMAE(nn.Module):
-    """Coarse-to-fine MAE over the modalities of ``cfg.data.modalities``.
+    """Coarse-to-fine MAE over ``modalities`` (in that order), built from ``model`` (the config's ``model``
+    section) and what the data defines: ``img_size``, ``num_semantic_classes`` (C_sem, from the dataset's
+    manifest) and ``align_dim``. :meth:`from_config` reads the first two from a whole config.
 
-    Sizes come from the config and from the dataset manifest (``num_semantic_classes`` = C_sem).
     A batch is a dict with ``rgb`` (B, 3, H, W) float, ``instance`` and ``semantic`` (B, H/s, W/s) long; with
     ``model.align`` on, also ``teacher`` (B, N, C) (:class:`cfmae_cli.model.align.Teacher`), and ``align_dim``
     = C builds the projection (without it, e.g. for inference, the model has none and the loss is not taken).
+    The visible tokens come with the mask: ``ids_keep`` (B, V) (:class:`cfmae_cli.masking.Masks`, or
+    :func:`cfmae_cli.masking.visible_indices` for a mask made by hand); the model has no budget of its own.
     """
 
-    def __init__(self, cfg: Config, num_semantic_classes: int, align_dim: int | None = None):
+    def __init__(self, model: ModelConfig, num_semantic_classes: int, align_dim: int | None = None, *,
+                 modalities: Sequence[str], img_size: int):
         super().__init__()
-        m = cfg.model
-        self.cfg = cfg
-        self.modalities = list(cfg.data.modalities)
-        self.num_visible = cfg.masking.num_visible
+        m = self.config = model
+        self.modalities = list(modalities)
         self.classes = {name: table.num_classes(table.get(name), num_semantic_classes, m.num_instance_ids)
                         for name in self.modalities if table.get(name).kind == "ids"}
         self.patches = {name: patch_side(name, m.patch_size, m.map_stride) for name in self.modalities}
         #: each image modality's regression target (raw, patch_norm, standardise), model.image_targets applied
         self.targets = {name: table.target_of(table.get(name), m.image_targets, m.norm_pix_loss)
                         for name in self.modalities if table.get(name).kind == "image"}
-        self.encoder = build_encoder(EncoderArch.of(m), cfg.data.img_size, m.drop_path)
+        self.encoder = build_encoder(EncoderArch.of(m), img_size, m.drop_path)
         self.grid = self.encoder.grid
         self.adapters = map_adapters(self.modalities, m.embed_dim, m.map_embed_dim, m.patch_size, m.map_stride,
                                      self.classes)
@@ -53,6 +54,12 @@ class CFMAE(nn.Module):
             source = m.decoder.dim if m.align.stage == "decoder" else m.embed_dim
             self.align_head = AlignHead(source, align_dim, m.align.hidden)
             init_weights(self.align_head)
+
+    @classmethod
+    def from_config(cls, cfg: Config, num_semantic_classes: int, align_dim: int | None = None) -> CFMAE:
+        """The model of a run's config: ``cfg.model`` over ``cfg.data.modalities`` at ``cfg.data.img_size``."""
+        return cls(cfg.model, num_semantic_classes, align_dim, modalities=cfg.data.modalities,
+                   img_size=cfg.data.img_size)
 
     def head_dim(self, name: str) -> int:
         """Values predicted per token (Eq. 3): the patch's pixels × channels (image) or cells × ids (id map)."""
@@ -73,53 +80,48 @@ class CFMAE(nn.Module):
         """All patch tokens with positions: (B, M·N, D), modalities in ``self.modalities`` order."""
         return embed_tokens(self.encoder, self.adapters, self.modalities, batch)
 
-    def keep_indices(self, mask: Tensor, num_visible: int | None = None) -> Tensor:
-        """mask (B, M, N) bool, True = masked → (B, V) positions of the visible tokens, in sequence order.
-        V is ``masking.num_visible`` unless given (every sample must have exactly V visible tokens)."""
-        flat = mask.reshape(mask.shape[0], -1).to(torch.uint8)
-        return torch.argsort(flat, dim=1, stable=True)[:, : num_visible or self.num_visible]
-
-    def encode(self, batch: dict[str, Tensor], mask: Tensor, num_visible: int | None = None) -> tuple[Tensor, Tensor]:
-        """Encode the visible tokens: → (encoded (B, 1+V, D) with the global token first, ids_keep (B, V))."""
+    def encode(self, batch: dict[str, Tensor], ids_keep: Tensor) -> tuple[Tensor, Tensor]:
+        """Encode the visible tokens ``ids_keep`` (B, V): → (encoded (B, 1+V, D) with the global token first,
+        ids_keep)."""
         tokens = self.tokenize(batch)
-        ids_keep = self.keep_indices(mask, num_visible)
         visible = tokens.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         return self.encoder(visible), ids_keep
 
-    def forward(self, batch: dict[str, Tensor], mask: Tensor) -> dict[str, Any]:
-        """→ {'loss': λ-weighted total, 'losses': {modality: loss}, 'pred': {modality: (B, N, out)}}."""
-        encoded, ids_keep = self.encode(batch, mask)
+    def forward(self, batch: dict[str, Tensor], mask: Tensor, ids_keep: Tensor) -> dict[str, Any]:
+        """mask (B, M, N) bool, True = masked; ids_keep (B, V) its visible tokens. → {'loss': λ-weighted total,
+        'losses': {modality: loss}, 'pred': {modality: (B, N, out)}}."""
+        encoded, ids_keep = self.encode(batch, ids_keep)
         feats = self.decoder(encoded, ids_keep)
         pred = {name: self.heads[name](f) for name, f in feats.items()}
         out = self.losses(pred, batch, mask) | {"pred": pred}
         if self.align_head is not None and "teacher" in batch:
             out["align"] = self.alignment(encoded, ids_keep, feats, batch["teacher"], mask)
-            out["loss"] = out["loss"] + self.cfg.model.align.weight * out["align"]
+            out["loss"] = out["loss"] + self.config.align.weight * out["align"]
         return out
 
     def alignment(self, encoded: Tensor, ids_keep: Tensor, feats: dict[str, Tensor], teacher: Tensor, mask: Tensor
                   ) -> Tensor:
         """L_F (docs/modalities.md#feature-alignment): the projection of the first decoder stage's F¹ (all patches,
         or those whose RGB is masked) or of the encoder's tokens averaged per position (where any is visible)."""
-        a = self.cfg.model.align
+        a = self.config.align
         if a.stage == "decoder":
             source = feats[self.decoder.order[0]]
-            select = mask[:, self.modalities.index("rgb")] if a.patches == "masked" else None
+            select = mask[:, self.modalities.index(table.embedding_modality())] if a.patches == "masked" else None
         else:
             source, select = pooled_encoder_tokens(encoded, ids_keep, self.grid * self.grid)
         assert self.align_head is not None
         return align_loss(self.align_head(source), teacher, select, a.loss)
 
-    def predict(self, batch: dict[str, Tensor], mask: Tensor, num_visible: int | None = None) -> dict[str, Tensor]:
-        """Predictions only (no targets needed): {modality: (B, N, out)}. ``num_visible`` as in :meth:`encode`."""
-        encoded, ids_keep = self.encode(batch, mask, num_visible)
+    def predict(self, batch: dict[str, Tensor], ids_keep: Tensor) -> dict[str, Tensor]:
+        """Predictions only (no targets needed): {modality: (B, N, out)} from the visible tokens ``ids_keep``."""
+        encoded, ids_keep = self.encode(batch, ids_keep)
         return {name: self.heads[name](f) for name, f in self.decoder(encoded, ids_keep).items()}
 
     def losses(self, pred: dict[str, Tensor], batch: dict[str, Tensor], mask: Tensor) -> dict[str, Any]:
-        weights = self.cfg.model.loss_weights
+        weights = self.config.loss_weights
         losses = {name: modality_loss(table.get(name), pred[name], batch[name], mask[:, i], self.patches[name],
-                                      self.classes.get(name, 0), self.cfg.model.norm_pix_loss,
-                                      self.cfg.model.image_targets)
+                                      self.classes.get(name, 0), self.config.norm_pix_loss,
+                                      self.config.image_targets)
                   for i, name in enumerate(self.modalities)}
         total = sum(weights.get(name, 1.0) * value for name, value in losses.items())
         return {"loss": total, "losses": losses}

@@ -13,13 +13,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
 
 from cfmae_cli import modalities as table
-from cfmae_cli.config import Config
+from cfmae_cli.config import Config, EncoderArch
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.model.encoder import timm_name
 
@@ -34,12 +34,12 @@ def detect_format(state: dict[str, Tensor], source: str | Path | None = None) ->
     if any(k.startswith("blocks.") for k in keys):
         return "mae" if any(k.startswith("decoder") for k in keys) or "mask_token" in keys else "timm"
     where = f"{source}: " if source is not None else ""
-    raise CfmaeError(f"{where}unknown checkpoint layout (keys such as {sorted(keys)[:3]}); expected a cfmae, timm, "
+    raise CfmaeError(f"{where}unknown weights format (keys such as {sorted(keys)[:3]}); expected a cfmae, timm, "
                      f"MAE or MultiMAE ViT.")
 
 
 def to_cfmae(state: dict[str, Tensor], source: str | Path | None = None) -> dict[str, Tensor]:
-    """Encoder weights of any supported layout under our key names (``encoder.*``; map adapters etc. kept)."""
+    """Encoder weights of any supported format under our key names (``encoder.*``; map adapters etc. kept)."""
     fmt = detect_format(state, source)
     if fmt == "cfmae":
         return dict(state)
@@ -69,19 +69,23 @@ def multimae_pos_table(pos_emb: Tensor) -> Tensor:
 
 
 def to_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """timm ``VisionTransformer`` weights (no head) from any supported layout."""
+    """timm ``VisionTransformer`` weights (no head) from any supported format."""
     return {k.removeprefix("encoder."): v.contiguous() for k, v in to_cfmae(state).items() if k.startswith("encoder.")}
 
 
 def timm_model_args(cfg: Config) -> dict[str, Any]:
-    m = cfg.model
-    return {"img_size": cfg.data.img_size, "patch_size": m.patch_size, "embed_dim": m.embed_dim, "depth": m.depth,
-            "num_heads": m.num_heads, "mlp_ratio": m.mlp_ratio}
+    """The ``model_args`` of a pre-training run's exported encoder (timm's ``VisionTransformer`` arguments)."""
+    return cfg.model.timm_kwargs(cfg.data.img_size)
+
+
+class _View(TypedDict):
+    interpolation: str
+    crop_pct: float
 
 
 #: how cfmae shows a pre-trained encoder an image outside training (the k-NN monitor, reconstruct, attention-map:
 #: ``JointTransform(train=False)``): the centred square, resized bilinearly, i.e. timm's crop_pct 1.0
-ENCODER_VIEW = {"interpolation": "bilinear", "crop_pct": 1.0}
+ENCODER_VIEW: _View = {"interpolation": "bilinear", "crop_pct": 1.0}
 
 
 def pretrained_cfg(size: int, mean: Any, std: Any, interpolation: str, crop_pct: float, classes: int
@@ -118,8 +122,8 @@ def timm_classifier(top: dict[str, Any], state: dict[str, Tensor], path: Path
     std). A segmentation or detection model, a classifier that reads maps, and a checkpoint that lacks what the
     export needs are refused in one line naming the file and what to export instead.
     """
-    cfg = top.get("config") if isinstance(top.get("config"), dict) else {}
-    init = (cfg.get("model") or {}).get("init") if isinstance(cfg.get("model"), dict) else None
+    cfg = top["config"] if isinstance(top.get("config"), dict) else {}
+    init = cfg["model"].get("init") if isinstance(cfg.get("model"), dict) else None
     instead = (f"export the pre-training checkpoint it was fine-tuned from: cfmae export {init} --out DIR"
                if init and init != "random" else "it was fine-tuned from random weights, so there is no pre-trained "
                "encoder to export")
@@ -150,8 +154,7 @@ def timm_classifier(top: dict[str, Any], state: dict[str, Tensor], path: Path
     enc, pool = entry("model.encoder"), entry("model.global_pool")
     size, mode = entry("data.img_size"), entry("mode")
     pretrained = {k: entry(f"data.{k}") for k in ("interpolation", "mean", "std", "crop_pct")}
-    dims = {k: enc.get(k) if isinstance(enc, dict) else None for k in ("patch_size", "embed_dim", "depth",
-                                                                      "num_heads", "mlp_ratio")}
+    dims: dict[str, Any] = {k: enc.get(k) if isinstance(enc, dict) else None for k in EncoderArch.TIMM_FIELDS}
     if any(v is None for v in dims.values()):
         entry("model.encoder." + next(k for k, v in dims.items() if v is None))
     weights = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
@@ -172,7 +175,7 @@ def timm_classifier(top: dict[str, Any], state: dict[str, Tensor], path: Path
                          f"{len(classes)} classes; the file was edited or put together from two runs.")
     weights = {k: v.contiguous() for k, v in weights.items()}
     labels, count = [str(c) for c in classes], len(classes)
-    args = {"img_size": size, **dims, "global_pool": pool}
+    args = EncoderArch.model_construct(**dims).timm_kwargs(size, global_pool=pool)  # as stored: not validated again
     name = timm_name(dims["patch_size"], dims["embed_dim"], dims["depth"], dims["num_heads"], size)
     config = {"architecture": name, "num_classes": count, "num_features": dims["embed_dim"],
               "global_pool": pool, "model_args": args, "label_names": labels,

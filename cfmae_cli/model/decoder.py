@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +39,7 @@ class TaskBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, self_blocks: int, cross_attention: bool):
         super().__init__()
-        norm = partial(nn.LayerNorm, eps=1e-6)
+        norm: Any = partial(nn.LayerNorm, eps=1e-6)  # (timm annotates norm_layer as a class; it only calls it)
         self.cross_attention = cross_attention
         self.first = CrossBlock(dim, num_heads, mlp_ratio) if cross_attention else \
             Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
@@ -65,6 +66,8 @@ class CFMAEDecoder(nn.Module):
 
     ``order`` is the task order (the modalities of the model in ``cfg.order``'s order).
     """
+
+    pos_embed: Tensor  # a buffer (sin-cos positions)
 
     def __init__(self, cfg: DecoderConfig, encoder_dim: int, modalities: list[str], grid: int):
         super().__init__()
@@ -134,9 +137,12 @@ class MultiMAEAdapter(nn.Module):
     (``cross_attention=False``: the queries go straight to the blocks, MultiMAE's ``use_xattn=False``).
     """
 
+    pos_embed: Tensor  # a buffer (sin-cos positions)
+
     def __init__(self, task: str, cfg: DecoderConfig, encoder_dim: int, modalities: list[str], grid: int):
         super().__init__()
-        dim, norm = cfg.dim, partial(nn.LayerNorm, eps=1e-6)
+        dim = cfg.dim
+        norm: Any = partial(nn.LayerNorm, eps=1e-6)  # (timm annotates norm_layer as a class; it only calls it)
         self.task, self.modalities, self.n = task, list(modalities), grid * grid
         self.global_token, self.cross_attention = cfg.global_token, cfg.cross_attention
         self.proj_context = nn.Linear(encoder_dim, dim)
@@ -197,7 +203,7 @@ class MultiMAEDecoder(nn.Module):
 
     def init_tokens(self) -> None:
         for adapter in self.tasks.values():
-            adapter.init_tokens()
+            cast(MultiMAEAdapter, adapter).init_tokens()
 
     def no_weight_decay(self) -> set[str]:
         return {f"tasks.{m}.{key}" for m in self.tasks for key in ("mask_token", "task_embed")}
@@ -206,7 +212,8 @@ class MultiMAEDecoder(nn.Module):
         return {name: adapter(encoded, ids_keep) for name, adapter in self.tasks.items()}
 
 
-def build_decoder(cfg: DecoderConfig, encoder_dim: int, modalities: list[str], grid: int) -> nn.Module:
+def build_decoder(cfg: DecoderConfig, encoder_dim: int, modalities: list[str], grid: int
+                  ) -> CFMAEDecoder | MultiMAEDecoder:
     """The decoder of ``cfg.kind``: :class:`CFMAEDecoder` or :class:`MultiMAEDecoder`."""
     kind = MultiMAEDecoder if cfg.kind == "multimae" else CFMAEDecoder
     return kind(cfg, encoder_dim, modalities, grid)

@@ -20,8 +20,9 @@ key, so pre-trained weights load unchanged.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
+import timm
 import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -79,6 +80,9 @@ class ViTEncoder(VisionTransformer):
     whole images of ``img_size`` only.
     """
 
+    cls_token: nn.Parameter  # set below (timm's may be None)
+    pos_embed: nn.Parameter
+
     def __init__(self, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, drop_path: float = 0.0, final_norm: bool = True, window_size: int = 0):
         windowed = [i for i in range(depth) if i not in global_blocks(depth)] if window_size > 0 else []
@@ -90,11 +94,13 @@ class ViTEncoder(VisionTransformer):
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=3, num_classes=0, global_pool="token",
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
                          class_token=True, pos_embed="none", drop_path_rate=drop_path, weight_init="skip",
-                         norm_layer=partial(nn.LayerNorm, eps=1e-6), final_norm=final_norm, block_fn=block)
+                         norm_layer=partial(nn.LayerNorm, eps=1e-6), final_norm=final_norm,
+                         block_fn=block)  # type: ignore[arg-type]  # timm calls block_fn: a Block factory does
         self.grid = img_size // patch_size
         self.window_size, self.windowed = window_size, windowed
         for i in windowed:
-            self.blocks[i].attn.window, self.blocks[i].attn.grid = window_size, self.grid
+            attn = cast(WindowedAttention, self.blocks[i].attn)
+            attn.window, attn.grid = window_size, self.grid
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         pos = torch.cat([torch.zeros(1, embed_dim), sincos_pos_embed(embed_dim, self.grid)]).unsqueeze(0)
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
@@ -104,7 +110,7 @@ class ViTEncoder(VisionTransformer):
         """(1, N, D) position embedding of the patches (shared by every modality)."""
         return self.pos_embed[:, 1:]
 
-    def forward(self, tokens: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, tokens: Tensor) -> Tensor:  # type: ignore[override]  # embedded tokens, not timm's images
         """(B, V, D) embedded tokens with positions added → (B, 1+V, D), the global token first, final norm."""
         glob = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         return self.norm(self.blocks(torch.cat([glob, tokens], dim=1)))
@@ -114,12 +120,12 @@ class ViTEncoder(VisionTransformer):
         input on RGB alone; the k-NN monitor and the attention statistics read it)."""
         return self(self.patch_embed(images) + self.patch_pos)
 
-    def block_maps(self, images: Tensor, indices: list[int]) -> list[Tensor]:
+    def block_features(self, images: Tensor, indices: list[int]) -> list[Tensor]:
         """The patch tokens after the blocks of ``indices`` (no final norm) as (B, D, S/p, S/p) maps, in the
         order given (an index may repeat); timm's ``forward_intermediates``."""
         unique = sorted(set(indices))
-        maps = self.forward_intermediates(images, indices=unique, norm=False, output_fmt="NCHW",
-                                          intermediates_only=True)
+        maps = cast(list[Tensor], self.forward_intermediates(images, indices=unique, norm=False, output_fmt="NCHW",
+                                                             intermediates_only=True))
         return [maps[unique.index(i)] for i in indices]
 
 
@@ -140,18 +146,16 @@ def build_encoder(arch: str | EncoderArch, img_size: int, drop_path: float = 0.0
     """The encoder of every model: a named architecture (:func:`architecture`) or an :class:`EncoderArch`,
     with ``overrides`` (any of patch_size, embed_dim, depth, num_heads, mlp_ratio) on top; ``window_size`` > 0
     for ViTDet's windowed attention (:class:`ViTEncoder`)."""
-    fields = architecture(arch) if isinstance(arch, str) else \
-        {k: getattr(arch, k) for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")}
-    fields.update(overrides)
-    return ViTEncoder(img_size, drop_path=drop_path, final_norm=final_norm, window_size=window_size, **fields)
+    if isinstance(arch, str):  # a standard size: not validated again (no check of this machine's memory)
+        arch = EncoderArch.model_construct(**architecture(arch))
+    kwargs = {**arch.timm_kwargs(img_size), **overrides}
+    return ViTEncoder(**kwargs, drop_path=drop_path, final_norm=final_norm, window_size=window_size)
 
 
 def timm_name(patch_size: int, embed_dim: int, depth: int, num_heads: int, img_size: int) -> str:
     """The timm architecture of this shape: ``vit_<size>_patch<p>_<img>`` when timm has it, else the same size at
     224 or at patch 16. A shape of no standard size is named after the nearest standard width (the
     ``model_args`` of an export carry the exact shape either way)."""
-    import timm
-
     size = next((s for s, shape in SIZES.items() if shape == (embed_dim, depth, num_heads) and s != "demo"), None)
     if size is None:
         size = min((s for s in SIZES if s != "demo"), key=lambda s: abs(SIZES[s][0] - embed_dim))

@@ -15,8 +15,10 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable
 
+from safetensors.torch import save
+
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.formats import FILE_MODE, fsync_path, list_folder
+from cfmae_cli.formats import FILE_MODE, fsync_path, list_folder, software
 from cfmae_cli.model.convert import timm_classifier, timm_config, to_timm
 from cfmae_cli.model.weights import Weights, read_weights
 
@@ -33,8 +35,6 @@ def export_timm(path: Path, out: Path) -> Path:
     fine-tuned classifier with its head), write ``model.safetensors``, ``config.json`` and ``README.md`` into a
     temporary folder beside ``out`` and publish it there (:func:`publish_export`). Claim, write and publish are
     all here, so that one lock around this call covers a whole export."""
-    from safetensors.torch import save
-
     _claim_export(out, path)
     w = read_weights(path)
     weights, config = export_contents(w, path)
@@ -53,18 +53,18 @@ def export_timm(path: Path, out: Path) -> Path:
 def export_contents(w: Weights, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(timm's weights, config.json) of what ``w`` holds; a file that cannot be exported is refused in one line
     naming it and what to export instead."""
-    if w.layout == "cfmae-finetune":
+    if w.format == "cfmae-finetune":
         return timm_classifier(w.top, w.state, w.path)
     if (cfg := w.pretrain_config()) is not None:
         return to_timm(w.state), timm_config(cfg, str(path))
-    if w.layout == "exported":
+    if w.format == "exported":
         raise CfmaeError(f"{path}: already an export in timm's format; load it with timm, or copy the folder.")
-    if w.layout == "cfmae-state" and any(k in w.state for k in ("head.weight", "head.1.weight")):
+    if w.format == "cfmae-state" and any(k in w.state for k in ("head.weight", "head.1.weight")):
         raise CfmaeError(f"{w.path}: the bare weights of a fine-tuned classifier, without its config and class "
                          f"names; export the fine-tuning checkpoint itself (RUN/checkpoints/best.pt or the run "
                          f"folder).")
-    if w.layout.startswith("cfmae-") and w.layout != "cfmae-state":
-        raise CfmaeError(f"{w.path}: a checkpoint of `cfmae {w.layout.removeprefix('cfmae-')}`; export takes those of "
+    if w.format.startswith("cfmae-") and w.format != "cfmae-state":
+        raise CfmaeError(f"{w.path}: a checkpoint of `cfmae {w.format.removeprefix('cfmae-')}`; export takes those of "
                          f"cfmae pretrain and cfmae finetune.")
     raise CfmaeError(f"{path}: holds no cfmae config to describe the architecture; export needs a cfmae "
                      f"checkpoint (convert MAE / MultiMAE weights with `cfmae pretrain --init FILE` first).")
@@ -198,7 +198,8 @@ def publish_export(out: Path, source: Path, write: Callable[[Path], None]) -> st
                 os.rename(aside, out)
             raise
     except BaseException as exc:
-        _remove_export_folder(tmp) or shutil.rmtree(tmp, ignore_errors=True)
+        if not _remove_export_folder(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
             kept = "the export that was there is intact" if (out / "config.json").is_file() else "nothing was written"
             raise CfmaeError(f"--out {out}: the export could not be written ({exc.strerror or exc}); {kept}. Free "
@@ -206,11 +207,11 @@ def publish_export(out: Path, source: Path, write: Callable[[Path], None]) -> st
         raise
     fsync_path(out.parent)
     try:
-        kept = aside.exists() and not _remove_export_folder(aside)
+        left_aside = aside.exists() and not _remove_export_folder(aside)
     except OSError as exc:  # the export is in place; the old one is only in the way
         log.warning("%s: could not remove the replaced export set aside as %s (%s)", out, aside, exc)
     else:
-        if kept:
+        if left_aside:
             log.warning("%s: the replaced export set aside as %s holds other files; left there", out, aside)
     return replaced
 
@@ -224,8 +225,6 @@ def load_line(config: dict[str, Any], folder: Path) -> str:
 
 def model_card(config: dict[str, Any], top: dict[str, Any], folder: Path) -> str:
     """README.md of an export: what the weights are, the run they come from, its data, and how to load them."""
-    from cfmae_cli.formats import software
-
     run = top.get("config") or {}
     ours = config.get("cfmae", {})
     finetuned = ours.get("task") == "finetune"

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import Mlp
+from timm.models.vision_transformer import VisionTransformer
 
 from cfmae_cli import modalities as table
 from cfmae_cli.formats import UNLABELLED
@@ -54,7 +55,7 @@ def fit_pos_embed(table: Tensor, grid: int) -> Tensor:
     return torch.cat([head, patches], dim=1)
 
 
-class MapAdapter(nn.Module):
+class IdMapAdapter(nn.Module):
     """Instance or semantic map → tokens: per-pixel Embedding(classes+1, e) then Conv2d(e, D, k=s=patch).
 
     Input (B, h, w) long ids in [0, classes) or 255 (unlabelled, mapped to the extra row); output (B, N, D).
@@ -86,10 +87,10 @@ class PixelAdapter(nn.Module):
 
 
 def make_adapter(modality: Modality, embed_dim: int, pixel_dim: int, patch: int, classes: int) -> nn.Module:
-    """The input adapter of a map modality, by its kind: ids → :class:`MapAdapter`, image → :class:`PixelAdapter`.
+    """The input adapter of a map modality, by its kind: ids → :class:`IdMapAdapter`, image → :class:`PixelAdapter`.
     ``patch`` is the side of a patch in the modality's own pixels."""
     if modality.kind == "ids":
-        return MapAdapter(classes, embed_dim, pixel_dim, patch)
+        return IdMapAdapter(classes, embed_dim, pixel_dim, patch)
     return PixelAdapter(modality.channels, embed_dim, patch)
 
 
@@ -128,7 +129,7 @@ class CrossBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def embed_tokens(encoder: nn.Module, adapters: nn.ModuleDict, modalities: list[str], batch: dict[str, Tensor]
+def embed_tokens(encoder: VisionTransformer, adapters: nn.ModuleDict, modalities: list[str], batch: dict[str, Tensor]
                  ) -> Tensor:
     """All patch tokens of ``modalities`` with positions: (B, M·N, D), in the order given. The modality of the
     patch embedding (RGB) goes through the encoder's own, the others through their adapters; one position

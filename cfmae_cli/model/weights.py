@@ -1,6 +1,6 @@
 """One door for weights: every command that starts from or reads weights comes through here.
 
-:func:`read_weights` reads a file (or a run folder, or an exported folder) safely, tells its layout — a cfmae
+:func:`read_weights` reads a file (or a run folder, or an exported folder) safely, tells its format — a cfmae
 pre-training or fine-tuning checkpoint, MAE, MultiMAE, a timm ``.pth`` / ``.safetensors`` state dict, or a
 folder written by ``cfmae export`` — and converts it to our key names (``convert.to_cfmae``).
 :func:`load_weights` puts such a state into a module: the position table is fitted to the module's grid
@@ -15,10 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import timm
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from cfmae_cli import modalities as table
@@ -35,23 +39,23 @@ log = logging.getLogger(__name__)
 @dataclass
 class Weights:
     """What a weights file holds. ``state``: tensors under our key names; ``raw``: the state dict as stored
-    (for foreign architectures, loaded by timm); ``layout``: ``cfmae-pretrain``, ``cfmae-finetune``, ``mae``,
+    (for foreign architectures, loaded by timm); ``format``: ``cfmae-pretrain``, ``cfmae-finetune``, ``mae``,
     ``multimae``, ``timm`` or ``exported``; ``top``: the file's other entries (``config``, ``task``,
     ``semantic_classes``, ``classes``, …; an exported folder's ``config.json``)."""
 
     path: Path
-    layout: str
+    format: str  # which key scheme the file uses (docs/architecture.md, glossary: weights format)
     state: dict[str, Tensor]
     raw: dict[str, Tensor] = field(repr=False)
     top: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def source(self) -> str:
-        return f"{self.path} ({self.layout} format)"
+        return f"{self.path} ({self.format} format)"
 
     def pretrain_config(self) -> Config | None:
         """The pre-training config of a ``cfmae pretrain`` checkpoint (None for other files)."""
-        if self.layout != "cfmae-pretrain":
+        if self.format != "cfmae-pretrain":
             return None
         return stored_config(self.top["config"], f"the config in {self.path}")
 
@@ -62,7 +66,7 @@ class Weights:
         if cfg is not None:
             return EncoderArch.of(cfg.model), set(EncoderArch.model_fields)
         stored = (self.top.get("config") or {}).get("model", {}).get("encoder")
-        if self.layout == "cfmae-finetune" and stored:
+        if self.format == "cfmae-finetune" and stored:
             arch = config_from_dict(stored, f"model.encoder in the config in {self.path}", EncoderArch)
             return arch, set(EncoderArch.model_fields)
         try:
@@ -79,9 +83,6 @@ def read_state_file(path: str | Path) -> tuple[Path, dict[str, Any]]:
     if not path.is_file():
         raise CfmaeError(f"{path}: checkpoint not found.")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return path, load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -126,16 +127,16 @@ def read_weights(path: str | Path) -> Weights:
     """The weights of a cfmae checkpoint or run folder, an MAE / MultiMAE / timm file, or an exported folder
     (``model.safetensors`` + ``config.json``), converted to our key names; clear errors for everything else."""
     file, state, top, exported = read_state(path)
-    layout = "exported" if exported else ""
+    kind = "exported" if exported else ""
     if isinstance(top.get("config"), dict) and "format_version" in top:  # written by cfmae's engine
         if top["format_version"] != FORMAT_VERSION:
             raise CfmaeError(f"{file}: a cfmae checkpoint of format version {top['format_version']}; this version "
                              f"reads {FORMAT_VERSION}.")
         return Weights(file, f"cfmae-{top.get('task', 'pretrain')}", dict(state), state, top)
-    if not layout:
+    if not kind:
         fmt = detect_format(state, file)
-        layout = "cfmae-state" if fmt == "cfmae" else fmt  # our key names without our config: a bare state dict
-    return Weights(file, layout, to_cfmae(state, file), state, top)
+        kind = "cfmae-state" if fmt == "cfmae" else fmt  # our key names without our config: a bare state dict
+    return Weights(file, kind, to_cfmae(state, file), state, top)
 
 
 def arch_from_state(state: dict[str, Tensor]) -> tuple[EncoderArch, set[str]]:
@@ -220,10 +221,6 @@ def timm_model(name: str, source: str, state: dict[str, Tensor], extra_ok: bool 
     holding ``state`` — read by the one door for weights, adapted by the model's own ``checkpoint_filter_fn``
     as timm does (position tables, key renames), loaded with strict key matching; ``extra_ok``: tensors the
     model has no place for (an MAE file's decoder) are left out, but every tensor of the model must be there."""
-    import sys
-
-    import timm
-
     try:
         module = timm.create_model(name, pretrained=False, **kwargs)
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:

@@ -10,7 +10,7 @@ __all__ = ["pretrain"]
 
 def __getattr__(name: str) -> Any:
     if name == "pretrain":
-        from cfmae_cli.train.pretraining import pretrain
+        from cfmae_cli.train.pretraining import pretrain  # heavy: keeps cfmae --help fast (torch)
 
         return pretrain
     raise AttributeError(f"module 'cfmae_cli.train' has no attribute {name!r}")

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from cfmae_cli.procs import die_with_parent
+
 log = logging.getLogger(__name__)
 LAUNCHED_ENV = "CFMAE_LAUNCHED_BY_PARENT"
 
@@ -120,9 +122,10 @@ def launch(child_args: list[str], nprocs: int) -> int:
     Returns 0, the exit code of the first worker that failed (its own message is already printed), or
     128 + signal when the launcher itself was stopped by SIGTERM / SIGINT (the workers save first).
     """
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    # heavy: torch.distributed.run (+0.25 s) only for a multi-process launch
+    from torch.distributed.elastic.multiprocessing.api import SignalException  # heavy: see above
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # heavy: see above
+    from torch.distributed.run import parse_args, run  # heavy: see above
 
     args = parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(nprocs), "--max-restarts", "0",
                        "-m", "cfmae_cli", *child_args])
@@ -152,8 +155,6 @@ def die_with_launcher() -> bool:
     each worker there with ``Popen`` (``start_new_session``: a new session, out of reach of the terminal's
     Ctrl-C, which the launcher passes on itself). A worker whose parent is already gone exits at once. Returns
     whether the request took effect (not on systems without ``prctl``, or outside such a worker)."""
-    from cfmae_cli.procs import die_with_parent
-
     parent = os.environ.get(LAUNCHED_ENV, "")
     if not parent.isdigit():  # not ours (torchrun by hand, SLURM): their launchers manage their workers
         return False

@@ -17,18 +17,18 @@ import math
 import random
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast, Sized
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from cfmae_cli.checkpoints import (load_checkpoint, prune_checkpoints, rng_state, save_checkpoint,
                                    set_rng_state)
 from cfmae_cli.config import dump_config
-from cfmae_cli.data.dataset import collate
 from cfmae_cli.errors import DataError
 from cfmae_cli.formats import atomic_write_text
 from cfmae_cli.seeding import mix_seed
@@ -42,23 +42,23 @@ from cfmae_cli.train.plots import plot_losses
 from cfmae_cli.train.rundir import mark_finished, MetricsWriter, read_metrics, RunFolder
 from cfmae_cli.train.sampler import ChunkedSampler, chunk_id
 from cfmae_cli.train.trackers import check_available
-from cfmae_cli.train.task import Progress, StepContext, Task
+from cfmae_cli.train.task import Plan, Progress, StepContext, Task, TrainingConfig
 from cfmae_cli.train.setup import (describe_schedule, fitting_batch, load_average, make_plan, slow_run_warning,
                                    usable_cores)
 
 log = logging.getLogger(__name__)
 
 
-def too_few_images(root: Any, images: int, cfg: Any, world: int, accum: int) -> str:
-    """The message for ``images`` training images that make no optimizer step: the batch they need, and values
-    of both keys that give an epoch several steps (and, where the data is a held-out split, its share)."""
+def too_few_images(task: Task, images: int, cfg: TrainingConfig, world: int, accum: int) -> str:
+    """The message for a task whose ``images`` training images make no optimizer step: the batch they need, and
+    values of both keys that give an epoch several steps (and, where the data is a held-out split, its share)."""
     batch = fitting_batch(images, world, 4)  # at least 4 steps an epoch
     fix = (f"--set train.batch_size={batch} --set optim.effective_batch={batch * world}" if batch * world <= images
            else "more images")
-    held = getattr(getattr(cfg, "data", None), "val_fraction", None)
+    held = task.val_fraction
     share = (f"; data.val_fraction {held:g} holds {held:.0%} of each class out of training: a smaller share "
              f"(e.g. --set data.val_fraction=0.2) leaves more") if held else ""
-    return (f"{root}: {images} training image(s) are fewer than one optimizer step needs (train.batch_size "
+    return (f"{task.root}: {images} training image(s) are fewer than one optimizer step needs (train.batch_size "
             f"{cfg.train.batch_size} x {world} process(es) x {accum} accumulation step(s) = optim.effective_batch "
             f"{cfg.train.batch_size * world * accum}); give {fix}{share}.")
 
@@ -67,7 +67,7 @@ ENGINE_KEYS = ("model", "optimizer", "scaler", "epoch", "next_step", "step", "pa
                "world_size", "metrics", "skipped")
 
 
-def run_task(cfg: Any, make_task: Callable[[distributed.DistInfo], Task], device: torch.device, *, command: str,
+def run_task(cfg: TrainingConfig, make_task: Callable[[distributed.DistInfo], Task], device: torch.device, *, command: str,
              out: str | Path | None = None, name: str = "run", resume: str | Path | None = None,
              prepare: Callable[[Task], None] | None = None, on_progress: Callable[[Progress], None] | None = None
              ) -> dict[str, Any]:
@@ -89,31 +89,34 @@ def run_task(cfg: Any, make_task: Callable[[distributed.DistInfo], Task], device
                     prepare(engine.task)
             if info.is_main:
                 provenance.record_start(folder.path, provenance.session(
-                    command, info.device, info.world, getattr(engine.task, "root", None),
-                    folder.checkpoint is not None, info.bf16))
-            return provenance.fit_and_record(engine, folder.path)
+                    command, info.device, info.world, engine.task.root, folder.checkpoint is not None, info.bf16))
+            with provenance.outcome(folder.path, info.is_main) as done:
+                summary = engine.fit()
+                done(f"{summary['epochs']} epochs, {summary['steps']} steps, last epoch loss "
+                     f"{summary['last_epoch_loss']:.4f}")
+            return summary
     finally:
         distributed.shutdown()
 
 
 class Engine:
-    def __init__(self, cfg: Any, task: Task, run_dir: Path, info: distributed.DistInfo,
+    def __init__(self, cfg: TrainingConfig, task: Task, run_dir: Path, info: distributed.DistInfo,
                  on_progress: Callable[[Progress], None]):
         self.cfg, self.task, self.run_dir, self.info, self.on_progress = cfg, task, run_dir, info, on_progress
         check_available(cfg.train.loggers)
         self.device = info.device
         self.dataset = task.dataset
-        self.plan = make_plan(cfg, len(self.dataset), info.world)
-        self.accum = self.plan["accumulation_steps"]
-        self.micro_per_epoch = self.plan["steps_per_epoch"] * self.accum
-        if self.plan["steps_per_epoch"] == 0:
-            raise DataError(too_few_images(getattr(task, "root", "the data"), len(self.dataset), cfg, info.world,
-                                           self.accum))
-        self.sampler = ChunkedSampler(len(self.dataset), cfg.train.batch_size, info.world, info.rank, self.accum,
+        self.images = len(cast(Sized, self.dataset))  # (torch's Dataset declares no length; a task's has one)
+        self.plan: Plan = make_plan(cfg, self.images, info.world)
+        self.accum = self.plan.accumulation_steps
+        self.micro_per_epoch = self.plan.steps_per_epoch * self.accum
+        if self.plan.steps_per_epoch == 0:
+            raise DataError(too_few_images(task, self.images, cfg, info.world, self.accum))
+        self.sampler = ChunkedSampler(self.images, cfg.train.batch_size, info.world, info.rank, self.accum,
                                       cfg.train.seed)
         workers = cfg.data.num_workers
         self.loader = DataLoader(self.dataset, batch_size=cfg.train.batch_size, sampler=self.sampler,
-                                 num_workers=workers, collate_fn=getattr(task, "collate", collate),
+                                 num_workers=workers, collate_fn=task.collate,
                                  pin_memory=self.device.type == "cuda",
                                  persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
                                  generator=torch.Generator().manual_seed(cfg.train.seed))
@@ -121,17 +124,17 @@ class Engine:
         # checkpoint restores exactly — drop path draws from it)
         self.model = task.model
         trainable = any(p.requires_grad for p in self.model.parameters())
-        self.ddp = info.distributed and trainable
-        self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
-                                           else None) if self.ddp else self.model
+        self.ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
+                                           else None) if info.distributed and trainable else None
+        self.net: nn.Module = self.model if self.ddp is None else self.ddp
         if cfg.train.compile:  # the forward and loss as one graph (docs/performance.md); weights stay self.model's
-            self.net = torch.compile(self.net)
-        self.optimizer = task.build_optimizer(self.plan["lr"], self.device)
+            self.net = cast(nn.Module, torch.compile(self.net))
+        self.optimizer = task.build_optimizer(self.plan.lr, self.device)
         self.names = list(task.names)
         self.step = self.epoch = self.start_micro = 0
         self.partial: dict[str, Any] | None = None
-        self.bad = BadFiles(run_dir, len(self.dataset), cfg.data.max_bad_fraction, info,
-                            str(getattr(task, "root", "the data")))
+        self.bad = BadFiles(run_dir, self.images, cfg.data.max_bad_fraction, info,
+                            str(task.root))
         _seed_rank(cfg.train.seed, info.rank)
 
     # -- state ---------------------------------------------------------------------------------------------
@@ -185,15 +188,15 @@ class Engine:
         cfg, main = self.cfg, self.info.is_main
         if main:
             atomic_write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
-            log.info("%s: %d training images; %s%s", self.task.command, len(self.dataset), self.device,
+            log.info("%s: %d training images; %s%s", self.task.command, self.images, self.device,
                      " (bf16)" if self.info.bf16 else "")
             for line in describe_schedule(self.plan, cfg) + self.task.describe(self.plan):
                 log.info("%s", line)
-            if 0 < self.plan["total_steps"] <= self.plan["warmup_steps"]:
+            if 0 < self.plan.total_steps <= self.plan.warmup_steps:
                 log.warning("optim.warmup_epochs %g is not shorter than train.epochs %d: the lr never leaves its "
                             "warmup (the last step reaches %.0f%% of the peak lr); lower optim.warmup_epochs",
                             cfg.optim.warmup_epochs, cfg.train.epochs,
-                            100 * self.plan["total_steps"] / max(self.plan["warmup_steps"], 1))
+                            100 * self.plan.total_steps / max(self.plan.warmup_steps, 1))
         resumed = self.step > 0 or self.epoch > 0
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", cfg.train.loggers, cfg.model_dump(mode="json"),
                                      resume_step=self.step if resumed else None) if main else None
@@ -224,13 +227,13 @@ class Engine:
                 "last_epoch_loss": epochs[-1]["loss"] if epochs else math.nan,
                 "last_epoch": epochs[-1] if epochs else {},
                 "img_per_s": summary.get("img_per_s", math.nan), "skipped_files": len(self.bad),
-                "data": str(getattr(self.task, "root", ""))}
+                "data": str(self.task.root)}
 
     def context(self, epoch: int, micro: int) -> StepContext:
         a = micro % self.accum
         step_in_epoch = micro // self.accum
         return StepContext(epoch, step_in_epoch,
-                           (epoch + step_in_epoch / self.plan["steps_per_epoch"]) / self.cfg.train.epochs,
+                           (epoch + step_in_epoch / self.plan.steps_per_epoch) / self.cfg.train.epochs,
                            mix_seed(self.cfg.train.seed, epoch, step_in_epoch,
                                     chunk_id(a, self.info.world, self.info.rank)))
 
@@ -250,7 +253,7 @@ class Engine:
                 lr = self.set_lr()
             self.bad.add(batch["skipped"])
             inputs, weight = self.bad.inputs(batch, self.to_device)
-            with contextlib.nullcontext() if steps or not self.ddp else self.net.no_sync():
+            with contextlib.nullcontext() if steps or self.ddp is None else self.ddp.no_sync():
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=info.bf16):
                     loss, values = self.task.forward(self.net, inputs, ctx)
                 (loss * (weight / accum)).backward()
@@ -274,9 +277,9 @@ class Engine:
     def set_lr(self) -> float:
         """The scheduled lr of this optimizer step, scaled by each group's ``lr_scale`` (layer-wise decay)."""
         cfg = self.cfg
-        lr = lr_at(self.step, self.plan["total_steps"], self.plan["warmup_steps"], self.plan["lr"], cfg.optim.min_lr,
-                   getattr(cfg.optim, "schedule", "cosine"),
-                   tuple(m / cfg.train.epochs for m in getattr(cfg.optim, "milestones", ())))
+        schedule, milestones = cfg.optim.lr_decay()
+        lr = lr_at(self.step, self.plan.total_steps, self.plan.warmup_steps, self.plan.lr, cfg.optim.min_lr,
+                   schedule, tuple(m / cfg.train.epochs for m in milestones))
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
@@ -331,8 +334,8 @@ class Engine:
                      summary["img_per_s"], rate,
                      f"  peak GPU memory {summary['gpu_mem_gib']:.2f} GiB" if "gpu_mem_gib" in summary else "")
             if done == 1 and self.device.type == "cpu":  # once: say why a CPU run is slow, if it is
-                warning = slow_run_warning(usable_cores(), load_average() or 0.0, self.plan["threads"],
-                                           self.plan["procs"], self.plan["workers"], summary["img_per_s"])
+                warning = slow_run_warning(usable_cores(), load_average() or 0.0, self.plan.threads,
+                                           self.plan.procs, self.plan.workers, summary["img_per_s"])
                 if warning:
                     log.warning("%s", warning)
         self.save(done, 0, None, summary, periodic=done % self.cfg.train.save_every == 0,
@@ -340,6 +343,7 @@ class Engine:
         if self.info.is_main:
             loss_png = plot_losses(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "plots" / "loss.png")
             figures = [("plots/loss", loss_png), *(self.task.after_epoch(done, summary, self.run_dir) or [])]
+            assert self.metrics is not None  # rank 0's
             for tag, path in figures:
                 self.metrics.image(tag, path, self.step)
         return summary

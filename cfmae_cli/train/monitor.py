@@ -19,15 +19,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import MultiGranularDataset, Skipped, collate
 from cfmae_cli.data.layout import Sample
 from cfmae_cli.data.splits import held_out, list_split, spread
-from cfmae_cli.data.transforms import JointTransform, normalize_on_device
+from cfmae_cli.data.transforms import JointTransform, normalise_on_device
 from cfmae_cli.errors import DataError
+from cfmae_cli.model.encoder import ViTEncoder
 from cfmae_cli.train import distributed
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,12 @@ def knn_accuracy(bank: Tensor, bank_labels: Tensor, queries: Tensor, labels: Ten
 MIN_VAL = 20  # the fewest held-out images the monitor scores by itself (train.monitor.enabled: null)
 
 
+#: the k-NN monitor's choice: (the samples left to pre-train on, the bank, the val set, the number of classes)
+MonitorSplit = tuple[list[Sample] | None, list[Sample], list[Sample], int]
+
+
 def monitor_samples(cfg: Config, labelled: Path | None, samples: list[Sample] | None, classes: list[str],
-                    quiet: bool = False) -> tuple[list[Sample] | None, list[Sample], list[Sample], int] | None:
+                    quiet: bool = False) -> MonitorSplit | None:
     """(the pre-training samples, the k-NN bank, the val set, the number of classes), or None when the monitor is
     off (``train.monitor.enabled`` false; or null and no labels, or a held-out share with no image in it).
 
@@ -119,7 +124,7 @@ def monitor_samples(cfg: Config, labelled: Path | None, samples: list[Sample] | 
 class _Fixed(Dataset):
     """Batches of a dataset fixed once (index ranges); item i is batch i. Rank r loads batches r, r+N, …"""
 
-    def __init__(self, dataset: Dataset, batch: int):
+    def __init__(self, dataset: MultiGranularDataset, batch: int):
         self.dataset, self.batch = dataset, batch
 
     def __len__(self) -> int:
@@ -139,7 +144,7 @@ class KnnMonitor:
         d, m = cfg.data, cfg.train.monitor
         self.cfg, self.info, self.num_classes = cfg, info, num_classes
         t = JointTransform(d.img_size, cfg.model.map_stride, cfg.model.num_instance_ids, d.crop_scale, d.crop_ratio,
-                           0.0, d.mean, d.std, train=False, normalize=False)
+                           0.0, d.mean, d.std, train=False, normalise=False)
         self.sets = {name: _Fixed(MultiGranularDataset(samples, t, [], 1), m.batch_size)
                      for name, samples in (("bank", bank), ("val", val))}
         self.sizes = {"bank": len(bank), "val": len(val)}
@@ -150,7 +155,7 @@ class KnnMonitor:
                 f"classes, k {m.k}, T {m.temperature}, every {m.every} epochs")
 
     @torch.no_grad()
-    def embed(self, encoder: nn.Module, name: str) -> tuple[dict[str, Tensor], Tensor]:
+    def embed(self, encoder: ViTEncoder, name: str) -> tuple[dict[str, Tensor], Tensor]:
         """({pool: (n, D) unit features}, labels (n,)) of one set, in index order, on every rank."""
         device, info = self.info.device, self.info
         loader = DataLoader(self.sets[name], batch_size=None, sampler=range(info.rank, len(self.sets[name]),
@@ -162,7 +167,7 @@ class KnnMonitor:
         for batch in loader:
             if batch["size"] == 0:
                 continue
-            rgb = normalize_on_device(batch["rgb"].to(device), self.cfg.data.mean, self.cfg.data.std)
+            rgb = normalise_on_device(batch["rgb"].to(device), self.cfg.data.mean, self.cfg.data.std)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=info.bf16):
                 x = encoder.forward_image(rgb).float()
             feats["token"].append(F.normalize(x[:, 0], dim=-1))
@@ -178,7 +183,7 @@ class KnnMonitor:
         order = idx.argsort()
         return {p: v[order] for p, v in local.items()}, lab[order]
 
-    def __call__(self, encoder: nn.Module) -> dict[str, float]:
+    def __call__(self, encoder: ViTEncoder) -> dict[str, float]:
         """{knn_top1_token, knn_top5_token, knn_top1_avg, knn_top5_avg, monitor_seconds}."""
         start = time.perf_counter()
         was_training = encoder.training

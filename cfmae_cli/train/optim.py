@@ -4,6 +4,7 @@ learning-rate schedule."""
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 from timm.optim import param_groups_weight_decay
@@ -15,10 +16,10 @@ from cfmae_cli.config import OptimConfig
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms, biases (1-D parameters) and on the model's ``no_weight_decay()``
     tokens and position/modality embeddings. Fused kernels on CUDA."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    skip = cast(Any, model).no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=device.type == "cuda")
 
 
 class LARS(torch.optim.Optimizer):
@@ -42,7 +43,7 @@ class LARS(torch.optim.Optimizer):
                                       trust_coefficient=trust_coefficient))
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -36,6 +36,11 @@ def _curve(ax: Any, x: list[float], y: list[float], colour: str, label: str) -> 
     ax.plot(x, smooth(y, len(y)), color=colour, lw=1.8, label=f"{label} (smoothed)")
 
 
+def _column(rows: list[dict[str, Any]], key: str) -> list[Any]:
+    """Each row's ``key``; None (a gap in the line) where a row lacks it."""
+    return [r.get(key) for r in rows]
+
+
 def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     """The total loss (raw faint, smoothed), each modality's loss on its own scale, the lr, and α_I, α_S
     (pre-training) or the validation top-1 / top-5 of each epoch (fine-tuning), against training progress in
@@ -69,7 +74,7 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
         sub.set_title(f"{key.removeprefix('loss_')} loss", fontsize=10)
         sub.grid(alpha=0.3)
     lr = fig.add_subplot(grid[len(heights) - 2, :cols], sharex=ax)
-    lr.plot(x, [r.get("lr") for r in steps], color="C7", marker="o" if len(x) <= FEW else None, ms=3)
+    lr.plot(x, _column(steps, "lr"), color="C7", marker="o" if len(x) <= FEW else None, ms=3)
     lr.set_ylabel("lr")
     lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     lr.grid(alpha=0.3)
@@ -81,7 +86,7 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
         last.set_ylim(-2, 102)
     else:
         for key, label in (("alpha_i", "α_I (instance-guided)"), ("alpha_s", "α_S (semantic-guided)")):
-            last.plot(x, [r.get(key) for r in steps], marker="o" if len(x) <= FEW else None, ms=3, label=label)
+            last.plot(x, _column(steps, key), marker="o" if len(x) <= FEW else None, ms=3, label=label)
         last.set_ylim(-0.05, 1.05)
         last.set_ylabel("curriculum")
     last.set_xlabel("epoch")

@@ -11,18 +11,22 @@ from torch import Tensor, nn
 
 from cfmae_cli import modalities as table
 from cfmae_cli.config import Config
-from cfmae_cli.data.dataset import Skipped, collate
+from cfmae_cli.data.dataset import collate, MultiGranularDataset, Skipped
 from cfmae_cli.data.layout import Sample, is_packed, list_samples, read_packed_manifest
+from cfmae_cli.data.packed import PackedDataset
 from cfmae_cli.data.transforms import inputs_on_device
-from cfmae_cli.masking import MaskGenerator, schedule
+from cfmae_cli.masking import MaskGenerator, Masks, schedule
 from cfmae_cli.model import CFMAE
+from cfmae_cli.model.align import Teacher
+from cfmae_cli.model.weights import load_weights, read_weights
 from cfmae_cli.seeding import mix_seed
 from cfmae_cli.train import distributed
-from cfmae_cli.train.engine import Progress, StepContext, Task, run_task
-from cfmae_cli.train.monitor import KnnMonitor, monitor_samples
+from cfmae_cli.train.engine import run_task
+from cfmae_cli.train.monitor import KnnMonitor, monitor_samples, MonitorSplit
 from cfmae_cli.train.optim import build_optimizer
 from cfmae_cli.train.setup import (build_dataset, dataset_root, describe_tokens, monitor_root, resolve_device,
                                    set_threads)
+from cfmae_cli.train.task import Plan, Progress, StepContext, Task
 from cfmae_cli.viz.recon import class_legend, reconstruction_panels, save_grid
 
 log = logging.getLogger(__name__)
@@ -40,7 +44,7 @@ def pretrain(cfg: Config, *, out: str | Path | None = None, name: str = "run", r
 
 
 def pretraining_samples(cfg: Config, root: Path, labelled: Path | None, quiet: bool = False
-                        ) -> tuple[list[Sample] | None, Any]:
+                        ) -> tuple[list[Sample] | None, MonitorSplit | None]:
     """The samples of ``root`` (None for packed data) and the k-NN monitor's choice (:func:`monitor_samples`:
     the samples left to pre-train on, the bank, the val set, the classes; None when the monitor is off)."""
     samples, classes = (None, []) if is_packed(root) else list_samples(root, maps=table.maps_of(cfg.data.modalities))
@@ -58,6 +62,8 @@ def pretraining_images(cfg: Config) -> int:
 
 class PretrainTask(Task):
     command = "pretrain"
+    model: CFMAE
+    dataset: MultiGranularDataset | PackedDataset
 
     def __init__(self, cfg: Config, info: distributed.DistInfo):
         self.cfg, self.info, self.device = cfg, info, info.device
@@ -66,17 +72,20 @@ class PretrainTask(Task):
         labelled = distributed.broadcast(monitor_root(cfg) if info.is_main else None, info)
         samples, picked = pretraining_samples(cfg, self.root, labelled)
         self.dataset, manifest = build_dataset(cfg, self.root, samples=picked[0] if picked else samples)
-        self.monitor = KnnMonitor(cfg, *picked[1:], info) if picked else None
+        self.monitor: KnnMonitor | None = None
+        if picked:
+            _, bank, val, classes = picked
+            self.monitor = KnnMonitor(cfg, bank, val, classes, info)
         self.semantic_classes = list(manifest["semantic_classes"])
         self.bf16 = info.bf16  # decided once, by the engine (train.precision)
         self.teacher = None
         if cfg.model.align.enabled:  # before the seed: building it draws random numbers
-            from cfmae_cli.model.align import Teacher
 
             self.teacher = Teacher(cfg.model.align, self.device, self.bf16, cfg.data.mean, cfg.data.std)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        self.model = CFMAE(cfg, len(self.semantic_classes),
-                           align_dim=self.teacher.dim if self.teacher is not None else None).to(self.device)
+        self.model = CFMAE.from_config(cfg, len(self.semantic_classes),
+                                       align_dim=self.teacher.dim if self.teacher is not None else None
+                                       ).to(self.device)
         self.masks = MaskGenerator(cfg.masking, cfg.data.modalities, self.model.grid, len(self.semantic_classes),
                                    cfg.model.num_instance_ids)
         self.modalities = list(cfg.data.modalities)
@@ -85,37 +94,37 @@ class PretrainTask(Task):
     def build_optimizer(self, lr: float, device: torch.device) -> torch.optim.AdamW:
         return build_optimizer(self.model, self.cfg.optim, lr, device)
 
-    def alphas(self, progress: float) -> tuple[float, float]:
+    def curriculum_weights(self, progress: float) -> tuple[float, float]:
         return schedule(progress, self.cfg.masking.order, self.cfg.masking.breakpoints)
 
     def step_values(self, ctx: StepContext) -> dict[str, float]:
-        alpha_i, alpha_s = self.alphas(ctx.progress)
+        alpha_i, alpha_s = self.curriculum_weights(ctx.progress)
         return {"alpha_i": alpha_i, "alpha_s": alpha_s}
 
-    def inputs_and_mask(self, batch: dict[str, Tensor], alphas: tuple[float, float], seed: int
-                        ) -> tuple[dict[str, Tensor], Tensor]:
+    def inputs_and_masks(self, batch: dict[str, Tensor], alphas: tuple[float, float], seed: int
+                         ) -> tuple[dict[str, Tensor], Masks]:
         """The model's inputs (images as float, on the device) and the masks (Eq. 11) of a batch at the
         curriculum's (α_I, α_S); the masking strategies read their guide maps as the table of modalities says."""
         inputs = inputs_on_device(batch, self.modalities, self.cfg.data.mean, self.cfg.data.std,
                                   self.cfg.model.image_targets)
         n = inputs[self.modalities[0]].shape[0]
         with torch.no_grad():
-            mask = self.masks(*alphas, n, self.device, seed=seed, **table.guide_maps(inputs, self.modalities)).mask
-        return inputs, mask
+            masks = self.masks(*alphas, n, self.device, seed=seed, **table.guide_maps(inputs, self.modalities))
+        return inputs, masks
 
     def forward(self, net: nn.Module, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, Tensor]:
-        inputs, mask = self.inputs_and_mask(batch, self.alphas(ctx.progress), ctx.seed)
+        inputs, masks = self.inputs_and_masks(batch, self.curriculum_weights(ctx.progress), ctx.seed)
         if self.teacher is not None:
-            inputs["teacher"] = self.teacher(inputs["rgb"], self.model.grid)
-        out = net(inputs, mask)
+            inputs["teacher"] = self.teacher(inputs[table.embedding_modality()], self.model.grid)
+        out = net(inputs, masks.mask, masks.ids_keep)
         values = [out["loss"]] + [out["losses"][m] for m in self.modalities] + \
             ([out["align"]] if self.teacher is not None else [])
         return out["loss"], torch.stack([v.detach() for v in values])
 
-    def describe(self, plan: dict[str, Any]) -> list[str]:
+    def describe(self, plan: Plan) -> list[str]:
         monitor = [self.monitor.describe()] if self.monitor is not None else []
         align = [self.teacher.describe()] if self.teacher is not None else []
-        return [f"data {self.root}: {len(self.semantic_classes)} semantic classes"] + describe_tokens(plan) + \
+        return [f"data {self.root}: {len(self.semantic_classes)} semantic classes"] + describe_tokens(self.cfg) + \
             align + monitor
 
     def monitor_values(self, done: int) -> dict[str, float] | None:
@@ -146,7 +155,6 @@ class PretrainTask(Task):
         load by name and must have this model's shapes (a position table of another grid is resized
         bicubically); names that are not in the model are ignored and logged (an unknown layout is refused).
         Optimizer, step and schedule start fresh."""
-        from cfmae_cli.model.weights import load_weights, read_weights
 
         w = read_weights(path)
         done = load_weights(self.model, w.state, w.source, fix="weights of another architecture: --init needs a "
@@ -166,10 +174,11 @@ class PretrainTask(Task):
         files = getattr(fixed, "samples", None)
         samples = [Path(files[i].rgb).stem[-20:] for i, _ in kept] if files else None
         batch = {m: v.to(self.device) for m, v in collate(items).items() if m in self.modalities}
-        batch, mask = self.inputs_and_mask(batch, (alpha_i, alpha_s), mix_seed(self.cfg.train.seed, 2 ** 20))
+        batch, masks = self.inputs_and_masks(batch, (alpha_i, alpha_s), mix_seed(self.cfg.train.seed, 2 ** 20))
+        mask = masks.mask
         self.model.eval()
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            pred = self.model(batch, mask)["pred"]
+            pred = self.model(batch, mask, masks.ids_keep)["pred"]
         self.model.train()
         panels = reconstruction_panels(batch, mask, pred, self.modalities, self.model.classes, self.model.patches,
                                        self.model.targets, self.cfg.data.mean, self.cfg.data.std,

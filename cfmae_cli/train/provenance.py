@@ -5,6 +5,7 @@ digest of its manifest; and the outcome (done / stopped / failed, with the reaso
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import hashlib
@@ -15,7 +16,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -120,11 +121,18 @@ def read_sessions(path: Path) -> list[dict[str, Any]]:
         return []
 
 
-def fit_and_record(engine: Any, run_dir: Path) -> dict[str, Any]:
-    """``engine.fit()``, with the outcome as the last line of ``log.txt`` and in ``run.json``."""
-    main = engine.info.is_main
+@contextlib.contextmanager
+def outcome(run_dir: Path, main: bool) -> Iterator[Callable[[str], None]]:
+    """Around the training of a run: its outcome as the last line of ``log.txt`` and in ``run.json`` (rank 0).
+    The block calls the function it is given with the reason of a run that finished; an exception leaving the
+    block is recorded as ``stopped`` (a signal) or ``failed``, and raised on."""
+    def done(reason: str) -> None:
+        if main:
+            log.info("done: %s", reason)
+            record_outcome(run_dir, "done", reason)
+
     try:
-        summary = engine.fit()
+        yield done
     except Preempted as exc:
         if main:
             log.info("stopped: %s", exc)
@@ -136,9 +144,3 @@ def fit_and_record(engine: Any, run_dir: Path) -> dict[str, Any]:
             log.error("failed: %s", reason)
             record_outcome(run_dir, "failed", reason)
         raise
-    if main:
-        reason = (f"{summary['epochs']} epochs, {summary['steps']} steps, last epoch loss "
-                  f"{summary['last_epoch_loss']:.4f}")
-        log.info("done: %s", reason)
-        record_outcome(run_dir, "done", reason)
-    return summary

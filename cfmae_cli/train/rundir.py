@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from cfmae_cli.checkpoints import checkpoint_path
 from cfmae_cli.errors import CfmaeError
@@ -14,6 +14,7 @@ from cfmae_cli.train import distributed
 from cfmae_cli.formats import atomic_write_text, name_target
 from cfmae_cli.ownership import (FolderLock, foreign_files, LOCK_NAME, locked, missing_folders, remove_empty,
                                  remove_files)
+from cfmae_cli.train.trackers import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -230,9 +231,8 @@ class MetricsWriter:
     interrupted process are dropped from the JSONL file, and TensorBoard and the CSV files drop them too.
     """
 
-    def __init__(self, path: str | Path, loggers: list[str] | tuple[str, ...] = ("tensorboard",),
+    def __init__(self, path: str | Path, loggers: Sequence[str] = ("tensorboard",),
                  config: dict[str, Any] | None = None, resume_step: int | None = None):
-        from cfmae_cli.train.trackers import Trackers
 
         self.path = Path(path)
         if resume_step is not None and self.path.exists():

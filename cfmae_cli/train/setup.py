@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -16,11 +16,14 @@ from cfmae_cli.data.layout import is_packed, list_samples, read_manifest, read_p
 from cfmae_cli.data.packed import PackedDataset
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.labeling.demo import (build_demo_dataset, build_demo_monitor_set, default_demo_root,
+                                     default_monitor_root)
+from cfmae_cli.train.task import Plan, TrainingConfig
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(cfg: Config) -> torch.device:
+def resolve_device(cfg: TrainingConfig) -> torch.device:
     if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise CfmaeError("train.device: cuda was asked for but no GPU is visible; use --gpus 0 "
@@ -63,12 +66,12 @@ def choose_threads(threads: int | None, workers: int, procs: int = 1, cores: int
     return max(cores // max(procs, 1) - workers, 1)
 
 
-def train_threads(cfg: Any, world: int) -> int:
+def train_threads(cfg: TrainingConfig, world: int) -> int:
     """The intra-op threads of a training run with ``cfg`` on ``world`` processes (see :func:`choose_threads`)."""
     return choose_threads(cfg.train.threads, cfg.data.num_workers, local_processes(world))
 
 
-def set_threads(cfg: Any, world: int) -> int:
+def set_threads(cfg: TrainingConfig, world: int) -> int:
     """Set torch's intra-op threads for this training process (pre-training and fine-tuning); returns them."""
     threads = train_threads(cfg, world)
     torch.set_num_threads(threads)
@@ -103,14 +106,34 @@ def load_average() -> float | None:
         return None
 
 
-def dataset_root(cfg: Config) -> Path:
+class _DataSection(Protocol):
+    @property
+    def root(self) -> str | None: ...
+
+    @property
+    def modalities(self) -> Sequence[str]: ...
+
+    @property
+    def demo_crops_per_photo(self) -> int: ...
+
+    @property
+    def demo_size(self) -> int: ...
+
+
+class WithData(Protocol):
+    """A config whose ``data`` section names a folder or the built-in demo data (pre-training's, fine-tuning's)."""
+
+    @property
+    def data(self) -> _DataSection: ...
+
+
+def dataset_root(cfg: WithData) -> Path:
     """The configured data folder, or the built-in demo data (built and cached on first use; with the classical
     depth cue when the modalities include depth)."""
     if cfg.data.root is not None:
         return Path(cfg.data.root)
-    from cfmae_cli.labeling.demo import build_demo_dataset, default_demo_root
 
-    depth = "depth" in cfg.data.modalities
+    depth = bool(table.on_request_maps(cfg.data.modalities))
     root = build_demo_dataset(default_demo_root(depth), crops_per_photo=cfg.data.demo_crops_per_photo,
                               size=cfg.data.demo_size, seed=0, depth=depth)
     log.info("built-in demo data: %s", root)
@@ -127,7 +150,6 @@ def monitor_root(cfg: Config) -> Path | None:
         return Path(m.data)
     if cfg.data.root is not None:
         return None
-    from cfmae_cli.labeling.demo import build_demo_monitor_set, default_monitor_root
 
     return build_demo_monitor_set(default_monitor_root(), size=cfg.data.demo_size)
 
@@ -136,10 +158,10 @@ def build_dataset(cfg: Config, root: Path, train: bool = True, samples: list[Sam
                   ) -> tuple[MultiGranularDataset | PackedDataset, dict[str, Any]]:
     """The dataset of ``root`` (the folder layout — all its samples or ``samples`` — or a folder written by
     ``cfmae pack``) for this config, and its manifest (which gives C_sem). RGB comes out as uint8: the task
-    normalises it on the device (:func:`normalize_on_device`)."""
+    normalises it on the device (:func:`normalise_on_device`)."""
     d = cfg.data
     transform = JointTransform(d.img_size, cfg.model.map_stride, cfg.model.num_instance_ids, d.crop_scale,
-                               d.crop_ratio, d.hflip, d.mean, d.std, train=train, normalize=False)
+                               d.crop_ratio, d.hflip, d.mean, d.std, train=train, normalise=False)
     maps = table.maps_of(cfg.data.modalities)
     if is_packed(root):
         return PackedDataset(root, transform, maps, cfg.train.seed), read_packed_manifest(root)
@@ -150,38 +172,36 @@ def build_dataset(cfg: Config, root: Path, train: bool = True, samples: list[Sam
     return dataset, manifest
 
 
-def make_plan(cfg: Any, images: int, world: int) -> dict[str, Any]:
-    """Accumulation, actual lr and step counts for ``images`` training images on ``world`` processes.
-
-    ``cfg`` is any config with ``optim`` (effective_batch, base_lr, lr, warmup_epochs) and ``train``
-    (batch_size, epochs) sections: pre-training and fine-tuning share the rule lr = base_lr x batch / 256.
-    """
-    plan = derived(cfg, world) if isinstance(cfg, Config) else batch_plan(cfg.optim, cfg.train, world)
+def make_plan(cfg: TrainingConfig, images: int, world: int) -> Plan:
+    """Accumulation, actual lr and step counts for ``images`` training images on ``world`` processes
+    (pre-training and fine-tuning share the rule lr = base_lr x batch / 256: :func:`~cfmae_cli.config.batch_plan`)."""
+    batch = batch_plan(cfg.optim, cfg.train, world)
     steps = images // cfg.optim.effective_batch
-    plan.update(images=images, steps_per_epoch=steps, total_steps=steps * cfg.train.epochs,
-                warmup_steps=int(cfg.optim.warmup_epochs * steps), threads=train_threads(cfg, world),
-                workers=cfg.data.num_workers, procs=local_processes(world))
-    return plan
+    return Plan(devices=batch["devices"], accumulation_steps=batch["accumulation_steps"],
+                effective_batch=batch["effective_batch"], lr=batch["lr"], images=images, steps_per_epoch=steps,
+                total_steps=steps * cfg.train.epochs, warmup_steps=int(cfg.optim.warmup_epochs * steps),
+                threads=train_threads(cfg, world), workers=cfg.data.num_workers, procs=local_processes(world))
 
 
-def describe_schedule(plan: dict[str, Any], cfg: Any) -> list[str]:
+def describe_schedule(plan: Plan, cfg: TrainingConfig) -> list[str]:
     """The batch, lr and threads lines of the plan (printed at the start of every training run)."""
     why = "" if cfg.train.threads else \
-        f" (train.threads unset: {usable_cores()} core(s) among {plan['procs']} process(es), minus the workers)"
-    return [f"plan: {plan['devices']} process(es) x per-device batch {cfg.train.batch_size} x "
-            f"{plan['accumulation_steps']} accumulation step(s) = effective batch {plan['effective_batch']}",
-            f"plan: lr {plan['lr']:.3g} (base_lr {cfg.optim.base_lr:.3g} x {plan['effective_batch']} / 256"
-            f"{', overridden by optim.lr' if cfg.optim.lr is not None else ''}); {plan['images']} images, "
-            f"{plan['steps_per_epoch']} steps per epoch, {plan['total_steps']} steps in {cfg.train.epochs} epochs, "
-            f"warmup {plan['warmup_steps']} steps",
-            f"plan: threads {plan['threads']}, data workers {plan['workers']} per process{why}"]
+        f" (train.threads unset: {usable_cores()} core(s) among {plan.procs} process(es), minus the workers)"
+    return [f"plan: {plan.devices} process(es) x per-device batch {cfg.train.batch_size} x "
+            f"{plan.accumulation_steps} accumulation step(s) = effective batch {plan.effective_batch}",
+            f"plan: lr {plan.lr:.3g} (base_lr {cfg.optim.base_lr:.3g} x {plan.effective_batch} / 256"
+            f"{', overridden by optim.lr' if cfg.optim.lr is not None else ''}); {plan.images} images, "
+            f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in {cfg.train.epochs} epochs, "
+            f"warmup {plan.warmup_steps} steps",
+            f"plan: threads {plan.threads}, data workers {plan.workers} per process{why}"]
 
 
-def describe_tokens(plan: dict[str, Any]) -> list[str]:
+def describe_tokens(cfg: Config) -> list[str]:
     """The pre-training lines of the plan: tokens and the decoder."""
-    return [f"plan: {plan['num_visible']} visible of {plan['tokens_total']} tokens of "
-            f"{' + '.join(plan['modalities'])}; decoder {plan['decoder']}"]
+    sizes = derived(cfg)
+    return [f"plan: {sizes['num_visible']} visible of {sizes['tokens_total']} tokens of "
+            f"{' + '.join(sizes['modalities'])}; decoder {sizes['decoder']}"]
 
 
-def describe_plan(plan: dict[str, Any], cfg: Config) -> list[str]:
-    return describe_schedule(plan, cfg) + describe_tokens(plan)
+def describe_plan(plan: Plan, cfg: Config) -> list[str]:
+    return describe_schedule(plan, cfg) + describe_tokens(cfg)

@@ -12,7 +12,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from cfmae_cli.errors import ConfigError
 from cfmae_cli.formats import atomic_write_text
@@ -21,7 +21,7 @@ EXTRAS = {"wandb": ("wandb", "cfmae[wandb]"), "mlflow": ("mlflow", "cfmae[mlflow
 IDS = "trackers.json"  # the run folder's W&B / MLflow run ids, for a resume
 
 
-def check_available(loggers: list[str]) -> None:
+def check_available(loggers: Sequence[str]) -> None:
     """Refuse (before the run starts) a logger whose package is not installed, naming the extra to install."""
     for name in loggers:
         if name in EXTRAS and importlib.util.find_spec(EXTRAS[name][0]) is None:
@@ -59,18 +59,18 @@ class Trackers:
                         writer.writeheader()
                         writer.writerows(r for r in rows if int(float(r["step"])) <= resume_step)
         if "tensorboard" in loggers:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # heavy (torch), and only when TensorBoard logs
 
             self.tb = SummaryWriter(log_dir=str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
         if "wandb" in loggers:
-            import wandb
+            import wandb  # optional dependency (.[wandb])
 
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "cfmae"), name=run_dir.name,
                                     dir=str(run_dir), config=config, id=ids.get("wandb"), resume="allow",
                                     reinit="create_new")
             ids["wandb"] = self.wandb.id
         if "mlflow" in loggers:
-            import mlflow
+            import mlflow  # optional dependency (.[mlflow])
 
             uri = os.environ.get("MLFLOW_TRACKING_URI")
             if not uri:  # a local file store in the run folder (MLflow 3 asks for an explicit opt-in to it)
@@ -103,7 +103,7 @@ class Trackers:
         if self.wandb is not None:
             self.wandb.log(values, step=step)
         if self.mlflow is not None:
-            from mlflow.entities import Metric
+            from mlflow.entities import Metric  # optional dependency (.[mlflow])
 
             now = int(time.time() * 1000)
             self.mlflow.log_batch(self.mlflow_run, metrics=[Metric(k, v, now, step) for k, v in values.items()])
@@ -111,14 +111,14 @@ class Trackers:
     def image(self, tag: str, path: Path, step: int) -> None:
         """A figure written to ``path`` (PNG), to the loggers that show images."""
         if self.tb is not None:
-            import numpy as np
-            from PIL import Image
+            import numpy as np  # heavy: this module is on the CLI's light paths (through train/rundir.py)
+            from PIL import Image  # heavy: as numpy
 
             with Image.open(path) as im:
                 self.tb.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
             self.tb.flush()
         if self.wandb is not None:
-            import wandb
+            import wandb  # optional dependency (.[wandb])
 
             self.wandb.log({tag: wandb.Image(str(path))}, step=step)
         if self.mlflow is not None:

@@ -9,13 +9,14 @@ renormalise the rows, multiply across layers).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, cast
 
 import torch
+from timm.layers import Attention
 from torch import Tensor, nn
 
 
-def weights_from_qkv(qkv: Tensor, attn: nn.Module) -> Tensor:
+def weights_from_qkv(qkv: Tensor, attn: Attention) -> Tensor:
     """(B, L, 3·D) output of ``attn.qkv`` → (B, heads, L, L) softmax(q·kᵀ·scale), in fp32."""
     b, n, _ = qkv.shape
     q, k, _ = qkv.float().reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
@@ -24,12 +25,12 @@ def weights_from_qkv(qkv: Tensor, attn: nn.Module) -> Tensor:
 
 
 @torch.no_grad()
-def encoder_attention(blocks: nn.Module, run: Callable[[], Any]) -> tuple[Any, list[Tensor]]:
+def encoder_attention(blocks: Iterable[nn.Module], run: Callable[[], Any]) -> tuple[Any, list[Tensor]]:
     """Call ``run()`` (a forward through ``blocks``, fused attention as configured) and return what it
     returns with every block's attention weights, each (B, heads, L, L), in the order the blocks ran."""
     captured: list[Tensor] = []
-    handles = [block.attn.qkv.register_forward_hook(
-        lambda module, args, out, attn=block.attn: captured.append(weights_from_qkv(out, attn)))
+    handles = [block_attention(block).qkv.register_forward_hook(
+        lambda module, args, out, attn=block_attention(block): captured.append(weights_from_qkv(out, attn)))
         for block in blocks]
     try:
         out = run()
@@ -39,14 +40,20 @@ def encoder_attention(blocks: nn.Module, run: Callable[[], Any]) -> tuple[Any, l
     return out, captured
 
 
+def block_attention(block: nn.Module) -> Attention:
+    """The ``attn`` of a timm ``Block`` (our encoder's blocks; a windowed one is an ``Attention`` too)."""
+    return cast(Attention, block.attn)
+
+
 def rollout(layers: list[Tensor]) -> Tensor:
     """Attention rollout: (B, heads, L, L) per layer → (B, L, L), the product from the first layer up."""
-    result = None
+    result: Tensor | None = None
     for weights in layers:
         a = weights.mean(1)
         a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
         a = a / a.sum(-1, keepdim=True)
         result = a if result is None else a @ result
+    assert result is not None, "rollout needs at least one layer"
     return result
 
 
@@ -60,7 +67,7 @@ def keep_mass(values: Tensor, share: float = 0.6) -> Tensor:
     return values * keep
 
 
-def patch_maps(layers: list[Tensor], method: str, layer: int = -1) -> Tensor:
+def attention_maps(layers: list[Tensor], method: str, layer: int = -1) -> Tensor:
     """Per-patch attention maps (B, heads or 1, L−1) over the tokens after the global token.
 
     cls: the global token's attention in ``layer`` per head, top 60 % of the mass kept (DINO);

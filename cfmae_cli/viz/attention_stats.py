@@ -38,27 +38,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
-from cfmae_cli.config import Config, EncoderArch
 from cfmae_cli.data.dataset import read_maps, skip_reason
 from cfmae_cli.data.layout import Sample, read_image
 from cfmae_cli.data.maps import BadSample, resample_map
-from cfmae_cli.errors import CfmaeError, DataError
+from cfmae_cli.errors import DataError
 from cfmae_cli.formats import UNLABELLED
-from cfmae_cli.model.encoder import build_encoder
-from cfmae_cli.model.layers import init_weights
-from cfmae_cli.model.weights import load_weights, read_state, read_weights, timm_model
-from cfmae_cli.viz.attention import rollout, weights_from_qkv
+from cfmae_cli.viz.attention import block_attention, rollout, weights_from_qkv
+from cfmae_cli.viz.attention_subjects import Subject
 
 CELLS = 4  # map cells per patch side
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 #: (key, row label) in table order
 STATS: list[tuple[str, str]] = [
     ("object_share_last", "object share, last block (mean of heads)"),
@@ -85,129 +80,6 @@ UNIFORM_DISTANCE = ("mean_distance_uniform", "uniform attention (the grid's mean
 def block_key(group: str, block: int) -> str:
     """The statistic's key of a block, e.g. ``mean_distance_b03`` (blocks counted from 0)."""
     return f"{group}_b{block:02d}"
-
-
-@dataclass
-class Subject:
-    """One encoder to measure: ``run(images)`` (normalised (B, 3, S, S)) runs its ``blocks``; the patch tokens
-    follow ``prefix`` tokens, the global token first."""
-
-    name: str
-    description: str
-    blocks: nn.Module
-    run: Callable[[Tensor], Any]
-    img_size: int
-    patch_size: int
-    prefix: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @property
-    def grid(self) -> int:
-        return self.img_size // self.patch_size
-
-
-def ours(spec: str | Path, device: torch.device, name: str | None = None) -> tuple[Subject, dict[str, Any]]:
-    """A cfmae checkpoint or run folder (pre-training or fine-tuning), an MAE / MultiMAE / timm file or an exported
-    folder — read by the one door for weights into our encoder. Returns the subject and what ``random`` copies
-    (the architecture, input size, normalisation, and a pre-training config when there is one)."""
-    w = read_weights(spec)
-    arch, _ = w.encoder_arch()
-    stored = w.top.get("config") if isinstance(w.top.get("config"), dict) else {}
-    data = stored.get("data", {}) if w.layout.startswith("cfmae") else {}
-    pretrained = (w.top.get("pretrained_cfg") or {}) if w.layout == "exported" else {}
-    pos = w.state.get("encoder.pos_embed")
-    side = math.isqrt(pos.shape[1] - 1) * arch.patch_size if pos is not None and pos.ndim == 3 else 224
-    img_size = int(data.get("img_size", (pretrained.get("input_size") or (3, side, side))[-1]))
-    mean = tuple(data.get("mean", pretrained.get("mean", IMAGENET_MEAN)))
-    std = tuple(data.get("std", pretrained.get("std", IMAGENET_STD)))
-    holder = nn.Module()
-    holder.encoder = build_encoder(arch, img_size)
-    load_weights(holder, w.state, w.source, only=("encoder.",), strict=True, fix="not a ViT encoder of this shape")
-    template = {"arch": arch, "img_size": img_size, "mean": mean, "std": std, "config": w.pretrain_config(),
-                "classes": len(w.top.get("semantic_classes", []))}
-    return _our_subject(name or label_of(spec), w.source, holder.encoder, device, mean, std), template
-
-
-def random_init(template: dict[str, Any], device: torch.device, seed: int) -> Subject:
-    """A randomly initialised encoder of ``template``'s architecture: for a pre-training checkpoint, exactly the
-    encoder its run started from with ``train.seed = seed`` (the k-NN monitor's epoch 0)."""
-    from cfmae_cli.model import CFMAE
-
-    torch.manual_seed(seed)
-    cfg: Config | None = template.get("config")
-    if cfg is not None:
-        encoder = CFMAE(cfg, template["classes"]).encoder
-    else:
-        encoder = build_encoder(template["arch"], template["img_size"])
-        init_weights(encoder)
-        nn.init.normal_(encoder.cls_token, std=0.02)
-    return _our_subject("random", f"random initialisation (seed {seed}) of the same architecture", encoder, device,
-                        template["mean"], template["std"])
-
-
-def demo_template(semantic_classes: int) -> dict[str, Any]:
-    """``random`` with no checkpoint to copy: the demo preset's model for data of ``semantic_classes`` classes."""
-    from cfmae_cli.config import load_config
-
-    cfg = load_config("demo")
-    return {"arch": EncoderArch.of(cfg.model), "img_size": cfg.data.img_size, "mean": tuple(cfg.data.mean),
-            "std": tuple(cfg.data.std), "config": cfg, "classes": semantic_classes}
-
-
-def _our_subject(name: str, description: str, encoder: nn.Module, device: torch.device, mean: tuple[float, ...],
-                 std: tuple[float, ...]) -> Subject:
-    encoder = encoder.to(device).eval()
-    patch = int(encoder.patch_embed.patch_size[0])
-    return Subject(name, description, encoder.blocks, encoder.forward_image, encoder.grid * patch, patch, 1,
-                   tuple(mean), tuple(std))
-
-
-def timm_subject(model: str, weights: Path, device: torch.device) -> Subject:
-    """timm's ``model`` with the state dict of ``weights`` (a local file; nothing is downloaded). An exported
-    folder (``model.safetensors`` + ``config.json``, timm's hub format, as ``cfmae export`` writes it), or its
-    ``model.safetensors``, brings its ``config.json``: the ``model_args`` (the exact shape) and the
-    ``pretrained_cfg`` (input size, mean, std) of its ``architecture``, which must be ``model``."""
-    weights = Path(weights)
-    folder = weights if weights.is_dir() else weights.parent
-    exported = (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() and \
-        (weights.is_dir() or weights.name == "model.safetensors")
-    if not exported and not weights.is_file():
-        raise CfmaeError(f"--weights {weights}: file not found (give --model NAME a local weights file, or an "
-                         f"exported folder).")
-    file, state, config, _ = read_state(folder if exported else weights)
-    kwargs: dict[str, Any] = {}
-    if exported and "architecture" in config:
-        if config["architecture"] != model:
-            raise CfmaeError(f"--model {model} --weights {weights}: {folder / 'config.json'} describes timm's "
-                             f"{config['architecture']}; give --model {config['architecture']}.")
-        kwargs = {**config.get("model_args", {}),
-                  "pretrained_cfg_overlay": {**config.get("pretrained_cfg", {}), "num_classes": 0}}
-    module = timm_model(model, f"--model {model} --weights {file}", state, extra_ok=True, **{**kwargs,
-                                                                                             "num_classes": 0})
-    if getattr(module, "cls_token", None) is None or not hasattr(module, "blocks"):
-        raise CfmaeError(f"--model {model}: not a ViT with a global (class) token; the statistics read its "
-                         f"attention.")
-    pc: dict[str, Any] = dict(getattr(module, "pretrained_cfg", {}) or {})
-    size = int(pc.get("input_size", (3, 224, 224))[-1])
-    patch = int(module.patch_embed.patch_size[0])
-    module = module.to(device).eval()
-    shape = " and its config.json" if kwargs else ""
-    return Subject(model, f"timm {model} with {file}{shape}", module.blocks, module.forward_features, size, patch,
-                   int(getattr(module, "num_prefix_tokens", 1)), tuple(pc.get("mean", IMAGENET_MEAN)),
-                   tuple(pc.get("std", IMAGENET_STD)))
-
-
-def label_of(spec: str | Path) -> str:
-    """A short column name: the run folder's name (``run/checkpoints/last.pt`` → ``run``, other files of a run
-    ``run/epoch-0010``), else the file's stem."""
-    path = Path(spec)
-    if path.is_dir():
-        return path.name
-    if path.parent.name == "checkpoints":
-        run = path.parent.parent.name
-        return run if path.stem == "last" else f"{run}/{path.stem}"
-    return path.stem
 
 
 # -- the maps -------------------------------------------------------------------------------------------------
@@ -301,7 +173,7 @@ class BlockStats:
             row = row[:, self.prefix:].float().cpu()
             return row / row.sum(-1, keepdim=True)
 
-        if self.last is None:
+        if self.last is None or self.roll is None:  # (add sets both)
             raise ValueError("no attention was fed (an encoder without blocks?)")
         last = on_patches(self.last)
         roll = on_patches(self.roll[:, 0])
@@ -338,12 +210,12 @@ def image_stats(layers: list[Tensor], prefix: int, objects: Tensor, regions: Ten
     return stats.result(objects, regions)
 
 
-def stream_attention(blocks: nn.Module, run: Callable[[], Any], each: Callable[[Tensor], None]) -> Any:
+def stream_attention(blocks: Iterable[nn.Module], run: Callable[[], Any], each: Callable[[Tensor], None]) -> Any:
     """Call ``run()`` (a forward through ``blocks``, fused attention left on) and hand each block's attention
     weights (B, heads, L, L) to ``each`` as the block runs (:func:`~cfmae_cli.viz.attention.encoder_attention`
     without keeping them)."""
-    handles = [block.attn.qkv.register_forward_hook(
-        lambda module, args, out, attn=block.attn: each(weights_from_qkv(out, attn))) for block in blocks]
+    handles = [block_attention(block).qkv.register_forward_hook(
+        lambda module, args, out, attn=block_attention(block): each(weights_from_qkv(out, attn))) for block in blocks]
     try:
         return run()
     finally:
@@ -364,7 +236,8 @@ def measure(subject: Subject, samples: list[Sample], semantic_classes: int | Non
         rgb = torch.stack([TF.resize(x[0], [subject.img_size] * 2, antialias=True) for x in items]).float() / 255
         objects = torch.stack([patch_fractions(x[1], subject.grid) for x in items])
         regions = None if semantic_classes is None else \
-            torch.stack([patch_fractions(x[2], subject.grid, semantic_classes) for x in items])
+            torch.stack([patch_fractions(cast(Tensor, x[2]), subject.grid, semantic_classes)  # read with classes
+                         for x in items])
         images = ((rgb - mean) / std).to(device)
         accumulator = BlockStats(subject.prefix)
         stream_attention(subject.blocks, lambda: subject.run(images), accumulator.add)
@@ -437,3 +310,32 @@ def table_rows(keys: Iterable[str]) -> list[Row]:
             rows.append(Row(heading, (UNIFORM_DISTANCE[0], ), "uniform attention",
                             (f"mean attention distance (patches) of {UNIFORM_DISTANCE[1]}", )))
     return rows
+
+
+def cell_text(results: dict[str, dict[str, Any]], row: Row) -> str:
+    """One model's cell of a table row (its :func:`summarise_all`): mean [95 % interval], the nearest and the
+    farthest head's means for a pair, ``-`` where the model has no value."""
+    found = [c for c in (results.get(key) for key in row.keys) if c is not None and c["mean"] is not None]
+    if len(found) < len(row.keys):
+        return "-"
+    if len(found) == 2:  # the nearest and the farthest head
+        return f"{found[0]['mean']:.3f} - {found[1]['mean']:.3f}"
+    c = found[0]
+    return f"{c['mean']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]"
+
+
+def statistics_json(rows: list[Row], results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The ``statistics`` of the report: per key its label (and block), and each model's summary (models in
+    the order of ``results``)."""
+    statistics = {}
+    for row in rows:
+        for key, label in zip(row.keys, row.long):
+            statistics[key] = {"label": label, **({"block": row.block} if row.block is not None else {}),
+                               **{name: found[key] for name, found in results.items() if key in found}}
+    return statistics
+
+
+def subject_json(subject: Subject) -> dict[str, Any]:
+    """A model of the report: name, description, input size, patch size, grid, blocks."""
+    return {"name": subject.name, "description": subject.description, "img_size": subject.img_size,
+            "patch_size": subject.patch_size, "grid": subject.grid, "blocks": len(subject.blocks)}

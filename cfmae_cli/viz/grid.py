@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from PIL import Image
 
-from cfmae_cli.data.maps import resample_map
-from cfmae_cli.formats import atomic_write, png_stamp
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from cfmae_cli.data.maps import resample_map  # noqa: E402
+from cfmae_cli.formats import atomic_write, png_stamp  # noqa: E402
 
 
 def fit(image: np.ndarray, side: int, smooth: bool) -> np.ndarray:
@@ -18,7 +26,7 @@ def fit(image: np.ndarray, side: int, smooth: bool) -> np.ndarray:
     scale = side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     if smooth:
-        return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+        return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
     return np.ascontiguousarray(np.moveaxis(resample_map(np.moveaxis(image, -1, 0), (size[1], size[0])), 0, -1))
 
 
@@ -30,16 +38,6 @@ def save_image_grid(rows: list[list[np.ndarray]], path: str | Path, columns: lis
     legend of colour swatches titled ``legend_title`` (e.g. the semantic classes shown) and an optional colour bar ``(colormap,
     label)`` for cells that are heat maps of values in [0, 1]; written atomically as a PNG stamped with the
     ``command`` that drew it (:func:`cfmae_cli.formats.png_stamp`)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.patches import Patch
-
     cell_h = max(c.shape[0] for row in rows for c in row)
     cell_w = max(c.shape[1] for row in rows for c in row)
     side = 1.9  # inches of a cell's longer side
@@ -65,7 +63,7 @@ def save_image_grid(rows: list[list[np.ndarray]], path: str | Path, columns: lis
     if title:
         fig.suptitle(title, fontsize=10)
     if legend:
-        handles = [Patch(facecolor=np.asarray(colour, float) / 255, edgecolor="black", label=name)
+        handles = [Patch(facecolor=(colour[0] / 255, colour[1] / 255, colour[2] / 255), edgecolor="black", label=name)
                    for name, colour in legend]
         fig.legend(handles=handles, loc="outside lower center", ncol=min(5, len(handles)), fontsize=8,
                    frameon=False, title=legend_title, title_fontsize=8)

@@ -24,9 +24,11 @@ from cfmae_cli.data.maps import resample_map
 from cfmae_cli.data.transforms import JointTransform, inputs_on_device
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import MANIFEST_NAME, UNLABELLED
-from cfmae_cli.masking import MaskGenerator, schedule
+from cfmae_cli.masking import MaskGenerator, schedule, visible_indices
 from cfmae_cli.model import CFMAE
+from cfmae_cli.model.losses import patchify_ids, patchify_image
 from cfmae_cli.model.weights import load_weights, read_weights
+from cfmae_cli.viz.recon import map_prediction, rgb_prediction
 
 log = logging.getLogger(__name__)
 STRATEGIES = {"random": (0.0, 0.0), "instance": (1.0, 0.0), "semantic": (0.0, 1.0)}
@@ -49,7 +51,7 @@ def load_pretrained(spec: str | Path | None, device: torch.device) -> Pretrained
         raise CfmaeError(f"{w.path}: not a CFMAE pre-training checkpoint (no decoder in its weights); reconstruct "
                          f"and attention-map need one written by `cfmae pretrain`.")
     classes = list(w.top["semantic_classes"])
-    model = CFMAE(cfg, len(classes))
+    model = CFMAE.from_config(cfg, len(classes))
     load_weights(model, w.state, w.source, strict=True, fix="not the model its config describes")
     return Pretrained(model.to(device).eval(), cfg, classes, w.top, w.path)
 
@@ -77,8 +79,9 @@ def dataset_maps(path: Path, names: list[str], size: tuple[int, int]) -> tuple[d
     lies in ``DATA/rgb/`` of a labelled dataset that has them all."""
     path = path.resolve()
     for root in path.parents:
-        if (root / MANIFEST_NAME).is_file() and (root / "rgb") in path.parents:
-            rel = path.relative_to(root / "rgb")
+        images = root / table.embedding_modality()  # DATA/rgb/
+        if (root / MANIFEST_NAME).is_file() and images in path.parents:
+            rel = path.relative_to(images)
             cls = str(rel.parent) if str(rel.parent) != "." else ""
             files = {m: map_path(root, m, cls, path.stem) for m in names}
             if all(f.is_file() for f in files.values()):
@@ -102,16 +105,17 @@ def prepare(net: Pretrained, images: list[np.ndarray], maps: list[dict[str, np.n
                        d.crop_ratio, 0.0, d.mean, d.std, train=False)
     out = [t(torch.from_numpy(np.array(im)).permute(2, 0, 1), {m: torch.from_numpy(np.array(x)) for m, x in mp.items()})
            for im, mp in zip(images, maps)]
-    batch = {"rgb": torch.stack([o[0] for o in out])}
+    batch = {table.embedding_modality(): torch.stack([o[0] for o in out])}
     batch.update({m: torch.stack([o[1][m] for o in out]) for m in out[0][1]})
     batch = inputs_on_device(batch, list(batch), d.mean, d.std, net.cfg.model.image_targets)  # (rgb normalised)
     return {m: x.to(device) for m, x in batch.items()}
 
 
 def input_masks(net: Pretrained, inputs: list[str], strategy: str, num_visible: int | None, batch: dict[str, Tensor],
-                seed: int) -> tuple[Tensor, int]:
+                seed: int) -> tuple[Tensor, Tensor]:
     """(B, M, N) masks: the input modalities masked with ``strategy`` to ``num_visible`` tokens in all (one
-    input: all of its tokens visible by default), the other modalities fully masked. Returns (mask, V)."""
+    input: all of its tokens visible by default), the other modalities fully masked. Returns (mask, the positions
+    of its visible tokens (B, V)), the second what the model reads."""
     model, cfg = net.model, net.cfg
     n, names = model.grid ** 2, model.modalities
     b, device = len(next(iter(batch.values()))), next(iter(batch.values())).device
@@ -127,7 +131,7 @@ def input_masks(net: Pretrained, inputs: list[str], strategy: str, num_visible: 
     if visible == n * len(inputs):
         for m in inputs:
             mask[:, names.index(m)] = False
-        return mask, visible
+        return mask, visible_indices(mask, visible)
     if visible > n:
         raise CfmaeError(f"--num-visible {visible}: with masking at most {n} (the tokens of one modality); "
                          f"{n * len(inputs)} shows every input token")
@@ -136,7 +140,7 @@ def input_masks(net: Pretrained, inputs: list[str], strategy: str, num_visible: 
     sub = gen(alpha_i, alpha_s, b, device, seed=seed, **table.guide_maps(batch, inputs)).mask
     for j, m in enumerate(inputs):
         mask[:, names.index(m)] = sub[:, j]
-    return mask, visible
+    return mask, visible_indices(mask, visible)
 
 
 def errors(net: Pretrained, batch: dict[str, Tensor], mask: Tensor, pred: dict[str, Tensor],
@@ -144,8 +148,6 @@ def errors(net: Pretrained, batch: dict[str, Tensor], mask: Tensor, pred: dict[s
     """Per image and modality, on the masked patches: images the MSE in [0, 1] pixels (a standardised image,
     depth by default: in its standardised units); id maps the pixel accuracy and mIoU (classes present in the
     reference or the prediction, id 255 ignored)."""
-    from cfmae_cli.model.losses import patchify_map, patchify_rgb
-    from cfmae_cli.viz.recon import map_prediction, rgb_prediction
 
     model, cfg = net.model, net.cfg
     out: list[dict[str, dict[str, float]]] = [{} for _ in range(len(mask))]
@@ -156,13 +158,13 @@ def errors(net: Pretrained, batch: dict[str, Tensor], mask: Tensor, pred: dict[s
         if spec.kind == "image":
             image = rgb_prediction(pred[name], x, m, side, model.targets[name] == "patch_norm")
             scale = torch.tensor(cfg.data.std, device=mask.device).view(1, 3, 1, 1) if spec.normalise else 1.0
-            diff = patchify_rgb((image - x) * scale, side).pow(2).mean(-1)  # pixels in [0, 1]
+            diff = patchify_image((image - x) * scale, side).pow(2).mean(-1)  # pixels in [0, 1]
             for k in range(len(out)):
                 out[k][name] = {"mse": float(diff[k][m[k]].mean())}
             continue
         ids = map_prediction(pred[name], x, m, model.classes[name])
         grid = model.grid
-        p_cells, r_cells = patchify_map(ids, grid), patchify_map(x, grid)
+        p_cells, r_cells = patchify_ids(ids, grid), patchify_ids(x, grid)
         for k in range(len(out)):
             p, r = p_cells[k][m[k]].flatten(), r_cells[k][m[k]].flatten()
             valid = r != UNLABELLED

@@ -43,7 +43,8 @@ def named_colour(name: str) -> tuple[int, int, int] | None:
         return NAMED[key]
     parts = [p for p in re.split(r"[-_/ ]+", key) if p]
     if parts and all(p in NAMED for p in parts):
-        return tuple(int(round(np.mean([NAMED[p][k] for p in parts]))) for k in range(3))  # type: ignore[return-value]
+        r, g, b = (int(round(np.mean([NAMED[p][k] for p in parts]))) for k in range(3))
+        return r, g, b
     return None
 
 
@@ -106,4 +107,5 @@ def map_palette(classes: str | None, names: list[str] | None = None) -> np.ndarr
 def legend_entries(names: list[str], ids: set[int] | list[int]) -> list[tuple[str, tuple[int, int, int]]]:
     """(name, colour) of each id in ``ids`` that names a class, in id order: a figure's semantic legend."""
     colours = semantic_palette(names)
-    return [(names[c], tuple(int(x) for x in colours[c])) for c in sorted(set(ids)) if 0 <= c < len(names)]
+    return [(names[c], (int(colours[c, 0]), int(colours[c, 1]), int(colours[c, 2]))) for c in sorted(set(ids))
+            if 0 <= c < len(names)]

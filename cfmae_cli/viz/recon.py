@@ -16,7 +16,7 @@ from torch import Tensor
 
 from cfmae_cli import modalities as table
 from cfmae_cli.modalities import Modality
-from cfmae_cli.model.losses import patchify_map, patchify_rgb, unpatchify_rgb
+from cfmae_cli.model.losses import patchify_image, patchify_ids, unpatchify_image
 from cfmae_cli.viz.grid import fit, save_image_grid
 from cfmae_cli.viz.palette import legend_entries, map_palette
 
@@ -26,7 +26,7 @@ MIN_SIDE = 112  # small demo images are drawn larger (nearest-neighbour)
 
 
 def unmap_patches(cells: Tensor, grid: int) -> Tensor:
-    """Inverse of ``patchify_map``: (B, N, cells) → (B, h, w)."""
+    """Inverse of ``patchify_ids``: (B, N, cells) → (B, h, w)."""
     b, n, c = cells.shape
     side = int(round(c ** 0.5))
     return cells.reshape(b, grid, grid, side, side).permute(0, 1, 3, 2, 4).reshape(b, grid * side, grid * side)
@@ -34,20 +34,20 @@ def unmap_patches(cells: Tensor, grid: int) -> Tensor:
 
 def rgb_prediction(pred: Tensor, images: Tensor, mask: Tensor, patch: int, norm_pix: bool) -> Tensor:
     """Predicted image in the input's normalisation: (B, N, p·p·3) → (B, 3, H, W), visible patches pasted."""
-    target = patchify_rgb(images.float(), patch)
+    target = patchify_image(images.float(), patch)
     pred = pred.float()
     if norm_pix:
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         pred = pred * (var + 1e-6).sqrt() + mean
     out = torch.where(mask.unsqueeze(-1), pred, target)
-    return unpatchify_rgb(out, patch)
+    return unpatchify_image(out, patch)
 
 
 def map_prediction(logits: Tensor, ids: Tensor, mask: Tensor, num_classes: int) -> Tensor:
     """Predicted id map: (B, N, cells·C) logits → (B, h, w) argmax ids, visible patches pasted."""
     b, n, _ = logits.shape
     grid = int(round(n ** 0.5))
-    target = patchify_map(ids, grid)
+    target = patchify_ids(ids, grid)
     pred = logits.float().reshape(b, n, target.shape[-1], num_classes).argmax(-1)
     return unmap_patches(torch.where(mask.unsqueeze(-1), pred, target), grid)
 
@@ -81,8 +81,8 @@ def image_pixels(images: Tensor, modality: Modality, mean: tuple[float, ...], st
     if span is not None:
         low, high = span
         x = (x - low) / (high - low).clamp_min(1e-6)
-    x = (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    return x.repeat(3, axis=-1) if x.shape[-1] == 1 else x
+    pixels = (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    return pixels.repeat(3, axis=-1) if pixels.shape[-1] == 1 else pixels
 
 
 def display_span(images: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,7 +103,7 @@ def reconstruction_panels(batch: dict[str, Tensor], mask: Tensor, pred: dict[str
     patches' statistics; a ``standardise`` image (depth) is drawn over its reference's 2–98 % range."""
     first = table.embedding_modality()
     size = batch[first].shape[-1] if first in batch else None
-    panels = {}
+    panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for i, name in enumerate(modalities):
         m, spec, x = mask[:, i], table.get(name), batch[name]
         grid = int(round(m.shape[1] ** 0.5))
@@ -118,7 +118,8 @@ def reconstruction_panels(batch: dict[str, Tensor], mask: Tensor, pred: dict[str
             out = colours[map_prediction(pred[name], x, m, classes[name]).clamp(0, 255).cpu().numpy()]
         side = max(size or ref.shape[1], MIN_SIDE)
         masked = _grey_out(ref, m, grid)
-        panels[name] = tuple(np.stack([fit(im, side, smooth=False) for im in x]) for x in (masked, out, ref))
+        drawn = [np.stack([fit(im, side, smooth=False) for im in x]) for x in (masked, out, ref)]
+        panels[name] = (drawn[0], drawn[1], drawn[2])
     return panels
 
 
