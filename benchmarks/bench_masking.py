@@ -62,16 +62,16 @@ def main() -> None:
         rows.append((label, t))
 
     step_b = args.step_batch or (b if device.type == "cuda" else 8)
-    model = CFMAE(cfg, classes).to(device)
+    model = CFMAE.from_config(cfg, classes).to(device)
     opt = build_optimizer(model, cfg.optim, 1e-4, device)
     batch = {"rgb": torch.randn(step_b, 3, 224, 224, device=device), "instance": inst[:step_b],
              "semantic": sem[:step_b]}
-    mask = gen(0.4, 0.3, step_b, device, instance=batch["instance"], semantic=batch["semantic"]).mask
+    masks = gen(0.4, 0.3, step_b, device, instance=batch["instance"], semantic=batch["semantic"])
     use_bf16 = device.type == "cuda"
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = model(batch, mask)["loss"]
+            loss = model(batch, masks.mask, masks.ids_keep)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

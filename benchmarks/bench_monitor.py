@@ -82,7 +82,7 @@ def main() -> None:
     cfg = load_config("vitb-400e")
     m = cfg.train.monitor
     step = count_flops(cfg, 133)["step"]
-    encoder = CFMAE(cfg, 133).encoder
+    encoder = CFMAE.from_config(cfg, 133).encoder
     forward = monitor_flops(encoder, cfg.data.img_size)
     epoch_pf = IMAGENET_TRAIN * step / 1e6
     monitor_pf = (m.train_images + m.val_images) * forward / 1e6

@@ -38,7 +38,7 @@ def main() -> None:
     cfg = load_config(args.preset)
     size, map_size = cfg.data.img_size, cfg.data.img_size // cfg.model.map_stride
     torch.manual_seed(0)
-    model = CFMAE(cfg, args.classes).to(device)
+    model = CFMAE.from_config(cfg, args.classes).to(device)
     lr = cfg.optim.base_lr * args.batch / 256
     optimizer = build_optimizer(model, cfg.optim, lr, device)
     masks = MaskGenerator(cfg.masking, cfg.data.modalities, model.grid, args.classes, cfg.model.num_instance_ids)
@@ -54,10 +54,10 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.warmup, lr, 0.0)
         with torch.no_grad():
-            mask = masks(alpha_i, alpha_s, args.batch, device, instance=batch["instance"],
-                         semantic=batch["semantic"], seed=step).mask
+            drawn = masks(alpha_i, alpha_s, args.batch, device, instance=batch["instance"],
+                          semantic=batch["semantic"], seed=step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model({m: batch[m] for m in cfg.data.modalities}, mask)
+            out = model({m: batch[m] for m in cfg.data.modalities}, drawn.mask, drawn.ids_keep)
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -322,7 +322,9 @@ class MaskGenerator:
         masks = [select_in_groups(*groups[name](), generator) for name in active]
         if len(active) == 1:
             return masks[0]
-        w = torch.tensor([weights[name] for name in active], dtype=torch.float64, device=n_masked.device)
+        # made by fills on the device: a tensor of host data would be a blocking copy (a sync) on a GPU
+        w = torch.stack([torch.full((), weights[name], dtype=torch.float64, device=n_masked.device)
+                         for name in active])
         quotas = largest_remainder(w.expand(*n_masked.shape, len(active)), n_masked)
         return blend_masks(masks, quotas, generator)
 

@@ -9,7 +9,7 @@ float32 when it was read so (a 16-bit depth map keeps its precision).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -99,13 +99,26 @@ class JointTransform:
         return image.as_subclass(Tensor), out
 
 
+def device_constant(values: Sequence[float], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A small tensor of ``values`` made on ``device`` by fills, never copied from the host (a copy of host data
+    to a GPU waits for the GPU: a sync in every step), and kept for the next call with the same values."""
+    key = (tuple(values), str(device), dtype)
+    found = _CONSTANTS.get(key)
+    if found is None:
+        found = _CONSTANTS[key] = torch.stack([torch.full((), v, dtype=dtype, device=device) for v in values])
+    return found
+
+
+_CONSTANTS: dict[tuple[tuple[float, ...], str, torch.dtype], Tensor] = {}
+
+
 def normalise_on_device(rgb: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """uint8 (B, 3, S, S) → float32 normalised with ``mean``/``std``, where the tensor is (the GPU); a float
-    tensor is returned as it is (already normalised)."""
+    tensor is returned as it is (already normalised). No host sync: the constants are made on the device."""
     if rgb.dtype != torch.uint8:
         return rgb
-    m = torch.tensor(mean, device=rgb.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=rgb.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    m = device_constant(mean, rgb.device).view(1, 3, 1, 1) * 255
+    s = device_constant(std, rgb.device).view(1, 3, 1, 1) * 255
     return (rgb.float() - m) / s
 
 

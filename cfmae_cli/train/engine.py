@@ -251,17 +251,8 @@ class Engine:
             ctx, steps = self.context(epoch, micro), micro % accum == accum - 1
             if micro % accum == 0:
                 lr = self.set_lr()
-            self.bad.add(batch["skipped"])
-            inputs, weight = self.bad.inputs(batch, self.to_device)
-            with contextlib.nullcontext() if steps or self.ddp is None else self.ddp.no_sync():
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=info.bf16):
-                    loss, values = self.task.forward(self.net, inputs, ctx)
-                (loss * (weight / accum)).backward()
-            if weight:
-                meters.add(values, batch["size"])
-                self.watch.add(values[0], self.step + 1)
+            self.micro_batch(batch, ctx, steps, meters)
             if steps:
-                self.optimizer_step()
                 last = micro == self.micro_per_epoch - 1
                 if self.step % self.cfg.train.log_every == 0 or last:
                     self.log_step(epoch, micro, meters, lr, ctx)
@@ -273,6 +264,22 @@ class Engine:
                 self.progress.images += batch["size"] * info.world
                 self.on_progress(self.progress)
         return self.end_epoch(epoch, meters, lr, ctx)
+
+    def micro_batch(self, batch: dict[str, Any], ctx: StepContext, steps: bool, meters: Meters) -> None:
+        """One micro-batch: to the device, forward and backward (gradients synchronised by DDP at the last of a
+        step's), the meters, and the optimizer step after the last. Nothing here waits for the device (no host
+        sync: tests/test_host_sync.py), so the host runs ahead and queues the next step's work."""
+        self.bad.add(batch["skipped"])
+        inputs, weight = self.bad.inputs(batch, self.to_device)
+        with contextlib.nullcontext() if steps or self.ddp is None else self.ddp.no_sync():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.info.bf16):
+                loss, values = self.task.forward(self.net, inputs, ctx)
+            (loss * (weight / self.accum)).backward()
+        if weight:
+            meters.add(values, batch["size"])
+            self.watch.add(values[0], self.step + 1)
+        if steps:
+            self.optimizer_step()
 
     def set_lr(self) -> float:
         """The scheduled lr of this optimizer step, scaled by each group's ``lr_scale`` (layer-wise decay)."""
