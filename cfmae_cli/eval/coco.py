@@ -9,7 +9,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -255,7 +255,7 @@ class CocoDetection(SeededDataset):
             else None
 
 
-def collate_detection(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
+def collate_detection(items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
     good = [x for x in items if not isinstance(x, Skipped)]
     return {"skipped": [x for x in items if isinstance(x, Skipped)], "size": len(good),
             "images": [x["image"] for x in good], "targets": [x["target"] for x in good]}

@@ -172,6 +172,7 @@ class DetectionTask(FinetuneTask):
     follows the box AP; the summed loss and each of Mask R-CNN's five terms are logged."""
 
     best_metric = "AP_box"
+    collate = staticmethod(collate_detection)
     dataset: CocoDetection
     val_dataset: CocoDetection
 
@@ -196,9 +197,6 @@ class DetectionTask(FinetuneTask):
         self.bf16 = info.bf16  # decided once, by the engine (train.precision)
         self.val_loader = shard_loader(self.val_dataset, cfg.train.batch_size, cfg.data.num_workers, info,
                                        collate_detection)
-
-    def collate(self, items: list[Any]) -> dict[str, Any]:
-        return collate_detection(items)
 
     def images(self, batch: dict[str, Any]) -> list[Tensor]:
         return [img.to(self.device, non_blocking=True).float() / 255 for img in batch["images"]]

@@ -16,8 +16,7 @@ from cfmae_cli.data.layout import is_packed, list_samples, read_manifest, read_p
 from cfmae_cli.data.packed import PackedDataset
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.labeling.demo import (build_demo_dataset, build_demo_monitor_set, default_demo_root,
-                                     default_monitor_root)
+from cfmae_cli.labeling import demo
 from cfmae_cli.train.task import Plan, TrainingConfig
 
 log = logging.getLogger(__name__)
@@ -134,7 +133,7 @@ def dataset_root(cfg: WithData) -> Path:
         return Path(cfg.data.root)
 
     depth = bool(table.on_request_maps(cfg.data.modalities))
-    root = build_demo_dataset(default_demo_root(depth), crops_per_photo=cfg.data.demo_crops_per_photo,
+    root = demo.build_demo_dataset(demo.default_demo_root(depth), crops_per_photo=cfg.data.demo_crops_per_photo,
                               size=cfg.data.demo_size, seed=0, depth=depth)
     log.info("built-in demo data: %s", root)
     return Path(root)
@@ -151,7 +150,7 @@ def monitor_root(cfg: Config) -> Path | None:
     if cfg.data.root is not None:
         return None
 
-    return build_demo_monitor_set(default_monitor_root(), size=cfg.data.demo_size)
+    return demo.build_demo_monitor_set(demo.default_monitor_root(), size=cfg.data.demo_size)
 
 
 def build_dataset(cfg: Config, root: Path, train: bool = True, samples: list[Sample] | None = None

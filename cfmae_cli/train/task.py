@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from cfmae_cli.config import ImageDataConfig, OptimBase, RunConfig
-from cfmae_cli.data.dataset import collate
+from cfmae_cli.data.dataset import collate as collate_samples
 
 
 class TrainingConfig(Protocol):
@@ -116,9 +116,9 @@ class Task:
             self.best = {key: metrics[key], **{k: metrics[k] for k in self.best_also}, "epoch": done}
         return {f"best_{key}": self.best[key], "best_epoch": self.best["epoch"]}
 
-    def collate(self, items: list[Any]) -> dict[str, Any]:
-        """A list of dataset items → a batch (with ``size`` and ``skipped``)."""
-        return collate(items)
+    #: a list of dataset items → a batch (with ``size`` and ``skipped``); a plain function, not a method, so that
+    #: DataLoader workers started by spawn (macOS, Python ≥ 3.14) are not sent the whole task with its model
+    collate = staticmethod(collate_samples)
 
     def build_optimizer(self, lr: float, device: torch.device) -> torch.optim.Optimizer:
         """The optimizer at peak ``lr``; a group's ``lr_scale`` (layer-wise decay) multiplies the schedule."""
