@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typer.testing import CliRunner
 
 from cfmae_cli.cli import app
+from cfmae_cli.masking import visible_indices
 from cfmae_cli.model import CFMAE
 from tests.conftest import TINY_OVERRIDES, tiny_config
 
@@ -74,7 +75,7 @@ def _grad_worker(rank: int, world: int, init_file: str, out: str) -> None:
              "semantic": torch.randint(0, 3, (2, ms, ms), generator=g)}
     keep = torch.rand(2, 3 * n, generator=g).argsort(1)[:, : cfg.masking.num_visible]
     mask = torch.ones(2, 3 * n, dtype=torch.bool).scatter_(1, keep, False).reshape(2, 3, n)
-    net(batch, mask)["loss"].backward()
+    net(batch, mask, visible_indices(mask))["loss"].backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
     torch.save(grads, f"{out}/grads-{rank}.pt")
     dist.destroy_process_group()

@@ -138,6 +138,7 @@ def dispatch(command: str, cfg: Any, run: Runner, done: Callable[[dict[str, Any]
         return
     if distributed.under_launcher():  # a worker of torchrun / torch.distributed.run
         return train_here(command, run, done, out=out, name=name, resume=resume)
+    distributed.refuse_bare_srun()  # (before any worker is launched or folder claimed)
     world = gpus if gpus else (procs if gpus == 0 else 1)
     if gpus and gpus > torch.cuda.device_count():
         if before_refusal is not None:

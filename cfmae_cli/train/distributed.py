@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from cfmae_cli.errors import CfmaeError
 from cfmae_cli.procs import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,26 @@ def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def refuse_bare_srun() -> None:
+    """Stop a process that ``srun`` started as one of several tasks of a step without torchrun: each task would
+    be a run of its own (all on cuda:0, all claiming the same ``--out``). Slurm sets ``SLURM_STEP_NUM_TASKS``
+    in the processes of an ``srun`` step (not in the batch script itself); torchrun sets ``RANK``."""
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if tasks > 1 and not under_launcher():
+        raise CfmaeError(f"srun started this command as task {os.environ.get('SLURM_PROCID', '?')} of {tasks} "
+                         f"without torchrun: each task would train on its own, every one on the same GPU and into "
+                         f"the same run folder. Start one task per node that runs torchrun: srun "
+                         f"--ntasks-per-node=1 torchrun --nnodes $SLURM_JOB_NUM_NODES --nproc-per-node GPUS "
+                         f"--rdzv-backend c10d --rdzv-endpoint HEAD:29500 -m cfmae_cli ... (docs/distributed.md, "
+                         f"SLURM), or on one node a single task with --gpus GPUS.")
+
+
 def init(device: torch.device) -> DistInfo:
     """Join the process group described by the environment (no-op for a single process).
 
     ``device`` is the device type chosen by the config; on CUDA each process takes ``cuda:LOCAL_RANK``.
     """
+    refuse_bare_srun()
     if not under_launcher() or int(os.environ["WORLD_SIZE"]) == 1:
         return DistInfo(0, 1, 0, device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

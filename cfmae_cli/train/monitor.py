@@ -57,6 +57,7 @@ def knn_accuracy(bank: Tensor, bank_labels: Tensor, queries: Tensor, labels: Ten
 
 
 MIN_VAL = 20  # the fewest held-out images the monitor scores by itself (train.monitor.enabled: null)
+MANY_CLASSES = 100  # from here a dataset is ImageNet-like: the log says how to keep the held-out share in training
 
 
 #: the k-NN monitor's choice: (the samples left to pre-train on, the bank, the val set, the number of classes)
@@ -118,6 +119,12 @@ def monitor_samples(cfg: Config, labelled: Path | None, samples: list[Sample] | 
             return None
         if not quiet:
             log.warning("k-NN monitor: %s; its numbers are noise (%s)", why, fix)
+    say("k-NN monitor: %d of the %d images (train.monitor.val_fraction %g of each class) are held out of "
+        "pre-training to score it", len(val), len(samples), m.val_fraction)
+    if len(classes) >= MANY_CLASSES and not quiet:
+        log.warning("k-NN monitor: %d classes: with labelled images of its own the monitor leaves all %d images to "
+                    "pre-training: --monitor-data FOLDER with train/<class>/ and val/<class>/ (e.g. ImageNet's "
+                    "train and val), or --set train.monitor.enabled=false", len(classes), len(samples))
     return kept, spread(kept, m.train_images), spread(val, m.val_images), len(classes)
 
 
