@@ -215,5 +215,5 @@ def test_init_refuses_a_checkpoint_with_no_tensor_of_this_model(data: Path, tmp_
     result = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(tmp_path / "r"), "--init", str(foreign),
                                  *sets()])
     assert result.exit_code == 2
-    assert f"{foreign}: unknown checkpoint layout (keys such as ['backbone.layer1.weight'])" in result.output
+    assert f"{foreign}: unknown weights format (keys such as ['backbone.layer1.weight'])" in result.output
     assert not (tmp_path / "r").exists()
