@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -24,20 +23,16 @@ import numpy as np
 from PIL import Image
 
 from cfmae_cli import modalities as table
+from cfmae_cli.data.samples import Sample, SampleTable, map_path
 from cfmae_cli.errors import DataError
 from cfmae_cli.formats import (DATASET_FORMAT_VERSION, IMAGE_EXTENSIONS, MANIFEST_NAME, UNLABELLED, atomic_write,
                                atomic_write_text, list_folder, need_folder)
 
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One image and its maps, by modality (``DATA/<modality>/…``). ``label`` is the index of its class folder (0
-    when flat)."""
-
-    rgb: Path
-    maps: dict[str, Path]
-    label: int
+__all__ = ["Sample", "SampleTable", "map_path", "id_maps", "write_manifest", "read_manifest", "check_semantic_classes",
+           "list_samples", "save_map", "save_rgb", "COPYABLE_MODES", "MAX_PIXELS", "open_image", "read_image",
+           "PACKED_MANIFEST", "PACKED_FORMAT", "PACKED_VERSION", "is_packed", "pack_again", "read_packed_manifest"]
 
 
 def id_maps() -> list[str]:
@@ -97,14 +92,10 @@ def check_semantic_classes(path: Path, manifest: dict[str, Any]) -> int:
     return count
 
 
-def map_path(root: Path, modality: str, class_dir: str, stem: str) -> Path:
-    """Path of an image's map of ``modality`` (``DATA/<modality>/<class>/<stem>.png``)."""
-    return root / modality / class_dir / f"{stem}.png"
-
-
 def list_samples(root: str | Path, maps: tuple[str, ...] | list[str] | None = None
-                 ) -> tuple[list[Sample], list[str]]:
-    """List every image under ``DATA/rgb`` with its maps. Returns (samples, class folder names).
+                 ) -> tuple[SampleTable, list[str]]:
+    """List every image under ``DATA/rgb`` with its maps. Returns (samples, class folder names): the samples as
+    a :class:`~cfmae_cli.data.samples.SampleTable` (a few arrays, not a Python object per sample).
 
     ``maps`` names the maps every image must have (an RGB-only run needs none; default: the id maps). Raises :class:`DataError`
     for a missing or empty ``rgb/`` folder and for images without their maps (the message lists the first
@@ -126,10 +117,12 @@ def list_samples(root: str | Path, maps: tuple[str, ...] | list[str] | None = No
                         f"(see docs/dataset-format.md).")
     class_dirs = list_folder(rgb_root).dirs
     groups = [(c, rgb_root / c) for c in class_dirs] if class_dirs else [("", rgb_root)]
-    samples: list[Sample] = []
+    files: list[tuple[int, list[str]]] = []
     missing: list[str] = []
     for label, (class_dir, folder) in enumerate(groups):
         existing = {m: _pngs(root / m / class_dir) for m in maps}
+        found: list[str] = []
+        files.append((label, found))
         for name in list_folder(folder).files:
             stem, ext = os.path.splitext(name)
             if ext.lower() not in IMAGE_EXTENSIONS:
@@ -139,13 +132,14 @@ def list_samples(root: str | Path, maps: tuple[str, ...] | list[str] | None = No
                 missing.append(f"{folder / name} (no {' and no '.join(lacking)} map: expected "
                                f"{map_path(root, lacking[0], class_dir, stem)})")
                 continue
-            samples.append(Sample(folder / name, {m: map_path(root, m, class_dir, stem) for m in maps}, label))
+            found.append(name)
     if missing:
         shown = "\n  ".join(missing[:5])
         more = f"\n  … and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise DataError(f"{len(missing)} image(s) in {rgb_root} have no maps:\n  {shown}{more}\n"
                         f"Label them with `cfmae label` (docs/labelling.md) or remove them.")
-    if not samples:
+    samples = SampleTable.from_folders(rgb_root, root, maps, class_dirs, files)
+    if not len(samples):
         raise DataError(f"{rgb_root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}).")
     return samples, class_dirs
 

@@ -8,12 +8,14 @@ import os
 import zlib
 from pathlib import Path
 
-from cfmae_cli.data.layout import Sample, list_samples
+import numpy as np
+
+from cfmae_cli.data.layout import Sample, SampleTable, list_samples
 from cfmae_cli.errors import DataError
 from cfmae_cli.formats import IMAGE_EXTENSIONS, list_folder, need_folder
 
 
-def list_split(folder: Path, maps: list[str]) -> tuple[list[Sample], list[str]]:
+def list_split(folder: Path, maps: list[str]) -> tuple[SampleTable, list[str]]:
     """Samples and class names of one split (the dataset layout, or an ImageFolder for RGB-only input)."""
     if (folder / "rgb").is_dir():
         return list_samples(folder, maps)
@@ -22,11 +24,10 @@ def list_split(folder: Path, maps: list[str]) -> tuple[list[Sample], list[str]]:
                         f"the dataset layout (rgb/, instance/, semantic/; docs/dataset-format.md). Label the images "
                         f"with `cfmae label`, or fine-tune on RGB only (--modalities rgb).")
     classes = list_folder(need_folder(folder)).dirs
-    samples = [Sample(folder / name / file, {}, label)
-               for label, name in enumerate(classes)
-               for file in list_folder(folder / name).files
-               if os.path.splitext(file)[1].lower() in IMAGE_EXTENSIONS]
-    if not samples:
+    samples = SampleTable.from_folders(folder, folder, (), classes, (
+        (label, [file for file in list_folder(folder / name).files
+                 if os.path.splitext(file)[1].lower() in IMAGE_EXTENSIONS]) for label, name in enumerate(classes)))
+    if not len(samples):
         raise DataError(f"{folder}: no images in class folders (expected {folder}/<class>/<image>, extensions "
                         f"{', '.join(IMAGE_EXTENSIONS)}).")
     return samples, classes
@@ -38,17 +39,17 @@ def held_out(sample: Sample, fraction: float) -> bool:
     return zlib.crc32(key) % 10_000 < fraction * 10_000
 
 
-def spread(samples: list[Sample], count: int) -> list[Sample]:
+def spread(samples: SampleTable, count: int) -> SampleTable:
     """At most ``count`` samples, taken evenly from the list (sorted by class, then file: every class keeps its
     share)."""
     if len(samples) <= count:
         return samples
     step = len(samples) / count
-    return [samples[int(i * step)] for i in range(count)]
+    return samples.take([int(i * step) for i in range(count)])
 
 
 def find_splits(root: Path, val_fraction: float | None, maps: list[str]
-                ) -> tuple[list[Sample], list[Sample], list[str], Path]:
+                ) -> tuple[SampleTable, SampleTable, list[str], Path]:
     """(train samples, val samples, class names, the folder whose manifest describes the maps)."""
     need_folder(root)
     halves = [name for name in ("train", "val") if (root / name).is_dir()]
@@ -68,8 +69,8 @@ def find_splits(root: Path, val_fraction: float | None, maps: list[str]
         meta = root / "train"
     elif val_fraction:
         samples, classes = list_split(root, maps)
-        val = [s for s in samples if held_out(s, val_fraction)]
-        train = [s for s in samples if not held_out(s, val_fraction)]
+        out = np.fromiter((held_out(s, val_fraction) for s in samples), bool, len(samples))
+        val, train = samples.where(out), samples.where(~out)
         meta = root
     else:
         raise DataError(f"{root}: no train/ and val/ folders. Expected ROOT/train/<class>/<image> and "

@@ -35,7 +35,7 @@ def rle(mask: np.ndarray) -> dict[str, Any]:
     return code
 
 
-def coco_from_layout(samples: list[Sample], semantic_classes: list[str], min_area: float = 0.0) -> dict[str, Any]:
+def coco_from_layout(samples: Sequence[Sample], semantic_classes: list[str], min_area: float = 0.0) -> dict[str, Any]:
     """COCO dict of the dataset layout: each instance id > 0 of an image is an object, its category the most
     frequent semantic class under it (unlabelled pixels aside); objects smaller than ``min_area`` of the image
     are left out."""

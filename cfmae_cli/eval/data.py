@@ -9,7 +9,7 @@ decides, so the split never changes). Items are the dicts of :mod:`cfmae_cli.dat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Sequence
 
 from PIL import Image, ImageOps
 from timm.data import create_transform
@@ -36,7 +36,7 @@ class ImageListDataset(SeededDataset):
     in any worker or process, so a resumed run sees the same images as an unbroken one.
     """
 
-    def __init__(self, samples: list[Sample], transform: Any, seed: int = 0):
+    def __init__(self, samples: Sequence[Sample], transform: Any, seed: int = 0):
         self.samples, self.transform, self.seed = samples, transform, seed
 
     def __len__(self) -> int:

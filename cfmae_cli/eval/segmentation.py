@@ -18,7 +18,7 @@ import logging
 import math
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -156,7 +156,7 @@ def segmentation_datasets(cfg: FinetuneConfig, root: Path) -> dict[str, Any]:
     validation/; 0 = 'other' is ignored and k becomes k-1), or the dataset layout's semantic maps."""
     d, aug = cfg.data, cfg.aug
     if (root / "images" / "training").is_dir() and (root / "annotations" / "training").is_dir():
-        splits = []
+        splits: list[Sequence[Sample]] = []
         for split in ("training", "validation"):
             images = sorted((root / "images" / split).glob("*.jpg"))
             pairs = [(p, root / "annotations" / split / f"{p.stem}.png") for p in images]

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, cast
+from typing import Any, Callable, Iterable, Sequence, cast
 
 import numpy as np
 import torch
@@ -224,7 +224,7 @@ def stream_attention(blocks: Iterable[nn.Module], run: Callable[[], Any], each: 
 
 
 @torch.no_grad()
-def measure(subject: Subject, samples: list[Sample], semantic_classes: int | None, batch_size: int = 32,
+def measure(subject: Subject, samples: Sequence[Sample], semantic_classes: int | None, batch_size: int = 32,
             device: torch.device = torch.device("cpu")) -> dict[str, np.ndarray]:
     """{statistic: (images,) values} of one subject (NaN where an image has no labelled semantic cell); the
     per-head distances ``mean_distance_heads_bNN`` are (images, heads)."""
