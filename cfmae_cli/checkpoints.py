@@ -74,6 +74,22 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def state_bytes(*states: Any) -> int:
+    """The bytes of the tensors in ``states`` (nested dicts, lists, tuples): about the size of the file they make."""
+    import torch  # heavy: keeps cfmae --help fast
+
+    total, stack = 0, list(states)
+    while stack:
+        x = stack.pop()
+        if torch.is_tensor(x):
+            total += x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return total
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` (plus the format version) to a temporary file in the same folder, fsync it, then rename
     it over ``path``: a crash, a power loss or a full disk never leaves a broken checkpoint behind."""

@@ -28,3 +28,16 @@ def die_with_parent(parent: int | None = None) -> bool:
     if parent is not None and os.getppid() != parent:  # the parent died between fork and prctl
         os._exit(1)
     return True
+
+
+def started_at(pid: int) -> float | None:
+    """When the process ``pid`` started (seconds since the epoch, from ``/proc``), or None where that cannot be
+    read (not Linux, a process that is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, clock ticks after boot
+        with open("/proc/stat", encoding="ascii") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None

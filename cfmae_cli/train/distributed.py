@@ -9,6 +9,7 @@ NCCL on GPUs (one GPU per process, ``cuda:LOCAL_RANK``), gloo on CPUs.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,6 +23,16 @@ from cfmae_cli.procs import die_with_parent
 
 log = logging.getLogger(__name__)
 LAUNCHED_ENV = "CFMAE_LAUNCHED_BY_PARENT"
+PEER_TIMEOUT_ENV = "CFMAE_PEER_TIMEOUT"  # seconds a rank waits for the others at a step's flags (default 300)
+PEER_TIMEOUT = 300
+SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"  # torch elastic's own: SIGTERM → SIGKILL grace of workers
+SHUTDOWN_TIMEOUT = 300  # the grace :func:`launch` gives its workers unless that variable says otherwise
+WRITE_RATE = 20 << 20  # bytes/s: the slowest checkpoint write (a busy network file system) a wait is sized for
+
+
+class PeerLost(RuntimeError):
+    """Another process of the job did not answer in time, or its connection closed: it (or its node) is gone or
+    hung. The job stops; it continues from the last checkpoint (``--resume``, or torchrun ``--max-restarts``)."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +41,8 @@ class DistInfo:
     world: int
     local_rank: int
     device: torch.device
-    control: Any = None  # a gloo group for CPU-side flags (no GPU stream sync), 24 h timeout
+    control: Any = None  # a patient gloo group (24 h): barriers where ranks may arrive far apart (cfmae label)
+    flags: Any = None  # a gloo group for per-step CPU-side flags (no GPU stream sync): :func:`peer_timeout`
     bf16: bool = False  # autocast to bf16 (decided once per run: :func:`uses_bf16`)
 
     @property
@@ -45,6 +57,31 @@ class DistInfo:
 def uses_bf16(precision: str, device: torch.device) -> bool:
     """Whether a run autocasts to bf16: on a GPU, unless ``train.precision`` is fp32."""
     return device.type == "cuda" and precision in ("auto", "bf16")
+
+
+def precision_for(precision: str, device: torch.device) -> bool:
+    """The run's precision, decided once (``info.bf16``): bf16 autocast (:func:`uses_bf16`), or fp32 — which on a
+    GPU runs its matmuls and convolutions in TF32 (Ampere and later; ~8x the fp32 rate, a 10-bit mantissa in the
+    products, fp32 sums), as torch leaves off by default for matmuls. Logged here, once per run."""
+    bf16 = uses_bf16(precision, device)
+    if device.type == "cuda" and not bf16:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls (torch.backends.cuda.matmul)
+        torch.backends.cudnn.allow_tf32 = True  # TF32 convolutions (the patch embedding)
+        log.info("precision: fp32 (train.precision %s) with TF32 matmuls and convolutions", precision)
+    return bf16
+
+
+def peer_timeout() -> timedelta:
+    """How long a rank waits for the others at a per-step flag (:func:`any_rank`) before it stops the job:
+    ``CFMAE_PEER_TIMEOUT`` seconds, default 300 (NCCL's own watchdog waits 600)."""
+    raw = os.environ.get(PEER_TIMEOUT_ENV, "")
+    try:
+        seconds = float(raw) if raw else PEER_TIMEOUT
+    except ValueError:
+        raise CfmaeError(f"{PEER_TIMEOUT_ENV}={raw!r}: give a number of seconds, e.g. 300.") from None
+    if seconds <= 0:
+        raise CfmaeError(f"{PEER_TIMEOUT_ENV}={raw!r}: give a number of seconds above 0, e.g. 300.")
+    return timedelta(seconds=seconds)
 
 
 def under_launcher() -> bool:
@@ -84,13 +121,16 @@ def init(device: torch.device) -> DistInfo:
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
-    # CPU-side flags and the end-of-job barrier: gloo, and patient (ranks may finish hours apart)
+    # the end-of-job barrier of cfmae label: gloo, and patient (ranks may finish hours apart)
     control = dist.new_group(backend="gloo", timeout=timedelta(hours=24))
+    # per-step flags: gloo, and impatient: a lost node fails the next step instead of hanging to the wall limit
+    flags = dist.new_group(backend="gloo", timeout=peer_timeout())
     log.debug("rank %d/%d joined (%s)", rank, world, dist.get_backend())
-    return DistInfo(rank, world, local, device, control)
+    return DistInfo(rank, world, local, device, control, flags)
 
 
 def shutdown() -> None:
+    _WRITE_GROUPS.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -105,12 +145,46 @@ def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True when ``flag`` is true on any rank (all ranks get the same answer). A CPU tensor over gloo, so
-    asking every step does not wait for the GPU."""
+    asking every step does not wait for the GPU (0.84 ms between 2 processes on a loaded 2-core machine, against
+    a GPU step of 100+ ms; asked every step, so that every rank stops at the same step whenever the signal
+    reached it, within the grace before SIGKILL). A rank that does not answer within
+    :func:`peer_timeout` (a lost node, a hung or killed worker) fails the step with :class:`PeerLost`."""
     if not info.distributed:
         return flag
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control)
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.flags)
+    except RuntimeError as exc:  # gloo: a timeout, or the connection of a dead peer closed
+        raise PeerLost(f"rank {info.rank}: the other processes of the job did not answer within "
+                       f"{peer_timeout().total_seconds():g} s ({PEER_TIMEOUT_ENV}) or their connection closed: "
+                       f"a process or node of the job is gone or hung, so this one stops too; continue from the "
+                       f"last checkpoint with --resume (torchrun --max-restarts does it by itself). "
+                       f"[{str(exc).strip().splitlines()[0][:200]}]") from None
     return bool(t.item())
+
+
+def wait_for_main(info: DistInfo, nbytes: int, files: int) -> None:
+    """Every rank waits here until rank 0 has written ``files`` checkpoint files of ``nbytes`` each (and comes
+    here itself), on a gloo group whose timeout is sized for the write (at :data:`WRITE_RATE`, plus
+    :func:`peer_timeout`; gloo's non-zero ranks wait for the group's timeout, not the barrier's), not in an NCCL
+    barrier whose 10 min watchdog a slow file system outlasts. What it protects: no rank goes on (into the next
+    epoch, or out of the job on a signal, where torchrun would stop rank 0 mid-write) before the checkpoint is
+    whole. Rank 0 gone meanwhile: :class:`PeerLost`."""
+    if not info.distributed:
+        return
+    minutes = math.ceil((peer_timeout().total_seconds() + nbytes * files / WRITE_RATE) / 60)
+    if minutes not in _WRITE_GROUPS:  # every rank saves at the same points: the same groups, in the same order
+        _WRITE_GROUPS[minutes] = dist.new_group(backend="gloo", timeout=timedelta(minutes=minutes))
+    try:
+        dist.monitored_barrier(group=_WRITE_GROUPS[minutes], timeout=timedelta(minutes=minutes), wait_all_ranks=True)
+    except RuntimeError as exc:
+        raise PeerLost(f"rank {info.rank}: waited {minutes} min for the checkpoint of rank 0 ({files} file(s) of "
+                       f"{nbytes / 2 ** 30:.2f} GiB) and the other processes: one is gone or hung, so this one "
+                       f"stops too; continue from the last checkpoint with --resume. "
+                       f"[{str(exc).strip().splitlines()[0][:200]}]") from None
+
+
+_WRITE_GROUPS: dict[int, Any] = {}  # minutes → the gloo group of that timeout (:func:`wait_for_main`)
 
 
 def broadcast(obj: Any, info: DistInfo) -> Any:
@@ -144,7 +218,7 @@ def launch(child_args: list[str], nprocs: int) -> int:
     from torch.distributed.run import parse_args, run  # heavy: see above
 
     args = parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(nprocs), "--max-restarts", "0",
-                       "-m", "cfmae_cli", *child_args])
+                       "--shutdown-timeout", str(shutdown_timeout()), "-m", "cfmae_cli", *child_args])
     os.environ[LAUNCHED_ENV] = str(os.getpid())  # the workers' parent: they end with it (die_with_launcher)
     try:
         run(args)
@@ -156,6 +230,18 @@ def launch(child_args: list[str], nprocs: int) -> int:
     finally:
         os.environ.pop(LAUNCHED_ENV, None)
     return 0
+
+
+def shutdown_timeout() -> int:
+    """The seconds the workers of :func:`launch` get between SIGTERM and SIGKILL (torch elastic's
+    ``--shutdown-timeout``, default 30: too short for a large model to finish its step and write its
+    checkpoint): ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` when set, else :data:`SHUTDOWN_TIMEOUT`."""
+    raw = os.environ.get(SHUTDOWN_TIMEOUT_ENV, "")
+    if not raw:
+        return SHUTDOWN_TIMEOUT
+    if not raw.isdigit():
+        raise CfmaeError(f"{SHUTDOWN_TIMEOUT_ENV}={raw!r}: give a whole number of seconds, e.g. 300.")
+    return int(raw)
 
 
 def launched_by_parent() -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -18,24 +18,22 @@ class Preempted(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint}")
 
 
-class StopRequest:
-    """Installs SIGTERM/SIGINT handlers that only record the request; a second SIGINT interrupts at once.
+_Catcher = TypeVar("_Catcher", bound="SignalCatcher")
 
-    Use as a context manager around the training loop; ``signum`` is None until a signal arrives.
-    """
+
+class SignalCatcher:
+    """A context manager that routes SIGTERM and SIGINT to :meth:`_handle` inside it (from the main thread; in
+    another, signals are left to the caller) and puts the previous handlers back on leaving. ``signum``: the
+    last signal caught, None until one arrives."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
         self.signum = signum
-        log.warning("%s received: finishing the current step, then saving a checkpoint",
-                    signal.Signals(signum).name)
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self: _Catcher) -> _Catcher:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -46,6 +44,20 @@ class StopRequest:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class StopRequest(SignalCatcher):
+    """Installs SIGTERM/SIGINT handlers that only record the request; a second SIGINT interrupts at once.
+
+    Use as a context manager around the training loop; ``signum`` is None until a signal arrives.
+    """
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: finishing the current step, then saving a checkpoint",
+                    signal.Signals(signum).name)
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:

@@ -12,10 +12,14 @@ does, and so do N processes, each embedding every N-th batch of the same fixed b
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -24,12 +28,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import MultiGranularDataset, Skipped, collate
-from cfmae_cli.data.layout import Sample
+from cfmae_cli.data.layout import Sample, SampleTable
 from cfmae_cli.data.splits import held_out, list_split, spread
 from cfmae_cli.data.transforms import JointTransform, normalise_on_device
 from cfmae_cli.errors import DataError
 from cfmae_cli.model.encoder import ViTEncoder
 from cfmae_cli.train import distributed
+from cfmae_cli.train.faults import SignalCatcher, ignore_stop_signals
 
 log = logging.getLogger(__name__)
 POOLS = ("token", "avg")
@@ -61,10 +66,10 @@ MANY_CLASSES = 100  # from here a dataset is ImageNet-like: the log says how to 
 
 
 #: the k-NN monitor's choice: (the samples left to pre-train on, the bank, the val set, the number of classes)
-MonitorSplit = tuple[list[Sample] | None, list[Sample], list[Sample], int]
+MonitorSplit = tuple[SampleTable | None, SampleTable, SampleTable, int]
 
 
-def monitor_samples(cfg: Config, labelled: Path | None, samples: list[Sample] | None, classes: list[str],
+def monitor_samples(cfg: Config, labelled: Path | None, samples: SampleTable | None, classes: list[str],
                     quiet: bool = False) -> MonitorSplit | None:
     """(the pre-training samples, the k-NN bank, the val set, the number of classes), or None when the monitor is
     off (``train.monitor.enabled`` false; or null and no labels, or a held-out share with no image in it).
@@ -97,8 +102,8 @@ def monitor_samples(cfg: Config, labelled: Path | None, samples: list[Sample] | 
     if len(classes) < 2:
         raise DataError("train.monitor.enabled: the k-NN monitor needs labels: two or more class folders in the "
                         "data, or --monitor-data.")
-    val = [s for s in samples if held_out(s, m.val_fraction)]
-    kept = [s for s in samples if not held_out(s, m.val_fraction)]
+    out = np.fromiter((held_out(s, m.val_fraction) for s in samples), bool, len(samples))
+    val, kept = samples.where(out), samples.where(~out)
     if not val or not kept:
         why = (f"train.monitor.val_fraction: {m.val_fraction} of {len(samples)} images leaves {len(val)} to score "
                f"and {len(kept)} to pre-train on")
@@ -143,10 +148,32 @@ class _Fixed(Dataset):
             [k for k, x in enumerate(items) if not isinstance(x, Skipped)]]}
 
 
+class _Skipped(Exception):
+    """A rank got SIGTERM / SIGINT during the monitor: every rank leaves it at the same batch."""
+
+
+class StopWatch(SignalCatcher):
+    """Inside: SIGTERM and SIGINT are recorded (``signum``) and passed on to the handler that was there (the
+    engine's stop request, which saves after the epoch), never fatal to the monitor. A signal that no handler of
+    the run records (the monitor before training) is delivered again on leaving, to act as it would have."""
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+        previous = self._previous.get(signum)
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(signum, frame)
+
+    def __exit__(self, *exc: Any) -> None:
+        previous = dict(self._previous)
+        super().__exit__(*exc)
+        if self.signum is not None and previous.get(self.signum) in (signal.SIG_DFL, signal.default_int_handler):
+            os.kill(os.getpid(), self.signum)
+
+
 class KnnMonitor:
     """Embeds the bank and the val set with the encoder and scores the val set; every rank calls it."""
 
-    def __init__(self, cfg: Config, bank: list[Sample], val: list[Sample], num_classes: int,
+    def __init__(self, cfg: Config, bank: Sequence[Sample], val: Sequence[Sample], num_classes: int,
                  info: distributed.DistInfo):
         d, m = cfg.data, cfg.train.monitor
         self.cfg, self.info, self.num_classes = cfg, info, num_classes
@@ -162,16 +189,22 @@ class KnnMonitor:
                 f"classes, k {m.k}, T {m.temperature}, every {m.every} epochs")
 
     @torch.no_grad()
-    def embed(self, encoder: ViTEncoder, name: str) -> tuple[dict[str, Tensor], Tensor]:
-        """({pool: (n, D) unit features}, labels (n,)) of one set, in index order, on every rank."""
+    def embed(self, encoder: ViTEncoder, name: str, watch: StopWatch | None = None) -> tuple[dict[str, Tensor], Tensor]:
+        """({pool: (n, D) unit features}, labels (n,)) of one set, in index order, on every rank. Before each batch
+        the ranks ask whether any got a signal (``watch``), and all leave together (:class:`_Skipped`) if so."""
         device, info = self.info.device, self.info
-        loader = DataLoader(self.sets[name], batch_size=None, sampler=range(info.rank, len(self.sets[name]),
-                                                                             info.world),
-                            num_workers=self.cfg.data.num_workers,
+        batches = len(self.sets[name])
+        loader = DataLoader(self.sets[name], batch_size=None, sampler=range(info.rank, batches, info.world),
+                            num_workers=self.cfg.data.num_workers, worker_init_fn=ignore_stop_signals,
                             generator=torch.Generator().manual_seed(0))  # draws nothing from the run's RNG
         feats: dict[str, list[Tensor]] = {p: [] for p in POOLS}
         labels, index = [], []
+        rounds = -(-batches // info.world)  # the same number of questions on every rank (shares differ by one)
+        stopped = lambda: watch is not None and distributed.any_rank(watch.signum is not None, info)  # noqa: E731
         for batch in loader:
+            rounds -= 1
+            if stopped():
+                raise _Skipped
             if batch["size"] == 0:
                 continue
             rgb = normalise_on_device(batch["rgb"].to(device), self.cfg.data.mean, self.cfg.data.std)
@@ -181,6 +214,9 @@ class KnnMonitor:
             feats["avg"].append(F.normalize(x[:, 1:].mean(1), dim=-1))
             labels.append(batch["label"].to(device))
             index.append(batch["index"].to(device))
+        for _ in range(rounds):  # this rank's share was a batch shorter: ask with the others all the same
+            if stopped():
+                raise _Skipped
         dim = encoder.embed_dim
         local = {p: torch.cat(v) if v else torch.zeros(0, dim, device=device) for p, v in feats.items()}
         lab = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
@@ -190,14 +226,24 @@ class KnnMonitor:
         order = idx.argsort()
         return {p: v[order] for p, v in local.items()}, lab[order]
 
-    def __call__(self, encoder: ViTEncoder) -> dict[str, float]:
-        """{knn_top1_token, knn_top5_token, knn_top1_avg, knn_top5_avg, monitor_seconds}."""
+    def __call__(self, encoder: ViTEncoder) -> dict[str, float] | None:
+        """{knn_top1_token, knn_top5_token, knn_top1_avg, knn_top5_avg, monitor_seconds}; None when SIGTERM or
+        SIGINT reached a rank meanwhile: the monitor is skipped (its loader's workers ignore the signal), so
+        that the epoch's checkpoint is written within the grace the signal leaves; the stop comes after it."""
         start = time.perf_counter()
         was_training = encoder.training
         encoder.eval()
-        bank, bank_labels = self.embed(encoder, "bank")
-        val, labels = self.embed(encoder, "val")
-        encoder.train(was_training)
+        try:
+            with StopWatch() as watch:
+                bank, bank_labels = self.embed(encoder, "bank", watch)
+                val, labels = self.embed(encoder, "val", watch)
+        except _Skipped:
+            if self.info.is_main:
+                log.warning("k-NN monitor skipped: %s received; the epoch's checkpoint is written first",
+                            signal.Signals(watch.signum).name if watch.signum else "a process of the job")
+            return None
+        finally:
+            encoder.train(was_training)
         m, out = self.cfg.train.monitor, {}
         for pool in POOLS:
             top1, top5 = knn_accuracy(bank[pool], bank_labels, val[pool], labels, m.k, m.temperature,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -14,6 +16,7 @@ from cfmae_cli.train import distributed
 from cfmae_cli.formats import atomic_write_text, name_target
 from cfmae_cli.ownership import (FolderLock, foreign_files, LOCK_NAME, locked, missing_folders, remove_empty,
                                  remove_files)
+from cfmae_cli.procs import started_at
 from cfmae_cli.train.trackers import Trackers
 
 log = logging.getLogger(__name__)
@@ -23,27 +26,45 @@ class RunFolder:
     """The folder of a run, for its whole life: a new one (rank 0 claims it, every rank learns its path) or the
     folder of the checkpoint ``resume``; rank 0 holds the folder's lock (:mod:`cfmae_cli.ownership`) until the
     run ends, so that no other cfmae process writes it meanwhile; ``log.txt`` receives the log while it is open;
-    a new run refused on bad input before training (:meth:`refused_leaves_nothing`) leaves no folder behind."""
+    a new run refused on bad input before training (:meth:`refused_leaves_nothing`) leaves no folder behind. A
+    worker that torchrun restarted (``--max-restarts``) continues its own job's run in ``out`` from its last
+    checkpoint (:func:`restarted_run`)."""
 
     def __init__(self, command: str, name: str, out: str | Path | None, resume: str | Path | None,
                  info: distributed.DistInfo):
         self.info, self.new, self.command = info, resume is None, command
         self.checkpoint = None if resume is None else checkpoint_path(resume)
         self.claim: Claim | None = None
+        self.said: str | None = None  # a line for log.txt once it is open
         if self.checkpoint is not None:
             self.path = self.checkpoint.parent.parent
             if info.is_main:
                 self.claim = Claim(self.path, FolderLock(self.path, "--resume").acquire(), created=False)
         else:
-            made = None
+            made: tuple[str, str | None] | None = None
             if info.is_main:
-                self.claim = claim_run_dir(command, name, out)
-                made = str(self.claim.path)
-            self.path = Path(distributed.broadcast(made, info))
+                own = restarted_run(out)
+                if own is not None:  # torchrun --max-restarts: this job's own run, from its last checkpoint
+                    self.claim = Claim(own, FolderLock(own, "--out").acquire(), created=False)
+                    self.said = (f"torchrun restart {os.environ.get(RESTART_ENV)} of job {elastic_job()}: --out "
+                                 f"{own} holds the run its earlier attempt wrote; resuming it from its last "
+                                 f"checkpoint")
+                    log.info("%s", self.said)
+                    made = (str(own), str(checkpoint_path(own)))
+                else:
+                    self.claim = claim_run_dir(command, name, out)
+                    mark_job(self.claim.path)
+                    made = (str(self.claim.path), None)
+            path, resumed = distributed.broadcast(made, info)
+            self.path = Path(path)
+            if resumed is not None:
+                self.checkpoint, self.new = Path(resumed), False
         self.handler: logging.Handler | None = None
 
     def __enter__(self) -> "RunFolder":
         self.handler = attach_log_file(self.path) if self.info.is_main else None
+        if self.handler is not None and self.said:
+            self.handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, self.said, (), None))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -115,6 +136,46 @@ def unfinished_by(path: Path) -> str | None:
         return str(json.loads((path / UNFINISHED).read_text(encoding="utf-8"))["command"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun in its workers: 0, then 1, 2, … after a restart
+JOB_MARK = ".cfmae-job"  # in a run folder that a worker of torchrun made: which job, and when
+
+
+def elastic_job() -> str | None:
+    """The torchrun job of this worker, the same in each of its restarts (None outside torchrun): its run id
+    (``--rdzv-id``; a fresh one with ``--standalone``), with SLURM's job id where there is one (``--rdzv-id``
+    defaults to ``none``)."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run is None:
+        return None
+    slurm = os.environ.get("SLURM_JOB_ID")
+    return run + (f" (SLURM job {slurm})" if slurm else "")
+
+
+def mark_job(path: Path) -> None:
+    """Record in the new run folder ``path`` the torchrun job that made it (nothing outside torchrun)."""
+    job = elastic_job()
+    if job is not None:
+        atomic_write_text(path / JOB_MARK, json.dumps({"job": job, "at": time.time()}) + "\n")
+
+
+def restarted_run(out: str | Path | None) -> Path | None:
+    """``out`` when this worker is a restart of a torchrun job (``TORCHELASTIC_RESTART_COUNT`` > 0) and the run in
+    ``out`` is the one this job's earlier attempt wrote (the job's mark, written after this worker's launcher
+    started) and has a checkpoint; else None (a new run, or a refusal, as on a first attempt)."""
+    if out is None or int(os.environ.get(RESTART_ENV, "0") or 0) <= 0:
+        return None
+    path = Path(out)
+    try:
+        mark = json.loads((path / JOB_MARK).read_text(encoding="utf-8"))
+        job, at = mark["job"], float(mark["at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    launcher = started_at(os.getppid())  # torchrun's agent, which restarts its workers
+    if job != elastic_job() or (launcher is not None and at < launcher - 1):
+        return None
+    return path if (path / "checkpoints" / "last.pt").is_file() else None
 
 
 class Claim:
