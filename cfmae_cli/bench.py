@@ -12,7 +12,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast, Sized
 
 import numpy as np
 import torch
@@ -20,12 +20,14 @@ from PIL import Image
 from skimage import data as skdata
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from cfmae_cli import modalities as table
 from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import collate
+from cfmae_cli.data.device_augment import DeviceAugment
+from cfmae_cli.data.raw import raw_reader
 from cfmae_cli.data.layout import is_packed, save_map, write_manifest
 from cfmae_cli.data.packed import pack_dataset
 from cfmae_cli.masking import MaskGenerator, Masks, schedule
@@ -100,7 +102,7 @@ class Rig:
         self.optimizer = build_optimizer(self.model, cfg.optim, 1e-4, device)
         self.masks = MaskGenerator(cfg.masking, cfg.data.modalities, self.model.grid, classes,
                                    cfg.model.num_instance_ids)
-        self.bf16 = distributed.uses_bf16(cfg.train.precision, device)
+        self.bf16 = distributed.precision_for(cfg.train.precision, device)  # as a run: TF32 for fp32
         self.g = torch.Generator(device=device).manual_seed(0)
         self.size, self.map_size = cfg.data.img_size, cfg.data.img_size // cfg.model.map_stride
 
@@ -258,29 +260,102 @@ def imagenet_like_samples(root: Path, count: int = 48) -> Path:
     return root
 
 
-def time_data(cfg: Config, root: Path | None, workers: list[int], batch_size: int, batches: int,
-              packed: bool = True) -> list[dict]:
-    """Samples/s of the training data path (read, decode, joint crop + flip, canonical ids, collate) with
-    each number of DataLoader workers, after the first batch — for the folder and, with ``packed``, for its
-    ``cfmae pack`` copy."""
+class MaeAnchor(Dataset):
+    """What MAE's loader does per sample, for comparison: ImageFolder-like (PIL decode), bicubic
+    RandomResizedCrop (scale 0.2-1), flip, to tensor and normalise; RGB only."""
 
+    def __init__(self, root: Path, size: int):
+        from torchvision import transforms as T
+
+        self.files = sorted(p for p in (root / "rgb").rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        self.transform = T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.0),
+                                                        interpolation=T.InterpolationMode.BICUBIC),
+                                    T.RandomHorizontalFlip(), T.ToTensor(),
+                                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        with Image.open(self.files[key[1]]) as im:
+            return {"rgb": self.transform(im.convert("RGB")), "label": 0}
+
+
+def _loader_rate(dataset: Dataset, w: int, batch_size: int, batches: int) -> tuple[float, list[dict[str, Any]]]:
+    """Samples/s of a DataLoader of ``w`` workers after its first batch, and the batches it gave. With 0 workers
+    the main process reads at one torch thread, as each worker process does (DataLoader sets it)."""
+    threads = torch.get_num_threads()
+    if w == 0:
+        torch.set_num_threads(1)
+    try:
+        return _rate(dataset, w, batch_size, batches)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rate(dataset: Dataset, w: int, batch_size: int, batches: int) -> tuple[float, list[dict[str, Any]]]:
+    keys = [(0, i % len(cast(Sized, dataset))) for i in range(batch_size * (batches + 1))]
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=w, collate_fn=collate,
+                        sampler=keys)
+    it = iter(loader)
+    next(it)
+    start = time.perf_counter()
+    got = list(it)
+    return sum(b["size"] for b in got) / (time.perf_counter() - start), got
+
+
+def device_ms(cfg: Config, batches: list[dict[str, Any]], device: torch.device) -> float:
+    """ms per sample of the device step of ``data.decode: gpu`` (decode, crop, resize, flip, canonical ids) on
+    ``device`` over raw ``batches``: GPU time (synchronised) on a GPU, CPU time on the CPU; after one warm-up."""
+    augment = DeviceAugment(cfg.data.img_size, cfg.model.map_stride, cfg.model.num_instance_ids,
+                            table.maps_of(cfg.data.modalities))
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    augment(batches[0], device)
+    sync()
+    start = time.perf_counter()
+    n = sum(augment(b, device)["size"] for b in batches)
+    sync()
+    return (time.perf_counter() - start) * 1e3 / n
+
+
+def time_data(cfg: Config, root: Path | None, workers: list[int], batch_size: int, batches: int,
+              packed: bool = True, device: torch.device | None = None) -> list[dict]:
+    """The training data path with each number of DataLoader workers, after the first batch — for the folder
+    and, with ``packed``, its ``cfmae pack`` copy; each with the CPU reader (read, decode, joint crop + flip,
+    canonical ids, collate) and the reader of ``data.decode: gpu`` (bytes, id maps, the crop drawn), whose
+    device step is timed on ``device``; beside them MAE's loader (:class:`MaeAnchor`) on the folder's images.
+    Per row: samples/s, ms per sample per core (workers x 1000 / samples/s; the main process: one core) and the
+    cores a GPU needs at 1,500 and 6,000 img/s (img/s x ms / 1000)."""
+    device = device or torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(root) if root is not None else imagenet_like_samples(Path(tmp) / "folder")
         sources = [("packed" if is_packed(folder) else "folder", folder)]
         if packed and not is_packed(folder):
             pack_dataset(folder, Path(tmp) / "packed", workers=max(workers))
             sources.append(("packed", Path(tmp) / "packed"))
-        rows = []
+        readers: list[tuple[str, str, Dataset]] = []
         for kind, path in sources:
             dataset, _ = build_dataset(cfg, path)
+            readers += [(kind, "cpu", dataset), (kind, "gpu-decode", raw_reader(dataset))]
+        if not is_packed(folder):
+            readers.append(("mae-anchor", "cpu", MaeAnchor(folder, cfg.data.img_size)))
+        rows = []
+        for kind, reader, data in readers:
             for w in workers:
-                loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=w,
-                                    collate_fn=collate,
-                                    sampler=[(0, i % len(dataset)) for i in range(batch_size * (batches + 1))])
-                it = iter(loader)
-                next(it)
-                start = time.perf_counter()
-                n = sum(b["size"] for b in it)
-                rate = n / (time.perf_counter() - start)
-                rows.append({"format": kind, "workers": w, "samples_per_s": rate, "per_worker": rate / max(w, 1)})
+                rate, got = _loader_rate(data, w, batch_size, batches)
+                ms = 1e3 * max(w, 1) / rate
+                row = {"format": kind, "reader": reader, "workers": w, "samples_per_s": rate,
+                       "per_worker": rate / max(w, 1), "ms_per_sample_per_core": ms,
+                       "cores_per_gpu": {str(r): r * ms / 1e3 for r in GPU_RATES}}
+                if reader == "gpu-decode":
+                    row |= {"device_ms_per_sample": device_ms(cfg, got, device), "device": device.type}
+                rows.append(row)
         return rows
+
+
+#: img/s per GPU the cores-per-GPU table is worked out for (a ViT-B step on an H100-class GPU: 1,500 to 6,000)
+GPU_RATES = (1500, 6000)

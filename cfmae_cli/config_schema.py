@@ -53,6 +53,10 @@ class DataConfig(ImageDataConfig):
     crop_scale: tuple[float, float] = Field((0.2, 1.0), description="random-resized-crop area range")
     crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random-resized-crop aspect range")
     hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
+    decode: Literal["cpu", "gpu"] = Field(
+        "cpu", description="pre-training: cpu = the loader workers decode, crop and flip; gpu = the workers read "
+        "the JPEG bytes and the id maps and draw the crop (the same draws), and the training device decodes and "
+        "crops the batch (the GPU, or the CPU when training on it; docs/performance.md#gpu-side-data-path)")
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":

@@ -58,8 +58,12 @@ def test_bench_cli_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "img/s" in text and "GFLOP / image: forward" in text and f"step time demo / {mae}" in text
-    assert "masks of a batch of 64" in text and "data path, folder: 0 worker(s)" in text
-    assert "data path, packed: 0 worker(s)" in text
+    assert "masks of a batch of 64" in text and "data path, folder (cpu reader): 0 worker(s)" in text
+    assert "data path, packed (gpu-decode reader): 0 worker(s)" in text
+    # the readers side by side: CPU ms per sample, the device step (CPU time here, labelled so), cores per GPU
+    assert "device ms/sample = data.decode=gpu's decode + crop + resize + flip on cpu (CPU time of the device " \
+        "step: no GPU); cores/GPU = img/s x ms / 1000 at 1,500 and 6,000 img/s" in text
+    assert "MAE anchor" in text
     # a line before each phase: what it does and, for the CPU's steps, about how long
     assert "bench: demo: counting the FLOPs" in text and "bench: demo: timing 0 untimed + 1 timed step(s) at " \
         "batch 4, ~" in text and f"bench: {mae}: timing" in text and "bench: demo: building 3 kinds of masks" in text
@@ -69,7 +73,15 @@ def test_bench_cli_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     assert set(demo["step"]["phases_ms"]) == {"data", "masking", "forward", "backward", "optimizer"}
     assert demo["flops_gflop_per_image"]["step"] > report["presets"][str(mae)]["flops_gflop_per_image"]["step"]
     assert demo["mfu"] is None  # no peak is claimed for a CPU
-    assert demo["data"][0]["samples_per_s"] > 0 and [r["format"] for r in demo["data"]] == ["folder", "packed"]
+    rows = demo["data"]
+    assert [(r["format"], r["reader"]) for r in rows] == [("folder", "cpu"), ("folder", "gpu-decode"),
+                                                          ("packed", "cpu"), ("packed", "gpu-decode"),
+                                                          ("mae-anchor", "cpu")]
+    for r in rows:  # 0 workers: the main process, one core
+        assert r["samples_per_s"] > 0 and r["ms_per_sample_per_core"] == pytest.approx(1e3 / r["samples_per_s"])
+        assert r["cores_per_gpu"]["6000"] == pytest.approx(6 * r["ms_per_sample_per_core"])
+        assert ("device_ms_per_sample" in r) == (r["reader"] == "gpu-decode")
+    assert all(r["device_ms_per_sample"] > 0 and r["device"] == "cpu" for r in rows if r["reader"] == "gpu-decode")
 
 
 def test_mae_preset_is_mae() -> None:

@@ -119,7 +119,7 @@ def test_bad_samples_are_skipped_with_a_reason(tmp_path: Path) -> None:
     assert "semantic id 7 is not below the 3 classes" in items[2].reason
     batch = collate(items)
     assert batch["size"] == 1 and len(batch["skipped"]) == 3
-    assert batch["rgb"].shape == (1, 3, 32, 32) and batch["instance"].dtype == torch.long
+    assert batch["rgb"].shape == (1, 3, 32, 32) and batch["instance"].dtype == torch.uint8  # ids travel as uint8
 
 
 def test_collate_shapes(tmp_path: Path) -> None:

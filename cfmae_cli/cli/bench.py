@@ -119,8 +119,8 @@ def bench(
             source = str(data) if data else "48 generated ImageNet-sized samples (written and packed first)"
             kinds = "its format" if data else "folder and packed"
             _say(f"data path: 11 batches of 16 from {source} with {', '.join(map(str, counts))} worker(s), "
-                 f"{kinds}, ~{1 + (1 if data else 1.5) * len(counts):.0f} s on 2 idle CPU cores")
-            entry["data"] = time_data(cfg, data, counts, batch_size=16, batches=10)
+                 f"{kinds}, CPU and GPU-decode readers and MAE's, ~{3 + 4 * len(counts):.0f} s on 2 idle CPU cores")
+            entry["data"] = time_data(cfg, data, counts, batch_size=16, batches=10, device=dev)
         report["presets"][name] = entry
         del rig
     _print(report, main, presets, mask_batch, peak)
@@ -194,5 +194,27 @@ def _print(report: dict[str, Any], preset: str, presets: list[str], mask_batch: 
             line += f" = {100 * share:.2f} % of a {preset} step at batch {mask_batch}{scaled}"
         console.print(line, highlight=False)
     for r in main.get("data", []):
-        console.print(f"data path, {r['format']}: {r['workers']} worker(s): {r['samples_per_s']:,.1f} samples/s "
-                      f"({r['per_worker']:,.1f} per worker)", highlight=False)
+        console.print(f"data path, {r['format']} ({r['reader']} reader): {r['workers']} worker(s): "
+                      f"{r['samples_per_s']:,.1f} samples/s ({r['per_worker']:,.1f} per worker)", highlight=False)
+    if main.get("data"):
+        _print_data(main["data"])
+
+
+def _print_data(rows: list[dict[str, Any]]) -> None:
+    """The readers side by side: CPU ms per sample, the device step's, and the cores a GPU needs."""
+    where = next((r["device"] for r in rows if "device" in r), "cpu")
+    table = Table("reader", "workers", "CPU ms/sample/core", "device ms/sample", "cores/GPU @1,500",
+                  "cores/GPU @6,000", title="data path per sample (a reader's goal: <= 0.5 ms/sample/core)")
+    names = {"cpu": "decode + crop on CPU", "gpu-decode": "bytes only (data.decode=gpu)"}
+    for r in rows:
+        label = "MAE anchor (ImageFolder, bicubic RRC, flip, RGB)" if r["format"] == "mae-anchor" else \
+            f"{r['format']}: {names[r['reader']]}"
+        device = r.get("device_ms_per_sample")
+        table.add_row(label, str(r["workers"]), f"{r['ms_per_sample_per_core']:.2f}",
+                      "" if device is None else f"{device:.2f}",
+                      *(f"{r['cores_per_gpu'][k]:.1f}" for k in ("1500", "6000")))
+    console.print(table)
+    step = "GPU time, synchronised" if where == "cuda" else "CPU time of the device step: no GPU"
+    console.print(f"data path: CPU ms/sample/core = workers x 1000 / samples/s; device ms/sample = data.decode=gpu's "
+                  f"decode + crop + resize + flip on {where} ({step}); cores/GPU = img/s x ms / 1000 at 1,500 and "
+                  f"6,000 img/s", highlight=False)

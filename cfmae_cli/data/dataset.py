@@ -129,12 +129,12 @@ class PairTransform(Protocol):
 
 
 class MultiGranularDataset(SeededDataset):
-    """Items are dicts: ``rgb`` (3, S, S), each map of ``modalities`` (ids (S/s, S/s) long, a one-channel image
-    (1, S, S) float32 in [0, 1], as the table of modalities says), ``label`` (class folder index) — or a
+    """Items are dicts: ``rgb`` (3, S, S), each map of ``modalities`` (ids (S/s, S/s) uint8 (int16 past 255), a
+    one-channel image (1, S, S) float32 in [0, 1], as the table of modalities says), ``label`` (class folder index) — or a
     :class:`Skipped` record. ``reduce_zero_label`` (ADE20K): 0 = 'other' of the manifest-class map becomes
     unlabelled, k becomes k-1."""
 
-    def __init__(self, samples: list[Sample], transform: PairTransform, modalities: list[str],
+    def __init__(self, samples: Sequence[Sample], transform: PairTransform, modalities: list[str],
                  num_semantic_classes: int, seed: int = 0, reduce_zero_label: bool = False):
         self.reduce_zero_label = reduce_zero_label  # ADE20K: 0 = 'other' → unlabelled, k → k-1
         self.seed = seed
@@ -172,14 +172,24 @@ def make_item(rgb: Tensor, maps: dict[str, Tensor], label: int) -> dict[str, Any
     return {"rgb": rgb, **maps, "label": label}
 
 
+#: Keys whose tensors a batch keeps as a list even when they happen to have one shape (JPEG bytes).
+RAGGED = ("data",)
+
+
 def collate(items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
-    """Stack the good items; ``skipped`` lists the bad ones. Tensors are stacked in their dtype (id maps long,
-    RGB uint8 or float32, a one-channel image map float32 at its full precision), integers (``label``, …)
-    become a long tensor; ``size`` = count."""
+    """Stack the good items; ``skipped`` lists the bad ones. Tensors of one shape are stacked in their dtype
+    (id maps uint8 — int16 past 255 —, RGB uint8 or float32, a one-channel image map float32 at its full
+    precision); tensors of differing shapes (``data.decode=gpu``: each file's JPEG bytes, a folder's maps at
+    their image's size) stay a list of tensors, as do strings (file names); integers (``label``, …) become a
+    long tensor; ``size`` = count."""
     good = [x for x in items if not isinstance(x, Skipped)]
     out: dict[str, Any] = {"skipped": [x for x in items if isinstance(x, Skipped)], "size": len(good)}
     if good:
         for key in good[0]:
             values = [x[key] for x in good]
-            out[key] = torch.stack(values) if torch.is_tensor(values[0]) else torch.tensor(values, dtype=torch.long)
+            if torch.is_tensor(values[0]):
+                same = key not in RAGGED and all(v.shape == values[0].shape for v in values)
+                out[key] = torch.stack(values) if same else values
+            else:
+                out[key] = list(values) if isinstance(values[0], str) else torch.tensor(values, dtype=torch.long)
     return out

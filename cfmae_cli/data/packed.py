@@ -26,6 +26,7 @@ import json
 import logging
 import multiprocessing
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -55,14 +56,23 @@ try:  # libjpeg-turbo straight into a CHW tensor; deprecated in torchvision 0.29
     from torchvision.io import decode_jpeg as _decode_jpeg
 except ImportError:  # pragma: no cover - a torchvision without image decoding
     _decode_jpeg = None
+#: The start of the DeprecationWarning torchvision 0.29 gives at each call of its image decoders.
+DEPRECATED = "The image decoding and encoding capabilities of TorchVision are deprecated"
 
 
 def decode(data: np.ndarray) -> torch.Tensor:
     """JPEG bytes → uint8 (3, H, W)."""
     if _decode_jpeg is not None:
-        return _decode_jpeg(torch.from_numpy(data))
+        with warnings.catch_warnings():  # torchvision 0.29's notice that TorchCodec supersedes it (docs/performance.md)
+            warnings.filterwarnings("ignore", message=DEPRECATED, category=DeprecationWarning)
+            return _decode_jpeg(torch.from_numpy(data))
     with Image.open(io.BytesIO(data.tobytes())) as im:
         return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def _ids(stored: np.ndarray) -> np.ndarray:
+    """A shard's id map as it is read: uint8 as stored (most shards), uint16 as int32 (torch indexes it)."""
+    return np.array(stored, np.uint8 if stored.dtype == np.uint8 else np.int32)
 
 
 def _square_geometry(w: int, h: int, side: int
@@ -292,11 +302,11 @@ class PackedDataset(SeededDataset):
         k, j = (int(v) for v in self.index[i])
         s = self.shard(k)
         rgb = decode(np.array(s["bytes"][s["offsets"][j]:s["offsets"][j + 1]]))
-        maps = {name: s[name][j].astype(np.int64) for name in self.modalities}
-        for name, ids in maps.items():  # (a cheap check per sample, as the folder's reader makes it)
+        stored = {name: _ids(s[name][j]) for name in self.modalities}
+        for name, ids in stored.items():  # (a cheap check per sample, as the folder's reader makes it)
             if table.get(name).classes == "manifest":
                 check_class_ids(ids, f"{self.root}/shard-{k:05d}.{name}.npy#{j}", name, self.num_semantic_classes)
-        maps = {name: torch.from_numpy(ids) for name, ids in maps.items()}
+        maps = {name: torch.from_numpy(ids) for name, ids in stored.items()}
         return make_item(*self.transform(rgb, maps), int(s["labels"][j]))
 
     def skipped(self, index: int, exc: Exception) -> Skipped | None:

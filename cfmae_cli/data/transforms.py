@@ -39,6 +39,15 @@ def canonical_instance_ids(ids: Tensor, num_ids: int) -> Tensor:
     return new[inverse]
 
 
+def narrow_ids(ids: Tensor) -> Tensor:
+    """Id maps as they travel through the loader: uint8 when every id is ≤ 255 (canonical instance ids are below
+    ``num_instance_ids`` ≤ 255 or 255 = unlabelled; the semantic ids of up to 255 classes), else int16 (ids up to
+    32767), else int32; :func:`inputs_on_device` makes them long where the model reads them. ``torch.stack``
+    promotes a batch of mixed widths to the widest."""
+    top = int(ids.max()) if ids.numel() else 0
+    return ids.to(torch.uint8 if top <= 255 else torch.int16 if top <= 32767 else torch.int32)
+
+
 def _scaled_box(top: int, left: int, height: int, width: int, h: int, w: int, size: torch.Size
                 ) -> tuple[float, float, float, float]:
     """A crop box of an (h, w) image in the pixels of a map of ``size``: the same box when the map has the
@@ -52,10 +61,11 @@ class JointTransform:
 
     Returns rgb float (3, S, S) normalised with ``mean``/``std`` — or, with ``normalise=False``, uint8 (3, S, S)
     for :func:`normalise_on_device` (a quarter of the bytes through the loader and to the GPU) — and the maps
-    as the table of modalities says: id maps long (S/s, S/s) at the cells' centres, canonical ids where the
+    as the table of modalities says: id maps (S/s, S/s) at the cells' centres, canonical ids where the
     entry asks (instance); image maps (C, S', S') resampled like the image (bilinear, antialiased) in their
     own dtype: uint8 stays uint8, a float map (depth, read at its full precision) stays float32 and is not
-    quantised. ``train=False`` takes the centred square of the image, resized (no randomness).
+    quantised. Id maps leave as uint8 (int16 / int32 past 255: :func:`narrow_ids`), a quarter or an eighth of
+    int64's bytes through the loader; they become long on the device (:func:`inputs_on_device`).
     """
 
     def __init__(self, img_size: int, map_stride: int, num_instance_ids: int, scale: tuple[float, float],
@@ -69,29 +79,39 @@ class JointTransform:
         self.scale, self.ratio, self.hflip, self.train = scale, ratio, hflip, train
         self.mean, self.std = list(mean), list(std)
 
-    def __call__(self, rgb: Tensor, maps: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        image = tv_tensors.Image(rgb)
-        h, w = rgb.shape[-2:]
-        if self.train:
-            top, left, ch, cw = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+    def draw(self, h: int, w: int) -> tuple[int, int, int, int, bool]:
+        """The crop box (top, left, height, width) of an (h, w) image and the flip: torchvision's
+        ``RandomResizedCrop.get_params`` then one ``torch.rand`` under the caller's generator (training), or
+        the fixed box (evaluation). The one draw of the CPU path and of the device path (``data.decode=gpu``:
+        the workers draw it without decoding, :mod:`~cfmae_cli.data.device_augment`), so both crop alike."""
+        if self.train:  # get_params reads only the size: a stand-in of no memory
+            top, left, ch, cw = RandomResizedCrop.get_params(torch.empty(()).expand(1, h, w), list(self.scale),
+                                                             list(self.ratio))
         elif self.whole:
             top, left, ch, cw = 0, 0, h, w
         else:
             top, left, ch, cw = (h - min(h, w)) // 2, (w - min(h, w)) // 2, min(h, w), min(h, w)
-        flip = self.train and bool(torch.rand(()) < self.hflip)
+        return top, left, ch, cw, self.train and bool(torch.rand(()) < self.hflip)
+
+    def __call__(self, rgb: Tensor, maps: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        image = tv_tensors.Image(rgb)
+        h, w = rgb.shape[-2:]
+        top, left, ch, cw, flip = self.draw(h, w)
         image = TF.resized_crop(image, top, left, ch, cw, [self.img_size] * 2, antialias=True)
         out = {}
         for name, x in maps.items():
             spec = table.get(name)
             side = self.map_size if spec.at_map_stride else self.img_size
             if spec.kind == "ids":
-                x = resample_map(x.long(), (side, side), _scaled_box(top, left, ch, cw, h, w, x.shape[-2:]))
+                x = resample_map(x, (side, side), _scaled_box(top, left, ch, cw, h, w, x.shape[-2:]))
             else:  # an image of the image's size: the image's own resampling
                 x = TF.resized_crop(tv_tensors.Image(x), top, left, ch, cw, [side] * 2,
                                     antialias=True).as_subclass(Tensor)
             out[name] = x.flip(-1) if flip else x
             if spec.canonical:
                 out[name] = canonical_instance_ids(out[name], self.num_instance_ids)
+            if spec.kind == "ids":
+                out[name] = narrow_ids(out[name])
         if flip:
             image = TF.horizontal_flip(image)
         if self.normalise:
@@ -128,7 +148,8 @@ def inputs_on_device(batch: dict[str, Tensor], modalities: list[str], mean: tupl
     where the table of modalities says, else uint8 scaled to [0, 1] and float maps as they are, e.g. depth at
     its full precision), then standardised per image (MultiMAE's truncated standardisation,
     :func:`~cfmae_cli.modalities.standardise_per_image`) where the modality's target is ``standardise`` (the
-    entry's, unless ``targets`` — ``model.image_targets`` — names it); id maps as they are."""
+    entry's, unless ``targets`` — ``model.image_targets`` — names it); id maps as long (they travel as uint8,
+    :func:`narrow_ids`)."""
     out = {}
     for name in modalities:
         x, spec = batch[name], table.get(name)
@@ -139,5 +160,7 @@ def inputs_on_device(batch: dict[str, Tensor], modalities: list[str], mean: tupl
                 x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
             if table.target_of(spec, targets) == "standardise":
                 x = table.standardise_per_image(x)
+        else:
+            x = x.long()
         out[name] = x
     return out

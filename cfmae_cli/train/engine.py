@@ -21,13 +21,12 @@ from typing import Any, Callable, cast, Sized
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from cfmae_cli.checkpoints import (load_checkpoint, prune_checkpoints, rng_state, save_checkpoint,
-                                   set_rng_state)
+                                   set_rng_state, state_bytes)
 from cfmae_cli.config import dump_config
 from cfmae_cli.errors import DataError
 from cfmae_cli.formats import atomic_write_text
@@ -78,7 +77,7 @@ def run_task(cfg: TrainingConfig, make_task: Callable[[distributed.DistInfo], Ta
     bf16 decision is made here, once (``info.bf16``), for the engine and the task.
     """
     info = distributed.init(device)
-    info = dataclasses.replace(info, bf16=distributed.uses_bf16(cfg.train.precision, info.device))
+    info = dataclasses.replace(info, bf16=distributed.precision_for(cfg.train.precision, info.device))  # (+TF32)
     try:
         with RunFolder(command, name, out, resume, info) as folder:
             with folder.refused_leaves_nothing():
@@ -140,7 +139,8 @@ class Engine:
     # -- state ---------------------------------------------------------------------------------------------
     def save(self, epoch_done: int, next_step: int, partial: dict[str, Any] | None, summary: dict,
              periodic: bool, also: tuple[str, ...] | list[str] = ()) -> None:
-        """Rank 0 writes ``last.pt`` (``epoch-NNNN.pt`` pruned to ``train.keep_last``, and ``also``); all wait.
+        """Rank 0 writes ``last.pt`` (``epoch-NNNN.pt`` pruned to ``train.keep_last``, and ``also``); all wait for
+        it on the gloo group, with a timeout sized for the write (:func:`distributed.wait_for_main`).
 
         The position is (completed epochs, optimizer steps done in the next one): with the same effective
         batch it means the same images whatever the number of processes. RNG states are kept per rank.
@@ -164,8 +164,8 @@ class Engine:
             if periodic:
                 save_checkpoint(folder / f"epoch-{epoch_done:04d}.pt", state)
                 prune_checkpoints(folder, self.cfg.train.keep_last)
-        if self.info.distributed:
-            dist.barrier()
+        distributed.wait_for_main(self.info, state_bytes(self.model.state_dict(), self.optimizer.state_dict()),
+                                  1 + len(also) + periodic)
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -210,6 +210,8 @@ class Engine:
                 for epoch in range(self.epoch, cfg.train.epochs):
                     summary = self.run_epoch(epoch, stop)
                     self.start_micro, self.partial = 0, None
+                    if epoch + 1 < cfg.train.epochs and distributed.any_rank(stop.signum is not None, self.info):
+                        raise Preempted(stop.signum or 15, self.step, str(self.run_dir / "checkpoints" / "last.pt"))
         except TrainingDiverged as exc:
             first = self.watch.first_bad_step(self.info)  # every rank: a collective
             if not main:
@@ -275,6 +277,7 @@ class Engine:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.info.bf16):
                 loss, values = self.task.forward(self.net, inputs, ctx)
             (loss * (weight / self.accum)).backward()
+        self.bad.add(self.task.take_skipped())  # files that failed on the device (data.decode: gpu)
         if weight:
             meters.add(values, batch["size"])
             self.watch.add(values[0], self.step + 1)

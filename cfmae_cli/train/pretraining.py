@@ -12,8 +12,10 @@ from torch import Tensor, nn
 from cfmae_cli import modalities as table
 from cfmae_cli.config import Config
 from cfmae_cli.data.dataset import collate, MultiGranularDataset, Skipped
-from cfmae_cli.data.layout import Sample, is_packed, list_samples, read_packed_manifest
+from cfmae_cli.data.device_augment import DeviceAugment, take_skipped
+from cfmae_cli.data.layout import SampleTable, is_packed, list_samples, read_packed_manifest
 from cfmae_cli.data.packed import PackedDataset
+from cfmae_cli.data.raw import raw_reader, RawFolder, RawPacked
 from cfmae_cli.data.transforms import inputs_on_device
 from cfmae_cli.masking import MaskGenerator, Masks, schedule
 from cfmae_cli.model import CFMAE
@@ -44,7 +46,7 @@ def pretrain(cfg: Config, *, out: str | Path | None = None, name: str = "run", r
 
 
 def pretraining_samples(cfg: Config, root: Path, labelled: Path | None, quiet: bool = False
-                        ) -> tuple[list[Sample] | None, MonitorSplit | None]:
+                        ) -> tuple[SampleTable | None, MonitorSplit | None]:
     """The samples of ``root`` (None for packed data) and the k-NN monitor's choice (:func:`monitor_samples`:
     the samples left to pre-train on, the bank, the val set, the classes; None when the monitor is off)."""
     samples, classes = (None, []) if is_packed(root) else list_samples(root, maps=table.maps_of(cfg.data.modalities))
@@ -63,7 +65,7 @@ def pretraining_images(cfg: Config) -> int:
 class PretrainTask(Task):
     command = "pretrain"
     model: CFMAE
-    dataset: MultiGranularDataset | PackedDataset
+    dataset: MultiGranularDataset | PackedDataset | RawFolder | RawPacked
 
     def __init__(self, cfg: Config, info: distributed.DistInfo):
         self.cfg, self.info, self.device = cfg, info, info.device
@@ -72,6 +74,12 @@ class PretrainTask(Task):
         labelled = distributed.broadcast(monitor_root(cfg) if info.is_main else None, info)
         samples, picked = pretraining_samples(cfg, self.root, labelled)
         self.dataset, manifest = build_dataset(cfg, self.root, samples=picked[0] if picked else samples)
+        self.plot_dataset = self.dataset  # the figures decode their few images on the CPU
+        self.augment: DeviceAugment | None = None
+        if cfg.data.decode == "gpu":  # workers read bytes; the device decodes, crops and flips
+            self.dataset = raw_reader(self.dataset)
+            self.augment = DeviceAugment(cfg.data.img_size, cfg.model.map_stride, cfg.model.num_instance_ids,
+                                         table.maps_of(cfg.data.modalities))
         self.monitor: KnnMonitor | None = None
         if picked:
             _, bank, val, classes = picked
@@ -91,6 +99,11 @@ class PretrainTask(Task):
         self.modalities = list(cfg.data.modalities)
         self.names = ["loss"] + [f"loss_{m}" for m in self.modalities] + (["loss_align"] if self.teacher else [])
 
+    def take_skipped(self) -> list[Skipped]:
+        """Samples whose JPEG failed to decode on the device (``data.decode: gpu``) since the last call: what
+        an engine adds to its ledger of bad files after a forward (the loader's are in ``batch['skipped']``)."""
+        return take_skipped(self.augment) if self.augment is not None else []
+
     def build_optimizer(self, lr: float, device: torch.device) -> torch.optim.AdamW:
         return build_optimizer(self.model, self.cfg.optim, lr, device)
 
@@ -104,7 +117,10 @@ class PretrainTask(Task):
     def inputs_and_masks(self, batch: dict[str, Tensor], alphas: tuple[float, float], seed: int
                          ) -> tuple[dict[str, Tensor], Masks]:
         """The model's inputs (images as float, on the device) and the masks (Eq. 11) of a batch at the
-        curriculum's (α_I, α_S); the masking strategies read their guide maps as the table of modalities says."""
+        curriculum's (α_I, α_S); the masking strategies read their guide maps as the table of modalities says.
+        A raw batch (``data.decode: gpu``) is decoded and cropped here first, on the device."""
+        if self.augment is not None and "data" in batch:
+            batch = self.augment(batch, self.device)
         inputs = inputs_on_device(batch, self.modalities, self.cfg.data.mean, self.cfg.data.std,
                                   self.cfg.model.image_targets)
         n = inputs[self.modalities[0]].shape[0]
@@ -165,7 +181,7 @@ class PretrainTask(Task):
     def plot_reconstructions(self, epoch: int, alpha_i: float, alpha_s: float, run_dir: Path) -> Path | None:
         """The fixed first images of the dataset (centred square, no augmentation), masked with a fixed seed; rows
         named after their files where the dataset knows them."""
-        fixed = self.dataset.with_transform(train=False)
+        fixed = self.plot_dataset.with_transform(train=False)
         kept = [(i, x) for i, x in ((i, fixed[i]) for i in range(min(len(fixed), 4 * self.cfg.train.plot_samples)))
                 if not isinstance(x, Skipped)][: self.cfg.train.plot_samples]
         if not kept:

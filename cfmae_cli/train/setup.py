@@ -12,7 +12,7 @@ import torch
 from cfmae_cli import modalities as table
 from cfmae_cli.config import batch_plan, Config, derived
 from cfmae_cli.data.dataset import MultiGranularDataset
-from cfmae_cli.data.layout import is_packed, list_samples, read_manifest, read_packed_manifest, Sample
+from cfmae_cli.data.layout import is_packed, list_samples, read_manifest, read_packed_manifest, SampleTable
 from cfmae_cli.data.packed import PackedDataset
 from cfmae_cli.data.transforms import JointTransform
 from cfmae_cli.errors import CfmaeError
@@ -153,7 +153,7 @@ def monitor_root(cfg: Config) -> Path | None:
     return demo.build_demo_monitor_set(demo.default_monitor_root(), size=cfg.data.demo_size)
 
 
-def build_dataset(cfg: Config, root: Path, train: bool = True, samples: list[Sample] | None = None
+def build_dataset(cfg: Config, root: Path, train: bool = True, samples: SampleTable | None = None
                   ) -> tuple[MultiGranularDataset | PackedDataset, dict[str, Any]]:
     """The dataset of ``root`` (the folder layout — all its samples or ``samples`` — or a folder written by
     ``cfmae pack``) for this config, and its manifest (which gives C_sem). RGB comes out as uint8: the task

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from cfmae_cli.config import ImageDataConfig, OptimBase, RunConfig
-from cfmae_cli.data.dataset import collate as collate_samples
+from cfmae_cli.data.dataset import Skipped, collate as collate_samples
 
 
 class TrainingConfig(Protocol):
@@ -127,6 +127,11 @@ class Task:
     def forward(self, net: nn.Module, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, Tensor]:
         """One micro-batch → (loss to back-propagate, detached values of ``names`` (len(names),))."""
         raise NotImplementedError
+
+    def take_skipped(self) -> list[Skipped]:
+        """Samples dropped inside :meth:`forward` since the last call (a JPEG that failed to decode on the
+        device), for the engine's ledger of bad files; the loader's own are in ``batch['skipped']``."""
+        return []
 
     def step_values(self, ctx: StepContext) -> dict[str, float]:
         """Extra numbers for the metrics lines of this point of training (e.g. the masking schedule)."""
