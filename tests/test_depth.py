@@ -380,7 +380,7 @@ def test_pretrain_demo_depth_trains_on_four_modalities_of_the_built_in_data(tmp_
     sets = [x for item in TINY_OVERRIDES for x in ("--set", item)]
     result = runner.invoke(app, ["pretrain", "--preset", "demo-depth", "--out", str(tmp_path / "run"), *sets,
                                  "--set", "data.demo_crops_per_photo=2", "--set", "data.demo_size=32",
-                                 "--set", "train.monitor.enabled=false"])
+                                 "--set", "train.monitor.enabled=false", "--set", "train.epochs=1"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cache" / "demo-depth-v1" / "depth").is_dir()
     last = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())

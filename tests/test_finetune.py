@@ -292,13 +292,15 @@ def test_split_by_fraction_is_stable_and_checked(tmp_path: Path) -> None:
 def test_sigterm_then_resume_equals_an_unbroken_finetune(tmp_path: Path) -> None:
     data = image_folder(tmp_path)
     _, ckpt = _ours(tmp_path)
-    args = ["finetune", "--checkpoint", str(ckpt), "--data", str(data), *ft_sets("train.epochs=6")]
-    cli(*args, "--out", str(tmp_path / "unbroken"), cwd=tmp_path)
+    args = ["finetune", "--checkpoint", str(ckpt), "--data", str(data), *ft_sets("train.epochs=4")]  # 3 steps an epoch
+    code, text = finetune(*args[1:], "--out", str(tmp_path / "unbroken"))  # in this process, as the resume
+    assert code == 0, text
     proc = start([*args, "--out", str(tmp_path / "stopped")], tmp_path)
-    wait_for_step(tmp_path / "stopped", 7, proc)
+    wait_for_step(tmp_path / "stopped", 7, proc)  # in epoch 3, after two evaluations
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    cli("finetune", "--resume", str(tmp_path / "stopped"), cwd=tmp_path)
+    code, text = finetune("--resume", str(tmp_path / "stopped"))
+    assert code == 0, text
 
     def records(run: str) -> list[dict]:
         return [r for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]

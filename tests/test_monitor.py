@@ -24,7 +24,7 @@ from cfmae_cli.train.monitor import knn_accuracy, monitor_samples
 from cfmae_cli.train.pretraining import PretrainTask
 from tests.conftest import make_dataset, tiny_config
 from tests.test_distributed import cli, sets, steps
-from tests.test_resume import start, wait_for_step
+from tests.test_resume import here, start, wait_for_step
 
 runner = CliRunner()
 
@@ -163,17 +163,17 @@ def test_monitor_data_that_is_not_there_exits_2_and_leaves_no_run(tmp_path: Path
 @pytest.mark.slow
 def test_a_run_measures_at_epoch_0_every_n_and_the_last_without_changing_the_training(tmp_path: Path) -> None:
     data, labelled = make_dataset(tmp_path / "data"), labelled_folder(tmp_path / "labelled")
-    common = ["--data", str(data), "--epochs", "5", *sets("train.monitor.every=2", "train.plot_every=1000")]
+    common = ["--data", str(data), "--epochs", "3", *sets("train.monitor.every=2", "train.plot_every=1000")]
     out = cli("pretrain", "--out", str(tmp_path / "on"), "--monitor-data", str(labelled), *common, cwd=tmp_path)
     records = monitor_records(tmp_path / "on")
-    assert [r["epoch"] for r in records] == [0, 2, 4, 5] and [r["step"] for r in records] == [0, 4, 8, 10]
+    assert [r["epoch"] for r in records] == [0, 2, 3] and [r["step"] for r in records] == [0, 4, 6]
     assert all(0 <= r["knn_top1_avg"] <= r["knn_top5_avg"] <= 100 and r["monitor_seconds"] > 0 for r in records)
     log = (tmp_path / "on/log.txt").read_text()
     assert "k-NN monitor: 18 bank / 12 val images, 3 classes, k 20, T 0.07, every 2 epochs" in log
     assert f"before training: k-NN top-1 {records[0]['knn_top1_avg']:.1f} %" in log
-    assert "epoch 5/5" in log and f"k-NN top-1 {records[-1]['knn_top1_avg']:.1f} %" in out.stdout + out.stderr
+    assert "epoch 3/3" in log and f"k-NN top-1 {records[-1]['knn_top1_avg']:.1f} %" in out.stdout + out.stderr
     assert (tmp_path / "on/plots/loss.png").stat().st_size > 0
-    cli("pretrain", "--out", str(tmp_path / "off"), *common, "--set", "train.monitor.enabled=false", cwd=tmp_path)
+    here("pretrain", "--out", str(tmp_path / "off"), *common, "--set", "train.monitor.enabled=false")
     assert not monitor_records(tmp_path / "off")
     untimed = lambda run: [{k: v for k, v in r.items() if "img_per_s" not in k} for r in steps(run)]  # noqa: E731
     assert untimed(tmp_path / "on") == untimed(tmp_path / "off")  # the monitor draws nothing from the run's RNG
@@ -182,18 +182,18 @@ def test_a_run_measures_at_epoch_0_every_n_and_the_last_without_changing_the_tra
 @pytest.mark.slow
 def test_a_resumed_run_has_the_monitor_series_of_an_unbroken_one(tmp_path: Path) -> None:
     data, labelled = make_dataset(tmp_path / "data", n_per_class=12), labelled_folder(tmp_path / "labelled")
-    args = lambda out: ["pretrain", "--data", str(data), "--out", str(out), "--epochs", "6",  # noqa: E731
+    args = lambda out: ["pretrain", "--data", str(data), "--out", str(out), "--epochs", "3",  # noqa: E731
                         "--monitor-data", str(labelled), *sets("train.monitor.every=2", "train.plot_every=1000",
                                                                 "train.save_every=100")]
-    cli(*args(tmp_path / "unbroken"), cwd=tmp_path)
+    here(*args(tmp_path / "unbroken"))
     proc = start(args(tmp_path / "term"), tmp_path)
-    wait_for_step(tmp_path / "term", 15, proc)  # 6 steps per epoch: in epoch 3, after the epoch-2 measurement
+    wait_for_step(tmp_path / "term", 13, proc)  # 6 steps per epoch: in epoch 3, after the epoch-2 measurement
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, output
-    cli("pretrain", "--resume", str(tmp_path / "term"), cwd=tmp_path)
+    here("pretrain", "--resume", str(tmp_path / "term"))
     assert values(monitor_records(tmp_path / "term")) == values(monitor_records(tmp_path / "unbroken"))
-    assert [r["epoch"] for r in monitor_records(tmp_path / "term")] == [0, 2, 4, 6]
+    assert [r["epoch"] for r in monitor_records(tmp_path / "term")] == [0, 2, 3]  # the last epoch's after the resume
 
 
 @pytest.mark.slow
@@ -203,7 +203,7 @@ def test_two_cpu_processes_measure_what_one_does(tmp_path: Path) -> None:
               *sets("optim.effective_batch=8", "train.batch_size=4", "train.monitor.every=1", "train.monitor.k=3",
                     "train.monitor.batch_size=4")]  # 21 + 12 images in batches of 4: uneven shares of the ranks
     cli("pretrain", "--gpus", "0", "--procs", "2", "--out", str(tmp_path / "two"), *common, cwd=tmp_path)
-    cli("pretrain", "--gpus", "0", "--out", str(tmp_path / "one"), *common, cwd=tmp_path)
+    here("pretrain", "--gpus", "0", "--out", str(tmp_path / "one"), *common)
     two, one = monitor_records(tmp_path / "two"), monitor_records(tmp_path / "one")
     assert [r["epoch"] for r in two] == [0, 1, 2]
     assert values(two) == pytest.approx(values(one))

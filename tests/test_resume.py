@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from cfmae_cli import checkpoints as ckpt_mod
 from cfmae_cli.checkpoints import CheckpointWriteError, save_checkpoint
 from cfmae_cli.cli import app
 from tests.conftest import make_dataset
-from tests.test_distributed import ROOT, cli, sets, steps
+from tests.test_distributed import ROOT, sets, steps
 
 runner = CliRunner()
 KEYS = ("loss", "loss_rgb", "loss_instance", "loss_semantic", "lr", "alpha_i", "alpha_s")
@@ -44,6 +43,13 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
     raise AssertionError("the run never reached the step")
 
 
+def here(*args: str) -> None:
+    """A run in this process: where only the broken run needs to be a real process (to kill it), the runs it is
+    compared with, and its resumption, skip a fresh interpreter's imports."""
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+
+
 def assert_same_steps(a: list[dict], b: list[dict]) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b]  # every step once, none lost or repeated
     for x, y in zip(a, b):
@@ -58,41 +64,51 @@ def data(tmp_path: Path) -> Path:
 
 def run_args(data: Path, out: Path, epochs: int) -> list[str]:
     return ["pretrain", "--data", str(data), "--out", str(out), "--epochs", str(epochs),
-            *sets("train.plot_every=1000", "train.save_every=5")]
+            *sets("train.plot_every=1000", "train.save_every=2")]
+
+
+EPOCHS = 3  # of 6 steps (24 images, batch 4): a checkpoint at each epoch's end, the kills fall between them
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(data, run): one unbroken run that the kill -9 and the SIGTERM test each compare their resumed run
+    against (read only: neither writes to it)."""
+    root = tmp_path_factory.mktemp("unbroken")
+    data = make_dataset(root / "data", n_per_class=12)
+    here(*run_args(data, root / "run", EPOCHS))
+    return data, root / "run"
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_equals_an_unbroken_run(data: Path, tmp_path: Path) -> None:
-    epochs = 30  # 2 steps per epoch
-    cli(*run_args(data, tmp_path / "unbroken", epochs), cwd=tmp_path)
-    proc = start(run_args(data, tmp_path / "killed", epochs), tmp_path)
-    wait_for_step(tmp_path / "killed", random.Random(7).randint(12, 40), proc)
+def test_kill_9_then_resume_equals_an_unbroken_run(unbroken: tuple[Path, Path], tmp_path: Path) -> None:
+    data, reference = unbroken
+    proc = start(run_args(data, tmp_path / "killed", EPOCHS), tmp_path)
+    wait_for_step(tmp_path / "killed", 10, proc)  # mid epoch 2: steps 7-10 are past last.pt (step 6)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(r["step"] for r in steps(tmp_path / "killed"))
-    assert killed_at < 2 * epochs  # it really died before the end
-    cli("pretrain", "--resume", str(tmp_path / "killed"), cwd=tmp_path)
-    assert_same_steps(steps(tmp_path / "killed"), steps(tmp_path / "unbroken"))
+    assert killed_at < 6 * EPOCHS  # it really died before the end
+    here("pretrain", "--resume", str(tmp_path / "killed"))
+    assert_same_steps(steps(tmp_path / "killed"), steps(reference))
     a = torch.load(tmp_path / "killed/checkpoints/last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "unbroken/checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(reference / "checkpoints/last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
-def test_sigterm_saves_mid_epoch_and_the_resumed_run_is_exact(tmp_path: Path) -> None:
-    data = make_dataset(tmp_path / "big", n_per_class=12)  # 24 images: 6 steps per epoch
-    epochs = 20
-    cli(*run_args(data, tmp_path / "unbroken", epochs), cwd=tmp_path)
-    proc = start(run_args(data, tmp_path / "term", epochs), tmp_path)
+def test_sigterm_saves_mid_epoch_and_the_resumed_run_is_exact(unbroken: tuple[Path, Path], tmp_path: Path) -> None:
+    data, reference = unbroken
+    proc = start(run_args(data, tmp_path / "term", EPOCHS), tmp_path)
     wait_for_step(tmp_path / "term", 9, proc)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, output
     assert "stopped by SIGTERM after step" in output and "cfmae pretrain --resume" in output
     state = torch.load(tmp_path / "term/checkpoints/last.pt", weights_only=True)
-    assert state["step"] < 6 * epochs
-    cli("pretrain", "--resume", str(tmp_path / "term"), cwd=tmp_path)
-    assert_same_steps(steps(tmp_path / "term"), steps(tmp_path / "unbroken"))
+    assert state["step"] < 6 * EPOCHS and state["next_step"] > 0  # saved mid-epoch, not at an epoch's end
+    here("pretrain", "--resume", str(tmp_path / "term"))
+    assert_same_steps(steps(tmp_path / "term"), steps(reference))
 
 
 def test_truncated_checkpoint_names_the_file_and_offers_the_periodic_one(data: Path, tmp_path: Path) -> None:
@@ -196,16 +212,16 @@ def test_sigterm_to_the_launcher_then_resume_on_one_process_is_exact(tmp_path: P
     """2 CPU processes are preempted mid-epoch; the run goes on in 1 process with 2 accumulation steps."""
     data = make_dataset(tmp_path / "big", n_per_class=12)  # 24 images, effective batch 8: 3 steps per epoch
     extra = ["optim.effective_batch=8", "train.plot_every=1000"]
-    base = ["--data", str(data), "--epochs", "12", *sets(*extra)]
-    cli("pretrain", "--out", str(tmp_path / "unbroken"), *base, cwd=tmp_path)
+    base = ["--data", str(data), "--epochs", "3", *sets(*extra)]
+    here("pretrain", "--out", str(tmp_path / "unbroken"), *base)
     proc = start(["pretrain", "--gpus", "0", "--procs", "2", "--out", str(tmp_path / "pre"), *base], tmp_path)
-    wait_for_step(tmp_path / "pre", 8, proc)
+    wait_for_step(tmp_path / "pre", 5, proc)  # mid epoch 2
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, output
     state = torch.load(tmp_path / "pre/checkpoints/last.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
-    cli("pretrain", "--resume", str(tmp_path / "pre"), "--gpus", "0", cwd=tmp_path)
+    here("pretrain", "--resume", str(tmp_path / "pre"), "--gpus", "0")
     assert_same_steps(steps(tmp_path / "pre"), steps(tmp_path / "unbroken"))
 
 

@@ -260,7 +260,8 @@ def test_two_processes_count_every_image_once(tmp_path: Path) -> None:
     ckpt = tiny_classifier(tmp_path, SYNSETS, favourite=[10, subset_columns("a")[5], 12, 0])
     args = ["eval-robustness", "--checkpoint", str(ckpt), "--root", str(tmp_path / "ood"), "--datasets", "a,sketch",
             "--workers", "0", "--batch-size", "2", "--gpus", "0"]
-    subprocess_cli(*args, "--out", str(tmp_path / "one"), cwd=tmp_path)
+    code, text = cli(*args[1:], "--out", str(tmp_path / "one"))  # in this process: only the two need their own
+    assert code == 0, text
     subprocess_cli(*args, "--procs", "2", "--out", str(tmp_path / "two"), cwd=tmp_path)
     one = json.loads((tmp_path / "one/results.json").read_text())["datasets"]
     two = json.loads((tmp_path / "two/results.json").read_text())["datasets"]
