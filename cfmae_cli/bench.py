@@ -282,7 +282,7 @@ class MaeAnchor(Dataset):
 
 
 def _loader_rate(dataset: Dataset, w: int, batch_size: int, batches: int) -> tuple[float, list[dict[str, Any]]]:
-    """Samples/s of a DataLoader of ``w`` workers after its first batch, and the batches it gave. With 0 workers
+    """Samples/s of a DataLoader of ``w`` workers after its warm-up (:func:`_rate`), and the batches it gave. With 0 workers
     the main process reads at one torch thread, as each worker process does (DataLoader sets it)."""
     threads = torch.get_num_threads()
     if w == 0:
@@ -294,11 +294,16 @@ def _loader_rate(dataset: Dataset, w: int, batch_size: int, batches: int) -> tup
 
 
 def _rate(dataset: Dataset, w: int, batch_size: int, batches: int) -> tuple[float, list[dict[str, Any]]]:
-    keys = [(0, i % len(cast(Sized, dataset))) for i in range(batch_size * (batches + 1))]
+    """Timed over ``batches`` after the warm-up: the first batch, or with workers the 2 x ``w`` batches they
+    load ahead (DataLoader's prefetch) while the clock would not run: timing from the first batch would count
+    work done before it and overstate the rate of many workers."""
+    warm = max(1, 2 * w)
+    keys = [(0, i % len(cast(Sized, dataset))) for i in range(batch_size * (batches + warm))]
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=w, collate_fn=collate,
                         sampler=keys)
     it = iter(loader)
-    next(it)
+    for _ in range(warm):
+        next(it)
     start = time.perf_counter()
     got = list(it)
     return sum(b["size"] for b in got) / (time.perf_counter() - start), got

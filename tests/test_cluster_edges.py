@@ -287,3 +287,18 @@ def test_sigterm_during_the_monitor_skips_it_and_the_epoch_is_saved(tmp_path: Pa
     assert [r["epoch"] for r in records if r["type"] == "monitor"] == [0]  # epoch 1's was skipped
     assert [r["epoch"] for r in records if r["type"] == "epoch"] == [1]
     assert "k-NN monitor skipped: SIGTERM received" in (out / "log.txt").read_text()
+
+
+def test_torchrun_restarts_without_out_are_refused_before_anything_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --out every restart would claim a new runs/pretrain/<name>-k and start from epoch 0."""
+    data = make_dataset(tmp_path / "data", n_per_class=2)
+    monkeypatch.chdir(tmp_path)
+    _torchrun_worker(monkeypatch, "job-1", 0)
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    result = CliRunner().invoke(app, ["pretrain", "--data", str(data), *SETS])
+    assert result.exit_code == 2 and "--max-restarts 3 without --out" in result.output, result.output
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # torchrun's default: a run of its own is fine
+    assert CliRunner().invoke(app, ["pretrain", "--data", str(data), *SETS, "--set", "train.plot_every=1000",
+                                    "--set", "train.threads=1"]).exit_code == 0

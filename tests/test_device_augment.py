@@ -207,3 +207,46 @@ def test_an_image_map_is_resampled_like_the_image() -> None:
         box = torch.tensor([[top, left, ch, cw]], dtype=torch.float64)
         mine = resize_images(depth[None], box, torch.tensor([int(flip)]), 32)[0]
         assert mine.dtype == torch.float32 and torch.allclose(mine, out["depth"], atol=1e-5)
+
+
+def test_crops_are_cut_and_grouped_so_one_large_photo_does_not_pad_the_batch(monkeypatch) -> None:
+    """Each image is cut to its crop box and padded only with crops of its size group: the padded float32 copy
+    stays under PAD_BYTES (here set to hold 2 small crops) while the result equals each sample resized alone."""
+    import cfmae_cli.data.device_augment as da
+
+    g = torch.Generator().manual_seed(5)
+    sizes = [(30, 40), (300, 200), (25, 25), (33, 31), (28, 45)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+    box = torch.tensor([[2, 3, 20, 30], [40, 10, 250, 180], [0, 0, 25, 25], [5, 1, 20, 28], [3, 9, 22, 30]],
+                       dtype=torch.float64)
+    flip = torch.tensor([0, 1, 0, 1, 0])
+    padded: list[int] = []
+    pad = da._pad
+    monkeypatch.setattr(da, "_pad", lambda xs: padded.append(pad(xs).numel() * 4) or pad(xs))
+    monkeypatch.setattr(da, "PAD_BYTES", 2 * 3 * 40 * 40 * 4)
+    out = da.resize_batch(images, box, box, flip, 16)
+    alone = torch.cat([resize_images(x[None], box[k:k + 1], flip[k:k + 1], 16) for k, x in enumerate(images)])
+    assert torch.equal(out, alone)
+    assert max(padded) <= 3 * 250 * 180 * 4  # the large photo alone, and only its crop
+    assert sorted(padded)[:-1] and max(sorted(padded)[:-1]) <= da.PAD_BYTES
+
+
+def test_the_device_resampling_runs_in_float32_under_the_steps_autocast() -> None:
+    """The task calls the augmentation inside the step's bf16 autocast (and with TF32 on for fp32 runs): the
+    resampling must not follow them, or RGB moves by more than a grey level and depth loses its precision."""
+    augment = DeviceAugment(32, 2, 16, ["depth"])
+    g = torch.Generator().manual_seed(3)
+    rgb = torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8, generator=g)
+    items = [{"data": rgb, "hw": torch.tensor([60, 80]), "box": torch.tensor([3.0, 5.0, 50.0, 70.0],
+              dtype=torch.float64), "flip": 1, "label": 0, "file": "x.png", "depth": torch.rand(1, 60, 80,
+                                                                                         generator=g)}]
+    plain = augment(collate(items), CPU)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = augment(collate(items), CPU)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert mixed["depth"].dtype == torch.float32 and torch.equal(mixed["depth"], plain["depth"])
+    assert torch.equal(mixed["rgb"], plain["rgb"])

@@ -97,3 +97,12 @@ def test_no_python_object_per_sample() -> None:
     assert table[n - 1] == Sample(Path(f"/data/rgb/n00000003/n00000003_{n // 4 - 1}.JPEG"),
                                   {m: Path(f"/data/{m}/n00000003/n00000003_{n // 4 - 1}.png")
                                    for m in ("instance", "semantic")}, 3)
+
+
+def test_file_names_that_are_not_utf8_are_listed(tmp_path: Path) -> None:
+    """Linux file names are bytes: one in Latin-1 (as old archives hold) lists and reads back as the same file."""
+    name = os.fsdecode(b"caf\xe9.jpg")
+    root = _layout(tmp_path / "d", {"a": [name, "b.jpg"]})
+    table, _ = list_samples(root)
+    assert list(table) == _expected(root, ["instance", "semantic"])
+    assert all(s.rgb.is_file() and s.maps["instance"].is_file() for s in table)

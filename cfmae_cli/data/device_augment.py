@@ -5,8 +5,8 @@ have read the bytes and drawn each sample's crop box and flip exactly as the CPU
 Decoder: ``torchvision.io.decode_jpeg`` (libjpeg-turbo on the CPU, nvJPEG batched on a GPU), its torchvision 0.29
 deprecation warning filtered at the call (docs/performance.md says why not TorchCodec yet).
 
-Resampling, batched, one pair of matrices per sample: the images are padded to the batch's largest and each
-output is ``Wy · image · Wxᵀ``, where the rows of ``Wy`` / ``Wx`` hold the weights of PyTorch's antialiased
+Resampling, batched, one pair of matrices per sample: the images are cut to their crop boxes, padded in groups
+of similar size (:data:`PAD_BYTES`) and each output is ``Wy · image · Wxᵀ``, where the rows of ``Wy`` / ``Wx`` hold the weights of PyTorch's antialiased
 bilinear filter (``F.interpolate(antialias=True)``, what torchvision's ``resized_crop`` runs) over the sample's
 crop box, zero outside it, the flip a reversal of ``Wx``'s rows. So the maths is the CPU path's: the same
 triangle filter widened by the downscale factor, not ``grid_sample`` (no antialiasing: aliased where a crop is
@@ -18,10 +18,11 @@ in float64 as it computes it) gathered batched, then canonical instance ids rank
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -116,15 +117,54 @@ def centres(start: Tensor, length: Tensor, out: int, limit: Tensor) -> Tensor:
 
 def resample_ids(maps: list[Tensor], box: Tensor, hw: Tensor, flip: Tensor, side: int) -> Tensor:
     """Id maps (each at its stored size, a fraction of its image's ``hw`` or the same) → (B, side, side) long
-    at the cells' centres of each sample's crop box (scaled to the map as the CPU path scales it), flipped."""
+    at the cells' centres of each sample's crop box (scaled to the map as the CPU path scales it), flipped.
+    One gather from the maps laid end to end (no padding: a batch's memory is its maps', whatever their sizes)."""
     sizes = torch.tensor([list(m.shape[-2:]) for m in maps], dtype=torch.long).to(box.device, non_blocking=True)
     fy, fx = sizes[:, 0] / hw[:, 0].double(), sizes[:, 1] / hw[:, 1].double()
     rows = centres(box[:, 0] * fy, box[:, 2] * fy, side, sizes[:, 0])
     cols = centres(box[:, 1] * fx, box[:, 3] * fx, side, sizes[:, 1])
     cols = torch.where(flip.bool()[:, None], cols.flip(1), cols)
-    padded = _pad(maps).long()
-    b = torch.arange(len(maps), device=box.device)[:, None, None]
-    return padded[b, rows[:, :, None], cols[:, None, :]]
+    flat = torch.cat([m.reshape(-1) for m in maps])
+    areas = sizes[:, 0] * sizes[:, 1]
+    start = torch.cumsum(areas, 0) - areas  # where each map begins in ``flat``
+    index = start[:, None, None] + rows[:, :, None] * sizes[:, 1, None, None] + cols[:, None, :]
+    return flat[index].long()
+
+
+PAD_BYTES = 1 << 30  # the padded float32 copy of a group of crops is held to this (one large photo is alone)
+
+
+def resize_batch(images: list[Tensor], box: Tensor, box_host: Tensor, flip: Tensor, side: int) -> Tensor:
+    """(C, h, w) images → (B, C, side, side) by :func:`resize_images`, each cut to its crop box first (the
+    filter reads nothing outside it) and padded in groups of similar size whose float32 copy stays under
+    :data:`PAD_BYTES`: a batch holding one 4000 × 3000 photo costs that photo, not the batch × its size."""
+    cut, rel = [], []
+    for x, (top, left, height, width) in zip(images, box_host.tolist()):
+        t0, l0 = int(top), int(left)  # floor (boxes are ≥ 0)
+        t1, l1 = -int(-(top + height) // 1), -int(-(left + width) // 1)  # ceil
+        cut.append(x[..., t0:t1, l0:l1])
+        rel.append((t0, l0))
+    rel_box = box - torch.tensor([[t, left, 0, 0] for t, left in rel], dtype=box.dtype).to(box.device)
+    order = sorted(range(len(cut)), key=lambda k: cut[k].shape[-2] * cut[k].shape[-1])
+    out: list[Tensor | None] = [None] * len(cut)
+    group: list[int] = []
+
+    def flush() -> None:
+        if group:
+            idx = torch.tensor(group, device=box.device)
+            for k, y in zip(group, resize_images(_pad([cut[k] for k in group]), rel_box[idx], flip[idx], side)):
+                out[k] = y
+            group.clear()
+
+    for k in order:
+        h, w = cut[k].shape[-2:]  # the largest so far (sorted by area; the padded sides can grow)
+        hh = max([h, *(cut[j].shape[-2] for j in group)])
+        ww = max([w, *(cut[j].shape[-1] for j in group)])
+        if group and (len(group) + 1) * cut[k].shape[0] * hh * ww * 4 > PAD_BYTES:
+            flush()
+        group.append(k)
+    flush()
+    return torch.stack([y for y in out if y is not None])
 
 
 def canonical_ids_batched(ids: Tensor, num_ids: int) -> Tensor:
@@ -144,6 +184,18 @@ def canonical_ids_batched(ids: Tensor, num_ids: int) -> Tensor:
     new = torch.where(rank + 1 < num_ids, rank + 1, torch.full_like(rank, UNLABELLED))
     new = torch.where(orig == 0, torch.zeros_like(new), new)
     return new[inverse]
+
+
+@contextlib.contextmanager
+def _full_float32() -> Iterator[None]:
+    """float32 matmuls in full precision inside (not TF32, which fp32 training turns on: a 10-bit mantissa
+    would move RGB by more than the grey level the CPU path's rounding allows)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def take_skipped(augment: "DeviceAugment") -> list[Skipped]:
@@ -166,6 +218,11 @@ class DeviceAugment:
         self.dropped: list[Skipped] = []  # since the last take_skipped()
 
     def __call__(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        # outside the step's autocast and TF32: the resampling's matmuls in full float32, as the CPU path's
+        with torch.autocast(device.type, enabled=False), _full_float32():
+            return self._augment(batch, device)
+
+    def _augment(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         images, bad = decode_batch(batch["data"], batch["file"], device)
         for file, why in bad:
             if file not in self.failed:
@@ -186,7 +243,8 @@ class DeviceAugment:
             return [x[i] for i in keep]
 
         box, hw, flip = pick(batch["box"]), pick(batch["hw"]), pick(batch["flip"])
-        out: dict[str, Any] = {"rgb": resize_images(_pad(decoded), box, flip, self.img_size),
+        box_host = box.cpu()  # to cut each image to its box (the decode has waited for the device already)
+        out: dict[str, Any] = {"rgb": resize_batch(decoded, box, box_host, flip, self.img_size),
                                "label": pick(batch["label"]), "size": len(keep)}
         for name in self.modalities:
             spec = table.get(name)
@@ -199,5 +257,5 @@ class DeviceAugment:
                 x = resample_ids(maps, box, hw, flip, side)
                 out[name] = canonical_ids_batched(x, self.num_instance_ids) if spec.canonical else x
             else:  # an image map of the image's size: the image's resampling, in its dtype
-                out[name] = resize_images(_pad(maps), box, flip, side)
+                out[name] = resize_batch(maps, box, box_host, flip, side)
         return out

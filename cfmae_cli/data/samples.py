@@ -61,7 +61,7 @@ class SampleTable(Sequence[Sample]):
         lengths: list[np.ndarray] = []
         labels: list[np.ndarray] = []
         for label, names in files:
-            encoded = [name.encode() for name in names]
+            encoded = [os.fsencode(name) for name in names]  # undecodable bytes kept (surrogateescape)
             chunks.append(b"".join(encoded))
             lengths.append(np.fromiter((len(e) for e in encoded), np.int64, len(encoded)))
             labels.append(np.full(len(encoded), label, np.int32))
@@ -88,7 +88,7 @@ class SampleTable(Sequence[Sample]):
         if not -n <= i < n:
             raise IndexError(f"sample {index} of {n}")
         i %= n
-        name = self.names[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
+        name = os.fsdecode(self.names[self.offsets[i]:self.offsets[i + 1]].tobytes())
         label = int(self.labels[i])
         c = label if self.class_dirs else 0
         stem = os.path.splitext(name)[0]

@@ -41,6 +41,11 @@ class RunFolder:
             if info.is_main:
                 self.claim = Claim(self.path, FolderLock(self.path, "--resume").acquire(), created=False)
         else:
+            restarts = os.environ.get(MAX_RESTARTS_ENV, "0")
+            if out is None and restarts.isdigit() and int(restarts) > 0:  # every rank: the same answer, no wait
+                raise CfmaeError(f"torchrun --max-restarts {restarts} without --out: each restart would start a new "
+                                 f"run in a new folder, from epoch 0. Give the run its folder (--out RUN), which "
+                                 f"a restart of the same job resumes from its last checkpoint.")
             made: tuple[str, str | None] | None = None
             if info.is_main:
                 own = restarted_run(out)
@@ -138,6 +143,7 @@ def unfinished_by(path: Path) -> str | None:
         return None
 
 
+MAX_RESTARTS_ENV = "TORCHELASTIC_MAX_RESTARTS"  # set by torchrun in its workers: its --max-restarts
 RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun in its workers: 0, then 1, 2, … after a restart
 JOB_MARK = ".cfmae-job"  # in a run folder that a worker of torchrun made: which job, and when
 
