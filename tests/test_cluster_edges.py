@@ -287,6 +287,9 @@ def test_sigterm_during_the_monitor_skips_it_and_the_epoch_is_saved(tmp_path: Pa
     assert [r["epoch"] for r in records if r["type"] == "monitor"] == [0]  # epoch 1's was skipped
     assert [r["epoch"] for r in records if r["type"] == "epoch"] == [1]
     assert "k-NN monitor skipped: SIGTERM received" in (out / "log.txt").read_text()
+    # the skipped monitor's workers (which ignore SIGTERM) are shut down, not left for the interpreter's exit to
+    # terminate: it would wait on them for ever (a run that stopped with 143 and never exited)
+    assert multiprocessing.active_children() == []
 
 
 def test_torchrun_restarts_without_out_are_refused_before_anything_is_written(

@@ -33,7 +33,7 @@ from cfmae_cli.formats import atomic_write_text
 from cfmae_cli.seeding import mix_seed
 from cfmae_cli.train import distributed, provenance
 from cfmae_cli.train.divergence import LossWatch, TrainingDiverged, keep_last_good
-from cfmae_cli.train.faults import Preempted, StopRequest, ignore_stop_signals
+from cfmae_cli.train.faults import Preempted, StopRequest, ignore_stop_signals, shut_down_workers
 from cfmae_cli.train.ledger import BadFiles
 from cfmae_cli.train.meters import Meters
 from cfmae_cli.train.optim import lr_at
@@ -223,6 +223,7 @@ class Engine:
                 error = sys.exc_info()[0]
                 self.metrics.close(failed=error is not None and not issubclass(error, Preempted))
             self.bad.write()
+            shut_down_workers(getattr(self.loader, "_iterator", None))  # persistent workers: with the run
         epochs = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r["type"] == "epoch"] if main else []
         return {"run_dir": str(self.run_dir), "epochs": cfg.train.epochs, "steps": self.step,
                 "first_epoch_loss": epochs[0]["loss"] if epochs else math.nan,

@@ -60,6 +60,16 @@ class StopRequest(SignalCatcher):
                     signal.Signals(signum).name)
 
 
+def shut_down_workers(batches: object) -> None:
+    """Stop the worker processes of a DataLoader iterator now (torch's multi-process iterator; anything else is
+    left alone). Not left to the garbage collector: the workers ignore SIGTERM (:func:`ignore_stop_signals`),
+    so an iterator that outlived its run would make the interpreter's exit, which terminates leftover workers
+    with SIGTERM and waits for them, wait for ever."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's private API, stable since 1.x
+    if shutdown is not None:
+        shutdown()
+
+
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: workers leave SIGTERM/SIGINT to the main process, which saves and
     then shuts them down (a worker killed by the signal would abort the save)."""

@@ -11,13 +11,14 @@ does, and so do N processes, each embedding every N-th batch of the same fixed b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from cfmae_cli.data.transforms import JointTransform, normalise_on_device
 from cfmae_cli.errors import DataError
 from cfmae_cli.model.encoder import ViTEncoder
 from cfmae_cli.train import distributed
-from cfmae_cli.train.faults import SignalCatcher, ignore_stop_signals
+from cfmae_cli.train.faults import SignalCatcher, ignore_stop_signals, shut_down_workers
 
 log = logging.getLogger(__name__)
 POOLS = ("token", "avg")
@@ -148,6 +149,16 @@ class _Fixed(Dataset):
             [k for k, x in enumerate(items) if not isinstance(x, Skipped)]]}
 
 
+@contextlib.contextmanager
+def _workers_shut_down(batches: Iterator[Any]) -> Iterator[Iterator[Any]]:
+    """The loader's iterator, whose worker processes are shut down on leaving, however it is left (a skip mid-way
+    included): :func:`~cfmae_cli.train.faults.shut_down_workers`."""
+    try:
+        yield batches
+    finally:
+        shut_down_workers(batches)
+
+
 class _Skipped(Exception):
     """A rank got SIGTERM / SIGINT during the monitor: every rank leaves it at the same batch."""
 
@@ -201,19 +212,20 @@ class KnnMonitor:
         labels, index = [], []
         rounds = -(-batches // info.world)  # the same number of questions on every rank (shares differ by one)
         stopped = lambda: watch is not None and distributed.any_rank(watch.signum is not None, info)  # noqa: E731
-        for batch in loader:
-            rounds -= 1
-            if stopped():
-                raise _Skipped
-            if batch["size"] == 0:
-                continue
-            rgb = normalise_on_device(batch["rgb"].to(device), self.cfg.data.mean, self.cfg.data.std)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=info.bf16):
-                x = encoder.forward_image(rgb).float()
-            feats["token"].append(F.normalize(x[:, 0], dim=-1))
-            feats["avg"].append(F.normalize(x[:, 1:].mean(1), dim=-1))
-            labels.append(batch["label"].to(device))
-            index.append(batch["index"].to(device))
+        with _workers_shut_down(iter(loader)) as batches_in:
+            for batch in batches_in:
+                rounds -= 1
+                if stopped():
+                    raise _Skipped
+                if batch["size"] == 0:
+                    continue
+                rgb = normalise_on_device(batch["rgb"].to(device), self.cfg.data.mean, self.cfg.data.std)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=info.bf16):
+                    x = encoder.forward_image(rgb).float()
+                feats["token"].append(F.normalize(x[:, 0], dim=-1))
+                feats["avg"].append(F.normalize(x[:, 1:].mean(1), dim=-1))
+                labels.append(batch["label"].to(device))
+                index.append(batch["index"].to(device))
         for _ in range(rounds):  # this rank's share was a batch shorter: ask with the others all the same
             if stopped():
                 raise _Skipped
