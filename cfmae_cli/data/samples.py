@@ -37,8 +37,9 @@ def map_path(root: Path, modality: str, class_dir: str, stem: str) -> Path:
 class SampleTable(Sequence[Sample]):
     """The samples of a folder of images in class folders, ``IMAGES/<class>/<file>`` (or ``IMAGES/<file>``
     without class folders), each with its maps ``ROOT/<modality>/<class>/<stem>.png``: the dataset layout
-    (``IMAGES`` = ``ROOT/rgb``) or an ImageFolder (no maps). The file names are UTF-8 in one ``uint8`` array
-    cut by ``offsets`` (int64, one more than the samples), the class index of each is in ``labels`` (int32).
+    (``IMAGES`` = ``ROOT/rgb``) or an ImageFolder (no maps). The file names, as the file system's bytes
+    (``os.fsencode``), are in one ``uint8`` array cut by ``offsets`` (int64, one more than the samples), the
+    class index of each is in ``labels`` (int32).
     ``table[i]`` makes the :class:`Sample` (the paths ``list_samples`` always gave); ``table[a:b]``,
     :meth:`take` and :meth:`where` give tables, so a subset stays compact."""
 
