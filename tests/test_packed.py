@@ -326,9 +326,10 @@ def test_packs_workers_die_when_it_is_killed(tmp_path: Path) -> None:
         while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
             workers |= _children(proc.pid)
             time.sleep(0.05)
-        assert len(workers) == 2, (workers, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
+        assert len(workers) >= 2, (workers, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
         time.sleep(0.5)  # the workers are at work on their shards
-        assert all(_alive(w) for w in workers)
+        # (a short-lived child of the pack, which a poll may also catch, is gone by now; the 2 workers are not)
+        assert len({w for w in workers if _alive(w)}) >= 2, workers
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 5
