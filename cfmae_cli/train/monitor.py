@@ -11,14 +11,13 @@ does, and so do N processes, each embedding every N-th batch of the same fixed b
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -149,16 +148,6 @@ class _Fixed(Dataset):
             [k for k, x in enumerate(items) if not isinstance(x, Skipped)]]}
 
 
-@contextlib.contextmanager
-def _workers_shut_down(batches: Iterator[Any]) -> Iterator[Iterator[Any]]:
-    """The loader's iterator, whose worker processes are shut down on leaving, however it is left (a skip mid-way
-    included): :func:`~cfmae_cli.train.faults.shut_down_workers`."""
-    try:
-        yield batches
-    finally:
-        shut_down_workers(batches)
-
-
 class _Skipped(Exception):
     """A rank got SIGTERM / SIGINT during the monitor: every rank leaves it at the same batch."""
 
@@ -212,7 +201,8 @@ class KnnMonitor:
         labels, index = [], []
         rounds = -(-batches // info.world)  # the same number of questions on every rank (shares differ by one)
         stopped = lambda: watch is not None and distributed.any_rank(watch.signum is not None, info)  # noqa: E731
-        with _workers_shut_down(iter(loader)) as batches_in:
+        batches_in = iter(loader)
+        try:  # the workers ignore SIGTERM: shut down here, a skip included (faults.shut_down_workers)
             for batch in batches_in:
                 rounds -= 1
                 if stopped():
@@ -226,6 +216,8 @@ class KnnMonitor:
                 feats["avg"].append(F.normalize(x[:, 1:].mean(1), dim=-1))
                 labels.append(batch["label"].to(device))
                 index.append(batch["index"].to(device))
+        finally:
+            shut_down_workers(batches_in)
         for _ in range(rounds):  # this rank's share was a batch shorter: ask with the others all the same
             if stopped():
                 raise _Skipped
