@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import atomic_write
+from cfmae_cli.hub import local_weights
 
 if TYPE_CHECKING:
     import torch
@@ -120,8 +121,10 @@ class CheckpointWriteError(CfmaeError):
 
 
 def checkpoint_path(path: str | Path) -> Path:
-    """A run folder means its ``checkpoints/last.pt``; a file means itself."""
-    path = Path(path)
+    """A run folder means its ``checkpoints/last.pt``; a file means itself; a hub spec
+    (``hf-hub:owner/name[@revision]``) means its local copy first (:func:`cfmae_cli.hub.local_weights`: the file
+    its repository holds, or its snapshot folder, which is an exported folder and has no ``checkpoints/``)."""
+    path = local_weights(path)
     return path / "checkpoints" / "last.pt" if path.is_dir() else path
 
 

@@ -1,5 +1,6 @@
 """Classifiers to evaluate: a ``cfmae finetune`` checkpoint, an exported timm folder, or a timm model name with
-local weights (for baselines) — each with the preprocessing it was trained for."""
+weights (for baselines), each local or on the hub (``hf-hub:owner/name[@revision]``) — each with the
+preprocessing it was trained for."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torchvision.transforms import v2
 from cfmae_cli import modalities as table
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.eval.classifier import load_classifier
+from cfmae_cli.hub import is_hub, local_weights, renamed
 from cfmae_cli.model.weights import read_state, timm_model
 
 Interp = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}
@@ -55,18 +57,40 @@ class EvalModel:
 
 
 def load_eval_model(checkpoint: str | None, model_name: str | None, device: torch.device) -> EvalModel:
+    """The classifier of ``--checkpoint`` (a ``cfmae finetune`` checkpoint or run folder, an exported timm folder,
+    or either on the hub as ``hf-hub:owner/name[@revision]``) or of ``--model`` (a timm name with ``--checkpoint``
+    its weights, or ``hf-hub:owner/name[@revision]``: a repository in timm's hub format, read from the hub cache
+    as ``timm.create_model('hf-hub:…', pretrained=True)`` reads it, through the same checks as a local folder)."""
+    if model_name is not None and is_hub(model_name):
+        if checkpoint is not None:
+            raise CfmaeError(f"--model {model_name}: a hub repository brings its own weights; give no --checkpoint.")
+        return _hub_folder(model_name, device)
     if model_name is not None:
         return _timm_by_name(model_name, checkpoint, device)
     if checkpoint is None:
         raise CfmaeError("--checkpoint: give a fine-tuned checkpoint or run folder, an exported timm folder, or "
                          "--model NAME with --checkpoint WEIGHTS.")
+    if is_hub(checkpoint):
+        return _hub_folder(checkpoint, device) if local_weights(checkpoint).is_dir() else _ours(checkpoint, device)
     path = Path(checkpoint)
     if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return _timm_folder(path, device)
     return _ours(path, device)
 
 
-def _ours(path: Path, device: torch.device) -> EvalModel:
+def _hub_folder(spec: str, device: torch.device) -> EvalModel:
+    """A hub repository in timm's format (its snapshot folder in the hub cache), named by its spec."""
+    folder = local_weights(spec)
+    if not folder.is_dir():
+        raise CfmaeError(f"--model {spec}: the repository holds a weights file but no config.json to name the "
+                         f"architecture; give the timm name as --model and {spec} as --checkpoint.")
+    try:
+        return _timm_folder(folder, device, spec)
+    except CfmaeError as exc:
+        raise renamed(exc, spec, folder) from None
+
+
+def _ours(path: str | Path, device: torch.device) -> EvalModel:
     model, cfg, classes = load_classifier(path, device)
     if table.maps_of(cfg.data.modalities):
         raise CfmaeError(f"{path}: this classifier reads {' + '.join(cfg.data.modalities)}; the ImageNet variants "
@@ -86,7 +110,8 @@ def _from_timm(module: nn.Module, description: str, classes: list[str] | None, d
                      description, classes, getattr(module, "num_classes", None))
 
 
-def _timm_folder(path: Path, device: torch.device) -> EvalModel:
+def _timm_folder(path: Path, device: torch.device, name: str | None = None) -> EvalModel:
+    """An exported or timm hub-format folder; ``name``: what the user called it (a hub spec), for the messages."""
     _, state, config, _ = read_state(path)  # its config.json's sizes checked before timm builds it
     classes = config.get("num_classes", 0)
     if not isinstance(classes, int) or classes == 0:
@@ -98,14 +123,16 @@ def _timm_folder(path: Path, device: torch.device) -> EvalModel:
     module = timm_model(config["architecture"], str(path), state, num_classes=classes,
                         pretrained_cfg_overlay={**config.get("pretrained_cfg", {}), "num_classes": classes},
                         **config.get("model_args", {}))
-    return _from_timm(module, f"timm folder {path} ({config['architecture']}, {classes} classes)",
+    return _from_timm(module, f"timm {'hub repository' if name else 'folder'} {name or path} "
+                      f"({config['architecture']}, {classes} classes)",
                       config.get("label_names"), device)
 
 
 def _timm_by_name(name: str, weights: str | None, device: torch.device) -> EvalModel:
-    if weights is None or not Path(weights).is_file():
-        raise CfmaeError(f"--model {name}: give its weights as a local file with --checkpoint FILE (nothing is "
-                         f"downloaded).")
+    if weights is None or not local_weights(weights).is_file():
+        raise CfmaeError(f"--model {name}: give its weights with --checkpoint: a local file, or hf-hub:owner/name "
+                         f"of a repository holding one (a timm name alone is not downloaded).")
     file, state, _, _ = read_state(weights)
-    module = timm_model(name, f"--model {name} --checkpoint {file}", state)
+    shown = weights if is_hub(weights) else file
+    module = timm_model(name, f"--model {name} --checkpoint {shown}", state)
     return _from_timm(module, f"timm {name} with {weights}", None, device)

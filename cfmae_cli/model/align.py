@@ -1,7 +1,8 @@
 """Feature alignment to a frozen teacher (``model.align``; the paper's future work, docs/modalities.md).
 
-A teacher from timm (a model name with a local weights file, or a folder written by ``cfmae export``) sees the
-RGB image, unmasked; its patch features are resized to our grid of patches. A small projection of our features
+A teacher from timm (a model name with a weights file, or a folder written by ``cfmae export``; either of them
+local or on the hub as ``hf-hub:owner/name[@revision]``) sees the RGB image, unmasked; its patch features are
+resized to our grid of patches. A small projection of our features
 (the first decoder stage's F¹, or the encoder's tokens averaged per patch position) is trained to match them:
 L_F = mean over the chosen patches of 1 − cos(P(f), t), or of smooth L1 to the teacher's features normalised
 per patch. The total loss gains λ_F · L_F. The teacher is not part of the model: it has no gradient, is not
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from cfmae_cli.config import AlignConfig
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.hub import is_hub, local_weights
 from cfmae_cli.model.losses import _masked_mean
 from cfmae_cli.model.weights import read_state, timm_model
 
@@ -98,28 +100,37 @@ def build_teacher(cfg: AlignConfig, **kwargs: Any) -> tuple[nn.Module, str]:
     missing file, or weights of another model."""
 
     spec = str(cfg.teacher)
-    folder = Path(spec).expanduser()
+    hub = is_hub(spec)
+    folder = local_weights(spec) if hub else Path(spec).expanduser()  # a hub spec: its copy in the hub cache
+    if hub and not folder.is_dir():
+        raise CfmaeError(f"model.align.teacher {spec}: the repository holds a weights file but no config.json to "
+                         f"name the architecture; give the timm name as model.align.teacher and {spec} as "
+                         f"model.align.weights")
     if folder.is_dir():
         if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
             raise CfmaeError(f"model.align.teacher {spec}: a folder, but not an export (config.json + "
                              f"model.safetensors, as `cfmae export` or timm's hub format write)")
-        _, state, config, _ = read_state(folder)
+        named = spec if hub else folder
+        _, state, config, _ = read_state(spec if hub else folder)
         if "architecture" not in config:
-            raise CfmaeError(f"{folder / 'config.json'}: no 'architecture' (the timm name of the model)")
+            raise CfmaeError(f"{named}: its config.json names no 'architecture' (the timm name of the model)")
         overlay = {**config.get("pretrained_cfg", {}), "num_classes": 0}
-        module = timm_model(config["architecture"], f"model.align.teacher {folder}", state, extra_ok=True,
+        module = timm_model(config["architecture"], f"model.align.teacher {named}", state, extra_ok=True,
                             num_classes=0, pretrained_cfg_overlay=overlay, **{**config.get("model_args", {}),
                                                                               **kwargs})
-        return module, f"{config['architecture']} from {folder}"
+        return module, f"{config['architecture']} from {named}"
     if cfg.weights is None:
-        raise CfmaeError(f"model.align.teacher {spec}: give its local weights file with model.align.weights "
-                         f"(nothing is downloaded), or an exported folder as the teacher")
-    if not Path(cfg.weights).expanduser().is_file():
+        raise CfmaeError(f"model.align.teacher {spec}: give its local weights file with model.align.weights (or "
+                         f"hf-hub:owner/name of a repository holding one), or an exported folder (local or "
+                         f"hf-hub:owner/name) as the teacher")
+    weights: str | Path = cfg.weights if is_hub(cfg.weights) else Path(cfg.weights).expanduser()
+    if not local_weights(weights).is_file():
         raise CfmaeError(f"model.align.weights {cfg.weights}: file not found")
-    file, state, _, _ = read_state(Path(cfg.weights).expanduser())
-    module = timm_model(spec, f"model.align.teacher {spec} with weights {file}", state, extra_ok=True,
+    file, state, _, _ = read_state(weights)
+    shown = cfg.weights if is_hub(cfg.weights) else file
+    module = timm_model(spec, f"model.align.teacher {spec} with weights {shown}", state, extra_ok=True,
                         num_classes=0, **kwargs)
-    return module, f"timm {spec} with {file}"
+    return module, f"timm {spec} with {shown}"
 
 
 class AlignHead(nn.Module):

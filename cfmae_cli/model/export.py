@@ -29,12 +29,13 @@ EXPORT_FILES = ("model.safetensors", "config.json", "README.md")
 _OLD_TEMPORARY = re.compile(r"^\.(model\.safetensors|config\.json|README\.md)\.[A-Za-z0-9_]+\.tmp$")
 
 
-def export_timm(path: Path, out: Path) -> Path:
+def export_timm(path: Path, out: Path, hub_id: str | None = None) -> Path:
     """Export the checkpoint ``path`` into the folder ``out``: claim ``out`` (a new or empty folder, or a previous
     cfmae export, which is replaced), read and convert the weights (a pre-trained encoder without a head, or a
     fine-tuned classifier with its head), write ``model.safetensors``, ``config.json`` and ``README.md`` into a
     temporary folder beside ``out`` and publish it there (:func:`publish_export`). Claim, write and publish are
-    all here, so that one lock around this call covers a whole export."""
+    all here, so that one lock around this call covers a whole export. ``hub_id``: the hub repository the export
+    is for (``owner/name``): the model card loads it from there."""
     _claim_export(out, path)
     w = read_weights(path)
     weights, config = export_contents(w, path)
@@ -42,7 +43,7 @@ def export_timm(path: Path, out: Path) -> Path:
     def write(folder: Path) -> None:  # (safetensors' own file writer reports a full disk as no OSError)
         (folder / "model.safetensors").write_bytes(save(weights))
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (folder / "README.md").write_text(model_card(config, w.top, out), encoding="utf-8")
+        (folder / "README.md").write_text(model_card(config, w.top, out, hub_id), encoding="utf-8")
 
     replaced = publish_export(out, path, write)
     if replaced:
@@ -216,15 +217,17 @@ def publish_export(out: Path, source: Path, write: Callable[[Path], None]) -> st
     return replaced
 
 
-def load_line(config: dict[str, Any], folder: Path) -> str:
-    """The ``timm.create_model`` call of docs/export.md that loads the export in ``folder`` whole: the architecture
-    and weights (strict key matching; the head, if any) and the ``pretrained_cfg`` that
-    ``timm.data.resolve_data_config`` reads the preprocessing from."""
-    return f"timm.create_model({'local-dir:' + str(folder)!r}, pretrained=True)"
+def load_line(config: dict[str, Any], folder: Path, hub_id: str | None = None) -> str:
+    """The ``timm.create_model`` call of docs/export.md that loads the export in ``folder`` (or, with ``hub_id``,
+    its copy on the hub) whole: the architecture and weights (strict key matching; the head, if any) and the
+    ``pretrained_cfg`` that ``timm.data.resolve_data_config`` reads the preprocessing from."""
+    where = f"hf-hub:{hub_id}" if hub_id else f"local-dir:{folder}"
+    return f"timm.create_model({where!r}, pretrained=True)"
 
 
-def model_card(config: dict[str, Any], top: dict[str, Any], folder: Path) -> str:
-    """README.md of an export: what the weights are, the run they come from, its data, and how to load them."""
+def model_card(config: dict[str, Any], top: dict[str, Any], folder: Path, hub_id: str | None = None) -> str:
+    """README.md of an export: what the weights are, the run they come from, its data, and how to load them (from
+    ``folder``, or from the hub repository ``hub_id``, whose page then reads the YAML header: a timm model)."""
     run = top.get("config") or {}
     ours = config.get("cfmae", {})
     finetuned = ours.get("task") == "finetune"
@@ -232,7 +235,9 @@ def model_card(config: dict[str, Any], top: dict[str, Any], folder: Path) -> str
     args = ", ".join(f"{k} {v}" for k, v in config["model_args"].items())
     pc = config["pretrained_cfg"]
     side = pc["input_size"][1]
-    lines = [f"# {folder.name}", "",
+    header = ["---", "library_name: timm", "tags:", "- cfmae", "- image-classification" if finetuned else
+              "- image-feature-extraction", "---", ""] if hub_id else []
+    lines = [*header, f"# {hub_id or folder.name}", "",
              ("A ViT classifier fine-tuned and exported by" if finetuned else
               "A ViT encoder pre-trained with CFMAE (coarse-to-fine masked autoencoding of semantic maps, instance "
               "maps and RGB), exported by") + f" {software()} in timm's format.", "",
@@ -257,7 +262,48 @@ def model_card(config: dict[str, Any], top: dict[str, Any], folder: Path) -> str
     last = top.get("metrics") or {}
     if "loss" in last:
         lines.append(f"- last epoch loss {last['loss']:.4f}")
-    lines += ["", "## Load", "", "```python", "import timm", f"model = {load_line(config, folder)}",
+    lines += ["", "## Load", "", "```python", "import timm", f"model = {load_line(config, folder, hub_id)}",
               "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))", "```", "",
               "The full config of the run is in its `config.yaml`; `config.json` here is timm's.", ""]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the hub
+
+
+def push_export(folder: Path, repo_id: str, private: bool, source: str) -> str:
+    """Upload the export in ``folder`` (its three files) to the hub repository ``repo_id`` (``owner/name``), made
+    first when missing (``private`` then decides who sees it; an existing repository keeps its visibility), in
+    one commit. Returns the commit's URL. Every failure (no token, a token that may not write, offline, no
+    network, the hub's refusal) is one :class:`CfmaeError` with the fix; the export in ``folder`` stays as it
+    is, for a push again."""
+    from huggingface_hub import HfApi, errors  # heavy: only for --push-to-hub
+
+    from cfmae_cli.hub import offline_mode
+
+    again = (f"the export in {folder} is complete: push it again with the same command, or `hf upload {repo_id} "
+             f"{folder}`")
+    login = "log in with `hf auth login` (huggingface_hub's CLI) or set HF_TOKEN to a token that may write"
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=folder, repo_id=repo_id, allow_patterns=list(EXPORT_FILES),
+                                 commit_message=f"cfmae export of {source}")
+    except Exception as exc:  # noqa: BLE001 - each of the hub's failures becomes one message
+        if isinstance(exc, errors.OfflineModeIsEnabled) or offline_mode():
+            why = "HF_HUB_OFFLINE=1 forbids any request to the hub: unset it to push"
+        elif isinstance(exc, errors.LocalTokenNotFoundError):
+            why = f"no hub token on this machine: {login}"
+        elif isinstance(exc, errors.HfHubHTTPError) and \
+                getattr(getattr(exc, "response", None), "status_code", None) in (401, 403):
+            why = f"the hub refused the token ({str(exc).splitlines()[0]}): {login}"
+        elif isinstance(exc, errors.HfHubHTTPError):
+            why = f"the hub answered with an error ({str(exc).splitlines()[0]})"
+        elif type(exc).__module__.split(".")[0] in ("huggingface_hub", "httpx", "httpx2", "httpcore") or \
+                isinstance(exc, (OSError, ValueError)):
+            why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]} (check the network, or HF_ENDPOINT)"
+        else:
+            raise
+        raise CfmaeError(f"--push-to-hub {repo_id}: nothing was uploaded; {why}. {again}.") from None
+    return str(getattr(info, "commit_url", None) or info)

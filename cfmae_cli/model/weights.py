@@ -30,6 +30,7 @@ from cfmae_cli.checkpoints import FORMAT_VERSION, checkpoint_path, read_torch_fi
 from cfmae_cli.config import (Config, EncoderArch, check_checkpoint_sizes, check_export_sizes, check_tensors_agree,
                               checkpoint_claims, config_from_dict, export_claims, stored_config)
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.hub import is_hub, local_weights, renamed
 from cfmae_cli.model.convert import detect_format, to_cfmae
 from cfmae_cli.model.layers import fit_pos_embed
 
@@ -41,17 +42,19 @@ class Weights:
     """What a weights file holds. ``state``: tensors under our key names; ``raw``: the state dict as stored
     (for foreign architectures, loaded by timm); ``format``: ``cfmae-pretrain``, ``cfmae-finetune``, ``mae``,
     ``multimae``, ``timm`` or ``exported``; ``top``: the file's other entries (``config``, ``task``,
-    ``semantic_classes``, ``classes``, …; an exported folder's ``config.json``)."""
+    ``semantic_classes``, ``classes``, …; an exported folder's ``config.json``); ``spec``: the hub spec the
+    weights were read from (``path`` is then their copy in the local hub cache), None for a local file."""
 
     path: Path
     format: str  # which key scheme the file uses (docs/architecture.md, glossary: weights format)
     state: dict[str, Tensor]
     raw: dict[str, Tensor] = field(repr=False)
     top: dict[str, Any] = field(default_factory=dict, repr=False)
+    spec: str | None = None
 
     @property
     def source(self) -> str:
-        return f"{self.path} ({self.format} format)"
+        return f"{self.spec or self.path} ({self.format} format)"
 
     def pretrain_config(self) -> Config | None:
         """The pre-training config of a ``cfmae pretrain`` checkpoint (None for other files)."""
@@ -95,8 +98,19 @@ def read_state_file(path: str | Path) -> tuple[Path, dict[str, Any]]:
 
 def read_state(path: str | Path) -> tuple[Path, dict[str, Tensor], dict[str, Any], bool]:
     """(the file, its state dict as stored, its other top-level entries, whether it is an exported folder) of any
-    weights file or folder :func:`read_weights` takes; nothing is converted (for architectures timm builds)."""
-    folder = Path(path)
+    weights file or folder :func:`read_weights` takes; nothing is converted (for architectures timm builds). A hub
+    spec is read from its local copy (:func:`cfmae_cli.hub.local_weights`); its messages name the spec."""
+    local = local_weights(path)
+    try:
+        return _read_state(local)
+    except CfmaeError as exc:
+        if not is_hub(path):
+            raise
+        raise renamed(exc, path, local) from None
+
+
+def _read_state(folder: Path) -> tuple[Path, dict[str, Tensor], dict[str, Any], bool]:
+    path = folder
     if folder.is_dir() and (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         try:
             top = json.loads((folder / "config.json").read_text())
@@ -125,8 +139,21 @@ def read_state(path: str | Path) -> tuple[Path, dict[str, Tensor], dict[str, Any
 
 def read_weights(path: str | Path) -> Weights:
     """The weights of a cfmae checkpoint or run folder, an MAE / MultiMAE / timm file, or an exported folder
-    (``model.safetensors`` + ``config.json``), converted to our key names; clear errors for everything else."""
-    file, state, top, exported = read_state(path)
+    (``model.safetensors`` + ``config.json``), or any of these on the hub (``hf-hub:owner/name[@revision]``),
+    converted to our key names; clear errors for everything else."""
+    local = local_weights(path)
+    try:
+        w = _read_weights(local)
+    except CfmaeError as exc:
+        if not is_hub(path):
+            raise
+        raise renamed(exc, path, local) from None
+    w.spec = str(path) if is_hub(path) else None
+    return w
+
+
+def _read_weights(path: Path) -> Weights:
+    file, state, top, exported = _read_state(path)
     kind = "exported" if exported else ""
     if isinstance(top.get("config"), dict) and "format_version" in top:  # written by cfmae's engine
         if top["format_version"] != FORMAT_VERSION:

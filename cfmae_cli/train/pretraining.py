@@ -17,6 +17,7 @@ from cfmae_cli.data.layout import SampleTable, is_packed, list_samples, read_pac
 from cfmae_cli.data.packed import PackedDataset
 from cfmae_cli.data.raw import raw_reader, RawFolder, RawPacked
 from cfmae_cli.data.transforms import inputs_on_device
+from cfmae_cli.errors import CfmaeError
 from cfmae_cli.masking import MaskGenerator, Masks, schedule
 from cfmae_cli.model import CFMAE
 from cfmae_cli.model.align import Teacher
@@ -167,16 +168,25 @@ class PretrainTask(Task):
         return []
 
     def load_weights(self, path: str | Path) -> None:
-        """``--init``: weights only, from our checkpoints or MAE / MultiMAE / timm ViT files (converted); tensors
-        load by name and must have this model's shapes (a position table of another grid is resized
-        bicubically); names that are not in the model are ignored and logged (an unknown layout is refused).
-        Optimizer, step and schedule start fresh."""
+        """``--init``: weights only, from our checkpoints, MAE / MultiMAE / timm ViT files or folders written by
+        ``cfmae export`` (converted), local or on the hub (``hf-hub:owner/name``); tensors load by name and must
+        have this model's shapes (a position table of another grid is resized bicubically); names that are not in
+        the model are ignored and logged (an unknown layout is refused). What the file lacks — the decoder and the
+        map adapters of an encoder-only file (an export, MAE's encoder) — keeps its fresh random initialisation,
+        and the log names those parts. Optimizer, step and schedule start fresh."""
 
         w = read_weights(path)
         done = load_weights(self.model, w.state, w.source, fix="weights of another architecture: --init needs a "
                             "checkpoint of this model's size (set the preset's model section to the file's)")
+        if not any(k.startswith("encoder.") for k in done.loaded):
+            raise CfmaeError(f"{w.source}: holds no encoder tensors of this model; --init needs ViT encoder weights")
         log.info("initialised from %s (%d tensors; %d missing, %d unused)", w.source, len(done.loaded),
                  len(done.missing), len(done.unused))
+        fresh = sorted({".".join(k.split(".")[:2]) if k.startswith("adapters.") else k.split(".")[0]
+                        for k in done.missing})
+        if fresh:
+            log.info("%s has no weights for %s: %s from random weights", w.source, ", ".join(fresh),
+                     "they start" if len(fresh) > 1 else "it starts")
 
     def plot_reconstructions(self, epoch: int, alpha_i: float, alpha_s: float, run_dir: Path) -> Path | None:
         """The fixed first images of the dataset (centred square, no augmentation), masked with a fixed seed; rows

@@ -44,7 +44,8 @@ class Pretrained:
 
 
 def load_pretrained(spec: str | Path | None, device: torch.device) -> Pretrained:
-    """A CFMAE pre-training checkpoint (file or run folder; default: the newest run), ready for inference."""
+    """A CFMAE pre-training checkpoint (file or run folder, or ``hf-hub:owner/name`` of a repository holding one;
+    default: the newest run), ready for inference."""
     w = read_weights(spec if spec is not None else newest_checkpoint())
     cfg = w.pretrain_config()
     if cfg is None or "semantic_classes" not in w.top or not any(k.startswith("decoder.") for k in w.state):
