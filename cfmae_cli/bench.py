@@ -1,5 +1,6 @@
 """Speed measurements behind ``cfmae bench``: the training step split into its phases, the FLOPs it does,
-masks, and the data path — for a preset and, in the same process, its MAE-equivalent (``mae-vitb``).
+masks, and the data path — for a preset and, in the same process, its MAE-equivalent (``mae-vitb``); and the
+memory of a step with and without activation checkpointing (:func:`step_memory`).
 
 FLOPs are counted, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` over one forward and one
 backward of the model at batch 2 (matrix multiplications, convolutions and attention). Step phases are timed
@@ -33,6 +34,7 @@ from cfmae_cli.data.packed import pack_dataset
 from cfmae_cli.masking import MaskGenerator, Masks, schedule
 from cfmae_cli.model import CFMAE
 from cfmae_cli.model.align import Teacher
+from cfmae_cli.model.layers import SavedBytes
 from cfmae_cli.train import distributed
 from cfmae_cli.train.optim import build_optimizer
 from cfmae_cli.train.setup import build_dataset
@@ -93,7 +95,6 @@ class Rig:
         self.cfg, self.classes, self.device = cfg, classes, device
         self.teacher = None
         if cfg.model.align.enabled:  # the teacher forward is what alignment costs
-
             self.teacher = Teacher(cfg.model.align, device, distributed.uses_bf16(cfg.train.precision, device),
                                    cfg.data.mean, cfg.data.std)
         torch.manual_seed(0)
@@ -215,6 +216,41 @@ def time_step(rig: Rig, batch_size: int, steps: int, warmup: int) -> dict[str, A
     return out
 
 
+def step_memory(cfg: Config, classes: int, device: torch.device, batch_size: int, counted: tuple[int, int] = (2, 4)
+                ) -> dict[str, Any]:
+    """Bytes of a training step at ``batch_size`` without (``*_off``) and with (``*_on``) model.grad_checkpointing:
+    counted (:class:`SavedBytes` at the batches ``counted``, extended linearly, in a GPU run's precision; one block
+    recomputed at a time; weights, grads, AdamW) and on CUDA measured (``peak_gib_*``, ``ms_*``; None: no memory)."""
+    out: dict[str, Any] = {"batch_size": batch_size, "counted_at": list(counted),
+                           "bf16": distributed.uses_bf16(cfg.train.precision, torch.device("cuda"))}
+    for key in ("off", "on"):
+        rig = Rig(cfg.model_copy(update={"model": cfg.model.model_copy(update={"grad_checkpointing": key == "on"})}),
+                  classes, device)
+        rig.bf16 = out["bf16"]  # counted as a GPU run autocasts, on any device
+        counts = []
+        for b in counted:
+            batch = rig.teacher_features(rig.batch(b))
+            with SavedBytes(rig.model.train()) as saved:
+                rig.forward(batch, rig.mask(batch, 0))
+            counts.append((saved.total, max(saved.by_block.values(), default=0)))
+        (s1, r1), (s2, r2) = counts
+        scale = (batch_size - counted[0]) / (counted[1] - counted[0])  # activations are linear in the batch
+        out[f"activations_{key}"] = s1 + (s2 - s1) * scale
+        if key == "off":  # 16 bytes per trained parameter (fp32 weight, gradient, 2 AdamW moments), 4 per other
+            trained = sum(p.numel() for p in rig.model.parameters() if p.requires_grad)
+            frozen = sum(t.numel() for t in [*rig.model.parameters(), *rig.model.buffers()]) - trained
+            out |= {"params": trained + frozen, "param_state": 16 * trained + 4 * frozen,
+                    "recompute": r1 + (r2 - r1) * scale}
+        out[f"total_{key}"] = out["param_state"] + out[f"activations_{key}"] + (out["recompute"] if key == "on" else 0)
+        try:  # on CUDA the peak: the second step's, with AdamW's state
+            step = time_step(rig, batch_size, steps=1, warmup=1) if device.type == "cuda" else None
+        except torch.cuda.OutOfMemoryError:
+            step = {"peak_memory_gib": None, "ms_per_step": None}
+        out |= {f"peak_gib_{key}": step["peak_memory_gib"], f"ms_{key}": step["ms_per_step"]} if step else {}
+        del rig
+    return out
+
+
 def time_masks(rig: Rig, batch_size: int, repeats: int = 5) -> dict[str, float]:
     """ms to build the masks of one batch: random, and the curriculum's mix at 30 % (α_S 0.67, α_I 0.33) with
     the preset's ``masking.mix`` ('mixed') and with the literal score mix ('score')."""
@@ -239,8 +275,6 @@ def time_masks(rig: Rig, batch_size: int, repeats: int = 5) -> dict[str, float]:
 def imagenet_like_samples(root: Path, count: int = 48) -> Path:
     """A dataset in the layout of docs/dataset-format.md with ImageNet-sized files: 500 x 375 JPEGs (quality
     90) of scikit-image photographs and their classical-label PNG maps."""
-
-
     photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket()]
     rng = np.random.default_rng(0)
     for i in range(count):

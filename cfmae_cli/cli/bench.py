@@ -1,4 +1,5 @@
-"""``cfmae bench``: training-step speed (phases, img/s, FLOPs, MFU), masks and the data path, as a table + JSON."""
+"""``cfmae bench``: training-step speed (phases, img/s, FLOPs, MFU), masks, the data path and the memory of a step
+with and without activation checkpointing, as a table + JSON."""
 
 from __future__ import annotations
 
@@ -17,13 +18,17 @@ from cfmae_cli.config import load_config
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import atomic_write_text, check_output, json_stamp
 
-WHAT = ("step", "masks", "data", "all")
+WHAT = ("step", "masks", "data", "memory", "all")
+#: the presets of --what memory when --preset is not given
+MEMORY_PRESETS = ("demo", "vits-400e", "vitb-400e", "vitl-400e")
 
 
 @guarded
 def bench(
-    preset: str = typer.Option("vitb-400e", "--preset", "-p", metavar="NAME", help="the preset to measure (see "
-                               "`cfmae presets`) or a YAML file"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", metavar="NAME", show_default="vitb-400e; --what "
+                                         "memory: " + ",".join(MEMORY_PRESETS), help="the preset to measure (see "
+                                         "`cfmae presets`) or a YAML file; --what memory: one or several, "
+                                         "comma-separated"),
     compare: str = typer.Option("mae-vitb", "--compare", metavar="NAME", help="a second preset measured in the same "
                                 "process (the MAE-equivalent by default); 'none' to skip"),
     device: Optional[str] = typer.Option(None, "--device", metavar="NAME", show_default="cuda if there is a GPU, "
@@ -31,12 +36,14 @@ def bench(
     gpus: Optional[int] = typer.Option(None, "--gpus", min=0, max=1, metavar="N", show_default="--device's",
                                        help="0 = the CPU, 1 = one GPU (the same as --device cpu / cuda)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N", show_default="256 on a GPU, "
-                                             "4 on the CPU", help="per-step batch"),
+                                             "4 on the CPU; --what memory: each preset's train.batch_size",
+                                             help="per-step batch"),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, metavar="N", show_default="30 on a GPU, 2 on the "
                                         "CPU", help="timed steps"),
     warmup: Optional[int] = typer.Option(None, "--warmup", min=0, metavar="N", show_default="10 on a GPU, 1 on the "
                                          "CPU", help="untimed steps first"),
-    what: str = typer.Option("all", "--what", metavar="NAME", help="step, masks, data or all"),
+    what: str = typer.Option("all", "--what", metavar="NAME", help="step, masks, data, memory (a step's memory with "
+                             "and without model.grad_checkpointing; not part of all) or all"),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (forward + loss)"),
     mask_batch: int = typer.Option(64, "--mask-batch", min=1, metavar="N", help="batch for the masks' timing"),
     data: Optional[Path] = typer.Option(None, "--data", metavar="FOLDER", show_default="48 generated "
@@ -58,6 +65,8 @@ def bench(
 
     Example, on a GPU: cfmae bench --batch-size 256 --compile
 
+    Example, memory with and without activation checkpointing: cfmae bench --what memory --device cpu
+
     Example, the price of feature alignment: cfmae bench --compare vitb-400e --set model.align.enabled=true
     --set model.align.teacher=vit_base_patch16_224 --set model.align.weights=vitb.safetensors
     """
@@ -73,6 +82,11 @@ def bench(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CfmaeError("--device cuda: no GPU is visible.")
+    if what == "memory":
+        names = preset.split(",") if preset else list(MEMORY_PRESETS)
+        return memory(names, overrides, dev, batch_size, classes,
+                      out or Path("runs/bench") / f"memory-{dev.type}.json")
+    preset = preset or "vitb-400e"
     gpu = dev.type == "cuda"
     path = check_output(out or Path("runs/bench") / f"{preset}-{dev.type}.json", [p for p in [data] if p],
                         command="bench")
@@ -126,6 +140,54 @@ def bench(
     _print(report, main, presets, mask_batch, peak)
     if busy:
         console.print("warning: measured on a busy machine (see the first line): not meaningful", highlight=False)
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    console.print(f"JSON: {path}", highlight=False)
+
+
+def memory(presets: list[str], overrides: list[str], dev: Any, batch_size: int | None, classes: int, out: Path
+           ) -> None:
+    """``--what memory``: :func:`cfmae_cli.bench.step_memory` of each preset (at its ``train.batch_size`` unless
+    ``--batch-size``), printed as a table and written as JSON."""
+    import torch
+
+    from cfmae_cli.bench import step_memory
+
+    path = check_output(out, [], command="bench")
+    configs = [load_config(name.strip(), overrides) for name in presets]  # every name checked before the first count
+    gpu = dev.type == "cuda"
+    machine = torch.cuda.get_device_name(dev) if gpu else f"CPU ({os.cpu_count()} cores)"
+    report: dict[str, Any] = {**json_stamp("bench"), "device": machine, "torch": torch.__version__,
+                              "overrides": overrides, "classes": classes, "presets": {}}
+    for name, cfg in zip(presets, configs):
+        b = batch_size or cfg.train.batch_size
+        _say(f"{name}: counting the activations of a forward at batch 2 and 4 without and with checkpointing"
+             + (f", then two steps at batch {b} each" if gpu else ""))
+        report["presets"][name] = step_memory(cfg, classes, dev, b) | {"img_size": cfg.data.img_size}
+    gib = 2 ** 30
+    columns = ["preset", "batch", "img", "params M", "act.", "act. ckpt", "ratio", "w+g+AdamW", "total",
+               "total ckpt"]
+    table = Table(*columns + (["peak", "peak ckpt", "ms/step", "ms ckpt"] if gpu else []),
+                  title=f"memory of one training step per device in GiB on {machine} (ckpt: model.grad_checkpointing)")
+    table.columns[0].no_wrap, table.columns[0].min_width = True, max(map(len, presets))
+    for name, r in report["presets"].items():
+        cells = [name, str(r["batch_size"]), str(r["img_size"]), f"{r['params'] / 1e6:.1f}",
+                 f"{r['activations_off'] / gib:.2f}", f"{(r['activations_on'] + r['recompute']) / gib:.2f}",
+                 f"{r['activations_off'] / (r['activations_on'] + r['recompute']):.1f}x",
+                 f"{r['param_state'] / gib:.2f}", f"{r['total_off'] / gib:.2f}", f"{r['total_on'] / gib:.2f}"]
+        if gpu:
+            cells += ["OOM" if r[k] is None else f"{r[k]:.2f}" for k in ("peak_gib_off", "peak_gib_on")]
+            cells += ["" if r[k] is None else f"{r[k]:.0f}" for k in ("ms_off", "ms_on")]
+        table.add_row(*cells)
+    console.print(table)
+    precision = "bf16 autocast" if all(r["bf16"] for r in report["presets"].values()) else "each preset's precision"
+    console.print(f"memory: activations = the bytes autograd saves for the backward in one forward (each distinct "
+                  f"storage once, parameters and buffers left out), counted at batch 2 and 4 and extended linearly "
+                  f"to the batch, in {precision} (a GPU run's); with checkpointing they are the blocks' inputs, the "
+                  f"rest outside the blocks, and the largest block's activations, recomputed in the backward one "
+                  f"block at a time; weights+grads+AdamW = 16 bytes per trained parameter (fp32), 4 per frozen one "
+                  f"or buffer; total = their sum, without the allocator's slack and the backward's temporary "
+                  f"buffers" + ("; peak = torch.cuda.max_memory_allocated over the second of two steps (forward, "
+                                "backward, AdamW)" if gpu else ""), highlight=False)
     atomic_write_text(path, json.dumps(report, indent=2) + "\n")
     console.print(f"JSON: {path}", highlight=False)
 

@@ -91,7 +91,8 @@ class ClassificationTask(FinetuneTask):
         torch.manual_seed(cfg.train.seed)  # the same initial head on every rank
         self.model = ViTClassifier(arch, cfg.data.img_size, len(self.classes), self.modalities, c_sem,
                                    cfg.model.global_pool, cfg.model.drop_path, cfg.mode == "linear",
-                                   cfg.model.head_init_std, cfg.model.train_pos_embed)
+                                   cfg.model.head_init_std, cfg.model.train_pos_embed,
+                                   grad_checkpointing=cfg.model.grad_checkpointing)
         if state is not None:
             load_encoder_weights(self.model, state, source)
         self.model.to(self.device)

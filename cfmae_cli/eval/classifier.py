@@ -29,18 +29,21 @@ class ViTClassifier(nn.Module):
     fine-tuning; the encoder's final norm is not used). ``'token'``: the global token after the final norm.
     ``linear=True``: a linear probe — a norm without affine parameters before the head (MAE), and the encoder
     and adapters frozen (no gradients are computed through them). ``train_pos_embed``: the position table is
-    trained (MAE fine-tuning; it is fixed in pre-training).
+    trained (MAE fine-tuning; it is fixed in pre-training). ``grad_checkpointing``: the encoder's blocks are
+    recomputed in the backward pass instead of keeping their activations (less memory, more compute).
     """
 
     def __init__(self, arch: EncoderArch, img_size: int, num_classes: int, modalities: list[str],
                  num_semantic_classes: int = 0, global_pool: str = "avg", drop_path: float = 0.0,
-                 linear: bool = False, head_init_std: float = 2e-5, train_pos_embed: bool = True):
+                 linear: bool = False, head_init_std: float = 2e-5, train_pos_embed: bool = True,
+                 grad_checkpointing: bool = False):
         super().__init__()
         self.modalities = list(modalities)
         self.global_pool = global_pool
         self.linear = linear
         # average pooling: fc_norm after the pooling replaces the encoder's final norm (MAE)
-        self.encoder = build_encoder(arch, img_size, drop_path, final_norm=global_pool != "avg")
+        self.encoder = build_encoder(arch, img_size, drop_path, final_norm=global_pool != "avg",
+                                     grad_checkpointing=grad_checkpointing)
         classes = {name: table.num_classes(table.get(name), num_semantic_classes, arch.num_instance_ids)
                    for name in self.modalities}
         self.adapters = map_adapters(self.modalities, arch.embed_dim, arch.map_embed_dim, arch.patch_size,

@@ -64,6 +64,8 @@ class FtModelConfig(_Strict):
     global_pool: Literal["avg", "token"] = Field("avg", description="avg = mean of the patch tokens and a norm "
                                                  "(MAE fine-tuning); token = the global token")
     drop_path: float = Field(0.1, ge=0, lt=1)
+    grad_checkpointing: bool = Field(False, description="recompute each encoder block's activations in the backward "
+                                     "pass instead of keeping them: less memory, more compute, the same gradients")
     train_pos_embed: bool = Field(True, description="train the position table (MAE), initialised from the "
                                   "checkpoint's and resized bicubically to the grid; false = keep it fixed")
     head_init_std: float = Field(2e-5, gt=0, description="std of the head's truncated-normal init")

@@ -50,12 +50,12 @@ class ViTDetBackbone(nn.Module):
     """(B, 3, S, S) → OrderedDict of 256-channel maps '0'..'3' at strides p/4 … 2p and 'pool' at 4p."""
 
     def __init__(self, arch: EncoderArch, img_size: int, drop_path: float = 0.0, channels: int = 256,
-                 train_pos_embed: bool = True, window_size: int = 0):
+                 train_pos_embed: bool = True, window_size: int = 0, grad_checkpointing: bool = False):
         super().__init__()
         d = arch.embed_dim
         self.img_size = img_size
         self.encoder = build_encoder(arch, img_size, drop_path, final_norm=False,  # ViTDet: the last block as is
-                                     window_size=window_size)
+                                     window_size=window_size, grad_checkpointing=grad_checkpointing)
         self.encoder.pos_embed.requires_grad_(train_pos_embed)
         self.scales = nn.ModuleList([
             nn.Sequential(nn.ConvTranspose2d(d, d // 2, 2, 2), LayerNorm2d(d // 2), nn.GELU(),
@@ -108,7 +108,7 @@ class ViTMaskRCNN(MaskRCNN):
         d = cfg.data
         c = cfg.model.fpn_channels
         backbone = ViTDetBackbone(arch, d.img_size, cfg.model.drop_path, c, cfg.model.train_pos_embed,
-                                  cfg.model.window_size)
+                                  cfg.model.window_size, cfg.model.grad_checkpointing)
         anchors = AnchorGenerator(tuple((s,) for s in cfg.model.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
         train_n, test_n = cfg.model.rpn_proposals
         super().__init__(backbone, None, rpn_anchor_generator=anchors,

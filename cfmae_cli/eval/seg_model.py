@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from cfmae_cli.config import EncoderArch
 from cfmae_cli.model.encoder import build_encoder
-from cfmae_cli.model.layers import init_weights
+from cfmae_cli.model.layers import init_weights, run_block
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
@@ -84,14 +84,17 @@ class FCNHead(nn.Module):
 class ViTSegmenter(nn.Module):
     """batch {rgb (B, 3, H, W)} → logits (B, classes, H, W); in training with an auxiliary head (``aux_channels``
     > 0) → (logits, auxiliary logits), both at the input size. An input of another size than ``img_size`` (whole
-    inference) reads the position table resized bicubically to its patch grid."""
+    inference) reads the position table resized bicubically to its patch grid. ``grad_checkpointing``: the
+    encoder's blocks are recomputed in the backward pass instead of keeping their activations."""
 
     AUX_LEVEL = 2  # the third pyramid level (stride p), mmseg's in_index=2
 
     def __init__(self, arch: EncoderArch, img_size: int, num_classes: int, out_indices: list[int],
-                 channels: int = 512, drop_path: float = 0.0, train_pos_embed: bool = True, aux_channels: int = 0):
+                 channels: int = 512, drop_path: float = 0.0, train_pos_embed: bool = True, aux_channels: int = 0,
+                 grad_checkpointing: bool = False):
         super().__init__()
-        self.encoder = build_encoder(arch, img_size, drop_path, final_norm=False)  # the pyramid reads blocks
+        self.encoder = build_encoder(arch, img_size, drop_path, final_norm=False,  # the pyramid reads blocks
+                                     grad_checkpointing=grad_checkpointing)
         self.img_size = img_size
         self.out_indices = list(out_indices)
         self.pyramid = SimplePyramid(arch.embed_dim)
@@ -129,7 +132,7 @@ class ViTSegmenter(nn.Module):
         z = enc.norm_pre(enc.patch_drop(enc.pos_drop(torch.cat([glob, tokens + pos], dim=1))))
         wanted, maps = set(self.out_indices), {}
         for i, block in enumerate(enc.blocks[:max(self.out_indices) + 1]):
-            z = block(z)
+            z = run_block(block, z, checkpointed=enc.grad_checkpointing)
             if i in wanted:
                 maps[i] = z[:, 1:].transpose(1, 2).reshape(b, d, h, w)
         return [maps[i] for i in self.out_indices]

@@ -205,7 +205,8 @@ class SegmentationTask(FinetuneTask):
         self.aux_weight = cfg.seg.aux_weight
         model = ViTSegmenter(arch, cfg.data.img_size, self.num_classes, cfg.model.out_indices,
                              cfg.model.head_channels, cfg.model.drop_path, cfg.model.train_pos_embed,
-                             aux_channels=cfg.seg.aux_channels if self.aux_weight > 0 else 0)
+                             aux_channels=cfg.seg.aux_channels if self.aux_weight > 0 else 0,
+                             grad_checkpointing=cfg.model.grad_checkpointing)
         if state is not None:
             load_encoder_weights(model, state, source)
         if info.distributed and info.device.type == "cuda":

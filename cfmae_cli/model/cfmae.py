@@ -38,11 +38,12 @@ class CFMAE(nn.Module):
         #: each image modality's regression target (raw, patch_norm, standardise), model.image_targets applied
         self.targets = {name: table.target_of(table.get(name), m.image_targets, m.norm_pix_loss)
                         for name in self.modalities if table.get(name).kind == "image"}
-        self.encoder = build_encoder(EncoderArch.of(m), img_size, m.drop_path)
+        self.encoder = build_encoder(EncoderArch.of(m), img_size, m.drop_path, grad_checkpointing=m.grad_checkpointing)
         self.grid = self.encoder.grid
         self.adapters = map_adapters(self.modalities, m.embed_dim, m.map_embed_dim, m.patch_size, m.map_stride,
                                      self.classes)
         self.decoder = build_decoder(m.decoder, m.embed_dim, self.modalities, self.grid)
+        self.decoder.set_grad_checkpointing(m.grad_checkpointing)  # (the encoder's: built with it)
         # a norm before each linear head (MultiMAE's output projection has none; index 1 stays the linear layer)
         head_norm = (lambda: nn.Identity()) if m.decoder.kind == "multimae" else \
             (lambda: nn.LayerNorm(m.decoder.dim, eps=1e-6))

@@ -12,6 +12,10 @@ MultiMAE (``kind: multimae``): per task t its own projection, mask token, positi
 queries are t's slice of the tokens with mask tokens (visible and masked positions, with embeddings), the
 context is only the *visible* tokens (with embeddings) and the global token — V + 1 keys per sample, no mask
 tokens — then cross-attention without a residual, an MLP with one, and self-attention blocks.
+
+Activation checkpointing (``set_grad_checkpointing``, ``model.grad_checkpointing``): each block of a task (its
+first layer and its self-attention blocks; MultiMAE's self-attention blocks) is recomputed in the backward pass
+from its inputs instead of keeping its activations (:func:`~cfmae_cli.model.layers.run_block`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 
 from cfmae_cli.config import DecoderConfig
-from cfmae_cli.model.layers import CrossAttention, CrossBlock, sincos_pos_embed
+from cfmae_cli.model.layers import CrossAttention, CrossBlock, run_block, sincos_pos_embed
 
 
 class TaskBlock(nn.Module):
@@ -36,6 +40,8 @@ class TaskBlock(nn.Module):
     Q + F^{k−1} (after the global token g), so the cascade still passes the previous task's features but no other
     modality is read.
     """
+
+    grad_checkpointing = False  # recompute each block in the backward pass (the decoder's set_grad_checkpointing)
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, self_blocks: int, cross_attention: bool):
         super().__init__()
@@ -51,13 +57,15 @@ class TaskBlock(nn.Module):
         """query (B, N, d), context = [g ;] H ⊕ F^{k−1} (B, [1+]M·N, d; None without cross-attention),
         previous = F^{k−1} (B, N, d), glob = g (B, 1, d) or None → F^k (B, N, d). Without cross-attention g
         leads the blocks' sequence and is dropped at the end, as in MAE's decoder."""
+        ckpt = self.grad_checkpointing
         if self.cross_attention:
-            x = self.first(query, context)
+            assert context is not None
+            x = run_block(self.first, query, context, checkpointed=ckpt)
         else:
             x = query + previous if glob is None else torch.cat([glob, query + previous], dim=1)
-            x = self.first(x)
+            x = run_block(self.first, x, checkpointed=ckpt)
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, checkpointed=ckpt)
         return x if self.cross_attention or glob is None else x[:, 1:]
 
 
@@ -90,6 +98,11 @@ class CFMAEDecoder(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token", "modality_embed"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each task's blocks in the backward pass (in training) instead of keeping their activations."""
+        for task in self.tasks.values():
+            cast(TaskBlock, task).grad_checkpointing = enable
 
     def full_tokens(self, encoded: Tensor, ids_keep: Tensor) -> tuple[Tensor, Tensor | None]:
         """encoded (B, 1+V, D) with the global token first, ids_keep (B, V) positions in [0, M·N) → (H (B, M·N, d),
@@ -138,6 +151,7 @@ class MultiMAEAdapter(nn.Module):
     """
 
     pos_embed: Tensor  # a buffer (sin-cos positions)
+    grad_checkpointing = False  # recompute each self-attention block in the backward pass
 
     def __init__(self, task: str, cfg: DecoderConfig, encoder_dim: int, modalities: list[str], grid: int):
         super().__init__()
@@ -188,7 +202,7 @@ class MultiMAEAdapter(nn.Module):
             x = self.attn(self.query_norm(x), self.context_norm(context))
             x = x + self.mlp(self.out_norm(x))
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, checkpointed=self.grad_checkpointing)
         return x
 
 
@@ -207,6 +221,11 @@ class MultiMAEDecoder(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"tasks.{m}.{key}" for m in self.tasks for key in ("mask_token", "task_embed")}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each adapter's self-attention blocks in the backward pass (in training)."""
+        for adapter in self.tasks.values():
+            cast(MultiMAEAdapter, adapter).grad_checkpointing = enable
 
     def forward(self, encoded: Tensor, ids_keep: Tensor) -> dict[str, Tensor]:
         return {name: adapter(encoded, ids_keep) for name, adapter in self.tasks.items()}

@@ -29,7 +29,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from cfmae_cli.config import EncoderArch
-from cfmae_cli.model.layers import sincos_pos_embed
+from cfmae_cli.model.layers import run_block, sincos_pos_embed
 
 #: width, depth, heads of the standard sizes (timm's vit_<size>_patch16_224 and friends) and of the demo
 SIZES: dict[str, tuple[int, int, int]] = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
@@ -77,14 +77,15 @@ class ViTEncoder(VisionTransformer):
     and so is its learned position table, so that building one draws exactly what the layers draw.
     ``final_norm=False`` leaves the final norm out (the dense heads read the blocks). ``window_size`` > 0:
     windowed attention outside :func:`global_blocks` (``windowed`` lists the blocks); such an encoder takes
-    whole images of ``img_size`` only.
+    whole images of ``img_size`` only. ``grad_checkpointing``: timm's ``set_grad_checkpointing`` (see the module).
     """
 
     cls_token: nn.Parameter  # set below (timm's may be None)
     pos_embed: nn.Parameter
 
     def __init__(self, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0, final_norm: bool = True, window_size: int = 0):
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0, final_norm: bool = True, window_size: int = 0,
+                 grad_checkpointing: bool = False):
         windowed = [i for i in range(depth) if i not in global_blocks(depth)] if window_size > 0 else []
 
         def block(*, depth: int, attn_layer: type[nn.Module], **kwargs: Any) -> Block:
@@ -104,6 +105,7 @@ class ViTEncoder(VisionTransformer):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         pos = torch.cat([torch.zeros(1, embed_dim), sincos_pos_embed(embed_dim, self.grid)]).unsqueeze(0)
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        self.set_grad_checkpointing(grad_checkpointing)
 
     @property
     def patch_pos(self) -> Tensor:
@@ -112,8 +114,10 @@ class ViTEncoder(VisionTransformer):
 
     def forward(self, tokens: Tensor) -> Tensor:  # type: ignore[override]  # embedded tokens, not timm's images
         """(B, V, D) embedded tokens with positions added → (B, 1+V, D), the global token first, final norm."""
-        glob = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        return self.norm(self.blocks(torch.cat([glob, tokens], dim=1)))
+        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        for block in self.blocks:
+            x = run_block(block, x, checkpointed=self.grad_checkpointing)
+        return self.norm(x)
 
     def forward_image(self, images: Tensor) -> Tensor:
         """(B, 3, S, S) normalised images, every patch visible → (B, 1+N, D), the global token first (fine-tuning's
@@ -142,14 +146,16 @@ def architecture(name: str) -> dict[str, Any]:
 
 
 def build_encoder(arch: str | EncoderArch, img_size: int, drop_path: float = 0.0, final_norm: bool = True,
-                  window_size: int = 0, **overrides: Any) -> ViTEncoder:
+                  window_size: int = 0, grad_checkpointing: bool = False, **overrides: Any) -> ViTEncoder:
     """The encoder of every model: a named architecture (:func:`architecture`) or an :class:`EncoderArch`,
     with ``overrides`` (any of patch_size, embed_dim, depth, num_heads, mlp_ratio) on top; ``window_size`` > 0
-    for ViTDet's windowed attention (:class:`ViTEncoder`)."""
+    for ViTDet's windowed attention, ``grad_checkpointing`` to recompute each block in the backward pass
+    (:class:`ViTEncoder`)."""
     if isinstance(arch, str):  # a standard size: not validated again (no check of this machine's memory)
         arch = EncoderArch.model_construct(**architecture(arch))
     kwargs = {**arch.timm_kwargs(img_size), **overrides}
-    return ViTEncoder(**kwargs, drop_path=drop_path, final_norm=final_norm, window_size=window_size)
+    return ViTEncoder(**kwargs, drop_path=drop_path, final_norm=final_norm, window_size=window_size,
+                      grad_checkpointing=grad_checkpointing)
 
 
 def timm_name(patch_size: int, embed_dim: int, depth: int, num_heads: int, img_size: int) -> str:

@@ -1,15 +1,17 @@
 """Small building blocks: 2-D sin-cos position embeddings, the input adapters of the modalities' kinds,
-cross-attention."""
+cross-attention, activation checkpointing of a block and the count of the bytes kept for the backward pass."""
 
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers import Mlp
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from cfmae_cli import modalities as table
 from cfmae_cli.formats import UNLABELLED
@@ -174,3 +176,59 @@ def init_weights(model: nn.Module) -> None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
+
+
+def run_block(block: nn.Module, *args: Tensor, checkpointed: bool) -> Tensor:
+    """``block(*args)``; with ``checkpointed`` (``model.grad_checkpointing``), in training with gradients on, through
+    ``torch.utils.checkpoint`` (non-reentrant): the block's inner activations are not kept for the backward pass
+    but recomputed there from its inputs, with the RNG state of the forward (drop-path draws the same paths)."""
+    if checkpointed and block.training and torch.is_grad_enabled():
+        return cast(Tensor, checkpoint(block, *args, use_reentrant=False))
+    return block(*args)
+
+
+class SavedBytes:
+    """Counts what autograd keeps for the backward pass of ``model``'s forwards while it is entered
+    (``torch.autograd.graph.saved_tensors_hooks``): the bytes of each distinct storage of a saved tensor, once
+    however many tensors view it (identified by its address; a saved storage stays alive until the backward, so no
+    address repeats), leaving out the model's parameters and buffers (not activations). The bytes first saved
+    while each block runs (timm's ``Block``, :class:`CrossBlock`: what checkpointing wraps) are also counted per
+    block in :attr:`by_block`; with checkpointing, a block saves only its inputs, outside it.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self.storages: dict[int, int] = {}
+        self.by_block: dict[str, int] = {}
+        self.active: str | None = None
+        blocks = {name: m for name, m in model.named_modules() if isinstance(m, (Block, CrossBlock))}
+        self.handles = [h for name, m in blocks.items()
+                        for h in (m.register_forward_pre_hook(lambda *_, n=name: self._enter(n)),
+                                  m.register_forward_hook(lambda *_: self._enter(None)))]
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _enter(self, name: str | None) -> None:
+        self.active = name
+
+    def _pack(self, t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.skip and ptr not in self.storages:
+            self.storages[ptr] = storage.nbytes()
+            if self.active is not None:
+                self.by_block[self.active] = self.by_block.get(self.active, 0) + storage.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        """Bytes of the distinct storages saved so far."""
+        return sum(self.storages.values())
+
+    def __enter__(self) -> SavedBytes:
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.hooks.__exit__(*exc)
+        for handle in self.handles:
+            handle.remove()
