@@ -112,9 +112,10 @@ class AlignConfig(_Strict):
     """Feature alignment to a frozen teacher (the paper's future work, docs/modalities.md#feature-alignment)."""
 
     enabled: bool = Field(False, description="align a projection of the model's features with a frozen teacher's")
-    teacher: Optional[str] = Field(None, description="a timm model name (with weights) or a folder written by "
-                                   "`cfmae export` (config.json + model.safetensors)")
-    weights: Optional[str] = Field(None, description="the teacher's local weights file (with a timm name)")
+    teacher: Optional[str] = Field(None, description="a timm model name (with weights), a folder written by "
+                                   "`cfmae export` (config.json + model.safetensors), or hf-hub:owner/name[@rev]")
+    weights: Optional[str] = Field(None, description="the teacher's weights file (with a timm name): a local "
+                                   "file or hf-hub:owner/name[@rev]")
     img_size: Optional[int] = Field(None, ge=8, description="teacher input side; null = its pretrained_cfg's")
     stage: Literal["decoder", "encoder"] = Field("decoder", description="the first decoder stage's features or "
                                                  "the encoder's")
@@ -177,6 +178,9 @@ class ModelConfig(EncoderArch):
     the decoder, the losses and the alignment."""
 
     drop_path: float = Field(0.0, ge=0, lt=1)
+    grad_checkpointing: bool = Field(False, description="recompute each encoder and decoder block's activations in "
+                                     "the backward pass instead of keeping them: less memory, ~22 % more FLOPs, "
+                                     "the same gradients (cfmae bench --what memory)")
     norm_pix_loss: bool = Field(True, description="RGB loss on per-patch normalised pixels (MAE)")
     loss_weights: dict[Modality, float] = Field({"semantic": 1.0, "instance": 1.0, "rgb": 1.0},
                                                 description="lambda_S, lambda_I, lambda_R")

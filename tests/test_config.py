@@ -68,7 +68,7 @@ def test_dump_roundtrips(tmp_path) -> None:
 def test_a_run_written_before_the_blend_resumes_with_the_score_mix(tmp_path: Path) -> None:
     """A checkpoint whose config predates ``masking.mix`` (and ``model.train_pos_embed`` for fine-tuning) ran
     with the literal score mix (a fixed position table): resuming it keeps that, and is not refused."""
-    from cfmae_cli.cli.training import resumed_config
+    from cfmae_cli.api.resuming import resumed_config
     from cfmae_cli.eval.config import FinetuneConfig
     from cfmae_cli.checkpoints import save_checkpoint
     from cfmae_cli.model.cfmae import CFMAE

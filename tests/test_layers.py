@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cfmae_cli"
 # ``cfmae_cli``, only by name: a new top-level module must be placed here).
 LAYERS = [
     ["cfmae_cli", "cfmae_cli.errors", "cfmae_cli.formats", "cfmae_cli.seeding", "cfmae_cli.checkpoints",
-     "cfmae_cli.modalities", "cfmae_cli.procs", "cfmae_cli.ownership"],
+     "cfmae_cli.modalities", "cfmae_cli.procs", "cfmae_cli.ownership", "cfmae_cli.hub"],
     ["cfmae_cli.config", "cfmae_cli.config_sizes", "cfmae_cli.config_schema", "cfmae_cli.config_loading",
      "cfmae_cli.config_stored"],
     ["cfmae_cli.data", "cfmae_cli.masking", "cfmae_cli.model"],
@@ -21,6 +21,7 @@ LAYERS = [
     ["cfmae_cli.train"],
     ["cfmae_cli.eval"],
     ["cfmae_cli.bench"],
+    ["cfmae_cli.api"],
     ["cfmae_cli.cli", "cfmae_cli.__main__"],
 ]
 # Within a layer, packages stand side by side: the data, the masks and the model know nothing of each other.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cfmae_cli.cli.training import STEPS_PER_EPOCH, fit_to_data
+from cfmae_cli.api.training import STEPS_PER_EPOCH, fit_to_data
 from cfmae_cli.config import load_config
 from cfmae_cli.train.setup import make_plan
 from tests.conftest import make_dataset

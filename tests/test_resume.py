@@ -111,6 +111,28 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_is_exact(unbroken: tuple[Pa
     assert_same_steps(steps(tmp_path / "term"), steps(reference))
 
 
+@pytest.mark.slow
+def test_resume_auto_on_a_slurm_like_requeue_ends_as_the_unbroken_run(unbroken: tuple[Path, Path],
+                                                                      tmp_path: Path) -> None:
+    """A requeued job runs the same command every time: the first start trains into --out, SIGTERM stops it
+    mid-epoch after saving, the same command resumes it, and the run ends with the unbroken run's steps."""
+    data, reference = unbroken
+    command = [*run_args(data, tmp_path / "job", EPOCHS), "--resume", "auto"]
+    proc = start(command, tmp_path)
+    wait_for_step(tmp_path / "job", 9, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "no checkpoint in" in output and "Continue with: the same command (--resume auto)" in output
+    assert max(r["step"] for r in steps(tmp_path / "job")) < 6 * EPOCHS
+    result = runner.invoke(app, command)  # the requeued job: the very same command
+    assert result.exit_code == 0, result.output
+    assert "holds this run; resuming it" in result.output
+    assert_same_steps(steps(tmp_path / "job"), steps(reference))
+    result = runner.invoke(app, command)  # requeued once more after the end: nothing to do
+    assert result.exit_code == 0 and "the run is complete" in result.output, result.output
+
+
 def test_truncated_checkpoint_names_the_file_and_offers_the_periodic_one(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(out), "--epochs", "3",

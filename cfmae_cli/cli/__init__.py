@@ -78,7 +78,7 @@ from cfmae_cli.cli import visualise as _visualise  # noqa: E402
 # name: (function, its line in `cfmae --help`: one whole sentence that fits 80 columns)
 COMMANDS = {
     "attention-map": (_visualise.attention_map, "Draw encoder attention, or measure it over a dataset."),
-    "bench": (_bench.bench, "Time the training step, the masks and the data path."),
+    "bench": (_bench.bench, "Time the step, masks and data path; count a step's memory."),
     "eval-robustness": (_robustness.eval_robustness, "Score a classifier on ImageNet-A, -R, -Sketch and -C."),
     "export": (_export.export, "Export an encoder or a classifier as a timm model."),
     "finetune": (_finetune.finetune, "Fine-tune a pre-trained encoder, evaluating each epoch."),

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from cfmae_cli.api.common import Report
 from cfmae_cli.errors import CfmaeError
 
 console = Console(soft_wrap=True, markup=False)  # text is printed as it is (file names, "[rgb]", "[default: …]")
@@ -265,11 +266,16 @@ def is_terminal() -> bool:
 def launch_workers(args: list[str], optional: dict[str, Any], world: int) -> None:
     """Run ``cfmae ARGS`` (plus each ``optional`` flag that is not None) as ``world`` local worker processes;
     exit with their code when one fails."""
-    from cfmae_cli.train import distributed
+    from cfmae_cli.api.common import WorkersFailed, launch_command
 
-    for flag, value in optional.items():
-        if value is not None:
-            args = [*args, flag, str(value)]
-    code = distributed.launch(args, world)
-    if code:
-        raise typer.Exit(code)
+    try:
+        launch_command(args, optional, world)
+    except WorkersFailed as exc:
+        raise typer.Exit(exc.code) from None
+
+
+class Printed(Report):
+    """An API function's lines (:class:`cfmae_cli.api.Report`) printed on the console as they are."""
+
+    def say(self, text: str) -> None:
+        console.print(text, highlight=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,9 +9,7 @@ import typer
 
 from cfmae_cli.cli import helptext
 from cfmae_cli.cli.common import console, guarded
-from cfmae_cli.config import load_config
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.eval.config import FinetuneConfig
 
 
 @guarded
@@ -39,16 +36,19 @@ def finetune(
                                              help="encoder input: rgb, or rgb,instance,semantic (multi-granular "
                                              "fine-tuning, the paper's †)"),
     out: Optional[Path] = typer.Option(None, "--out", metavar="FOLDER", show_default="runs/finetune/<preset>[-k]",
-                                       help="run folder"),
+                                       help="run folder (with --eval-only: the JSON file)"),
     gpus: Optional[int] = helptext.GPUS,
     procs: int = helptext.PROCS,
     epochs: Optional[int] = helptext.EPOCHS,
     seed: Optional[int] = helptext.SEED,
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", show_default="the preset's values",
                                    help="override any config key (repeatable), e.g. --set optim.layer_decay=0.65"),
-    resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN", show_default="a new run",
-                                          help="continue a fine-tuning run exactly: its folder or one of its "
-                                          "checkpoints"),
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN", show_default="a new run",
+                                         help="continue a fine-tuning run exactly: its folder or one of its "
+                                         "checkpoints; auto: resume the run in --out if it is there, else start it"),
+    eval_only: bool = typer.Option(False, "--eval-only", help="evaluate the fine-tuned --checkpoint (a run: its "
+                                   "best.pt) on the val split of --data (default: its own), write the numbers as "
+                                   "JSON (--out FILE, default <run>/eval-<checkpoint>.json); nothing is trained"),
 ) -> None:
     """Fine-tune a pre-trained encoder: classification, segmentation or detection; evaluates after every epoch.
 
@@ -59,72 +59,38 @@ def finetune(
 
     Example, a linear probe: cfmae finetune --mode linear --checkpoint runs/pretrain/demo
 
+    Example, evaluate a fine-tuned run's best checkpoint: cfmae finetune --eval-only -c runs/finetune/ft-demo
+
     Example, ADE20K: cfmae finetune --task segmentation --preset ft-seg-vitb --gpus 8 --data /data/ADEChallengeData2016
     """
-    from cfmae_cli.checkpoints import checkpoint_path
-    from cfmae_cli.config import check_weights_file
+    from cfmae_cli import api
+    from cfmae_cli.cli.training import run_training
 
-    for weights in (checkpoint if resume is None else None, resume):  # sizes checked before torch is imported
-        if weights not in (None, "random"):
-            check_weights_file(weights)
-    from cfmae_cli.cli.training import (demo_preset_notice, dispatch, fit_to_data, own_data_run, resumed_config,
-                                         run_overrides)
-    from cfmae_cli.eval.finetune import finetune as run
-
-    if mode is not None and mode not in ("full", "linear"):
-        raise CfmaeError(f"--mode {mode}: use full or linear.")
-    overrides = run_overrides(set_, data, epochs, seed, gpus, procs, resume, out)
-    if task is not None:
-        if task not in ("classification", "segmentation", "detection"):
-            raise CfmaeError(f"--task {task}: use classification, segmentation or detection.")
-        overrides.append(f"kind={task}")
-    if modalities is not None:
-        overrides.append(f"data.modalities=[{modalities}]")
-    if checkpoint is not None:
-        if resume is not None:
-            raise CfmaeError("--resume continues a run with its own weights; it takes no --checkpoint.")
-        if checkpoint != "random":
-            if not checkpoint_path(checkpoint).is_file():
-                raise CfmaeError(f"--checkpoint {checkpoint}: no such file (a run folder needs "
-                                 f"checkpoints/last.pt).")
-            checkpoint = str(checkpoint_path(checkpoint).resolve())
-        overrides.append(f"model.init={checkpoint}")
-    default = {"segmentation": "ft-seg-demo", "detection": "ft-det-demo"}.get(task or "", "ft-demo")
-    name = Path(preset or default).stem
-    if resume is not None:
-        cfg = resumed_config(resume, preset, overrides, FinetuneConfig, mode)
-    else:
-        if data is not None and preset is None and default == "ft-demo" and not (data / "train").is_dir() and \
-                not any(item.startswith("data.val_fraction=") for item in overrides):
-            overrides.append(f"data.val_fraction={OWN_VAL_FRACTION}")  # the demo's 0.75 is for its 12 crops a class
-        cfg = load_config(preset or default, overrides, FinetuneConfig, mode)
-        if data is not None and preset is None:
-            real = {"segmentation": "ft-seg-vitb", "detection": "ft-det-vitb"}.get(task or "",
-                                                                                  "ft-vitb-400e (or ft-vitb-1600e)")
-            demo_preset_notice(default, "the demo's tiny encoder and schedule, for a few CPU minutes", real)
-            if default == "ft-demo" and ((data / "train").is_dir() or cfg.data.val_fraction):  # (else refused)
-                world = gpus if gpus else (procs if gpus == 0 else 1)
-                cfg, said = fit_to_data(cfg, _training_images(data, cfg.data.val_fraction), str(data), overrides,
-                                        world)
-                held = "" if (data / "train").is_dir() else \
-                    f" (data.val_fraction {cfg.data.val_fraction:g} of each class held out for validation)"
-                name, where = own_data_run(data, out, name)
-                console.print(f"note: {said}{held}; {where}.", highlight=False)
-    dispatch("finetune", cfg, functools.partial(run, cfg), _done, out=out, name=name,
-             resume=resume, gpus=gpus, procs=procs, extra_args=[])
+    if eval_only:
+        given = [flag for flag, value in (("--preset", preset), ("--task", task), ("--mode", mode),
+                                          ("--modalities", modalities), ("--procs", procs if procs > 1 else None),
+                                          ("--epochs", epochs), ("--seed", seed), ("--resume", resume)) if value]
+        if given:
+            raise CfmaeError(f"--eval-only evaluates a fine-tuned checkpoint as it was trained; it takes no "
+                             f"{', '.join(given)} (the checkpoint's config decides; --data, --out, --gpus and "
+                             f"--set data.*/train.batch_size apply).")
+        result = api.evaluate(checkpoint, data, out, gpus=gpus, overrides=set_)
+        console.print(_evaluated(result), highlight=False)
+        return
+    run_training("finetune", lambda report: api.finetune(
+        checkpoint, data, out, preset=preset, task=task, mode=mode, modalities=modalities, gpus=gpus, procs=procs,
+        epochs=epochs, seed=seed, overrides=set_, resume=resume, report=report), _done, resume)
 
 
-OWN_VAL_FRACTION = 0.2  # the share of each class held out of a single folder of the user's own images
-
-
-def _training_images(data: Path, val_fraction: float | None) -> int:
-    """Images that fine-tuning trains on: ``data/train``'s, or a single folder's minus its held-out share."""
-    from cfmae_cli.data.splits import held_out, list_split
-
-    if (data / "train").is_dir():
-        return len(list_split(data / "train", [])[0])
-    samples = list_split(data, [])[0]
-    return sum(not held_out(s, val_fraction) for s in samples) if val_fraction else len(samples)
+def _evaluated(result: dict[str, Any]) -> str:
+    """The line of ``--eval-only``: the numbers (with what the run recorded at that epoch) and the JSON file."""
+    shown = {"classification": ("top1", "top5"), "segmentation": ("mIoU", "pixel_acc"),
+             "detection": ("AP_box", "AP_mask")}[result["kind"]]
+    metrics, recorded = result["metrics"], result.get("recorded") or {}
+    parts = [f"{key} {metrics[key]:.2f}" + (f" (recorded {recorded[key]:.2f})" if recorded.get(key) is not None
+                                             else "") for key in shown if metrics.get(key) is not None]
+    return (f"evaluated {result['checkpoint']} (epoch {result['epoch']}) on {result['data']}: {'; '.join(parts)}; "
+            f"wrote {result['written']}")
 
 
 def _done(summary: dict[str, Any]) -> str:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from cfmae_cli.cli import helptext
-from cfmae_cli.cli.common import console, guarded
-from cfmae_cli.config import Config, load_config
-from cfmae_cli.errors import CfmaeError
-from cfmae_cli.formats import MANIFEST_NAME, need_folder
+from cfmae_cli.cli.common import guarded
 
 
 @guarded
@@ -29,8 +25,10 @@ def pretrain(
     seed: Optional[int] = helptext.SEED,
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", show_default="the preset's values",
                                    help="override any config key (repeatable), e.g. --set optim.base_lr=1.5e-4"),
-    resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN", show_default="a new run",
-                                          help="continue a run exactly: its folder or one of its checkpoints"),
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN", show_default="a new run",
+                                         help="continue a run exactly: its folder or one of its checkpoints; "
+                                         "auto: resume the run in --out if it is there, else start it (for "
+                                         "jobs that are requeued)"),
     init: Optional[Path] = typer.Option(None, "--checkpoint", "-c", metavar="CKPT", show_default="random weights",
                                         help="start a new run from these weights only: a cfmae checkpoint or run "
                                         "folder, an MAE / MultiMAE / timm file"),
@@ -47,58 +45,19 @@ def pretrain(
     --monitor-data /data/imagenet
 
     Example, continue after a preemption: cfmae pretrain --resume runs/pretrain/vitb-400e
+
+    Example, one command for a job that may be requeued (starts, or resumes): cfmae pretrain --preset vitb-400e
+    --gpus 8 --out runs/vitb --resume auto
     """
-    if data is not None and data.is_dir():  # its manifest checked before torch is imported: a bad one costs nothing
-        from cfmae_cli.data.layout import is_packed, read_manifest, read_packed_manifest
+    from cfmae_cli import api
+    from cfmae_cli.cli.training import run_training
 
-        if is_packed(data):
-            read_packed_manifest(data)
-        elif (data / MANIFEST_NAME).is_file():
-            read_manifest(data)
-    for weights, flag in ((init, "--checkpoint"), (resume, "--resume")):  # before the demo data or torch
-        if weights is not None:
-            from cfmae_cli.checkpoints import checkpoint_path
-            from cfmae_cli.config import check_weights_file
-
-            if not checkpoint_path(weights).is_file():
-                raise CfmaeError(f"{flag} {weights}: checkpoint not found (a run folder needs checkpoints/last.pt).")
-            check_weights_file(weights)  # sizes checked before anything is built (docs/export.md)
-    from cfmae_cli.cli.training import (demo_preset_notice, dispatch, fit_to_data, own_data_run, resumed_config,
-                                         run_overrides)
-    from cfmae_cli.train.pretraining import pretrain as run
-
-    overrides = run_overrides(set_, data, epochs, seed, gpus, procs, resume, out)
-    if monitor_data is not None:
-        need_folder(monitor_data, "--monitor-data")
-        overrides.append(f"train.monitor.data={monitor_data.resolve()}")
-    if resume is not None and init is not None:
-        raise CfmaeError("--resume continues a run with its own weights; it takes no --checkpoint (use --checkpoint "
-                         "CKPT without --resume to start a new run from weights).")
-    cfg = resumed_config(resume, preset, overrides) if resume is not None else load_config(preset or "demo", overrides)
-    name = Path(preset or "demo").stem
-    if data is not None and preset is None and resume is None:
-        demo_preset_notice("demo", "a 4-block ViT at 64 px for a few CPU minutes",
-                           "vitb-400e (the paper's ViT-B), vits-400e or vitl-400e")
-        world = gpus if gpus else (procs if gpus == 0 else 1)
-        from cfmae_cli.train.pretraining import pretraining_images
-
-        cfg, said = fit_to_data(cfg, pretraining_images(cfg), str(data), overrides, world)
-        name, where = own_data_run(data, out, name)
-        console.print(f"note: {said}; {where}.", highlight=False)
-    dispatch("pretrain", cfg, functools.partial(run, cfg, init=init), _done, out=out, name=name,
-             resume=resume, gpus=gpus, procs=procs, extra_args=["--checkpoint", str(init)] if init is not None else [],
-             before_refusal=lambda world: _print_plan(cfg, world))
+    run_training("pretrain", lambda report: api.pretrain(
+        preset, data, out, gpus=gpus, procs=procs, epochs=epochs, seed=seed, overrides=set_, resume=resume,
+        checkpoint=init, monitor_data=monitor_data, report=report), _done, resume)
 
 
 def _done(summary: dict[str, Any]) -> str:
     return (f"done: {summary['epochs']} epochs, {summary['steps']} steps; loss {summary['first_epoch_loss']:.4f} "
             f"(epoch 1) → {summary['last_epoch_loss']:.4f} (epoch {summary['epochs']}); {summary['img_per_s']:.1f} "
             f"img/s; {summary['skipped_files']} file(s) skipped")
-
-
-def _print_plan(cfg: Config, world: int) -> None:
-    from cfmae_cli.train.setup import build_dataset, dataset_root, describe_plan, make_plan
-
-    dataset, _ = build_dataset(cfg, dataset_root(cfg))
-    for line in describe_plan(make_plan(cfg, len(dataset), world), cfg):
-        console.print(line, highlight=False)

@@ -103,7 +103,7 @@ _TEMPORARY = (".*tmp*", "*/.*tmp*")  # atomic writes' temporary files (cfmae_cli
 TRAINING_FILES = ("config.yaml", "metrics.jsonl", "metrics-*.csv", "log.txt", "run.json", "trackers.json",
                   "bad_files.txt", "events.out.tfevents.*", "plots", "plots/*.png", "checkpoints",
                   "checkpoints/*.pt", "checkpoints/diverged", "checkpoints/diverged/*.pt", "mlruns/", "wandb/",
-                  ".cfmae-*", *_TEMPORARY)
+                  "eval-*.json", ".cfmae-*", *_TEMPORARY)  # (eval-*.json: cfmae finetune --eval-only's)
 RUN_FILES = {"pretrain": TRAINING_FILES, "finetune": TRAINING_FILES,
              "eval-robustness": ("log.txt", "results.json", "results.csv", "bad_files.txt", ".cfmae-*", *_TEMPORARY)}
 TRAINING = ("pretrain", "finetune")
