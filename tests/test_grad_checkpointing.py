@@ -195,6 +195,19 @@ def test_bench_memory_prints_the_table(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "nope" in bad.output and not (tmp_path / "bad.json").exists()
 
 
+def count_checkpoints(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at each call of the checkpoint that model.layers.run_block makes."""
+    calls: list[int] = []
+    real = layers.checkpoint
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "checkpoint", counted)
+    return calls
+
+
 def test_the_key_round_trips_and_a_run_with_it_computes_the_same_losses(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config("demo", ["model.grad_checkpointing=true"])
@@ -203,14 +216,7 @@ def test_the_key_round_trips_and_a_run_with_it_computes_the_same_losses(tmp_path
     saved.write_text(dump_config(cfg))
     assert load_config(str(saved)).model.grad_checkpointing is True
     data = make_dataset(tmp_path / "data", n_per_class=2)  # 4 images: one step an epoch
-    calls = []
-    real = layers.checkpoint
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(layers, "checkpoint", counted)
+    calls = count_checkpoints(monkeypatch)
     losses = {}
     for ckpt in ("false", "true"):
         sets = [x for item in [*TINY_OVERRIDES, "model.drop_path=0.2", "train.epochs=3", "train.plot_every=1000",
@@ -232,14 +238,7 @@ def test_a_fine_tuning_run_with_the_key_checkpoints_and_computes_the_same_losses
     """``cfmae finetune --set model.grad_checkpointing=true`` reaches the classifier's encoder (its blocks are
     recomputed) and trains exactly as without it."""
     data = make_dataset(tmp_path / "data", n_per_class=4)
-    calls = []
-    real = layers.checkpoint
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(layers, "checkpoint", counted)
+    calls = count_checkpoints(monkeypatch)
     arch = ("{patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 4.0, map_stride: 2, "
             "map_embed_dim: 8, num_instance_ids: 16}")
     losses = {}

@@ -95,3 +95,17 @@ def launch_command(args: list[str], optional: dict[str, Any], world: int) -> Non
     code = distributed.launch(args, world)
     if code:
         raise WorkersFailed(code)
+
+
+def as_patch(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` items as one nested dict of the keys they set (to merge into a stored config)."""
+    from cfmae_cli.config import deep_merge, parse_override
+
+    patch: dict[str, Any] = {}
+    for item in items:
+        keys, value = parse_override(item)
+        entry: Any = value
+        for key in reversed(keys):
+            entry = {key: entry}
+        patch = deep_merge(patch, entry)
+    return patch

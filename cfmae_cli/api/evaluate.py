@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from cfmae_cli.api.common import Overrides, PathLike, as_set_items
+from cfmae_cli.api.common import Overrides, PathLike, as_patch, as_set_items, run_overrides
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.formats import atomic_write_text, need_folder
+from cfmae_cli.formats import atomic_write_text
 
 
 def evaluate(checkpoint: Optional[PathLike], data: Optional[PathLike] = None, out: Optional[PathLike] = None, *,
@@ -19,7 +19,7 @@ def evaluate(checkpoint: Optional[PathLike], data: Optional[PathLike] = None, ou
     AP; the task its config names) on ``data`` (default: the data it was fine-tuned on), written as JSON to
     ``out`` (default ``<run>/eval-<checkpoint>.json`` beside the run). ``checkpoint``: a fine-tuning run folder
     (its ``best.pt``, else ``last.pt``) or checkpoint file. Returns what the JSON holds, with ``written``."""
-    from cfmae_cli.config import check_weights_file, parse_override
+    from cfmae_cli.config import check_weights_file
 
     if gpus is not None and gpus > 1:
         raise CfmaeError(f"--gpus {gpus}: --eval-only runs in one process (--gpus 0 or 1).")
@@ -35,24 +35,12 @@ def evaluate(checkpoint: Optional[PathLike], data: Optional[PathLike] = None, ou
     target = Path(out) if out is not None else _beside_run(file)
     if target.is_dir():
         raise CfmaeError(f"--out {target}: a folder; give the JSON file to write (e.g. {target / 'eval.json'}).")
-    changes: dict[str, Any] = {}
-    items = as_set_items(overrides)
-    if data is not None:
-        need_folder(Path(data), "--data")
-        items.append(f"data.root={Path(data).resolve()}")
-    if gpus is not None:
-        items.append(f"train.device={'cuda' if gpus > 0 else 'cpu'}")
+    items = run_overrides(as_set_items(overrides), data, None, None, gpus, 1, None, None)
     if batch_size is not None:
         items.append(f"train.batch_size={batch_size}")
     if workers is not None:
         items.append(f"data.num_workers={workers}")
-    for item in items:
-        keys, value = parse_override(item)
-        node = changes
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    result = evaluate_checkpoint(file, changes)
+    result = evaluate_checkpoint(file, as_patch(items))
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, json.dumps(result, indent=2) + "\n")
     return {**result, "written": str(target)}

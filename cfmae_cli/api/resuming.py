@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from cfmae_cli.api.common import PathLike, Report
+from cfmae_cli.api.common import PathLike, Report, as_patch
 from cfmae_cli.checkpoints import checkpoint_path
 from cfmae_cli.errors import CfmaeError
 
@@ -18,7 +18,7 @@ def resumed_config(resume: PathLike, preset: Optional[str], overrides: Sequence[
     """The run's own config; refused (exit 2, the keys listed) if the options given would change it."""
     from cfmae_cli.checkpoints import load_checkpoint
     from cfmae_cli.config import (RESUMABLE_CHANGES, Config, check_weights_file, config_diff, config_from_dict,
-                                  deep_merge, load_config, parse_override, with_legacy_defaults)
+                                  deep_merge, load_config, with_legacy_defaults)
 
     schema = schema or Config
     path = checkpoint_path(resume)
@@ -33,12 +33,7 @@ def resumed_config(resume: PathLike, preset: Optional[str], overrides: Sequence[
     base = load_config(preset, schema=schema, mode=mode).model_dump(mode="json") if preset else saved
     if mode is not None:
         base = deep_merge(base, {"mode": mode})
-    for item in overrides:
-        keys, value = parse_override(item)
-        patch: Any = value
-        for key in reversed(keys):
-            patch = {key: patch}
-        base = deep_merge(base, patch)
+    base = deep_merge(base, as_patch(overrides))
     wanted = config_from_dict(base, "--resume with the options given", schema)
     changed = [k for k in config_diff(saved, wanted.model_dump(mode="json")) if k not in RESUMABLE_CHANGES]
     if changed:
