@@ -23,7 +23,7 @@ from cfmae_cli.hub import local_weights, renamed
 # Keys that may differ when a run is resumed: they change how the run is carried out, not what it computes.
 RESUMABLE_CHANGES = frozenset({"data.num_workers", "train.device", "train.log_every", "train.save_every",
                                "train.keep_last", "train.plot_every", "train.plot_samples", "train.threads",
-                               "train.compile", "train.loggers"})
+                               "train.compile", "train.loggers", "model.grad_checkpointing"})
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,49 @@ def test_eval_only_refuses_what_it_cannot_evaluate(chain: tuple[Path, Path, Path
                           str(tmp_path / "y.json"))
     assert code == 2 and "its classes are not the ones" in output, output
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
+
+
+def test_resume_auto_continues_an_unfinished_fine_tuning_run_with_its_own_config(chain: tuple[Path, Path, Path],
+                                                                                  tmp_path: Path) -> None:
+    """Stopped after epoch 1 (its last.pt is epoch 1's), the same call resumes it and ends as the unbroken run:
+    the encoder that the run read off its weights at the start is the resumed run's too."""
+    data, pre, ft = chain
+    run = tmp_path / "ft"
+    shutil.copytree(ft, run, ignore=shutil.ignore_patterns(".cfmae-lock*"))
+    shutil.copy(run / "checkpoints" / "epoch-0001.pt", run / "checkpoints" / "last.pt")
+    api.finetune(checkpoint=pre, data=data, out=run, resume="auto",
+                 overrides={k: yaml.safe_load(v) for k, v in (i.split("=", 1) for i in FT_OVERRIDES)})
+    assert [(r["epoch"], r["top1"], r["loss"]) for r in epochs(run)] == \
+        [(r["epoch"], r["top1"], r["loss"]) for r in epochs(ft)]
+
+
+def test_resume_auto_takes_what_the_run_filled_in_at_its_start(tiny_data: Path, tmp_path: Path) -> None:
+    """A launch fills data.root (the demo data's folder) and fine-tuning model.encoder / model.init: a new config
+    that leaves them unset is the same run, continued with the run's values; one that sets them otherwise is not."""
+    from cfmae_cli.api.resuming import start_or_resume
+    from cfmae_cli.checkpoints import save_checkpoint
+    from cfmae_cli.config import load_config
+
+    cfg = load_config("demo", TINY_OVERRIDES)
+    stored = cfg.model_dump(mode="json")
+    stored["data"]["root"] = str(tiny_data)
+    del stored["model"]["grad_checkpointing"]  # a run written before the key existed
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", {"model": {}, "config": stored, "task": "pretrain",
+                                                                   "epoch": 1})
+    assert start_or_resume("pretrain", cfg, tmp_path / "nothing") is None
+    resumed = start_or_resume("pretrain", cfg, tmp_path / "run")
+    assert resumed.data.root == str(tiny_data) and resumed.model.grad_checkpointing is False
+    other = load_config("demo", [*TINY_OVERRIDES, f"data.root={tmp_path}"])
+    with pytest.raises(CfmaeError, match="config differs in data.root"):
+        start_or_resume("pretrain", other, tmp_path / "run")
+    on = load_config("demo", [*TINY_OVERRIDES, "model.grad_checkpointing=true"])  # may change on resume
+    assert start_or_resume("pretrain", on, tmp_path / "run").model.grad_checkpointing is True
+
+
+def test_resume_refuses_a_hub_spec_and_eval_only_asks_where_to_write(tmp_path: Path) -> None:
+    code, output = invoke("pretrain", "--resume", "hf-hub:me/run")
+    assert code == 2 and "--resume hf-hub:me/run: continues a run in its local folder" in output, output
+    code, output = invoke("finetune", "--resume", "hf-hub:me/run")
+    assert code == 2 and "give them as --checkpoint hf-hub:me/run" in output, output
+    code, output = invoke("finetune", "--eval-only", "-c", "hf-hub:me/ft")
+    assert code == 2 and "say where the results go with --out FILE.json" in output, output

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -296,6 +297,17 @@ def test_finetune_cli_from_the_hub_cache_offline(encoder_on_hub: tuple[FakeHub, 
     ckpt = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
     assert_encoder_is(ckpt["model"], exported)
     assert ckpt["config"]["model"]["init"] == "hf-hub:me/cfmae-tiny@v1"
+    (tmp_path / "ft").mkdir()  # the fine-tuned checkpoint published as it is, then evaluated from the cache
+    shutil.copy(tmp_path / "run/checkpoints/best.pt", tmp_path / "ft" / "best.pt")
+    fake.add("me/ft-tiny", tmp_path / "ft")
+    download(fake, "me/ft-tiny")
+    with no_requests(fake):
+        result = runner.invoke(app, ["finetune", "--eval-only", "-c", "hf-hub:me/ft-tiny", "--data", str(data),
+                                     "--out", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    recorded = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    best = max(r["top1"] for r in recorded if r["type"] == "epoch")
+    assert json.loads((tmp_path / "eval.json").read_text())["metrics"]["top1"] == pytest.approx(best, abs=1e-9)
 
 
 def test_pretrain_init_from_an_export_keeps_the_encoder_and_names_what_starts_fresh(

@@ -20,6 +20,7 @@ def evaluate(checkpoint: Optional[PathLike], data: Optional[PathLike] = None, ou
     ``out`` (default ``<run>/eval-<checkpoint>.json`` beside the run). ``checkpoint``: a fine-tuning run folder
     (its ``best.pt``, else ``last.pt``) or checkpoint file. Returns what the JSON holds, with ``written``."""
     from cfmae_cli.config import check_weights_file
+    from cfmae_cli.hub import is_hub
 
     if gpus is not None and gpus > 1:
         raise CfmaeError(f"--gpus {gpus}: --eval-only runs in one process (--gpus 0 or 1).")
@@ -27,6 +28,9 @@ def evaluate(checkpoint: Optional[PathLike], data: Optional[PathLike] = None, ou
         raise CfmaeError("--eval-only needs the fine-tuned checkpoint: --checkpoint RUN or CKPT.")
     from cfmae_cli.eval.finetune import evaluate_checkpoint, evaluation_checkpoint
 
+    if is_hub(checkpoint) and out is None:
+        raise CfmaeError(f"--checkpoint {checkpoint}: a hub repository has no run folder to write beside; say where "
+                         f"the results go with --out FILE.json.")
     file = evaluation_checkpoint(checkpoint)
     if not file.is_file():
         raise CfmaeError(f"--checkpoint {checkpoint}: no such file (a fine-tuning run folder needs "

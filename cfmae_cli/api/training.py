@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from cfmae_cli.api.common import (AUTO, Overrides, PathLike, Report, WorkersFailed, as_set_items, run_overrides,
                                   world_of)
-from cfmae_cli.api.resuming import auto_run, complete_run, resumed_config
+from cfmae_cli.api.resuming import auto_run, complete_run, refuse_hub_resume, resumed_config
 from cfmae_cli.checkpoints import checkpoint_path
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.formats import MANIFEST_NAME, need_folder
@@ -180,6 +180,7 @@ def pretrain(preset: Optional[str] = None, data: Optional[PathLike] = None, out:
 
     report = report or Report()
     auto = resume is not None and str(resume) == AUTO
+    refuse_hub_resume(None if auto else resume)
     _check_data_manifest(data)
     for weights, flag in ((checkpoint, "--checkpoint"), (None if auto else resume, "--resume")):
         if weights is not None:  # before the demo data or torch
@@ -206,7 +207,7 @@ def pretrain(preset: Optional[str] = None, data: Optional[PathLike] = None, out:
         name, where = own_data_run(Path(data), out, name)
         report.say(f"note: {said}; {where}.")
     if auto:
-        resume, out = auto_run("pretrain", cfg, out, name, report)
+        resume, out, cfg = auto_run("pretrain", cfg, out, name, report)
         if resume is not None and checkpoint is not None:
             checkpoint = None  # the run has its own weights now
     init = checkpoint
@@ -257,6 +258,7 @@ def finetune(checkpoint: Optional[PathLike] = None, data: Optional[PathLike] = N
 
     report = report or Report()
     auto = resume is not None and str(resume) == AUTO
+    refuse_hub_resume(None if auto else resume)
     for weights in (checkpoint if resume is None or auto else None, None if auto else resume):
         if weights is not None and str(weights) != "random":  # sizes checked before torch is imported
             check_weights_file(weights)
@@ -305,6 +307,6 @@ def finetune(checkpoint: Optional[PathLike] = None, data: Optional[PathLike] = N
                 name, where = own_data_run(folder, out, name)
                 report.say(f"note: {said}{held}; {where}.")
         if auto:
-            resume, out = auto_run("finetune", cfg, out, name, report)
+            resume, out, cfg = auto_run("finetune", cfg, out, name, report)
     return dispatch("finetune", cfg, functools.partial(run, cfg), report, out=out, name=name,
                     resume=resume, gpus=gpus, procs=procs, extra_args=[])

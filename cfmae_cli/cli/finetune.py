@@ -69,7 +69,8 @@ def finetune(
     if eval_only:
         given = [flag for flag, value in (("--preset", preset), ("--task", task), ("--mode", mode),
                                           ("--modalities", modalities), ("--procs", procs if procs > 1 else None),
-                                          ("--epochs", epochs), ("--seed", seed), ("--resume", resume)) if value]
+                                          ("--epochs", epochs), ("--seed", seed), ("--resume", resume))
+                 if value is not None]
         if given:
             raise CfmaeError(f"--eval-only evaluates a fine-tuned checkpoint as it was trained; it takes no "
                              f"{', '.join(given)} (the checkpoint's config decides; --data, --out, --gpus and "

@@ -148,7 +148,8 @@ class FinetuneConfig(_Strict):
     """The fine-tuning config (``cfmae finetune``)."""
 
     TASK: ClassVar[str] = "finetune"
-    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"model.train_pos_embed": False, "seg.aux_weight": 0.0}
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"model.train_pos_embed": False, "seg.aux_weight": 0.0,
+                                                 "model.grad_checkpointing": False}
     kind: Literal["classification", "segmentation", "detection"] = Field(
         "classification", description="what is trained: an image classifier, per-pixel classes, or Mask R-CNN")
     mode: Literal["full", "linear"] = Field("full", description="full fine-tuning, or a linear probe on the "

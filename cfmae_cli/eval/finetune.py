@@ -12,6 +12,7 @@ from torch import Tensor
 from cfmae_cli.checkpoints import load_checkpoint, newest_checkpoint
 from cfmae_cli.config import EncoderArch, config_from_dict, deep_merge, load_config, stored_config
 from cfmae_cli.errors import CfmaeError
+from cfmae_cli.hub import local_weights
 from cfmae_cli.eval.classification import ClassificationTask
 from cfmae_cli.eval.config import FinetuneConfig
 from cfmae_cli.eval.detection import DetectionTask
@@ -68,8 +69,9 @@ def initial_weights(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict[str, Tens
 
 def evaluation_checkpoint(path: str | Path) -> Path:
     """The file that ``--eval-only`` evaluates: a fine-tuning run folder means its ``checkpoints/best.pt`` (the
-    epoch its validation chose), else its ``last.pt``; a file means itself."""
-    path = Path(path)
+    epoch its validation chose), else its ``last.pt``; a file means itself; ``hf-hub:owner/name`` the checkpoint
+    file that repository holds (its local copy)."""
+    path = local_weights(path)
     if path.is_dir():
         best = path / "checkpoints" / "best.pt"
         return best if best.is_file() else path / "checkpoints" / "last.pt"
