@@ -26,8 +26,6 @@ def evaluate(checkpoint: Optional[PathLike], data: Optional[PathLike] = None, ou
         raise CfmaeError(f"--gpus {gpus}: --eval-only runs in one process (--gpus 0 or 1).")
     if checkpoint is None:
         raise CfmaeError("--eval-only needs the fine-tuned checkpoint: --checkpoint RUN or CKPT.")
-    from cfmae_cli.eval.finetune import evaluate_checkpoint, evaluation_checkpoint
-
     if is_hub(checkpoint) and out is None:
         raise CfmaeError(f"--checkpoint {checkpoint}: a hub repository has no run folder to write beside; say where "
                          f"the results go with --out FILE.json.")
@@ -44,10 +42,25 @@ def evaluate(checkpoint: Optional[PathLike], data: Optional[PathLike] = None, ou
         items.append(f"train.batch_size={batch_size}")
     if workers is not None:
         items.append(f"data.num_workers={workers}")
+    from cfmae_cli.eval.finetune import evaluate_checkpoint  # heavy: torch, after the checks
+
     result = evaluate_checkpoint(file, as_patch(items))
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, json.dumps(result, indent=2) + "\n")
     return {**result, "written": str(target)}
+
+
+def evaluation_checkpoint(path: str | Path) -> Path:
+    """The file that ``--eval-only`` evaluates: a fine-tuning run folder means its ``checkpoints/best.pt`` (the
+    epoch its validation chose), else its ``last.pt``; a file means itself; ``hf-hub:owner/name`` the checkpoint
+    file that repository holds (its local copy)."""
+    from cfmae_cli.hub import local_weights
+
+    path = local_weights(path)
+    if path.is_dir():
+        best = path / "checkpoints" / "best.pt"
+        return best if best.is_file() else path / "checkpoints" / "last.pt"
+    return path
 
 
 def _beside_run(file: Path) -> Path:

@@ -12,7 +12,6 @@ from torch import Tensor
 from cfmae_cli.checkpoints import load_checkpoint, newest_checkpoint
 from cfmae_cli.config import EncoderArch, config_from_dict, deep_merge, load_config, stored_config
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.hub import local_weights
 from cfmae_cli.eval.classification import ClassificationTask
 from cfmae_cli.eval.config import FinetuneConfig
 from cfmae_cli.eval.detection import DetectionTask
@@ -67,17 +66,6 @@ def initial_weights(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict[str, Tens
     return config_from_dict(resolved, f"fine-tuning {init}", FinetuneConfig), state, source
 
 
-def evaluation_checkpoint(path: str | Path) -> Path:
-    """The file that ``--eval-only`` evaluates: a fine-tuning run folder means its ``checkpoints/best.pt`` (the
-    epoch its validation chose), else its ``last.pt``; a file means itself; ``hf-hub:owner/name`` the checkpoint
-    file that repository holds (its local copy)."""
-    path = local_weights(path)
-    if path.is_dir():
-        best = path / "checkpoints" / "best.pt"
-        return best if best.is_file() else path / "checkpoints" / "last.pt"
-    return path
-
-
 def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The validation of a ``cfmae finetune`` checkpoint on its own: the task its config names (top-1 / top-5,
     mIoU, AP) over the val split of ``data.root``, with the checkpoint's weights, in this process; nothing is
@@ -85,8 +73,8 @@ def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = Non
     ``train.device``, ``train.batch_size``, ``data.num_workers`` …).
 
     Returns {'checkpoint', 'kind', 'mode', 'epoch', 'data', 'metrics', 'recorded'} with ``recorded`` the metrics
-    the run wrote at that checkpoint's epoch (None when it has none)."""
-    file = evaluation_checkpoint(path)
+    the run wrote at that checkpoint's epoch (None when it has none). ``path``: the checkpoint file."""
+    file = Path(path)
     ckpt = load_checkpoint(file)
     if ckpt.get("task") != "finetune" or not isinstance(ckpt.get("config"), dict):
         raise CfmaeError(f"{file}: not a `cfmae finetune` checkpoint (a {ckpt.get('task') or 'foreign'} one); "
