@@ -108,6 +108,12 @@ def test_mask_rcnn_finetuning_on_the_dataset_layout(tmp_path: Path) -> None:
             "loss_objectness"} <= set(epoch)
     assert "APs/APm/APl box" in result.output
     assert 0 <= epoch["AP_box"] <= 100 and (out / "checkpoints/best.pt").is_file()
+    result = runner.invoke(app, ["finetune", "--eval-only", "-c", str(out)])  # best.pt's APs, evaluated again
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads((out / "eval-best.json").read_text())
+    assert evaluated["kind"] == "detection"
+    for key in ("AP_box", "AP_mask", "AP50_box"):
+        assert evaluated["metrics"][key] == pytest.approx(epoch[key], abs=1e-9), key
 
 
 def test_vitdet_pyramid_reads_the_last_block_before_the_final_norm() -> None:

@@ -110,6 +110,13 @@ def test_segmentation_finetuning_on_the_dataset_layout(tmp_path: Path) -> None:
                           atol=1e-6)
     result = runner.invoke(app, ["export", str(out), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "segmentation model" in " ".join(result.output.split())
+    result = runner.invoke(app, ["finetune", "--eval-only", "-c", str(out)])  # best.pt's mIoU, evaluated again
+    assert result.exit_code == 0, result.output
+    best = next(r for r in records if r["mIoU"] == max(q["mIoU"] for q in records))
+    evaluated = json.loads((out / "eval-best.json").read_text())
+    assert evaluated["kind"] == "segmentation" and evaluated["epoch"] == best["epoch"]
+    for key in ("mIoU", "pixel_acc", "mAcc"):
+        assert evaluated["metrics"][key] == pytest.approx(best[key], abs=1e-9), key
 
 
 # -- issue 27: mmsegmentation's ADE20K protocol ----------------------------------------------------------------
