@@ -315,9 +315,8 @@ class Config(_Strict):
     TASK: ClassVar[str] = "pretrain"
     # keys added since runs were first written, with the value that reproduces a run that predates them
     LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"masking.mix": "score", "train.monitor.enabled": False,
-                                                 "model.grad_checkpointing": False,
+                                                 "model.grad_checkpointing": False, "model.decoder.kind": "cfmae",
                                                  "model.align": AlignConfig().model_dump(mode="json"),
-                                                 "model.decoder.kind": "cfmae",
                                                  "model.decoder.global_token": False,
                                                  "model.image_targets": {"depth": "patch_norm"}}
     data: DataConfig = DataConfig()
