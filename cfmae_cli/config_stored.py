@@ -17,8 +17,8 @@ from cfmae_cli.config_schema import Config, DataConfig, DecoderConfig, EncoderAr
 from cfmae_cli.config_sizes import (MAX_CLASSES, MAX_DEPTH, MAX_MLP_RATIO, MAX_PATCH, MAX_PIXELS, MAX_WIDTH,
                                     encoder_parameters, finetune_parameters, grid_problem, memory_problem,
                                     pretrain_parameters)
-from cfmae_cli.errors import CfmaeError, ConfigError
-from cfmae_cli.hub import local_weights, renamed
+from cfmae_cli.errors import ConfigError
+from cfmae_cli.hub import local_weights, named_by_spec
 
 # Keys that may differ when a run is resumed: they change how the run is carried out, not what it computes.
 RESUMABLE_CHANGES = frozenset({"data.num_workers", "train.device", "train.log_every", "train.save_every",
@@ -291,12 +291,8 @@ def check_weights_file(path: str | Path) -> None:
     left to the reader, which runs the same checks before it builds anything. A hub spec is resolved to its local
     copy first (downloaded unless cached), and the messages name the spec."""
     local = local_weights(path)
-    try:
+    with named_by_spec(path, local):
         _check_weights_file(local)
-    except CfmaeError as exc:
-        if local == Path(path):
-            raise
-        raise renamed(exc, path, local) from None
 
 
 def _check_weights_file(path: Path) -> None:

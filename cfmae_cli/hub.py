@@ -17,9 +17,11 @@ huggingface_hub is imported where it is used: ``cfmae --help`` does not pay for 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from pathlib import Path
+from typing import Iterator
 
 from cfmae_cli.errors import CfmaeError
 
@@ -175,16 +177,16 @@ def stored_spec(spec: str | Path) -> str:
     return str(path.resolve())
 
 
-def hub_name(spec: str | Path, local: Path, text: str) -> str:
-    """``text`` (a message about the local copy ``local`` of ``spec``) with the local path shown as the spec: the
-    user reads about what they gave, not the hub cache's folders."""
-    if not is_hub(spec) or str(local) == str(spec):
-        return text
-    return text.replace(str(local), str(spec))
-
-
-def renamed(exc: CfmaeError, spec: str | Path, local: Path) -> CfmaeError:
-    """``exc`` (same class, same exit code) with its message about ``local`` naming ``spec`` (:func:`hub_name`)."""
-    out = copy.copy(exc)
-    out.args = (hub_name(spec, local, str(exc)),)
-    return out
+@contextlib.contextmanager
+def named_by_spec(spec: str | Path, local: Path) -> Iterator[None]:
+    """Inside: a :class:`CfmaeError` about ``local``, the local copy of the hub spec ``spec``, is raised again (same
+    class, same exit code) with the spec in its message in place of the path: the user reads about what they
+    gave, not the hub cache's folders. Anything else (and any error of a local path) passes as it is."""
+    try:
+        yield
+    except CfmaeError as exc:
+        if not is_hub(spec) or str(local) == str(spec):
+            raise
+        out = copy.copy(exc)
+        out.args = (str(exc).replace(str(local), str(spec)),)
+        raise out from None

@@ -19,15 +19,21 @@ from tests.conftest import tiny_config
 runner = CliRunner()
 
 
+def model_inputs(*overrides: str) -> tuple[Rig, tuple]:
+    """A rig of the tiny config with ``overrides`` on the CPU, and the model's arguments for a batch of 4 (inputs,
+    mask, ids_keep) at the start of the curriculum."""
+    cfg = tiny_config(*overrides)
+    rig = Rig(cfg, 3, torch.device("cpu"))
+    batch = rig.batch(4)
+    masks = rig.mask(batch, 0)
+    return rig, ({m: batch[m] for m in cfg.data.modalities}, masks.mask, masks.ids_keep)
+
+
 @pytest.mark.parametrize("extra", [[], ["model.decoder.cascade=false"], ["model.decoder.cross_attention=false"],
                                    ["data.modalities=[rgb]", "masking.order=[random]", "masking.breakpoints=[]"]])
 def test_the_model_step_is_one_graph(extra: list[str]) -> None:
     """forward + loss under dynamo: no graph break, and fullgraph=True runs (backend 'eager': tracing only)."""
-    cfg = tiny_config(*extra)
-    rig = Rig(cfg, 3, torch.device("cpu"))
-    batch = rig.batch(4)
-    masks = rig.mask(batch, 0)
-    args = ({m: batch[m] for m in cfg.data.modalities}, masks.mask, masks.ids_keep)
+    rig, args = model_inputs(*extra)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(rig.model)(*args)
     assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]

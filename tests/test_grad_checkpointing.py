@@ -23,6 +23,7 @@ from cfmae_cli.model import layers
 from cfmae_cli.model.encoder import build_encoder
 from cfmae_cli.model.layers import SavedBytes
 from tests.conftest import TINY_OVERRIDES, make_dataset, tiny_config
+from tests.test_bench import model_inputs
 
 runner = CliRunner()
 DECODERS = {"cascade": [], "no-ca": ["model.decoder.cross_attention=false"],
@@ -88,11 +89,7 @@ def test_checkpointing_under_bf16_autocast_gives_the_same_gradients() -> None:
 def test_checkpointing_keeps_the_step_one_graph() -> None:
     """torch.compile (train.compile): the checkpointed forward + loss traces as one graph, each block (2 encoder, 2
     per decoder task) a checkpointed region in it, and gives the same gradients as eager."""
-    cfg = tiny_config("model.drop_path=0.0", "model.grad_checkpointing=true")
-    rig = Rig(cfg, 3, torch.device("cpu"))
-    batch = rig.batch(4)
-    masks = rig.mask(batch, 0)
-    args = ({m: batch[m] for m in cfg.data.modalities}, masks.mask, masks.ids_keep)
+    rig, args = model_inputs("model.drop_path=0.0", "model.grad_checkpointing=true")
     torch._dynamo.reset()
     explained = torch._dynamo.explain(rig.model)(*args)
     assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]

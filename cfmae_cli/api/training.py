@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from cfmae_cli.api.common import (AUTO, Overrides, PathLike, Report, WorkersFailed, as_set_items, run_overrides,
+from cfmae_cli.api.common import (AUTO, Overrides, PathLike, Report, as_set_items, launch_command, run_overrides,
                                   world_of)
 from cfmae_cli.api.resuming import auto_run, complete_run, refuse_hub_resume, resumed_config
 from cfmae_cli.checkpoints import checkpoint_path
@@ -123,7 +123,6 @@ def launch(command: str, cfg: Any, report: Report, out: Optional[PathLike], name
     """Start ``world`` local workers through torch.distributed.run with the resolved config in a file (checked
     here first, so that a config the workers would refuse is said once, without the launcher's noise)."""
     from cfmae_cli.config import batch_plan, dump_config
-    from cfmae_cli.train import distributed
     from cfmae_cli.train.rundir import claimed_run_dir, held
     from cfmae_cli.train.setup import dataset_root
 
@@ -143,11 +142,9 @@ def launch(command: str, cfg: Any, report: Report, out: Optional[PathLike], name
                 run_dir = stack.enter_context(claimed_run_dir(command, name, out))
                 args += ["--out", str(run_dir)]
             report.say(f"launching {world} worker process(es) ({'gloo, CPU' if not gpus else 'NCCL, one GPU each'})")
-            code = distributed.launch(args + extra_args, world)
+            launch_command(args + extra_args, {}, world)  # (WorkersFailed when a worker fails)
     finally:
         os.unlink(config_file)
-    if code:
-        raise WorkersFailed(code)
     return {"run_dir": str(run_dir), "world": world}
 
 

@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from cfmae_cli import modalities as table
 from cfmae_cli.errors import CfmaeError
 from cfmae_cli.eval.classifier import load_classifier
-from cfmae_cli.hub import is_hub, local_weights, renamed
+from cfmae_cli.hub import is_hub, local_weights, named_by_spec
 from cfmae_cli.model.weights import read_state, timm_model
 
 Interp = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}
@@ -84,10 +84,8 @@ def _hub_folder(spec: str, device: torch.device) -> EvalModel:
     if not folder.is_dir():
         raise CfmaeError(f"--model {spec}: the repository holds a weights file but no config.json to name the "
                          f"architecture; give the timm name as --model and {spec} as --checkpoint.")
-    try:
+    with named_by_spec(spec, folder):
         return _timm_folder(folder, device, spec)
-    except CfmaeError as exc:
-        raise renamed(exc, spec, folder) from None
 
 
 def _ours(path: str | Path, device: torch.device) -> EvalModel:

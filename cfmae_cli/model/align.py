@@ -111,7 +111,7 @@ def build_teacher(cfg: AlignConfig, **kwargs: Any) -> tuple[nn.Module, str]:
             raise CfmaeError(f"model.align.teacher {spec}: a folder, but not an export (config.json + "
                              f"model.safetensors, as `cfmae export` or timm's hub format write)")
         named = spec if hub else folder
-        _, state, config, _ = read_state(spec if hub else folder)
+        _, state, config, _ = read_state(named)
         if "architecture" not in config:
             raise CfmaeError(f"{named}: its config.json names no 'architecture' (the timm name of the model)")
         overlay = {**config.get("pretrained_cfg", {}), "num_classes": 0}

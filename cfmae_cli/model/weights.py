@@ -30,7 +30,7 @@ from cfmae_cli.checkpoints import FORMAT_VERSION, checkpoint_path, read_torch_fi
 from cfmae_cli.config import (Config, EncoderArch, check_checkpoint_sizes, check_export_sizes, check_tensors_agree,
                               checkpoint_claims, config_from_dict, export_claims, stored_config)
 from cfmae_cli.errors import CfmaeError
-from cfmae_cli.hub import is_hub, local_weights, renamed
+from cfmae_cli.hub import is_hub, local_weights, named_by_spec
 from cfmae_cli.model.convert import detect_format, to_cfmae
 from cfmae_cli.model.layers import fit_pos_embed
 
@@ -101,12 +101,8 @@ def read_state(path: str | Path) -> tuple[Path, dict[str, Tensor], dict[str, Any
     weights file or folder :func:`read_weights` takes; nothing is converted (for architectures timm builds). A hub
     spec is read from its local copy (:func:`cfmae_cli.hub.local_weights`); its messages name the spec."""
     local = local_weights(path)
-    try:
+    with named_by_spec(path, local):
         return _read_state(local)
-    except CfmaeError as exc:
-        if not is_hub(path):
-            raise
-        raise renamed(exc, path, local) from None
 
 
 def _read_state(folder: Path) -> tuple[Path, dict[str, Tensor], dict[str, Any], bool]:
@@ -142,12 +138,8 @@ def read_weights(path: str | Path) -> Weights:
     (``model.safetensors`` + ``config.json``), or any of these on the hub (``hf-hub:owner/name[@revision]``),
     converted to our key names; clear errors for everything else."""
     local = local_weights(path)
-    try:
+    with named_by_spec(path, local):
         w = _read_weights(local)
-    except CfmaeError as exc:
-        if not is_hub(path):
-            raise
-        raise renamed(exc, path, local) from None
     w.spec = str(path) if is_hub(path) else None
     return w
 
